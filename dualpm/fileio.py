@@ -1,0 +1,132 @@
+"""Atomic writes and safe paths: the one place the project publishes files.
+
+Every output appears atomically: it is written under a temporary name in the destination folder
+(same filesystem) and renamed into place, so a killed process never leaves a half-written file
+under a final name. Untrusted relative paths (glTF buffer URIs, tar member names) are resolved with
+`safe_join`, which refuses anything that would leave its folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from dualpm.errors import DualPMError
+
+TMP_PREFIX = ".tmp-"
+
+
+def _temp_name(path: Path) -> Path:
+    # Unique per process and call; hidden and prefixed so readers and listings skip it.
+    fd, name = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}.", dir=path.parent)
+    os.close(fd)
+    return Path(name)
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it is renamed to `path`, on error removed.
+
+    Use with libraries that write to a path themselves (PIL, numpy, trimesh, tar writers)::
+
+        with atomic_output(out / "a.png") as tmp:
+            image.save(tmp, format="PNG")
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_name(path)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` atomically."""
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write UTF-8 `text` to `path` atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write `obj` as indented, key-sorted JSON to `path` atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary folder beside `path`; on success it is renamed to `path`.
+
+    If `path` exists it is replaced only when `overwrite` is true (the old folder is moved aside
+    first, then deleted, so the final name never points at a partial folder). On error the
+    temporary folder is removed and `path` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            if not overwrite:
+                raise FileExistsError(f"{path} already exists")
+            old = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}old-{path.name}.", dir=path.parent))
+            os.replace(path, old / path.name)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> int:
+    """Delete leftovers of killed writers (names starting with `TMP_PREFIX`) in `folder`.
+
+    Only call this where no other writer can be active (e.g. before a run starts).
+    Returns the number of entries removed.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    removed = 0
+    for entry in folder.iterdir():
+        if entry.name.startswith(TMP_PREFIX):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+class UnsafePathError(DualPMError):
+    """A relative path from untrusted input that would escape its folder."""
+
+
+def safe_join(root: str | os.PathLike, relative: str) -> Path:
+    """Resolve untrusted `relative` inside `root`, refusing absolute paths and escapes.
+
+    Raises `UnsafePathError` for absolute paths, drive letters, `..` segments that leave `root`,
+    and symlinks that resolve outside it.
+    """
+    if not relative or relative.startswith(("/", "\\")) or (len(relative) > 1 and relative[1] == ":"):
+        raise UnsafePathError(f"path {relative!r} is absolute or empty; only paths inside {root} are allowed")
+    base = Path(root).resolve()
+    target = (base / relative).resolve()
+    if target != base and base not in target.parents:
+        raise UnsafePathError(f"path {relative!r} escapes its folder {base}")
+    return target

@@ -1,0 +1,1 @@
+"""dualpm-prep: Ray-parallel preprocessing (synthetic data, rendering, features) into sharded stores."""
