@@ -185,9 +185,11 @@ def pixel_rays(projection: Tensor, height: int, width: int) -> tuple[Tensor, Ten
     y, x = torch.meshgrid(rows, cols, indexing="ij")  # (H, W)
 
     def unproject(z_ndc: float) -> Tensor:
-        ndc = torch.stack([x, y, torch.full_like(x, z_ndc), torch.ones_like(x)], dim=-1)  # (H, W, 4)
-        p = ndc @ inv[..., None, :, :].transpose(-1, -2)  # (..., H, W, 4)
-        return p[..., :3] / p[..., 3:4]
+        # inv @ [x, y, z, 1] written as a sum of columns: a broadcast multiply-add is far cheaper
+        # than a batched (H*W) 4x4 matmul.
+        col = inv[..., None, None, :, :]  # (..., 1, 1, 4, 4)
+        p = x[..., None] * col[..., 0] + y[..., None] * col[..., 1] + (z_ndc * col[..., 2] + col[..., 3])
+        return p[..., :3] / p[..., 3:4]  # (..., H, W, 3)
 
     start, end = unproject(-1.0), unproject(1.0)
     delta = end - start

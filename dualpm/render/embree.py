@@ -1,0 +1,188 @@
+"""CPU backend: Embree ray casting (embreex) through pixel centres, layer by layer.
+
+For each image one Embree scene is built from the camera-space posed mesh. Rays start on the near
+plane at each pixel centre (`dualpm.camera.pixel_rays`, the same projection the GPU rasteriser uses)
+and end on the far plane. Layer k+1 re-casts only the rays that hit in layer k, starting just behind
+that hit, so a surface at the same depth (a shared edge, a duplicated triangle) is never reported
+twice. Hits are (pixel, layer, triangle, barycentrics); the points are interpolated afterwards for the
+whole batch at once with the same barycentric rule as the GPU path.
+
+Images are independent, so a batch is spread over worker processes (embreex holds the GIL while it
+builds and casts, so threads would not help).
+"""
+
+from __future__ import annotations
+
+import atexit
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from dualpm.camera import pixel_rays
+
+# Next layer starts this far (relative to the hit's distance from the camera) behind a hit: far above
+# float32 intersection error (~1e-7 relative), far below any real surface separation.
+PEEL_EPSILON = 1e-5
+
+
+@dataclass(frozen=True)
+class Hits:
+    """Ray hits of one image, in layer-major order."""
+
+    pixel: np.ndarray  # (n,) int64 flat pixel index row * W + col
+    layer: np.ndarray  # (n,) int64
+    triangle: np.ndarray  # (n,) int64 face index
+    barycentric: np.ndarray  # (n, 2) float32 Embree (u, v): point = (1-u-v) v0 + u v1 + v v2
+
+
+def _candidate_pixels(verts_cam: np.ndarray, projection: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Flat indices of pixels whose centre may see the mesh (its projected bounding box).
+
+    Falls back to every pixel when some vertex is at or behind the camera plane, where the
+    projection of a triangle is not bounded by its projected vertices.
+    """
+    clip = verts_cam.astype(np.float64) @ projection[:3, :3].T + projection[:3, 3]
+    w = verts_cam.astype(np.float64) @ projection[3, :3] + projection[3, 3]
+    if verts_cam.shape[0] == 0:
+        return np.zeros(0, dtype=np.int64)
+    if (w <= 1e-9).any():
+        return np.arange(height * width, dtype=np.int64)
+    ndc = clip[:, :2] / w[:, None]
+    col = (ndc[:, 0] + 1) * 0.5 * width
+    row = (ndc[:, 1] + 1) * 0.5 * height
+    # pixel j's centre is j + 0.5; one pixel of margin against rounding
+    c0 = max(int(np.floor(col.min() - 0.5)) - 1, 0)
+    c1 = min(int(np.ceil(col.max() - 0.5)) + 1, width - 1)
+    r0 = max(int(np.floor(row.min() - 0.5)) - 1, 0)
+    r1 = min(int(np.ceil(row.max() - 0.5)) + 1, height - 1)
+    if c0 > c1 or r0 > r1:
+        return np.zeros(0, dtype=np.int64)
+    rows = np.arange(r0, r1 + 1, dtype=np.int64)
+    cols = np.arange(c0, c1 + 1, dtype=np.int64)
+    return (rows[:, None] * width + cols[None, :]).ravel()
+
+
+def cast_layers(
+    verts_cam: np.ndarray, faces: np.ndarray, projection: np.ndarray, height: int, width: int, num_layers: int
+) -> Hits:
+    """Peel up to `num_layers` surfaces per pixel of one image with Embree.
+
+    Args:
+        verts_cam: (V, 3) float32 posed vertices in camera space.
+        faces: (F, 3) int triangle indices.
+        projection: (4, 4) projection matrix (float64 preferred).
+        height, width, num_layers: output size.
+    """
+    from embreex.mesh_construction import TriangleMesh
+    from embreex.rtcore_scene import EmbreeScene
+
+    empty = Hits(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 2), np.float32))
+    if faces.shape[0] == 0:
+        return empty
+    pixels = _candidate_pixels(verts_cam, projection, height, width)
+    if pixels.size == 0:
+        return empty
+    origins, directions, lengths = (
+        t.reshape(-1, *t.shape[2:]).numpy() for t in pixel_rays(torch.from_numpy(projection), height, width)
+    )  # (H*W, 3), (H*W, 3), (H*W,) float64
+
+    # robust=True: watertight intersection, so a ray through a shared edge cannot slip between triangles
+    scene = EmbreeScene(robust=True)
+    TriangleMesh(scene, np.ascontiguousarray(verts_cam, dtype=np.float32), np.ascontiguousarray(faces, dtype=np.int32))
+
+    origin, direction, t_end = origins[pixels], directions[pixels], lengths[pixels]
+    t_start = np.zeros(pixels.size)
+    dir32 = direction.astype(np.float32)
+    out_pixel, out_layer, out_tri, out_uv = [], [], [], []
+    for layer in range(num_layers):
+        start = (origin + t_start[:, None] * direction).astype(np.float32)
+        result = scene.run(start, dir32, dists=(t_end - t_start).astype(np.float32), output=1)
+        hit = result["primID"] >= 0
+        if not hit.any():
+            break
+        out_pixel.append(pixels[hit])
+        out_layer.append(np.full(int(hit.sum()), layer, dtype=np.int64))
+        out_tri.append(result["primID"][hit].astype(np.int64))
+        out_uv.append(np.stack([result["u"][hit], result["v"][hit]], axis=1))
+        # keep only rays that hit; restart each just behind its hit
+        pixels, origin, direction, dir32, t_end = pixels[hit], origin[hit], direction[hit], dir32[hit], t_end[hit]
+        t_hit = t_start[hit] + result["tfar"][hit].astype(np.float64)
+        distance = np.linalg.norm(origin + t_hit[:, None] * direction, axis=1)
+        t_start = t_hit + PEEL_EPSILON * np.maximum(distance, 1.0)
+        alive = t_start < t_end
+        pixels, origin, direction, dir32, t_end, t_start = (
+            pixels[alive], origin[alive], direction[alive], dir32[alive], t_end[alive], t_start[alive]
+        )
+        if pixels.size == 0:
+            break
+    if not out_pixel:
+        return empty
+    return Hits(np.concatenate(out_pixel), np.concatenate(out_layer), np.concatenate(out_tri),
+                np.concatenate(out_uv).astype(np.float32))
+
+
+_POOL: ProcessPoolExecutor | None = None
+_POOL_SIZE = 0
+
+
+def _init_worker() -> None:
+    # one image per process at a time: intra-op threads would only contend for the same cores
+    torch.set_num_threads(1)
+
+
+def _pool(workers: int) -> ProcessPoolExecutor:
+    global _POOL, _POOL_SIZE
+    if _POOL is None or _POOL_SIZE != workers:
+        if _POOL is not None:
+            _POOL.shutdown()
+        # spawn, not fork: forking a process that already runs torch/OpenMP threads can deadlock
+        _POOL = ProcessPoolExecutor(
+            max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker
+        )
+        _POOL_SIZE = workers
+    return _POOL
+
+
+@atexit.register
+def _shutdown_pool() -> None:
+    if _POOL is not None:
+        _POOL.shutdown(cancel_futures=True)
+
+
+def default_workers() -> int:
+    """Cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def render_cpu(batch, projection: Tensor, height: int, width: int, num_layers: int, workers: int | None = None) -> Tensor:
+    """Embree backend of `dualpm.render.render_layers` (see there); returns (B, H, W, L, C + 4)."""
+    size = len(batch.faces)
+    proj = projection.detach().to("cpu", torch.float64).numpy()
+    jobs = [
+        (p.detach().cpu().numpy(), f.detach().cpu().numpy(), proj[b], height, width, num_layers)
+        for b, (p, f) in enumerate(zip(batch.posed_camera, batch.faces, strict=True))
+    ]
+    workers = default_workers() if workers is None else workers
+    if workers <= 1 or size <= 1:
+        hits = [cast_layers(*job) for job in jobs]
+    else:
+        hits = list(_pool(min(workers, size)).map(cast_layers, *zip(*jobs, strict=True)))
+
+    channels = batch.attributes[0].shape[1]
+    out = torch.zeros(size, height * width, num_layers, channels + 4)
+    for b, h in enumerate(hits):
+        if h.pixel.size == 0:
+            continue
+        pixel, layer = torch.from_numpy(h.pixel), torch.from_numpy(h.layer)
+        tri = batch.faces[b].cpu()[torch.from_numpy(h.triangle)]  # (n, 3) vertex ids
+        uv = torch.from_numpy(h.barycentric)
+        weights = torch.stack([1 - uv[:, 0] - uv[:, 1], uv[:, 0], uv[:, 1]], dim=1)  # (n, 3)
+        values = torch.cat([batch.attributes[b], batch.posed_camera[b]], dim=1).detach().cpu()  # (V, C + 3)
+        out[b, pixel, layer, :-1] = (weights[:, :, None] * values[tri]).sum(1)  # corners (n, 3, C + 3)
+        out[b, pixel, layer, -1] = 1.0
+    return out.view(size, height, width, num_layers, channels + 4)
