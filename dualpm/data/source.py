@@ -31,7 +31,7 @@ from dualpm.errors import DatasetError
 
 SKIP_EVERY = 5000
 _POSE_SUFFIX = "_pose.npz"
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")  # no dots: ids become WebDataset keys
 
 
 def is_skipped_id(sample_id: str) -> bool:
@@ -102,7 +102,7 @@ def read_metadata(path: str | os.PathLike) -> SampleMetadata:
     if missing:
         raise DatasetError(f"{path}: metadata is missing {', '.join(missing)}")
     model = str(data["model_name"])
-    if not _ID_RE.match(model) or ".." in model:
+    if not _ID_RE.match(model):
         raise DatasetError(f"{path}: model_name {model!r} is not a plain folder name")
     try:
         focal = float(data["focal_length"])

@@ -1,0 +1,24 @@
+"""The network: a DDPM++-style U-Net (`unet`) and the two-stage DualPM model built from two of them."""
+
+from dualpm.model.dualpm import (
+    CONFIDENCE_RAW_MAX,
+    DualPMNet,
+    ModelConfig,
+    Prediction,
+    confidence_from_raw,
+    count_parameters,
+    describe,
+)
+from dualpm.model.unet import UNet, UNetConfig
+
+__all__ = [
+    "CONFIDENCE_RAW_MAX",
+    "DualPMNet",
+    "ModelConfig",
+    "Prediction",
+    "UNet",
+    "UNetConfig",
+    "confidence_from_raw",
+    "count_parameters",
+    "describe",
+]
