@@ -19,7 +19,6 @@ never produces them.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,10 +27,10 @@ import yaml
 
 from dualpm.camera import read_camera_txt
 from dualpm.errors import DatasetError
+from dualpm.store.manifest import SAMPLE_ID_RE
 
 SKIP_EVERY = 5000
 _POSE_SUFFIX = "_pose.npz"
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")  # no dots: ids become WebDataset keys
 
 
 def is_skipped_id(sample_id: str) -> bool:
@@ -102,7 +101,7 @@ def read_metadata(path: str | os.PathLike) -> SampleMetadata:
     if missing:
         raise DatasetError(f"{path}: metadata is missing {', '.join(missing)}")
     model = str(data["model_name"])
-    if not _ID_RE.match(model):
+    if not SAMPLE_ID_RE.match(model):
         raise DatasetError(f"{path}: model_name {model!r} is not a plain folder name")
     try:
         focal = float(data["focal_length"])
@@ -146,7 +145,7 @@ class SourceDataset:
             for name in os.listdir(self.root / "poses")
             if name.endswith(_POSE_SUFFIX) and not name.startswith(".")
         ]
-        self.ids: list[str] = sorted((i for i in ids if _ID_RE.match(i) and not is_skipped_id(i)), key=_sort_key)
+        self.ids: list[str] = sorted((i for i in ids if SAMPLE_ID_RE.match(i) and not is_skipped_id(i)), key=_sort_key)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -182,7 +181,7 @@ class SourceDataset:
         if not path.exists():
             return None
         listed = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-        bad = [i for i in listed if not _ID_RE.match(i)]
+        bad = [i for i in listed if not SAMPLE_ID_RE.match(i)]
         if bad:
             raise DatasetError(f"{path}: invalid sample ids {bad[:5]}")
         return listed

@@ -1,0 +1,133 @@
+"""Check a whole store: manifest, shard records, checksums, alignment with the plan, decodability.
+
+`verify_store` returns every problem it finds (empty list: the store is sound); it raises nothing
+for a broken store, so `dualpm-prep verify` can print them all.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dualpm.errors import DualPMError
+from dualpm.store.encoding import decode_dual_pointmap, decode_png
+from dualpm.store.manifest import ColumnInfo, ShardPlan, column_dir, load_manifest, record_indices
+from dualpm.store.shards import check_shard, field_kind, read_shard
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a store; `column`, `shard` and `sample` are None where not specific."""
+
+    column: str | None
+    shard: int | None
+    sample: str | None
+    message: str
+
+    def __str__(self) -> str:
+        where = [f"column {self.column}"] if self.column else []
+        where += [f"shard {self.shard}"] if self.shard is not None else []
+        where += [f"sample {self.sample}"] if self.sample else []
+        return f"{', '.join(where) or 'store'}: {self.message}"
+
+
+def _decoded_shape(name: str, value: Any) -> tuple[int, ...] | None:
+    """Decode a field far enough to know its shape (raises DualPMError if it does not decode)."""
+    if name == "dpm" or name.endswith(".dpm"):
+        return decode_dual_pointmap(value).shape
+    if name.endswith(".png"):
+        return decode_png(value).shape
+    if field_kind(name) == "npy":
+        return value.shape
+    return None
+
+
+def _check_sample(column: ColumnInfo, fields: dict[str, Any]) -> list[str]:
+    """Messages for one sample's fields against the column's field specs."""
+    messages = [f"required field {name!r} missing" for name, spec in column.fields.items()
+                if spec.required and name not in fields]
+    for name, value in fields.items():
+        spec = column.fields.get(name)
+        if spec is None and column.fields:
+            messages.append(f"unexpected field {name!r}")
+        try:
+            shape = _decoded_shape(name, value)
+        except DualPMError as err:
+            messages.append(f"field {name!r} does not decode ({err})")
+            continue
+        if spec is not None and spec.shape is not None and shape != spec.shape:
+            messages.append(f"field {name!r} has shape {shape}, column expects {spec.shape}")
+        is_array = isinstance(value, np.ndarray)
+        if spec is not None and spec.dtype is not None and is_array and value.dtype != spec.dtype:
+            messages.append(f"field {name!r} has dtype {value.dtype}, column expects {spec.dtype}")
+    return messages
+
+
+def _verify_shard(folder: Path, column: ColumnInfo, plan: ShardPlan, deep: bool) -> list[Problem]:
+    name, index = column.name, plan.index
+    record, problem = check_shard(folder, index, column.format, check_checksum=deep)
+    if problem is not None:
+        return [Problem(name, index, None, problem)]
+    problems = []
+    listed = column.shards.get(index)
+    if listed is None:
+        problems.append(Problem(name, index, None, "manifest.json has no record of this finished shard"))
+    elif listed != record:
+        problems.append(Problem(name, index, None, "manifest.json's record differs from the shard's sidecar"))
+    if record.schema_version != column.schema_version:
+        problems.append(Problem(name, index, None, f"schema version {record.schema_version}, column has "
+                                f"{column.schema_version}"))
+    position = {sample_id: i for i, sample_id in enumerate(plan.ids)}
+    for sample_id in record.ids + tuple(f.sample_id for f in record.failures):
+        if sample_id not in position:
+            problems.append(Problem(name, index, sample_id, "sample is not in this shard's plan"))
+    order = [position[i] for i in record.ids if i in position]
+    if order != sorted(order):
+        problems.append(Problem(name, index, None, "samples are not in plan order"))
+    if not deep:
+        return problems
+    stored = []
+    try:
+        for sample_id, fields in read_shard(folder, index, column.format):
+            stored.append(sample_id)
+            problems += [Problem(name, index, sample_id, m) for m in _check_sample(column, fields)]
+    except DualPMError as err:
+        return problems + [Problem(name, index, None, str(err))]
+    if tuple(stored) != record.ids:
+        problems.append(Problem(name, index, None, f"data holds {len(stored)} samples that differ from the "
+                                f"record's {record.count}"))
+    return problems
+
+
+def verify_store(
+    out_dir: str | os.PathLike, columns: list[str] | None = None, deep: bool = True
+) -> list[Problem]:
+    """Every problem found in the store at `out_dir` (empty when it is complete and sound).
+
+    Checks: manifest.json readable and valid; for each column (all, or `columns`) every planned shard
+    finished, its sidecar matching the data (size; sha256 when `deep`) and the manifest, its samples
+    a subset of the plan's shard in plan order; and when `deep`, every sample readable, its fields
+    decodable ("dpm", "*.png", "*.npy", "*.json") with the shapes, dtypes and required fields of the
+    column's `fields` specs. Sidecars of shards beyond the plan are reported too.
+    """
+    try:
+        manifest = load_manifest(out_dir)
+    except DualPMError as err:
+        return [Problem(None, None, None, str(err))]
+    names = list(manifest.columns) if columns is None else columns
+    problems = []
+    for name in names:
+        column = manifest.columns.get(name)
+        if column is None:
+            problems.append(Problem(name, None, None, "column not in manifest.json"))
+            continue
+        folder = column_dir(out_dir, name)
+        for plan in manifest.plan:
+            problems += _verify_shard(folder, column, plan, deep)
+        extra = [i for i in record_indices(folder) if i >= len(manifest.plan)]
+        problems += [Problem(name, i, None, "shard record beyond the plan") for i in extra]
+    return problems
