@@ -1,0 +1,319 @@
+"""`dualpm-prep render`: source dataset -> column "render" of sparse dual point maps, one Ray task per shard.
+
+Per shard (`render_shard`): group the samples by model, load each mesh once, read the poses, skin
+and render in batches (`--batch`), check each sample (unreadable mesh or pose, mesh outside the view,
+non-finite values: recorded as that sample's failure), encode, and publish the shard atomically.
+Each sample holds:
+
+    dpm         `dualpm.store.encode_dual_pointmap` of the (H, W, L, 7) map (float16 values of hits)
+    mask.png    the source mask, byte for byte; without one, the rendered layer-1 coverage (1 bit)
+    rgb.png     the source image, byte for byte (only when the source has one)
+    meta.json   source id, model name, focal length (mm), camera pose (Z-up camera-to-world), the
+                view and projection used, resolution, layers, backend, where the mask came from
+
+The backend is decided once, in the driver, from the Ray cluster: `cuda` tasks (one GPU each) only
+where the cluster has GPUs; `--backend cuda` without any fails before anything is submitted (a task
+asking for a GPU that does not exist would wait forever).
+"""
+
+from __future__ import annotations
+
+import functools
+import socket
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+import ray
+import torch
+
+from dualpm import __version__
+from dualpm.camera import projection_from_focal, view_from_camera_pose
+from dualpm.cliutils import handles_user_errors, show_and_save_config
+from dualpm.data.source import SourceDataset, SourceSample
+from dualpm.errors import BackendUnavailable, DatasetError, DualPMError, GltfError
+from dualpm.gltf import SkinnedMesh, load_skinned_mesh
+from dualpm.render import cuda_backend_status, render_dual_pointmaps
+from dualpm.skinning import read_pose_file, skin
+from dualpm.store import (
+    FORMATS,
+    SCHEMA_VERSION,
+    FieldSpec,
+    ShardPlan,
+    ShardRecord,
+    ShardWriter,
+    column_dir,
+    encode_dual_pointmap,
+    png_bytes,
+)
+from pipeline.cluster import ClusterInfo, ray_session
+from pipeline.runner import (
+    Stage,
+    check_column,
+    describe_plan,
+    open_manifest,
+    prepare_column,
+    require_samples,
+    run_shards,
+)
+
+COLUMN = "render"
+MAX_RETRIES = 3  # Ray re-runs a shard whose worker died (killed, node lost); the shard appears once
+
+
+@dataclass(frozen=True)
+class RenderConfig:
+    """Everything a render task needs; recorded as the column's config in manifest.json."""
+
+    source: str  # absolute path of the source dataset
+    resolution: int  # H = W, pixels
+    layers: int
+    backend: str  # 'cpu' or 'cuda' (resolved)
+    batch: int  # images per render call
+    format: str  # 'webdataset' or 'zarr'
+    threads: int = 1  # encoding threads per task (GPU tasks encode while the GPU renders)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self) | {"schema_version": SCHEMA_VERSION, "tool_version": __version__}
+
+
+def render_fields(config: RenderConfig) -> dict[str, FieldSpec]:
+    """What every sample of the render column holds (checked by `dualpm-prep verify`)."""
+    return {
+        "dpm": FieldSpec(shape=(config.resolution, config.resolution, config.layers, 7)),
+        "mask.png": FieldSpec(),
+        "rgb.png": FieldSpec(required=False),
+        "meta.json": FieldSpec(),
+    }
+
+
+def stage_for(config: RenderConfig) -> Stage:
+    """The runner's description of the render column (backend, batch and threads do not change the data)."""
+    return Stage(COLUMN, config.format, config.to_json(), render_fields(config),
+                 volatile=("backend", "batch", "threads", "tool_version"))
+
+
+# ---- one shard ----------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_mesh(path: str, mtime_ns: int, size: int) -> SkinnedMesh:
+    return load_skinned_mesh(path)
+
+
+def load_mesh(path: Path) -> SkinnedMesh:
+    """`load_skinned_mesh`, cached per worker process: Ray reuses workers, and the shards of a model
+    would otherwise parse its glTF again each time. The key includes mtime and size, so an edited
+    file is read again; SkinnedMesh arrays are read-only, so sharing them is safe."""
+    try:
+        stat = path.stat()
+    except OSError as err:
+        raise GltfError(f"{path}: cannot read the mesh ({err})") from err
+    return _cached_mesh(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise DatasetError(f"{path}: cannot read ({err})") from err
+
+
+def _sample_fields(
+    sample: SourceSample, dpm: np.ndarray, view: np.ndarray, projection: np.ndarray, config: RenderConfig
+) -> dict[str, Any] | str:
+    """The stored fields of one rendered sample, or the reason it failed.
+
+    Args:
+        dpm: (H, W, L, 7) float32 rendered map, CPU. view, projection: (4, 4) used to render it.
+    """
+    if not np.isfinite(dpm).all():
+        return "non-finite values in the rendered dual point map (degenerate pose or mesh)"
+    coverage = dpm[:, :, 0, 6] > 0  # (H, W) layer-1 hits
+    if not coverage.any():
+        return "mesh outside the view: no pixel covered (check the camera and pose files)"
+    try:
+        fields: dict[str, Any] = {"dpm": encode_dual_pointmap(dpm)}
+        fields["mask.png"] = _read_bytes(sample.mask_path) if sample.mask_path else png_bytes(coverage)
+        if sample.rgb_path:
+            fields["rgb.png"] = _read_bytes(sample.rgb_path)
+    except DualPMError as err:  # EncodingError: values beyond float16, etc.
+        return str(err)
+    fields["meta.json"] = {
+        "source_id": sample.id,
+        "model_name": sample.model_name,
+        "focal_length": sample.focal_length,
+        "camera_pose": sample.camera_pose.tolist(),
+        "view": view.tolist(),
+        "projection": projection.tolist(),
+        "resolution": [config.resolution, config.resolution],
+        "layers": config.layers,
+        "backend": config.backend,
+        "mask": "source" if sample.mask_path else "rendered",
+    }
+    return fields
+
+
+def _render_model(
+    source: SourceDataset,
+    model: str,
+    samples: list[SourceSample],
+    config: RenderConfig,
+    pool: ThreadPoolExecutor | None,
+    results: dict[str, dict[str, Any] | str | Future],
+) -> None:
+    """Render the samples of one model into `results` (fields, failure reason, or a pending encode)."""
+    try:
+        mesh = load_mesh(source.layout.mesh(model))
+    except DualPMError as err:
+        results.update({s.id: f"model {model!r}: {err}" for s in samples})
+        return
+    poses = {}
+    for s in samples:
+        try:
+            poses[s.id] = read_pose_file(s.pose_path, mesh.num_nodes)
+        except DualPMError as err:
+            results[s.id] = str(err)
+    good = [s for s in samples if s.id in poses]
+    device = "cuda" if config.backend == "cuda" else "cpu"
+    canonical = torch.tensor(mesh.vertices, device=device)  # copies: the mesh arrays are read-only
+    faces = torch.tensor(mesh.faces, device=device)
+    for start in range(0, len(good), config.batch):
+        chunk = good[start : start + config.batch]
+        posed = skin(mesh, np.stack([poses[s.id] for s in chunk]), device=device)  # (B, V, 3) world
+        views = view_from_camera_pose(torch.tensor(np.stack([s.camera_pose for s in chunk])))  # (B, 4, 4) f64
+        focals = torch.tensor([s.focal_length for s in chunk], dtype=torch.float64)
+        projections = projection_from_focal(focals)  # (B, 4, 4)
+        maps = render_dual_pointmaps(
+            canonical, posed, faces, views.to(device), projections.to(device), config.resolution,
+            config.layers, backend=config.backend, workers=1,  # Ray already runs one task per core
+        ).cpu().numpy()  # (B, H, W, L, 7)
+        for s, dpm, view, projection in zip(chunk, maps, views.numpy(), projections.numpy(), strict=True):
+            if pool is None:
+                results[s.id] = _sample_fields(s, dpm, view, projection, config)
+            else:
+                results[s.id] = pool.submit(_sample_fields, s, dpm, view, projection, config)
+
+
+def render_shard(config: RenderConfig, plan: ShardPlan, out_column: str) -> ShardRecord:
+    """Render, encode and publish shard `plan.index` of the render column in `out_column`.
+
+    Per-sample problems are recorded in the shard (and so in failures.jsonl); problems of the
+    worker itself (no usable CUDA backend here) raise `BackendUnavailable`.
+    """
+    if config.backend == "cuda":
+        reason = cuda_backend_status()
+        if reason is not None:
+            raise BackendUnavailable(f"Ray worker on {socket.gethostname()}: {reason}")
+    source = SourceDataset(config.source)
+    results: dict[str, dict[str, Any] | str | Future] = {}
+    by_model: dict[str, list[SourceSample]] = {}
+    for sample_id in plan.ids:
+        try:
+            sample = source.sample(sample_id)
+        except DualPMError as err:  # metadata or camera file missing or malformed
+            results[sample_id] = str(err)
+            continue
+        by_model.setdefault(sample.model_name, []).append(sample)
+    pool = ThreadPoolExecutor(config.threads) if config.threads > 1 else None
+    try:
+        for model, samples in by_model.items():
+            _render_model(source, model, samples, config, pool, results)
+        # The driver removed any earlier copy of this shard; overwrite covers a retry of this task
+        # whose killed predecessor got as far as publishing.
+        with ShardWriter(out_column, plan.index, config.format, overwrite=True) as writer:
+            for sample_id in plan.ids:  # plan order
+                result = results[sample_id]
+                result = result.result() if isinstance(result, Future) else result
+                if isinstance(result, str):
+                    writer.fail(sample_id, result)
+                else:
+                    writer.add(sample_id, result)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    return writer.record
+
+
+# ---- driver -------------------------------------------------------------------------------------
+
+
+def choose_backend(requested: str, cluster: ClusterInfo) -> str:
+    """'cpu' or 'cuda' for the tasks, from the cluster's resources (never a GPU task without GPUs)."""
+    if requested == "cuda" and cluster.gpus == 0:
+        where = f"the Ray cluster at {cluster.address}" if cluster.address else "the local Ray cluster"
+        raise BackendUnavailable(
+            f"--backend cuda: there is no GPU in {where} ({cluster.nodes} nodes, {cluster.cpus} CPUs, "
+            "0 GPUs); use --backend cpu (or auto) to render with Embree on CPUs"
+        )
+    if requested == "auto":
+        return "cuda" if cluster.gpus > 0 else "cpu"
+    return requested
+
+
+def task_resources(backend: str, cluster: ClusterInfo) -> tuple[dict[str, float], int]:
+    """(Ray resources of one shard task, encoding threads in it)."""
+    if backend == "cuda":
+        # One task per GPU; the CPUs that come with a GPU encode while the GPU renders the next batch.
+        threads = max(1, cluster.cpus // max(cluster.gpus, 1))
+        return {"num_gpus": 1, "num_cpus": threads}, threads
+    return {"num_cpus": 1}, 1
+
+
+@click.command()
+@click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--resolution", type=click.IntRange(8, 4096), default=160, show_default=True,
+              help="Image side, pixels.")
+@click.option("--layers", type=click.IntRange(1, 255), default=8, show_default=True,
+              help="Depth layers stored.")
+@click.option("--shard-size", type=click.IntRange(min=1), default=None, show_default="as in OUT, else 256",
+              help="Samples per shard (fixed by the first run on OUT).")
+@click.option("--backend", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
+              help="cuda (nvdiffrast, one GPU per task) where the Ray cluster has GPUs, else cpu (Embree).")
+@click.option("--format", "fmt", type=click.Choice(list(FORMATS)), default="webdataset", show_default=True,
+              help="Shard container.")
+@click.option("--batch", type=click.IntRange(1, 4096), default=32, show_default=True,
+              help="Images per render call.")
+@click.option("--workers", type=click.IntRange(min=1), default=None, show_default="all CPUs",
+              help="CPUs of the local Ray (ignored with --address).")
+@click.option("--address", type=str, default=None, show_default="start a local Ray",
+              help="host:port of a running Ray cluster ('auto': the one on this node).")
+@click.option("--overwrite", is_flag=True,
+              help="Redo every shard, also complete ones, and accept a new config.")
+@click.option("--max-failures", type=click.IntRange(min=0), default=None, show_default="no limit",
+              help="Most failed samples (a count, over the whole column) before the run stops with an error.")
+@click.option("--dry-run", is_flag=True, help="Print the config and the shard plan, write nothing.")
+@handles_user_errors
+def render(src: Path, out: Path, resolution: int, layers: int, shard_size: int | None, backend: str, fmt: str,
+           batch: int, workers: int | None, address: str | None, overwrite: bool, max_failures: int | None,
+           dry_run: bool) -> None:
+    """Render the dual point maps of source dataset SRC into the sharded store OUT (column "render")."""
+    source = SourceDataset(src)
+    manifest = open_manifest(out, source, shard_size)
+    require_samples(manifest, source)
+    config = RenderConfig(str(source.root.resolve()), resolution, layers, backend, batch, fmt)
+    check_column(out, manifest, stage_for(config), overwrite)  # before Ray starts or anything is written
+    if dry_run:
+        show_and_save_config(config.to_json() | {"backend": f"{backend} (resolved when Ray starts)"}, None,
+                             "render config (dry run)")
+        click.echo(describe_plan(manifest))
+        return
+    with ray_session(address, None if address else workers) as cluster:
+        chosen = choose_backend(backend, cluster)
+        resources, threads = task_resources(chosen, cluster)
+        config = RenderConfig(config.source, resolution, layers, chosen, batch, fmt, threads)
+        stage = stage_for(config)
+        out.mkdir(parents=True, exist_ok=True)
+        show_and_save_config(config.to_json(), out / "render.config.yaml", "render config")
+        resources_line = f"Ray: {cluster.nodes} nodes, {cluster.cpus} CPUs, {cluster.gpus} GPUs"
+        click.echo(f"{describe_plan(manifest)}; {resources_line}")
+        todo = prepare_column(out, manifest, stage, overwrite)
+        task = ray.remote(render_shard).options(max_retries=MAX_RETRIES, **resources)
+        folder = str(column_dir(out, COLUMN).resolve())
+        summary = run_shards(out, manifest, stage, todo, lambda plan: task.remote(config, plan, folder),
+                             max_failures)
+    click.echo(summary.line())

@@ -1,0 +1,308 @@
+"""Stage machinery shared by `dualpm-prep render` and `dualpm-prep features`.
+
+A stage writes one column of the store: one Ray task (or actor call) per planned shard, each of which
+renders / extracts its samples, publishes the shard atomically (`dualpm.store.ShardWriter`) and
+returns its `ShardRecord`. This module does everything around that:
+
+    manifest = open_manifest(out, source, shard_size)       # plan from SRC; same plan on a rerun
+    todo = prepare_column(out, manifest, stage, overwrite)   # config check, stale temps, resume
+    summary = run_shards(out, manifest, stage, todo, submit, max_failures)
+    click.echo(summary.line())
+
+`submit(plan)` starts the work on one `ShardPlan` and returns its `ray.ObjectRef` (a remote function
+with the stage's resources, or a method call on an actor); that is all a stage supplies, besides its
+`Stage` (column name, format, config, field specs).
+
+Resume: a shard is done when its sidecar matches its data (size and sha256); everything else is
+removed and redone, so a rerun never mixes half-written or corrupt shards with good ones. The driver
+is the only writer of manifest.json; the sidecars are the truth after a crash, and failures.jsonl
+is rebuilt from the records every run (no duplicated lines). One driver per column at a time.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from dualpm.data.source import SourceDataset
+from dualpm.errors import ConfigError, DatasetError, DualPMError
+from dualpm.fileio import remove_stale_temporaries
+from dualpm.store import (
+    FORMATS,
+    MANIFEST_NAME,
+    SCHEMA_VERSION,
+    ColumnInfo,
+    FieldSpec,
+    Manifest,
+    ShardPlan,
+    ShardRecord,
+    check_shard,
+    column_dir,
+    load_manifest,
+    plan_shards,
+    remove_shard,
+    save_manifest,
+    write_failures,
+)
+from pipeline.cluster import Stopwatch, as_completed
+
+DEFAULT_SHARD_SIZE = 256
+MANIFEST_SAVE_SECONDS = 10.0  # records are on disk anyway; this only keeps manifest.json fresh
+
+
+class StageError(DualPMError):
+    """A stage run that cannot go on (a shard task failed, too many failed samples)."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    """What a stage writes: column `column` in `format`, produced with `config`.
+
+    `volatile` names config keys that may differ between runs of the same column without changing
+    its data (e.g. batch size, or the render backend: both backends give the same maps); any other
+    difference from the recorded config is an error unless the column is overwritten.
+    """
+
+    column: str
+    format: str
+    config: dict[str, Any]
+    fields: dict[str, FieldSpec]
+    volatile: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.format not in FORMATS:
+            raise ConfigError(f"unknown format {self.format!r}; choose one of {', '.join(FORMATS)}")
+        column_dir(".", self.column)  # validates the name
+
+
+def open_manifest(out: str | os.PathLike, source: SourceDataset, shard_size: int | None) -> Manifest:
+    """The manifest of `out`, or a new one planned from `source` (not saved yet).
+
+    The plan cuts `source.splits()` into shards of `shard_size` (None: as recorded in `out`, else
+    `DEFAULT_SHARD_SIZE`). An existing `out` must have been planned from the same source folder,
+    shard size and sample list: anything else is a `ConfigError` (use a new OUT folder).
+    """
+    out = Path(out)
+    src = str(source.root.resolve())
+    if not (out / MANIFEST_NAME).exists():
+        size = DEFAULT_SHARD_SIZE if shard_size is None else shard_size
+        return Manifest.create(src, size, plan_shards(source.splits(), size))
+    manifest = load_manifest(out)
+    if manifest.source != src:
+        raise ConfigError(f"{out}: was prepared from {manifest.source}, not {src}; use a new OUT folder")
+    if shard_size is not None and shard_size != manifest.shard_size:
+        raise ConfigError(
+            f"{out}: was planned with --shard-size {manifest.shard_size}, not {shard_size}; "
+            "omit --shard-size or use a new OUT folder"
+        )
+    if plan_shards(source.splits(), manifest.shard_size) != manifest.plan:
+        raise ConfigError(
+            f"{out}: the samples or splits of {src} changed since its shard plan was made; "
+            "use a new OUT folder"
+        )
+    return manifest
+
+
+def _config_differences(old: dict[str, Any], new: dict[str, Any], volatile: tuple[str, ...]) -> list[str]:
+    keys = sorted((set(old) | set(new)) - set(volatile))
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+
+def check_column(out: str | os.PathLike, manifest: Manifest, stage: Stage, overwrite: bool) -> None:
+    """ConfigError if `manifest` holds `stage`'s column in another format or config (unless `overwrite`).
+
+    Config keys in `stage.volatile` may differ. Call it before starting anything expensive.
+    """
+    old = manifest.columns.get(stage.column)
+    if old is None or overwrite:
+        return
+    if old.format != stage.format:
+        raise ConfigError(
+            f"{out}: column {stage.column!r} is stored as {old.format}, not {stage.format}; "
+            "pass the same --format, or --overwrite to redo it"
+        )
+    diff = _config_differences(old.config, stage.config, stage.volatile)
+    if diff:
+        raise ConfigError(
+            f"{out}: column {stage.column!r} was written with a different config ({'; '.join(diff)}); "
+            "use the same options, or --overwrite to redo it"
+        )
+
+
+def prepare_column(
+    out: str | os.PathLike, manifest: Manifest, stage: Stage, overwrite: bool
+) -> list[ShardPlan]:
+    """Register `stage`'s column in `manifest`, save it, and return the shards to (re)do.
+
+    Checks the recorded config (`check_column`), removes temporaries of killed writers, keeps the
+    shards whose sidecar matches their data (sha256) and removes every other shard of the plan (all
+    of them with `overwrite`). Only call this while no other writer of the column runs.
+    """
+    check_column(out, manifest, stage, overwrite)
+    folder = column_dir(out, stage.column)
+    old = manifest.columns.get(stage.column)
+    if old is not None and overwrite and old.format != stage.format:
+        for plan in manifest.plan:  # the other format's files would linger otherwise
+            remove_shard(folder, plan.index, old.format)
+    remove_stale_temporaries(folder)
+    records: dict[int, ShardRecord] = {}
+    todo = []
+    for plan in manifest.plan:
+        record, problem = (None, "overwrite") if overwrite else check_shard(folder, plan.index, stage.format)
+        if problem is None and set(record.ids) | {f.sample_id for f in record.failures} != set(plan.ids):
+            problem = "does not hold the planned samples"
+        if problem is None:
+            records[plan.index] = record
+        else:
+            remove_shard(folder, plan.index, stage.format)
+            todo.append(plan)
+    manifest.columns[stage.column] = ColumnInfo(
+        stage.column, stage.format, SCHEMA_VERSION, stage.config, dict(stage.fields), records
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    _save_column(out, manifest, stage.column)
+    return todo
+
+
+def _save_column(out: str | os.PathLike, manifest: Manifest, name: str) -> None:
+    """Save `manifest` with column `name` replaced in the copy on disk (another stage may own others)."""
+    out = Path(out)
+    if (out / MANIFEST_NAME).exists():
+        on_disk = load_manifest(out)
+        if on_disk.plan == manifest.plan:
+            manifest.columns.update({k: v for k, v in on_disk.columns.items() if k != name})
+    out.mkdir(parents=True, exist_ok=True)
+    save_manifest(out, manifest)
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What one run of a stage did. `failures_total` counts every shard of the column."""
+
+    column: str
+    shards_done: int
+    shards_skipped: int
+    samples: int  # stored in the shards done by this run
+    failures: int  # failed in the shards done by this run
+    failures_total: int
+    bytes: int  # data bytes of the shards done by this run
+    seconds: float
+
+    def line(self) -> str:
+        done = self.samples + self.failures
+        rate = done / self.seconds if self.seconds > 0 else 0.0
+        per_sample = self.bytes / self.samples / 1024 if self.samples else 0.0
+        return (
+            f"{self.column}: {self.samples} samples written, {self.failures} failed "
+            f"({self.failures_total} in the column) in {self.seconds:.1f} s, {rate:.1f} samples/s, "
+            f"{per_sample:.1f} KiB/sample; {self.shards_done} shards done, "
+            f"{self.shards_skipped} already complete"
+        )
+
+
+def _task_error(err: Exception) -> str:
+    cause = getattr(err, "cause", None)
+    return str(cause) if isinstance(cause, BaseException) else f"{type(err).__name__}: {err}"
+
+
+def run_shards(
+    out: str | os.PathLike,
+    manifest: Manifest,
+    stage: Stage,
+    todo: list[ShardPlan],
+    submit: Callable[[ShardPlan], ray.ObjectRef],
+    max_failures: int | None = None,
+) -> RunSummary:
+    """Run one task per shard of `todo` and record the results in manifest.json and failures.jsonl.
+
+    Args:
+        submit: starts the work on one shard (publishing it) and returns the ref of its `ShardRecord`.
+        max_failures: the most failed samples (a count, over the whole column) the run accepts; None
+            for no limit. When exceeded, no further shards are started and `StageError` is raised.
+    Raises:
+        StageError: a task failed (after Ray's retries), too many samples failed, or none at all
+            could be produced. manifest.json and failures.jsonl hold every finished shard anyway.
+    """
+    column = manifest.columns[stage.column]
+    clock = Stopwatch()
+    skipped = len(manifest.plan) - len(todo)
+    refs = {submit(plan): plan for plan in todo}
+    weights = {ref: len(plan.ids) for ref, plan in refs.items()}
+    done: list[ShardRecord] = []
+    error: str | None = None
+    last_save = time.monotonic()
+    stream = iter(())
+
+    def total_failures() -> int:
+        return sum(len(r.failures) for r in column.shards.values())
+
+    try:
+        if refs:
+            stream = as_completed(list(refs), sum(weights.values()), stage.column, weights=weights)
+        while True:
+            try:
+                ref, record = next(stream)
+            except StopIteration:
+                break
+            except ray.exceptions.RayError as err:  # a task raised, or its worker died past its retries
+                error = f"a shard task failed: {_task_error(err)}"
+                break
+            refs.pop(ref)
+            if not isinstance(record, ShardRecord):
+                raise TypeError(f"a shard task returned {type(record).__name__}, not a ShardRecord")
+            column.shards[record.index] = record
+            done.append(record)
+            if max_failures is not None and total_failures() > max_failures:
+                break
+            if time.monotonic() - last_save > MANIFEST_SAVE_SECONDS:
+                _save_column(out, manifest, stage.column)
+                last_save = time.monotonic()
+        if error is None and max_failures is not None and total_failures() > max_failures:
+            error = (
+                f"{total_failures()} samples failed, more than --max-failures {max_failures}; "
+                f"see {Path(out) / 'failures.jsonl'}"
+            )
+    finally:
+        if hasattr(stream, "close"):
+            stream.close()  # ends the progress bar
+        for ref in refs:  # stop scheduling: shards not started are dropped, running ones discarded
+            ray.cancel(ref)
+        _save_column(out, manifest, stage.column)
+        write_failures(out, manifest)
+    summary = RunSummary(
+        column=stage.column,
+        shards_done=len(done),
+        shards_skipped=skipped,
+        samples=sum(r.count for r in done),
+        failures=sum(len(r.failures) for r in done),
+        failures_total=total_failures(),
+        bytes=sum(r.bytes for r in done),
+        seconds=clock.seconds,
+    )
+    if error is not None:
+        raise StageError(f"{stage.column}: {error} ({summary.shards_done} shards finished; rerun to resume)")
+    if todo and summary.samples == 0 and sum(r.count for r in column.shards.values()) == 0:
+        raise StageError(f"{stage.column}: no sample could be produced; see {Path(out) / 'failures.jsonl'}")
+    return summary
+
+
+def describe_plan(manifest: Manifest) -> str:
+    """One line about a shard plan: shards and samples per split."""
+    splits: dict[str, tuple[int, int]] = {}
+    for plan in manifest.plan:
+        shards, samples = splits.get(plan.split, (0, 0))
+        splits[plan.split] = (shards + 1, samples + len(plan.ids))
+    parts = [f"{name} {samples} samples in {shards} shards" for name, (shards, samples) in splits.items()]
+    return f"shard plan ({manifest.shard_size} samples per shard): " + (", ".join(parts) or "no samples")
+
+
+def require_samples(manifest: Manifest, source: SourceDataset) -> None:
+    """DatasetError when the plan holds no sample (an empty or wrong SRC folder)."""
+    if not manifest.plan:
+        raise DatasetError(f"{source.root}: no samples found (expected poses/<id>_pose.npz files)")

@@ -1,0 +1,264 @@
+"""`dualpm-prep render`: round trips against direct rendering, resume, SIGKILL, failures, backend choice.
+
+The CLI runs on the session's local Ray (tests/conftest.py) through click's CliRunner, except the
+SIGKILL test, which runs the real command in its own process session and kills all of it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from datagen import make_source_dataset, sample_id
+from dualpm.camera import BLENDER_TO_Y_UP, projection_from_focal, view_from_camera_pose
+from dualpm.data.source import SourceDataset
+from dualpm.errors import BackendUnavailable
+from dualpm.gltf import load_skinned_mesh
+from dualpm.render import render_dual_pointmaps
+from dualpm.skinning import read_pose_file, skin
+from dualpm.store import (
+    FAILURES_NAME,
+    check_shard,
+    data_path,
+    decode_dual_pointmap,
+    decode_png,
+    load_manifest,
+    read_shard,
+    verify_store,
+)
+from pipeline.cli import main
+from pipeline.cluster import ClusterInfo
+from pipeline.render_stage import RenderConfig, _sample_fields, choose_backend, task_resources
+
+REPO = Path(__file__).parents[1]
+RES, LAYERS = 32, 4
+
+
+def render_cli(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(main, ["render", *args], catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+def stored_samples(out: Path) -> dict[str, dict]:
+    manifest = load_manifest(out)
+    column = manifest.columns["render"]
+    samples = {}
+    for plan in manifest.plan:
+        for sid, fields in read_shard(out / "render", plan.index, column.format):
+            assert sid not in samples
+            samples[sid] = fields
+    return samples
+
+
+def direct_render(root: Path, sid: str) -> np.ndarray:
+    """(H, W, L, 7) of one sample rendered without the pipeline."""
+    sample = SourceDataset(root).sample(sid)
+    mesh = load_skinned_mesh(SourceDataset(root).layout.mesh(sample.model_name))
+    posed = skin(mesh, read_pose_file(sample.pose_path, mesh.num_nodes))
+    view = view_from_camera_pose(torch.tensor(sample.camera_pose)[None])
+    projection = projection_from_focal(torch.tensor([sample.focal_length], dtype=torch.float64))
+    canonical, faces = torch.tensor(mesh.vertices), torch.tensor(mesh.faces)
+    out = render_dual_pointmaps(canonical, posed, faces, view, projection, RES, LAYERS, backend="cpu", workers=1)
+    return out[0].numpy()
+
+
+@pytest.mark.parametrize("fmt", ["webdataset", "zarr"])
+def test_round_trip_equals_direct_rendering_within_float16(tmp_path, ray_local, fmt):
+    ds = make_source_dataset(tmp_path / "src", num_samples=6, models=2, val=2, image_size=24)
+    out = tmp_path / "out"
+    code, output = render_cli(str(ds.root), str(out), "--resolution", str(RES), "--layers", str(LAYERS),
+                              "--shard-size", "3", "--format", fmt, "--batch", "2")
+    assert code == 0, output
+    assert "render: 6 samples written, 0 failed" in output
+    samples = stored_samples(out)
+    assert sorted(samples) == ds.ids
+    for sid, fields in samples.items():
+        expected = direct_render(ds.root, sid)
+        assert expected[..., 6].any()
+        got = decode_dual_pointmap(fields["dpm"])
+        np.testing.assert_array_equal(got, expected.astype(np.float16).astype(np.float32))
+        assert fields["rgb.png"] == (ds.root / "renders" / f"{sid}_rgb.png").read_bytes()
+        assert fields["mask.png"] == (ds.root / "masks" / f"{sid}_mask.png").read_bytes()
+        meta = fields["meta.json"]
+        source = SourceDataset(ds.root).sample(sid)
+        assert (meta["source_id"], meta["model_name"], meta["mask"]) == (sid, ds.model_of[sid], "source")
+        assert meta["focal_length"] == source.focal_length
+        np.testing.assert_array_equal(meta["camera_pose"], source.camera_pose)
+        view = np.linalg.inv(BLENDER_TO_Y_UP @ source.camera_pose)
+        np.testing.assert_allclose(meta["view"], view, atol=1e-12)
+        np.testing.assert_allclose(meta["projection"], projection_from_focal(source.focal_length), rtol=1e-6)
+    manifest = load_manifest(out)
+    column = manifest.columns["render"]
+    assert column.format == fmt and column.config["backend"] == "cpu"
+    assert (column.config["resolution"], column.config["layers"]) == (RES, LAYERS)
+    assert column.fields["dpm"].shape == (RES, RES, LAYERS, 7)
+    assert [p.split for p in manifest.plan] == ["train", "train", "val"]
+    assert (out / "render.config.yaml").exists()
+    assert verify_store(out) == []
+
+
+def test_without_source_mask_the_rendered_coverage_is_stored(tmp_path, ray_local):
+    ds = make_source_dataset(tmp_path / "src", num_samples=2, masks=False, rgb=False)
+    code, output = render_cli(str(ds.root), str(tmp_path / "out"), "--resolution", str(RES), "--layers", "2")
+    assert code == 0, output
+    for sid, fields in stored_samples(tmp_path / "out").items():
+        coverage = decode_dual_pointmap(fields["dpm"])[:, :, 0, 6] > 0
+        np.testing.assert_array_equal(decode_png(fields["mask.png"]), coverage)
+        assert "rgb.png" not in fields and fields["meta.json"]["mask"] == "rendered"
+
+
+def test_resume_after_deleting_a_shard_renders_only_that_shard(tmp_path, ray_local):
+    ds = make_source_dataset(tmp_path / "src", num_samples=8, models=2)
+    out = tmp_path / "out"
+    args = [str(ds.root), str(out), "--resolution", str(RES), "--layers", str(LAYERS), "--shard-size", "2"]
+    assert render_cli(*args)[0] == 0
+    before = {p.name: (p.stat().st_mtime_ns, p.stat().st_ino) for p in (out / "render").iterdir()}
+    old_record = load_manifest(out).columns["render"].shards[2]
+    data_path(out / "render", 2, "webdataset").unlink()
+    code, output = render_cli(*args)
+    assert code == 0, output
+    assert "2 samples written" in output and "1 shards done, 3 already complete" in output
+    after = {p.name: (p.stat().st_mtime_ns, p.stat().st_ino) for p in (out / "render").iterdir()}
+    changed = sorted(name for name in after if after[name] != before.get(name))
+    assert changed == ["shard-000002.json", "shard-000002.tar"]
+    assert load_manifest(out).columns["render"].shards[2] == old_record  # deterministic: same bytes again
+    assert verify_store(out) == []
+
+
+def test_bad_samples_end_in_failures_jsonl_and_the_others_are_written(tmp_path, ray_local):
+    bad = {sample_id(1): "corrupt_pose", sample_id(2): "pose_node_count", sample_id(4): "camera_away",
+           sample_id(5): "broken_mesh", sample_id(7): "bad_metadata"}
+    ds = make_source_dataset(tmp_path / "src", num_samples=9, models=2, bad=bad)
+    out = tmp_path / "out"
+    args = [str(ds.root), str(out), "--resolution", str(RES), "--layers", "2"]
+    code, output = render_cli(*args, "--shard-size", "4")
+    assert code == 0, output
+    assert "4 samples written, 5 failed (5 in the column)" in output
+    lines = [json.loads(line) for line in (out / FAILURES_NAME).read_text().splitlines()]
+    reasons = {line["id"]: line["reason"] for line in lines}
+    assert sorted(reasons) == sorted(bad) and len(lines) == len(bad)
+    phrases = {"corrupt_pose": "cannot read pose file", "pose_node_count": "has 5 nodes but the mesh has 4",
+               "camera_away": "mesh outside the view", "broken_mesh": "model 'broken'",
+               "bad_metadata": "metadata is missing focal_length"}
+    for sid, kind in bad.items():
+        assert phrases[kind] in reasons[sid], (kind, reasons[sid])
+    assert sorted(stored_samples(out)) == ds.good_ids
+    assert verify_store(out) == []
+    # The failures exceed a limit of 4: the rerun (nothing left to render) fails, and says why.
+    result = CliRunner().invoke(main, ["render", *args, "--max-failures", "4"])
+    assert result.exit_code != 0 and "5 samples failed, more than --max-failures 4" in result.output
+    assert len((out / FAILURES_NAME).read_text().splitlines()) == len(bad)  # not duplicated
+
+
+def test_backend_cuda_without_gpu_fails_fast_and_writes_nothing(tmp_path, ray_local):
+    if ray_local.cluster_resources().get("GPU", 0):
+        pytest.skip("this Ray cluster has a GPU")
+    ds = make_source_dataset(tmp_path / "src", num_samples=2, rgb=False, masks=False)
+    out = tmp_path / "out"
+    start = time.monotonic()
+    result = CliRunner().invoke(main, ["render", str(ds.root), str(out), "--backend", "cuda"])
+    assert result.exit_code == 1
+    assert "--backend cuda: there is no GPU in the local Ray cluster" in result.output
+    assert "use --backend cpu" in result.output
+    assert time.monotonic() - start < 60  # generous: a GPU task here would wait forever instead
+    assert not out.exists()
+
+
+def test_dry_run_prints_config_and_plan_and_writes_nothing(tmp_path):
+    ds = make_source_dataset(tmp_path / "src", num_samples=5, val=2, rgb=False, masks=False)
+    code, output = render_cli(str(ds.root), str(tmp_path / "out"), "--dry-run", "--shard-size", "2")
+    assert code == 0
+    assert "resolution: 160" in output and "train 3 samples in 2 shards, val 2 samples in 1 shards" in output
+    assert not (tmp_path / "out").exists()
+
+
+def test_choose_backend_and_resources():
+    cpu_only = ClusterInfo(None, cpus=8, gpus=0, nodes=1)
+    gpus = ClusterInfo("head:6379", cpus=32, gpus=4, nodes=2)
+    assert choose_backend("auto", cpu_only) == "cpu" and choose_backend("auto", gpus) == "cuda"
+    assert choose_backend("cpu", gpus) == "cpu" and choose_backend("cuda", gpus) == "cuda"
+    with pytest.raises(BackendUnavailable, match="no GPU in the Ray cluster at head:6379"):
+        choose_backend("cuda", ClusterInfo("head:6379", cpus=8, gpus=0, nodes=2))
+    assert task_resources("cpu", gpus) == ({"num_cpus": 1}, 1)
+    assert task_resources("cuda", gpus) == ({"num_gpus": 1, "num_cpus": 8}, 8)
+
+
+def test_non_finite_and_empty_maps_are_sample_failures(tmp_path):
+    ds = make_source_dataset(tmp_path / "src", num_samples=1, rgb=False, masks=False)
+    sample = SourceDataset(ds.root).sample(ds.ids[0])
+    config = RenderConfig(str(ds.root), 4, 2, "cpu", 1, "webdataset")
+    dpm = np.zeros((4, 4, 2, 7), np.float32)
+    assert "mesh outside the view" in _sample_fields(sample, dpm, np.eye(4), np.eye(4), config)
+    dpm[1, 1, 0] = [0, 0, 0, 0, 0, np.nan, 1]
+    assert "non-finite" in _sample_fields(sample, dpm, np.eye(4), np.eye(4), config)
+    dpm[1, 1, 0] = [1e6, 0, 0, 0, 0, 0, 1]  # beyond float16
+    assert "beyond +-65504" in _sample_fields(sample, dpm, np.eye(4), np.eye(4), config)
+    dpm[1, 1, 0] = [1, 2, 3, 4, 5, 6, 1]
+    fields = _sample_fields(sample, dpm, np.eye(4), np.eye(4), config)
+    np.testing.assert_array_equal(decode_dual_pointmap(fields["dpm"]), dpm)
+
+
+def _session_pids(sid: int) -> list[int]:
+    """Processes of session `sid` (the killed run and everything it started, Ray workers included)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getsid(int(entry)) == sid:
+                    pids.append(int(entry))
+            except ProcessLookupError:
+                continue
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find the run's processes")
+def test_sigkill_partway_then_rerun_gives_every_sample_exactly_once(tmp_path):
+    ds = make_source_dataset(tmp_path / "src", num_samples=48, models=2, rgb=False, masks=False)
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "pipeline.cli", "render", str(ds.root), str(out), "--resolution", "160",
+            "--layers", "8", "--shard-size", "8", "--workers", "1"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray, not the tests'
+    run = subprocess.Popen(args, cwd=REPO, env=env, start_new_session=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    try:
+        while not list(out.glob("render/shard-*.json")):
+            assert run.poll() is None, run.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "no shard finished in time"
+            time.sleep(0.005)
+    finally:
+        # SIGKILL the whole session: the driver, Ray's daemons and its workers (own process groups).
+        for pid in _session_pids(run.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        run.wait()
+        run.stderr.close()
+    records = sorted(out.glob("render/shard-*.json"))
+    assert 1 <= len(records) < 6, "the run must be killed partway"
+    for tar in out.glob("render/shard-*.tar"):  # whatever has a final name is a complete shard
+        index = int(tar.stem.split("-")[1])
+        list(read_shard(out / "render", index, "webdataset"))
+        if (out / "render" / f"shard-{index:06d}.json").exists():
+            assert check_shard(out / "render", index, "webdataset")[1] is None
+
+    rerun = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "already complete" in rerun.stdout
+    manifest = load_manifest(out)
+    stored = [sid for plan in manifest.plan
+              for sid, _ in read_shard(out / "render", plan.index, "webdataset")]
+    assert sorted(stored) == ds.ids and len(stored) == len(set(stored)) == 48
+    assert verify_store(out) == []
+    assert not [p for p in (out / "render").iterdir() if p.name.startswith(".")]  # no temporaries left
