@@ -164,7 +164,9 @@ def project_points(points_camera: Tensor, projection: Tensor, height: int, width
     return (ndc + 1.0) * 0.5 * size, w
 
 
-def pixel_rays(projection: Tensor, height: int, width: int) -> tuple[Tensor, Tensor, Tensor]:
+def pixel_rays(
+    projection: Tensor, height: int, width: int, pixels: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """Camera-space rays through pixel centres, clipped to the near and far planes.
 
     Works for any invertible projection (perspective or orthographic): each ray runs from the
@@ -173,28 +175,35 @@ def pixel_rays(projection: Tensor, height: int, width: int) -> tuple[Tensor, Ten
     Args:
         projection: (..., 4, 4) projection matrices (y row negated, as `projection_from_focal`).
         height, width: image size in pixels.
+        pixels: optional (n,) int64 flat pixel indices `row * width + col`: rays of these pixels
+            only (all pixels when None).
     Returns:
-        origins: (..., H, W, 3) float64 ray starts on the near plane (camera space).
-        directions: (..., H, W, 3) float64 unit directions.
-        lengths: (..., H, W) float64 distances from the near to the far plane along each ray.
+        origins: (..., H, W, 3) float64 ray starts on the near plane (camera space), or (..., n, 3).
+        directions: (..., H, W, 3) float64 unit directions, or (..., n, 3).
+        lengths: (..., H, W) float64 distances from the near to the far plane, or (..., n).
     """
     inv = torch.linalg.inv(projection.to(torch.float64))
     dev = inv.device
-    cols = (torch.arange(width, dtype=torch.float64, device=dev) + 0.5) * (2.0 / width) - 1.0
-    rows = (torch.arange(height, dtype=torch.float64, device=dev) + 0.5) * (2.0 / height) - 1.0
-    y, x = torch.meshgrid(rows, cols, indexing="ij")  # (H, W)
+    grid = pixels is None
+    pixels = torch.arange(height * width, device=dev) if grid else pixels.to(dev)
+    x = ((pixels % width).to(torch.float64) + 0.5) * (2.0 / width) - 1.0  # (n,) NDC of pixel centres
+    y = (torch.div(pixels, width, rounding_mode="floor").to(torch.float64) + 0.5) * (2.0 / height) - 1.0
 
     def unproject(z_ndc: float) -> Tensor:
         # inv @ [x, y, z, 1] written as a sum of columns: a broadcast multiply-add is far cheaper
-        # than a batched (H*W) 4x4 matmul.
-        col = inv[..., None, None, :, :]  # (..., 1, 1, 4, 4)
-        p = x[..., None] * col[..., 0] + y[..., None] * col[..., 1] + (z_ndc * col[..., 2] + col[..., 3])
-        return p[..., :3] / p[..., 3:4]  # (..., H, W, 3)
+        # than a batched 4x4 matmul per pixel.
+        col = inv[..., None, :, :]  # (..., 1, 4, 4)
+        p = x[:, None] * col[..., 0] + y[:, None] * col[..., 1] + (z_ndc * col[..., 2] + col[..., 3])
+        return p[..., :3] / p[..., 3:4]  # (..., n, 3)
 
     start, end = unproject(-1.0), unproject(1.0)
     delta = end - start
     lengths = delta.norm(dim=-1)
-    return start, delta / lengths[..., None], lengths
+    directions = delta / lengths[..., None]
+    if grid:
+        shape = inv.shape[:-2] + (height, width)
+        return start.reshape(shape + (3,)), directions.reshape(shape + (3,)), lengths.reshape(shape)
+    return start, directions, lengths
 
 
 def subtract_depth(points_camera: Tensor, view: Tensor) -> Tensor:

@@ -223,3 +223,22 @@ def test_render_layers_interpolates_extra_attributes_on_the_same_layers():
     torch.testing.assert_close(out[..., 3][hit], torch.full((int(hit.sum()),), 7.0), atol=1e-5, rtol=0)
     torch.testing.assert_close(out[..., 4], 3 * out[..., 0], atol=1e-5, rtol=0)
     torch.testing.assert_close(out[..., :3], dpm[..., :3], atol=0, rtol=0)
+
+
+def test_pixel_rays_subset_matches_full_grid_and_hits_pixel_centres():
+    from dualpm.camera import pixel_rays, project_points
+
+    proj = projection_from_focal(torch.tensor(50.0), aspect=40 / 24)
+    origins, dirs, lengths = pixel_rays(proj, 24, 40)
+    assert origins.shape == (24, 40, 3) and lengths.shape == (24, 40)
+    subset = torch.tensor([0, 39, 40 * 23, 517])
+    o, d, n = pixel_rays(proj, 24, 40, subset)
+    torch.testing.assert_close(o, origins.reshape(-1, 3)[subset], atol=0, rtol=0)
+    torch.testing.assert_close(d, dirs.reshape(-1, 3)[subset], atol=0, rtol=0)
+    torch.testing.assert_close(n, lengths.reshape(-1)[subset], atol=0, rtol=0)
+    # a point along each ray projects back onto its pixel centre
+    pix, w = project_points((origins + 3.0 * dirs).reshape(-1, 3), proj.double(), 24, 40)
+    rows, cols = torch.meshgrid(torch.arange(24.0), torch.arange(40.0), indexing="ij")
+    expected = torch.stack([cols.reshape(-1) + 0.5, rows.reshape(-1) + 0.5], dim=-1).double()
+    torch.testing.assert_close(pix, expected, atol=1e-9, rtol=0)
+    assert (w > 0).all()

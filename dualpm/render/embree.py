@@ -87,15 +87,14 @@ def cast_layers(
     pixels = _candidate_pixels(verts_cam, projection, height, width)
     if pixels.size == 0:
         return empty
-    origins, directions, lengths = (
-        t.reshape(-1, *t.shape[2:]).numpy() for t in pixel_rays(torch.from_numpy(projection), height, width)
-    )  # (H*W, 3), (H*W, 3), (H*W,) float64
+    origin, direction, t_end = (
+        t.numpy() for t in pixel_rays(torch.from_numpy(projection), height, width, torch.from_numpy(pixels))
+    )  # (n, 3), (n, 3), (n,) float64 for the candidate pixels only
 
     # robust=True: watertight intersection, so a ray through a shared edge cannot slip between triangles
     scene = EmbreeScene(robust=True)
     TriangleMesh(scene, np.ascontiguousarray(verts_cam, dtype=np.float32), np.ascontiguousarray(faces, dtype=np.int32))
 
-    origin, direction, t_end = origins[pixels], directions[pixels], lengths[pixels]
     t_start = np.zeros(pixels.size)
     dir32 = direction.astype(np.float32)
     out_pixel, out_layer, out_tri, out_uv = [], [], [], []
