@@ -1,0 +1,513 @@
+"""Generate a synthetic dataset in the published DualPM layout (`dualpm.data.source`), in parallel with Ray.
+
+    plan = make_plan(config)                  # models, sample ids, splits; validates --mesh files
+    summary = generate(out, config, plan)     # models first, then chunks of samples of one model each
+
+Determinism: every random draw comes from `numpy.random.default_rng([seed, PURPOSE, index])` with the
+model index or the sample's integer id, never from shared state, so the bytes written do not depend
+on the number of workers, the chunking or the order tasks finish in. Files are written atomically; a
+sample is done when all five of its files exist, the metadata file (written last) included; a model
+is done when its glTF loads. A rerun skips what is done; `overwrite` redoes everything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dualpm import __version__ as dualpm_version
+from dualpm.camera import projection_from_focal
+from dualpm.data.source import Layout, SampleMetadata, SourceDataset, format_metadata
+from dualpm.errors import BackendUnavailable, ConfigError, DatasetError, DualPMError, GltfError
+from dualpm.fileio import atomic_output, atomic_write_json, atomic_write_text, remove_stale_temporaries
+from dualpm.gltf import SkinnedMesh, load_skinned_mesh, save_skinned_mesh
+from dualpm.render import BACKENDS, render_layers
+from dualpm.skinning import skin, write_pose_file
+from dualpm.viz import image_grid
+from pipeline.synth.appearance import Appearance, sample_appearance, sample_lighting, shade, vertex_normals
+from pipeline.synth.cameras import CameraRanges, frame_camera
+from pipeline.synth.poses import PoseSampler
+from pipeline.synth.quadruped import make_quadruped
+
+SYNTH_VERSION = 1  # bump when the same config would produce different data
+CONFIG_NAME = "synth.json"
+FAILURES_NAME = "synth_failures.jsonl"
+SUBFOLDERS = ("shapes", "poses", "cameras", "metadata", "renders", "masks", "splits")
+FORWARD = (0.0, 0.0, 1.0)  # procedural animals face +Z (Y up, +X their left)
+
+# Purpose codes of the random streams: rng([seed, PURPOSE, model index or sample number]).
+SHAPE, APPEARANCE, POSE, CAMERA, LIGHT, SPLIT, HELDOUT = 1, 2, 3, 4, 5, 6, 7
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """What to generate.
+
+    `record()` holds the fields that determine the bytes written; `backend` (the renderers agree but
+    for rare silhouette pixels) and `chunk_size` do not, so a rerun may change them.
+    """
+
+    num_samples: int
+    num_models: int = 4
+    seed: int = 0
+    image_size: int = 256
+    faces: int = 20000  # triangles per procedural animal (user meshes are kept as they are)
+    val_fraction: float = 0.1
+    heldout_models: int = 0
+    meshes: tuple[Path, ...] = ()  # user rigged glTF/GLB files instead of procedural animals
+    yaw: bool = True  # whole-body yaw about +Y at the root
+    backend: str = "auto"
+    chunk_size: int = 16  # samples per Ray task (all of one model)
+    cameras: CameraRanges = field(default_factory=CameraRanges)
+
+    def __post_init__(self):
+        checks = [
+            (self.num_samples >= 1, "num_samples must be at least 1"),
+            (self.num_models >= 1, "num_models must be at least 1"),
+            (self.image_size >= 8, "image_size must be at least 8 pixels"),
+            (self.faces >= 500, "faces must be at least 500"),
+            (0.0 <= self.val_fraction < 1.0, "val_fraction must be in [0, 1)"),
+            (0 <= self.heldout_models < self.num_models, "heldout_models must be below the number of models"),
+            (self.chunk_size >= 1, "chunk_size must be at least 1"),
+            (self.backend in BACKENDS, f"backend must be one of {', '.join(BACKENDS)}"),
+            (not self.meshes or len(self.meshes) == self.num_models, "num_models must equal the mesh count"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"synth: {message}")
+
+    def record(self) -> dict:
+        """The content-determining settings, as stored in synth.json (JSON types)."""
+        return {
+            "num_samples": self.num_samples, "num_models": self.num_models, "seed": self.seed,
+            "image_size": self.image_size, "faces": self.faces, "val_fraction": self.val_fraction,
+            "heldout_models": self.heldout_models, "yaw": self.yaw,
+            "meshes": [{"file": p.name, "sha256": _sha256(p)} for p in self.meshes],
+            "cameras": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.cameras).items()},
+        }
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    index: int
+    name: str
+    source: Path | None  # user mesh file; None for a procedural animal
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    id: str  # zero-padded number, e.g. "000123"
+    number: int
+    model: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    models: tuple[ModelSpec, ...]
+    samples: tuple[SampleSpec, ...]
+    val_ids: tuple[str, ...]
+    val_models: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    id: str
+    status: str  # "written", "skipped" or "failed"
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class SynthSummary:
+    written: int
+    skipped: int
+    failed: int
+    models_written: int
+    models_skipped: int
+    seconds: float  # the whole run, Ray start-up and models included
+    sample_seconds: float  # the sample phase alone
+
+    @property
+    def rate(self) -> float:
+        """Samples written per second of the sample phase."""
+        return self.written / self.sample_seconds if self.sample_seconds > 0 else 0.0
+
+    def line(self) -> str:
+        return (
+            f"synth: {self.written} samples written, {self.skipped} skipped (already done), "
+            f"{self.failed} failed; {self.models_written} models built, {self.models_skipped} kept; "
+            f"{self.seconds:.1f} s in all, {self.rate:.1f} samples/s while sampling"
+        )
+
+
+def _sha256(path: Path) -> str:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as err:
+        raise GltfError(f"{path}: cannot read mesh file ({err})") from err
+
+
+def rng(seed: int, purpose: int, index: int) -> np.random.Generator:
+    """The random stream of one purpose and model index / sample number."""
+    return np.random.default_rng([seed, purpose, index])
+
+
+def sample_number(k: int) -> int:
+    """Integer id of the k-th sample (0-based): 1, 2, ..., skipping multiples of 5000 (4999 per block)."""
+    return k + 1 + k // 4999
+
+
+def model_names(config: SynthConfig) -> list[str]:
+    """`quadruped_000`... or names from the user mesh files (plain, unique folder names)."""
+    if not config.meshes:
+        return [f"quadruped_{i:03d}" for i in range(config.num_models)]
+    names: list[str] = []
+    for path in config.meshes:
+        base = re.sub(r"[^A-Za-z0-9_-]+", "_", path.stem).strip("_-") or "mesh"
+        name, k = base, 1
+        while name in names:
+            name, k = f"{base}_{k}", k + 1
+        names.append(name)
+    return names
+
+
+def make_plan(config: SynthConfig) -> Plan:
+    """Models, samples (contiguous blocks per model) and the validation split.
+
+    User meshes are loaded and their first samples framed here, before anything is written, so a bad
+    `--mesh` fails with its file named and leaves nothing behind.
+    """
+    names = model_names(config)
+    models = tuple(
+        ModelSpec(i, n, config.meshes[i] if config.meshes else None) for i, n in enumerate(names)
+    )
+    n, m = config.num_samples, config.num_models
+    samples = []
+    for k in range(n):
+        number = sample_number(k)  # never a multiple of 5000 (tested), so `is_skipped_id` never drops one
+        samples.append(SampleSpec(f"{number:06d}", number, k * m // n))
+    heldout = set(rng(config.seed, HELDOUT, 0).choice(m, config.heldout_models, replace=False).tolist())
+    pool = [s for s in samples if s.model not in heldout]
+    count = int(round(config.val_fraction * len(pool)))
+    chosen = rng(config.seed, SPLIT, 0).choice(len(pool), count, replace=False)
+    val = {pool[i].id for i in chosen} | {s.id for s in samples if s.model in heldout}
+    plan = Plan(
+        models=models, samples=tuple(samples), val_ids=tuple(s.id for s in samples if s.id in val),
+        val_models=tuple(names[i] for i in sorted(heldout)),
+    )
+    for model in models:
+        if model.source is not None:
+            _check_user_mesh(config, model, [s for s in samples if s.model == model.index][:3])
+    return plan
+
+
+def _check_user_mesh(config: SynthConfig, model: ModelSpec, first: list[SampleSpec]) -> None:
+    mesh = load_skinned_mesh(model.source)  # GltfError names the file
+    sampler = PoseSampler.for_mesh(mesh, yaw=config.yaw)
+    for spec in first or [SampleSpec("", 0, model.index)]:
+        posed = skin(mesh, sampler.sample(rng(config.seed, POSE, spec.number)))[0]
+        frame_camera(posed, rng(config.seed, CAMERA, spec.number), config.image_size, config.cameras,
+                     where=str(model.source))
+
+
+def sample_done(layout: Layout, sample_id: str) -> bool:
+    """All five files of a sample exist (the metadata file is written last)."""
+    paths = (layout.pose(sample_id), layout.camera(sample_id), layout.rgb(sample_id), layout.mask(sample_id),
+             layout.metadata(sample_id))
+    return all(p.exists() for p in paths)
+
+
+def mesh_path(root: Path, model: str) -> Path:
+    return root / "shapes" / model / f"{model}_shape.gltf"
+
+
+# ---------------------------------------------------------------------------------------------
+# Work done in Ray tasks (plain functions: also callable directly)
+
+
+def build_model(root: Path, config: SynthConfig, model: ModelSpec, overwrite: bool) -> str:
+    """Write shapes/<name>/<name>_shape.gltf unless a loadable one exists; returns 'written'/'skipped'."""
+    path = mesh_path(root, model.name)
+    if path.exists() and not overwrite:
+        try:
+            load_skinned_mesh(path)
+            return "skipped"
+        except GltfError:
+            pass  # a damaged file from an earlier run: rebuild it
+    if model.source is None:
+        mesh = make_quadruped(model.name, rng(config.seed, SHAPE, model.index), config.faces)
+    else:
+        mesh = load_skinned_mesh(model.source)
+    save_skinned_mesh(mesh, path)
+    return "written"
+
+
+@dataclass(frozen=True, eq=False)
+class _ModelState:
+    """What every sample of one model shares (built once per chunk)."""
+
+    mesh: SkinnedMesh
+    sampler: PoseSampler
+    canonical: torch.Tensor  # (V, 3) float32
+    faces: torch.Tensor  # (F, 3) int64
+    appearance: Appearance
+
+
+def _model_state(root: Path, config: SynthConfig, model: ModelSpec) -> _ModelState:
+    mesh = load_skinned_mesh(mesh_path(root, model.name))
+    forward = np.array(FORWARD) if model.source is None else None
+    return _ModelState(
+        mesh=mesh, sampler=PoseSampler.for_mesh(mesh, yaw=config.yaw, forward=forward),
+        canonical=torch.tensor(mesh.vertices), faces=torch.tensor(mesh.faces),
+        appearance=sample_appearance(rng(config.seed, APPEARANCE, model.index), mesh.vertices),
+    )
+
+
+def make_sample(root: Path, config: SynthConfig, model: ModelSpec, state: _ModelState, spec: SampleSpec,
+                backend: str) -> None:
+    """Pose, frame, render and write one sample (metadata last)."""
+    layout = Layout(root)
+    pose = state.sampler.sample(rng(config.seed, POSE, spec.number))
+    posed = skin(state.mesh, pose)[0]  # (V, 3) world; one sample per call, as a reader skins it
+    camera = frame_camera(posed, rng(config.seed, CAMERA, spec.number), config.image_size, config.cameras,
+                          where=f"sample {spec.id} (model {model.name})")
+    light = sample_lighting(rng(config.seed, LIGHT, spec.number))
+    view = torch.from_numpy(camera.view)
+    # float64 focal and view, as `dualpm-prep render` reads them, so its layer-1 alpha is our mask
+    projection = projection_from_focal(torch.tensor([camera.focal_mm], dtype=torch.float64))
+    attributes = torch.cat([state.canonical, vertex_normals(posed, state.faces)], dim=1)  # (V, 6)
+    layers = render_layers(attributes, posed[None], state.faces, view[None], projection, config.image_size, 1,
+                           backend=backend, workers=1)
+    rgb, mask = shade(layers[0, :, :, 0].cpu(), state.appearance, light, view)
+
+    write_pose_file(layout.pose(spec.id), pose)
+    atomic_write_text(layout.camera(spec.id), camera.text)
+    _write_png(layout.rgb(spec.id), rgb, "RGB")
+    _write_png(layout.mask(spec.id), mask, "L")
+    atomic_write_text(layout.metadata(spec.id), format_metadata(SampleMetadata(model.name, camera.focal_mm)))
+
+
+def _write_png(path: Path, array: np.ndarray, mode: str) -> None:
+    with atomic_output(path) as tmp:
+        Image.fromarray(array, mode=mode).save(tmp, format="PNG", compress_level=1)
+
+
+def run_chunk(root: Path, config: SynthConfig, model: ModelSpec, specs: list[SampleSpec], overwrite: bool,
+              backend: str) -> list[SampleResult]:
+    """Generate the samples of one chunk (all of `model`); per-sample user errors become 'failed'."""
+    torch.set_num_threads(1)  # Ray parallelises over chunks; one thread also keeps results bitwise stable
+    layout = Layout(root)
+    todo = [s for s in specs if overwrite or not sample_done(layout, s.id)]
+    results = [SampleResult(s.id, "skipped") for s in specs if s not in todo]
+    if not todo:
+        return results
+    state = _model_state(root, config, model)
+    for spec in todo:
+        try:
+            make_sample(root, config, model, state, spec, backend)
+            results.append(SampleResult(spec.id, "written"))
+        except DualPMError as err:
+            results.append(SampleResult(spec.id, "failed", str(err)))
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver
+
+
+def prepare_output(
+    root: Path, config: SynthConfig, plan: Plan, overwrite: bool, dry_run: bool = False
+) -> None:
+    """Check OUT against an earlier run, clean it for `overwrite`, write synth.json and the splits.
+
+    Raises `ConfigError` if OUT holds something else, or a synth dataset made with other settings
+    (unless `overwrite`).
+    """
+    record_path = root / CONFIG_NAME
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"{root}: exists and is not a folder")
+    if root.is_dir() and any(root.iterdir()) and not record_path.exists():
+        raise ConfigError(f"{root}: folder is not empty and was not written by dualpm-prep synth; "
+                          "choose a new or empty folder")
+    if record_path.exists():
+        try:
+            recorded = json.loads(record_path.read_text())
+            old, version = recorded["config"], recorded["version"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise DatasetError(f"{record_path}: unreadable ({err}); use --overwrite to start again") from err
+        if version != SYNTH_VERSION and not overwrite:
+            raise ConfigError(f"{root}: was generated by synth version {version}, this is version "
+                              f"{SYNTH_VERSION}; use --overwrite or a new folder")
+        new = config.record()
+        keys = sorted(set(old) | set(new))
+        diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+        if diff and not overwrite:
+            raise ConfigError(f"{root}: was generated with other settings ({'; '.join(diff)}); "
+                              "use the same options, --overwrite, or a new folder")
+    if dry_run:
+        return
+    if overwrite and record_path.exists():
+        for name in SUBFOLDERS:
+            shutil.rmtree(root / name, ignore_errors=True)
+        (root / FAILURES_NAME).unlink(missing_ok=True)
+    for name in SUBFOLDERS:
+        (root / name).mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(root / name)  # leftovers of killed writers (one driver per OUT)
+    for model in plan.models:
+        remove_stale_temporaries(root / "shapes" / model.name)
+    atomic_write_json(record_path, {
+        "generator": "dualpm-prep synth", "version": SYNTH_VERSION, "dualpm_version": dualpm_version,
+        "config": config.record(), "backend": config.backend,
+        "conventions": {"world": "Y-up glTF", "forward": "+Z", "left": "+X", "units": "metres",
+                        "ids": "zero-padded integers from 1, multiples of 5000 skipped"},
+        "models": [m.name for m in plan.models], "val_models": list(plan.val_models),
+        "num_val": len(plan.val_ids),
+    })
+    atomic_write_text(root / "splits" / "val.txt", "".join(f"{i}\n" for i in plan.val_ids))
+    if plan.val_models:
+        atomic_write_text(root / "splits" / "val_models.txt", "".join(f"{m}\n" for m in plan.val_models))
+    else:
+        (root / "splits" / "val_models.txt").unlink(missing_ok=True)
+
+
+def chunks(
+    config: SynthConfig, plan: Plan, root: Path, overwrite: bool
+) -> list[tuple[ModelSpec, list[SampleSpec]]]:
+    """Chunks of unfinished samples, each of one model (consecutive ids, at most `chunk_size`)."""
+    layout = Layout(root)
+    out = []
+    for model in plan.models:
+        specs = [s for s in plan.samples
+                 if s.model == model.index and (overwrite or not sample_done(layout, s.id))]
+        out += [(model, specs[i : i + config.chunk_size]) for i in range(0, len(specs), config.chunk_size)]
+    return out
+
+
+def generate(
+    root: str | os.PathLike,
+    config: SynthConfig,
+    plan: Plan,
+    overwrite: bool = False,
+    address: str | None = None,
+    workers: int | None = None,
+) -> SynthSummary:
+    """Write the dataset of `plan` to `root` with Ray (local unless `address`).
+
+    Args:
+        workers: at most this many tasks at a time (default: the cluster's CPUs); locally also the
+            CPUs offered to the Ray started here.
+    Raises:
+        ConfigError / DatasetError for an incompatible OUT; `DualPMError` if a task fails.
+    """
+    from pipeline.cluster import Stopwatch, ray_session
+
+    root = Path(root)
+    clock = Stopwatch()
+    prepare_output(root, config, plan, overwrite, dry_run=True)  # refuse a bad OUT before Ray starts
+    with ray_session(address, num_cpus=workers) as info:
+        import ray
+
+        if config.backend == "cuda" and info.gpus == 0:  # GPU tasks would wait forever
+            where = f"the Ray cluster at {address}" if address else "the local Ray"
+            raise BackendUnavailable(f"--backend cuda: {where} has no GPU; use --backend cpu or auto")
+        prepare_output(root, config, plan, overwrite)
+        todo = chunks(config, plan, root, overwrite)
+        skipped = len(plan.samples) - sum(len(c) for _, c in todo)
+        limit = max(1, workers or info.cpus or 1)
+        gpu = config.backend == "cuda" or (config.backend == "auto" and info.gpus > 0)
+        options = {"num_cpus": 1, "num_gpus": 0.25 if gpu else 0, "max_retries": 1}
+        build = ray.remote(build_model).options(**options)
+        builds = [(lambda m=m: build.remote(root, config, m, overwrite), 1) for m in plan.models]
+        models = _run_windowed(builds, limit, "models", "model")
+        model_status = [status for status, _ in models]
+        sampling = Stopwatch()
+        work = ray.remote(run_chunk).options(**options)
+        jobs = [(lambda m=m, c=c: work.remote(root, config, m, c, overwrite, config.backend), len(c))
+                for m, c in todo]
+        results = [r for chunk, _ in _run_windowed(jobs, limit, "synth", "sample") for r in chunk]
+        sample_seconds = sampling.seconds
+    failures = [r for r in results if r.status == "failed"]
+    failures_path = root / FAILURES_NAME
+    if failures:
+        lines = [json.dumps({"id": r.id, "error": r.error}) + "\n" for r in failures]
+        atomic_write_text(failures_path, "".join(lines))
+    else:
+        failures_path.unlink(missing_ok=True)
+    return SynthSummary(
+        written=sum(r.status == "written" for r in results),
+        skipped=skipped + sum(r.status == "skipped" for r in results),
+        failed=len(failures),
+        models_written=model_status.count("written"),
+        models_skipped=model_status.count("skipped"),
+        seconds=clock.seconds,
+        sample_seconds=sample_seconds,
+    )
+
+
+def _run_windowed(jobs, limit: int, desc: str, unit: str) -> list:
+    """Run (submit, weight) jobs with at most `limit` in flight; results in job order, with a progress bar.
+
+    A task that raised a `DualPMError` stops the run with that message (other errors propagate as
+    they are); the tasks still pending are cancelled.
+    """
+    import ray
+    from tqdm import tqdm
+
+    results: dict[int, object] = {}
+    pending: dict[object, int] = {}
+    queue = list(enumerate(jobs))[::-1]
+    with tqdm(total=sum(w for _, w in jobs), desc=desc, unit=unit, dynamic_ncols=True, smoothing=0.1) as bar:
+        try:
+            while queue or pending:
+                while queue and len(pending) < limit:
+                    index, (submit, _) = queue.pop()
+                    pending[submit()] = index
+                done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+                for ref in done:
+                    index = pending.pop(ref)
+                    try:
+                        results[index] = (ray.get(ref), jobs[index][1])
+                    except ray.exceptions.RayTaskError as err:
+                        cause = getattr(err, "cause", None)
+                        if isinstance(cause, DualPMError):  # a user error met on a worker: one clear line
+                            raise DualPMError(f"{desc}: a task failed: {cause}") from err
+                        raise  # a bug: keep Ray's traceback
+                    bar.update(jobs[index][1])
+        finally:
+            for ref in pending:
+                ray.cancel(ref)
+    return [results[i] for i in range(len(jobs))]
+
+
+# ---------------------------------------------------------------------------------------------
+# Preview
+
+
+def write_preview(root: str | os.PathLike, path: str | os.PathLike, count: int = 8, columns: int = 4) -> int:
+    """Contact sheet of the first `count` samples: RGB and mask side by side, `columns` samples a row.
+
+    Reads through `SourceDataset` (what any consumer sees). Returns the number of samples shown.
+    """
+    dataset = SourceDataset(root)
+    lay = dataset.layout
+    ids = [i for i in dataset.ids if lay.rgb(i).exists() and lay.mask(i).exists()][:count]
+    if not ids:
+        raise DatasetError(f"{root}: no sample with an image and a mask to preview")
+    tiles, labels = [], []
+    for sample_id in ids:
+        meta = dataset.sample(sample_id)
+        tiles += [np.asarray(Image.open(meta.rgb_path).convert("RGB")),
+                  np.asarray(Image.open(meta.mask_path))]
+        labels += [f"{sample_id} {meta.model_name}", f"mask, f={meta.focal_length:g} mm"]
+    sheet = image_grid(tiles, labels, columns=2 * min(columns, len(ids)))
+    with atomic_output(path) as tmp:
+        sheet.save(tmp, format="PNG")
+    return len(ids)
