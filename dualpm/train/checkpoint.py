@@ -1,0 +1,134 @@
+"""Training checkpoints: atomic writes, `latest.pt` + the last K step-numbered copies, RNG capture.
+
+```
+<run>/checkpoints/step-00001000.pt   one per checkpoint (the oldest pruned beyond `keep`)
+<run>/checkpoints/latest.pt          the newest (a hard link to it where the filesystem allows)
+```
+A checkpoint is a dict of tensors and plain Python values only, so `torch.load(weights_only=True)` reads
+it: RNG states are tensors and lists, configs plain dicts (see `capture_rng`).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dualpm.errors import DualPMError
+from dualpm.fileio import atomic_output
+
+FORMAT = "dualpm-checkpoint"
+VERSION = 1
+CHECKPOINTS = "checkpoints"
+LATEST = "latest.pt"
+_STEP_RE = re.compile(r"^step-(\d+)\.pt$")
+
+
+class CheckpointError(DualPMError):
+    """A checkpoint that is missing, unreadable, or not from this trainer."""
+
+
+def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / CHECKPOINTS
+
+
+def step_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, path) of the step-numbered checkpoints in `run_dir`, oldest first."""
+    folder = checkpoint_dir(run_dir)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _STEP_RE.match(p.name))]
+    return sorted(found)
+
+
+def save_checkpoint(run_dir: str | os.PathLike, state: dict[str, Any], step: int, keep: int) -> Path:
+    """Write `state` as `step-<step>.pt` and `latest.pt` (each atomically), then prune to `keep` copies.
+
+    keep: step-numbered checkpoints kept (the newest); 0 keeps all. `latest.pt` is always kept.
+    Returns the step-numbered path.
+    """
+    folder = checkpoint_dir(run_dir)
+    path = folder / f"step-{step:08d}.pt"
+    with atomic_output(path) as tmp:
+        torch.save({"format": FORMAT, "version": VERSION, **state}, tmp)
+    with atomic_output(folder / LATEST) as tmp:
+        tmp.unlink()
+        try:
+            os.link(path, tmp)  # same bytes, no copy; files are only ever replaced, never edited
+        except OSError:
+            shutil.copyfile(path, tmp)
+    if keep > 0:
+        for _, old in step_checkpoints(run_dir)[:-keep]:
+            old.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint onto the CPU with `weights_only=True` (CheckpointError if it is not one)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({err})") from err
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a dualpm training checkpoint")
+    if state.get("version") != VERSION:
+        version = state.get("version")
+        raise CheckpointError(f"{path}: checkpoint version {version!r}, this code reads {VERSION}")
+    return state
+
+
+def find_checkpoint(run_dir: str | os.PathLike, resume: str) -> Path | None:
+    """The checkpoint `--resume` names: 'auto' = `<run>/checkpoints/latest.pt` if any (else None), a path."""
+    if resume == "auto":
+        latest = checkpoint_dir(run_dir) / LATEST
+        return latest if latest.is_file() else None
+    path = Path(resume)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found (give a checkpoint file or 'auto')")
+    return path
+
+
+def capture_rng() -> dict[str, Any]:
+    """This process's RNG states (torch CPU and current CUDA device, numpy, Python) as tensors and lists."""
+    np_state = np.random.get_state(legacy=False)
+    version, py_state, gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        # The current device only: touching every visible GPU would open a context on each, per rank.
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "numpy": {
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+        "python": {"version": version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss": gauss},
+    }
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Inverse of `capture_rng` (the CUDA state goes to the current device, if there is one)."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state(
+        {
+            "bit_generator": "MT19937",
+            "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
+            "has_gauss": n["has_gauss"],
+            "gauss": n["gauss"],
+        }
+    )
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"].tolist()), p["gauss"]))

@@ -1,0 +1,446 @@
+"""The training loop: one code path for 2 CPU cores and for many GPUs under torchrun (DDP).
+
+Per step (global steps: every rank takes every step, on its own infinite data stream):
+forward (bf16 autocast on CUDA) -> loss -> backward (DDP averages gradients) -> the loss terms averaged
+over ranks -> stop if not finite (before the optimizer touches the weights) -> clip gradient values ->
+Adam -> StepLR. Rank 0 logs (TensorBoard, `metrics.jsonl`, tqdm), validates every `validate_every`
+steps (the val split spread over all ranks, metrics nanmean-ed over batches) and writes checkpoints.
+
+A checkpoint holds everything needed to continue bit for bit on the same hardware: model, optimizer,
+scheduler, step, every rank's RNG states and data positions, the resolved config, the features
+column's config and the dataset identity. Run folder:
+
+```
+<out_dir>/config.yaml   resolved config            <out_dir>/metrics.jsonl   one JSON object per log line
+<out_dir>/tb/           TensorBoard events          <out_dir>/checkpoints/    see checkpoint.py
+```
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from dualpm.cliutils import show_and_save_config
+from dualpm.data.reader import DatasetInfo, ShardStream, make_loader, open_dataset
+from dualpm.errors import ConfigError, DatasetError, DualPMError
+from dualpm.fileio import atomic_write_text
+from dualpm.loss import dualpm_loss, dualpm_metrics
+from dualpm.model import DualPMNet, describe
+from dualpm.train.checkpoint import (
+    capture_rng,
+    find_checkpoint,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
+from dualpm.train.config import RESUMABLE_CHANGES, Config, config_diff, config_to_dict, resolve_config
+
+LOSS_NAMES = ("loss/total", "loss/canonical", "loss/posed", "loss/occupancy")
+
+
+class NonFiniteLossError(DualPMError):
+    """The loss became NaN or infinite; training stopped before the weights were updated."""
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in the job (world 1 without torchrun)."""
+
+    rank: int
+    world: int
+    device: torch.device
+    owns_group: bool  # this module initialised the process group (and destroys it)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed() -> Distributed:
+    """Join the torchrun job if WORLD_SIZE > 1 (NCCL on CUDA, else gloo); pick this process's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local_rank % torch.cuda.device_count()) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world == 1:
+        return Distributed(0, 1, device, False)
+    owns = not dist.is_initialized()
+    if owns:
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    return Distributed(dist.get_rank(), dist.get_world_size(), device, owns)
+
+
+def _gather(obj: Any, d: Distributed) -> list[Any]:
+    """Every rank's `obj`, in rank order (a list of one without DDP)."""
+    if d.world == 1:
+        return [obj]
+    out: list[Any] = [None] * d.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class TrainResult:
+    step: int
+    run_dir: Path
+    checkpoint: Path | None  # the last checkpoint written (or resumed from)
+    train: dict[str, float] = field(default_factory=dict)  # last logged train losses
+    val: dict[str, float] = field(default_factory=dict)  # last validation metrics
+
+
+def _nanmean(rows: list[dict[str, float]]) -> dict[str, float]:
+    keys = sorted({k for row in rows for k in row})
+    out = {}
+    for k in keys:
+        values = [row[k] for row in rows if k in row and not math.isnan(row[k])]
+        out[k] = sum(values) / len(values) if values else float("nan")
+    return out
+
+
+class _Trainer:
+    def __init__(self, config: Config, info: DatasetInfo, d: Distributed, resume: str | None):
+        self.config, self.info, self.d = config, info, d
+        tc = config.train
+        self.run_dir = Path(tc.out_dir)
+        self.device = d.device
+        cuda = d.device.type == "cuda"
+        self.bf16 = tc.precision == "bf16" or (tc.precision == "auto" and cuda)
+        self.channels_last = tc.channels_last and cuda
+        self.roles = max(config.data.workers, 1)  # data consumers per rank
+
+        checkpoint_path = find_checkpoint(self.run_dir, resume) if resume else None
+        state = load_checkpoint(checkpoint_path) if checkpoint_path else None
+        if state is not None:
+            self._check_resumable(state, checkpoint_path)
+
+        _seed_all(tc.seed)  # identical initial weights on every rank
+        self.raw_model = DualPMNet(config.model).to(self.device)
+        if self.channels_last:
+            self.raw_model = self.raw_model.to(memory_format=torch.channels_last)
+        self.optimizer = torch.optim.Adam(self.raw_model.parameters(), lr=tc.lr)
+        self.scheduler = torch.optim.lr_scheduler.StepLR(
+            self.optimizer, step_size=tc.lr_step, gamma=tc.lr_gamma
+        )
+        self.step = 0
+        self.positions = np.zeros((self.roles, 2), np.int64)  # (epoch, samples yielded) per role
+        self.checkpoint = checkpoint_path
+        if state is None:
+            _seed_all(tc.seed + d.rank)  # ranks differ in dropout
+        else:
+            self._restore(state)
+
+        model: torch.nn.Module = self.raw_model
+        if d.world > 1:
+            model = DistributedDataParallel(model, device_ids=[self.device.index] if cuda else None)
+        self.model = torch.compile(model) if tc.compile else model
+
+    # --- resume -------------------------------------------------------------------------------------
+
+    def _check_resumable(self, state: dict[str, Any], path: Path) -> None:
+        if state["dataset"]["identity"] != self.info.identity:
+            raise DatasetError(
+                f"{path}: was trained on a different dataset (shard plan or data changed in "
+                f"{self.info.root}); start a new run instead of resuming"
+            )
+        diff = config_diff(state["config"], config_to_dict(self.config))
+        changed = [k for k in diff if k not in RESUMABLE_CHANGES]
+        if changed:
+            raise ConfigError(
+                f"{path}: the config differs from the checkpoint's in {', '.join(changed)}; only "
+                f"{', '.join(sorted(RESUMABLE_CHANGES))} may change on resume (start a new run otherwise)"
+            )
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.raw_model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        data = state["data"]
+        same_layout = data["world"] == self.d.world and data["roles"] == self.roles
+        if same_layout:
+            restore_rng(state["rng"][self.d.rank])
+            self.positions = data["positions"][self.d.rank].numpy().astype(np.int64)
+        else:
+            # Another layout cannot replay the same stream: start every consumer on a fresh epoch.
+            next_epoch = int(data["positions"][..., 0].max()) + 1
+            self.positions[:, 0] = next_epoch
+            _seed_all(self.config.train.seed + 1000 * self.step + self.d.rank)
+            if self.d.main:
+                print(
+                    f"note: resuming with {self.d.world} ranks x {self.roles} loader roles instead of "
+                    f"{data['world']} x {data['roles']}: data restarts at epoch {next_epoch}, not bit-exact"
+                )
+
+    # --- data ---------------------------------------------------------------------------------------
+
+    def _stream(self, split: str, train: bool) -> ShardStream:
+        dc = self.config.data
+        return ShardStream(
+            self.info, split, dc.layers, dc.resolution, self.config.train.seed, self.d.rank, self.d.world,
+            shuffle=train, buffer_size=dc.shuffle_buffer, infinite=train,
+            positions=self.positions if train else None,
+            # A fresh DataLoader starts its round robin at worker 0; the batch after `step` batches
+            # comes from role step % roles in an uninterrupted run.
+            role_offset=self.step % self.roles if train else 0,
+        )
+
+    def _loader(self, stream: ShardStream):
+        dc = self.config.data
+        return make_loader(stream, dc.batch_size, dc.workers, dc.prefetch, self.device.type == "cuda")
+
+    def _inputs(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        feats = batch["features"].to(self.device, non_blocking=True)
+        if self.channels_last:
+            feats = feats.contiguous(memory_format=torch.channels_last)
+        target = batch["target"].to(self.device, non_blocking=True)
+        mask = batch["mask"].to(self.device, non_blocking=True)
+        return feats, target, mask
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    # --- one step -----------------------------------------------------------------------------------
+
+    def _step(self, batch: dict[str, Any]) -> torch.Tensor:
+        feats, target, mask = self._inputs(batch)
+        with self._autocast():
+            pred = self.model(feats)
+        terms = dualpm_loss(pred, target, mask, self.config.loss)  # float32 Prediction: outside autocast
+        self.optimizer.zero_grad(set_to_none=True)
+        terms.total.backward()
+        local = torch.stack([terms.total, terms.canonical, terms.posed, terms.occupancy]).detach()
+        values = local
+        if self.d.world > 1:  # every rank sees the same values, so all ranks stop together
+            values = local.clone()
+            dist.all_reduce(values)
+            values /= self.d.world
+        if not torch.isfinite(values).all():
+            self._stop_non_finite(values, batch, bool(torch.isfinite(local).all()))
+        if self.config.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_value_(self.raw_model.parameters(), self.config.train.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        role, epoch, count = (int(v) for v in batch["position"][-1])  # a batch comes from one role
+        self.positions[role] = (epoch, count)
+        return values
+
+    def _stop_non_finite(self, values: torch.Tensor, batch: dict[str, Any], local_finite: bool) -> None:
+        ids = _gather([] if local_finite else list(batch["id"]), self.d)
+        culprits = [f"rank {r}: {', '.join(i)}" for r, i in enumerate(ids) if i]
+        pairs = zip(LOSS_NAMES, values.tolist(), strict=True)
+        terms = ", ".join(f"{n.split('/')[1]} {v:.4g}" for n, v in pairs)
+        last = f"the last good checkpoint is {self.checkpoint}" if self.checkpoint else "no checkpoint exists"
+        raise NonFiniteLossError(
+            f"step {self.step + 1}: the loss is not finite ({terms}); batch samples: {'; '.join(culprits)}. "
+            f"The weights were not updated and {last}. Lower train.lr or check these samples."
+        )
+
+    # --- validation, logging, checkpoints -------------------------------------------------------------
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        dc, tc = self.config.data, self.config.train
+        if dc.val_split not in self.info.shards:
+            return {}
+        rows = []
+        self.raw_model.eval()
+        for i, batch in enumerate(self._loader(self._stream(dc.val_split, train=False))):
+            if tc.val_batches and i >= tc.val_batches:
+                break
+            feats, target, mask = self._inputs(batch)
+            with self._autocast():
+                pred = self.raw_model(feats)  # not the DDP wrapper: ranks may run different batch counts
+            rows.append(dualpm_metrics(pred, target, mask, config=self.config.loss))
+        self.raw_model.train()
+        return _nanmean([row for rank_rows in _gather(rows, self.d) for row in rank_rows])
+
+    def save(self) -> Path | None:
+        rng = _gather(capture_rng(), self.d)
+        positions = _gather(torch.from_numpy(self.positions.copy()), self.d)
+        if not self.d.main:
+            return None
+        state = {
+            "step": self.step,
+            "model": self.raw_model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng,
+            "data": {"positions": torch.stack(positions), "world": self.d.world, "roles": self.roles},
+            "config": config_to_dict(self.config),
+            "features": self.info.feature_config,
+            "dataset": {
+                "identity": self.info.identity,
+                "root": str(self.info.root),
+                "resolution": list(self.info.resolution),
+                "feature_channels": self.info.feature_channels,
+            },
+        }
+        self.checkpoint = save_checkpoint(self.run_dir, state, self.step, self.config.train.keep_checkpoints)
+        return self.checkpoint
+
+
+def _step_of(line: str) -> float:
+    """Step of a metrics.jsonl line; inf for a torn line (a killed writer) so that it is dropped."""
+    try:
+        return float(json.loads(line)["step"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return math.inf
+
+
+class _Log:
+    """Rank 0's outputs: TensorBoard, metrics.jsonl, progress bar (all no-ops elsewhere)."""
+
+    def __init__(self, run_dir: Path, enabled: bool, progress: bool, start: int, total: int, resumed: bool):
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.writer = None
+        self.file = None
+        self.bar = tqdm(
+            total=total, initial=start, desc="train", disable=not (enabled and progress), dynamic_ncols=True
+        )
+        if not enabled:
+            return
+        if resumed and self.path.exists():
+            # Drop lines the interrupted run logged after its checkpoint: they are about to be redone.
+            kept = [ln for ln in self.path.read_text(encoding="utf-8").splitlines() if _step_of(ln) <= start]
+            atomic_write_text(self.path, "".join(ln + "\n" for ln in kept))
+        from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only where used
+
+        self.writer = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=start + 1 if resumed else None)
+        self.file = open(self.path, "a", encoding="utf-8")  # an append-only log, one flushed line per record
+
+    def record(self, step: int, split: str, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        for k, v in values.items():
+            self.writer.add_scalar(f"{split}/{k}", v, step)
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()}
+        self.file.write(json.dumps({"step": step, "split": split, **clean}) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+            self.file.close()
+
+
+def train(
+    config: Config, info: DatasetInfo | None = None, resume: str | None = None, verbose: bool = True
+) -> TrainResult:
+    """Train as `config` says; under torchrun every rank calls this.
+
+    Args:
+        config: the run's configuration (dataset-dependent values filled in or checked here).
+        info: the opened dataset (None: open `config.data.root`).
+        resume: None (start fresh), 'auto' (continue from <out_dir>/checkpoints/latest.pt if it exists)
+            or a checkpoint path.
+        verbose: rank 0 prints the resolved config and the model size.
+    Raises:
+        NonFiniteLossError: the loss became NaN/inf (checkpoints written before are intact).
+        ConfigError, DatasetError: bad config, dataset, or a checkpoint that does not fit.
+    """
+    if config.data.root is None and info is None:
+        raise ConfigError(
+            "data.root is not set: give the prepared dataset folder (--data PATH or --set data.root=PATH)"
+        )
+    info = info or open_dataset(config.data.root)
+    config = resolve_config(config, info, explicit_in_channels=True)
+    d = setup_distributed()
+    try:
+        return _train(config, info, d, resume, verbose)
+    finally:
+        if d.owns_group:
+            dist.destroy_process_group()
+
+
+def _train(
+    config: Config, info: DatasetInfo, d: Distributed, resume: str | None, verbose: bool
+) -> TrainResult:
+    tc = config.train
+    trainer = _Trainer(config, info, d, resume)
+    run_dir = trainer.run_dir
+    resumed = trainer.step > 0
+    if d.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        resolved = config_to_dict(config)
+        if verbose:
+            show_and_save_config(resolved, run_dir / "config.yaml", "resolved config")
+            print(describe(trainer.raw_model))
+            print(
+                f"data: {info.count(config.data.train_split)} train samples, "
+                f"{info.count(config.data.val_split)} val; "
+                f"{d.world} rank(s) x batch {config.data.batch_size}; "
+                f"device {d.device}, {'bf16 autocast' if trainer.bf16 else 'fp32'}"
+                + (f"; resuming at step {trainer.step}" if resumed else "")
+            )
+            if tc.validate_every and config.data.val_split not in info.shards:
+                print(f"note: the dataset has no {config.data.val_split!r} shards: validation is skipped")
+        else:
+            atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+    log = _Log(run_dir, d.main, tc.progress, trainer.step, tc.steps, resumed)
+    ids_file = None
+    if tc.record_ids:
+        (run_dir / "ids").mkdir(parents=True, exist_ok=True)
+        ids_file = open(run_dir / "ids" / f"rank-{d.rank}.txt", "a", encoding="utf-8")
+    result = TrainResult(trainer.step, run_dir, trainer.checkpoint)
+    try:
+        batches = iter(trainer._loader(trainer._stream(config.data.train_split, train=True)))
+        total = torch.zeros(4, dtype=torch.float64)
+        count, samples, busy = 0, 0, 0.0  # busy: seconds in data + steps since the last log line
+        while trainer.step < tc.steps:
+            t0 = time.perf_counter()
+            batch = next(batches)
+            values = trainer._step(batch)
+            total += values.cpu().double()  # also waits for the device: busy time is real
+            busy += time.perf_counter() - t0
+            step = trainer.step
+            count += 1
+            samples += len(batch["id"]) * d.world
+            log.bar.update(1)
+            if ids_file is not None:
+                rows = zip(batch["id"], batch["position"].tolist(), strict=True)
+                ids_file.writelines(f"{step} {p[0]} {p[1]} {i}\n" for i, p in rows)
+            if step % tc.log_every == 0 or step == tc.steps:
+                result.train = dict(zip(LOSS_NAMES, (total / count).tolist(), strict=True))
+                extra = {"lr": trainer.scheduler.get_last_lr()[0], "samples_per_s": samples / busy}
+                log.record(step, "train", {**result.train, **extra})
+                loss, sps = result.train["loss/total"], extra["samples_per_s"]
+                log.bar.set_postfix(loss=f"{loss:.4g}", sps=f"{sps:.1f}")
+                total.zero_()
+                count, samples, busy = 0, 0, 0.0
+            if tc.validate_every and (step % tc.validate_every == 0 or step == tc.steps):
+                result.val = trainer.validate()
+                if result.val:
+                    log.record(step, "val", result.val)
+            if step % tc.checkpoint_every == 0 or step == tc.steps:
+                result.checkpoint = trainer.save() or result.checkpoint
+        result.step = trainer.step
+        return result
+    finally:
+        log.close()
+        if ids_file is not None:
+            ids_file.close()

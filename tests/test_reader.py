@@ -1,0 +1,361 @@
+"""Streaming reader: column join, decoding, partition over ranks x workers, shuffle, positions, errors.
+
+`write_store` (also used by test_train.py) builds a tiny prepared dataset with the store API: analytic
+spheres seen along -z (orthographic), so every sample has 1..4 depth-peeled layers with known points.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dualpm.data.reader import (
+    ShardInfo,
+    ShardStream,
+    consumer_segments,
+    decode_sample,
+    make_loader,
+    open_dataset,
+    shuffle_buffer,
+)
+from dualpm.errors import DatasetError
+from dualpm.store import (
+    SCHEMA_VERSION,
+    ColumnInfo,
+    Manifest,
+    ShardWriter,
+    column_dir,
+    decode_dual_pointmap,
+    encode_dual_pointmap,
+    plan_shards,
+    png_bytes,
+    save_manifest,
+)
+
+STORED_LAYERS = 6
+
+
+def sphere_sample(seed: int, size: int, layers: int = STORED_LAYERS) -> np.ndarray:
+    """(size, size, layers, 7) dual point map of two spheres along -z: up to 4 hits per pixel."""
+    rng = np.random.default_rng(seed)
+    v, u = (np.mgrid[:size, :size] + 0.5) / size * 2 - 1  # image row 0 at the top: y = -v
+    x, y = u, -v
+    hits = []  # (depth z, canonical xyz, posed xyz) per sphere surface
+    for k in range(2):
+        centre = np.array([rng.uniform(-0.3, 0.3), rng.uniform(-0.3, 0.3), -0.6 * k])
+        radius = rng.uniform(0.35, 0.6)
+        d2 = radius**2 - (x - centre[0]) ** 2 - (y - centre[1]) ** 2
+        hit = d2 > 0
+        for sign in (1.0, -1.0):  # front (nearer: larger z), back
+            z = centre[2] + sign * np.sqrt(np.where(hit, d2, 0.0))
+            posed = np.stack([x, y, z], -1)
+            canon = (posed - centre) / radius + np.array([2.0 * k, 0, 0])
+            hits.append((np.where(hit, z, -np.inf), canon, posed))
+    depth = np.stack([h[0] for h in hits], -1)  # (H, W, 4)
+    order = np.argsort(-depth, axis=-1)  # nearest first
+    dpm = np.zeros((size, size, layers, 7), np.float32)
+    for layer in range(min(layers, len(hits))):
+        pick = order[..., layer]
+        z = np.take_along_axis(depth, pick[..., None], -1)[..., 0]
+        valid = np.isfinite(z)
+        canon = np.choose(pick[..., None], [h[1] for h in hits])
+        posed = np.choose(pick[..., None], [h[2] for h in hits])
+        dpm[valid, layer, 0:3] = canon[valid]
+        dpm[valid, layer, 3:6] = posed[valid]
+        dpm[valid, layer, 6] = 1.0
+    return dpm
+
+
+def sample_features(dpm: np.ndarray, channels: int, grid: int, seed: int) -> np.ndarray:
+    """(channels, grid, grid) float16: layer-1 posed xyz + alpha, area-averaged, then seeded noise."""
+    size = dpm.shape[0]
+    first = torch.from_numpy(dpm[:, :, 0, 3:7]).permute(2, 0, 1)[None]  # (1, 4, H, W)
+    base = F.interpolate(first, size=(grid, grid), mode="area")[0].numpy()
+    noise = np.random.default_rng(10_000 + seed).normal(0, 0.5, (max(0, channels - 4), grid, grid))
+    return np.concatenate([base, noise])[:channels].astype(np.float16)
+
+
+def write_store(
+    root: Path,
+    n_train: int = 8,
+    n_val: int = 4,
+    shard_size: int = 4,
+    size: int = 16,
+    channels: int = 5,
+    grid: int = 8,
+    formats: tuple[str, str] = ("webdataset", "zarr"),
+    mask_size: int | None = None,
+    with_mask: bool = True,
+    fail: dict[str, set[str]] | None = None,
+    skip_shards: dict[str, set[int]] | None = None,
+    nan_features: frozenset[str] = frozenset(),
+) -> Path:
+    """Write a prepared dataset (manifest + columns "render" and "features") to `root`; returns `root`.
+
+    Sample i: `sphere_sample(i, size)`; features `sample_features(..., channels, grid, i)`; mask = layer-1
+    alpha (at `mask_size` if given, nearest-upsampled). `fail[column]`: ids recorded as failed there.
+    `skip_shards[column]`: shards left unwritten (unfinished). `nan_features`: ids whose features are NaN.
+    """
+    fail, skip_shards = fail or {}, skip_shards or {}
+    ids = [f"{i:04d}" for i in range(n_train + n_val)]
+    plan = plan_shards({"train": ids[:n_train], "val": ids[n_train:]}, shard_size)
+    manifest = Manifest.create("synthetic spheres", shard_size, plan)
+    for name, fmt in zip(("render", "features"), formats, strict=True):
+        config = {"size": size} if name == "render" else {"extractor": "test", "dim": channels, "grid": grid}
+        column = ColumnInfo(name, fmt, SCHEMA_VERSION, config)
+        for shard in plan:
+            if shard.index in skip_shards.get(name, set()):
+                continue
+            with ShardWriter(column_dir(root, name), shard.index, fmt) as writer:
+                for sample_id in shard.ids:
+                    if sample_id in fail.get(name, set()):
+                        writer.fail(sample_id, "test failure")
+                        continue
+                    seed = int(sample_id)
+                    dpm = sphere_sample(seed, size)
+                    if name == "features":
+                        feats = sample_features(dpm, channels, grid, seed)
+                        if sample_id in nan_features:
+                            feats[:] = np.nan
+                        writer.add(sample_id, {"features.npy": feats})
+                        continue
+                    fields = {"dpm": encode_dual_pointmap(dpm), "meta.json": {"seed": seed}}
+                    if with_mask:
+                        mask = dpm[:, :, 0, 6] > 0
+                        if mask_size is not None:
+                            mask = mask.repeat(mask_size // size, 0).repeat(mask_size // size, 1)
+                        fields["mask.png"] = png_bytes(mask)
+                    writer.add(sample_id, fields)
+            column.shards[shard.index] = writer.record
+        manifest.columns[name] = column
+    save_manifest(root, manifest)
+    return root
+
+
+def ids_of(loader) -> list[str]:
+    return [i for batch in loader for i in batch["id"]]
+
+
+# --- dataset info, join, decoding -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("formats", [("webdataset", "zarr"), ("zarr", "webdataset")])
+def test_open_dataset_joins_columns_and_probes_shapes(tmp_path, formats):
+    fail = {"render": {"0001"}, "features": {"0006", "0009"}}
+    root = write_store(tmp_path, formats=formats, fail=fail, skip_shards={"features": {1}})
+    info = open_dataset(root)
+    assert info.resolution == (16, 16) and info.stored_layers == STORED_LAYERS
+    assert info.feature_channels == 5 and info.feature_grid == (8, 8)
+    assert info.feature_config == {"extractor": "test", "dim": 5, "grid": 8}
+    # Shard 1 (ids 4-7) is unfinished in "features": skipped; failed samples are left out of the join.
+    assert info.skipped_shards == 1
+    assert info.shards == {
+        "train": (ShardInfo(0, ("0000", "0002", "0003")),),
+        "val": (ShardInfo(2, ("0008", "0010", "0011")),),
+    }
+    assert info.count("train") == 3 and info.count("val") == 3
+    stream = ShardStream(info, "val", 4, (16, 16), seed=0, shuffle=False, infinite=False)
+    assert ids_of(make_loader(stream, 2, 0, 2, False)) == ["0008", "0010", "0011"]
+    assert open_dataset(root).identity == info.identity
+
+
+def test_decoded_sample_matches_the_stored_data(tmp_path):
+    root = write_store(tmp_path, mask_size=32)
+    info = open_dataset(root)
+    stream = ShardStream(info, "train", 3, (16, 16), seed=0, shuffle=False, infinite=False)
+    sample = next(iter(stream))
+    assert sample["id"] == "0000" and sample["position"].tolist() == [0, 0, 1]
+    dpm = decode_dual_pointmap(encode_dual_pointmap(sphere_sample(0, 16)))  # float16-rounded like the store
+    assert sample["target"].dtype == torch.float32 and sample["target"].shape == (16, 16, 3, 7)
+    assert torch.equal(sample["target"], torch.from_numpy(dpm[:, :, :3]))
+    assert torch.equal(sample["mask"], torch.from_numpy(dpm[:, :, 0, 6]))  # 32x32 mask area-resized back
+    stored = torch.from_numpy(sample_features(sphere_sample(0, 16), 5, 8, 0)).float()
+    expected = F.interpolate(stored[None], size=(16, 16), mode="bilinear", align_corners=False)[0]
+    assert sample["features"].dtype == torch.float32 and torch.equal(sample["features"], expected)
+    # The analytic spheres really produce several layers.
+    assert sample["target"][..., 2, 6].sum() > 0
+
+
+def test_mask_falls_back_to_layer1_alpha_and_resolution_resamples(tmp_path):
+    info = open_dataset(write_store(tmp_path, with_mask=False))
+    sample = next(iter(ShardStream(info, "train", 2, (8, 8), seed=0, shuffle=False, infinite=False)))
+    dpm = decode_dual_pointmap(encode_dual_pointmap(sphere_sample(0, 16)))
+    # 16 -> 8: nearest sampling takes the pixel at odd rows/columns (centre rule), never blends points.
+    assert torch.equal(sample["target"], torch.from_numpy(dpm[1::2, 1::2, :2]))
+    assert torch.equal(sample["mask"], sample["target"][..., 0, 6])
+    assert sample["features"].shape == (5, 8, 8)
+
+
+def test_decode_errors_name_the_sample():
+    fields = {"dpm": encode_dual_pointmap(sphere_sample(0, 8, layers=2))}
+    feats = np.zeros((3, 4, 4), np.float16)
+    with pytest.raises(DatasetError, match=r"sample '7'.*2 layers, 4 requested"):
+        decode_sample(fields, feats, 4, (8, 8), "sample '7'")
+    with pytest.raises(DatasetError, match=r"sample '7': no 'dpm'"):
+        decode_sample({}, feats, 1, (8, 8), "sample '7'")
+
+
+def test_open_dataset_errors(tmp_path):
+    with pytest.raises(DatasetError, match="dataset folder not found"):
+        open_dataset(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="manifest.json: not found"):
+        open_dataset(tmp_path / "empty")
+    root = write_store(tmp_path / "d")
+    manifest_path = root / "manifest.json"
+    import json
+
+    data = json.loads(manifest_path.read_text())
+    del data["columns"]["features"]
+    manifest_path.write_text(json.dumps(data))
+    with pytest.raises(DatasetError, match="no column 'features'.*dualpm-prep features"):
+        open_dataset(root)
+
+
+# --- partition over consumers -------------------------------------------------------------------------
+
+
+def _epoch_assignment(sizes: list[int], consumers: int) -> list[list[str]]:
+    shards = [ShardInfo(k, tuple(f"{k}-{i}" for i in range(n))) for k, n in enumerate(sizes)]
+    out = []
+    for c in range(consumers):
+        got = []
+        for seg in consumer_segments(shards, consumers, c):
+            flat = [i for s in seg.shards for i in s.ids]
+            got += flat[seg.offset :: seg.stride]
+        out.append(got)
+    return out
+
+
+@pytest.mark.parametrize(
+    "sizes,consumers",
+    [
+        ([4] * 8, 4), ([4] * 9, 4), ([5, 3, 4, 4, 2], 4), ([4] * 3, 4), ([7], 4), ([2, 1], 6), ([3] * 11, 8),
+        ([6], 1),
+    ],
+)
+def test_every_sample_goes_to_exactly_one_consumer(sizes, consumers):
+    parts = _epoch_assignment(sizes, consumers)
+    everything = [f"{k}-{i}" for k, n in enumerate(sizes) for i in range(n)]
+    assert sorted(i for p in parts for i in p) == sorted(everything)
+    if sum(sizes) >= consumers:
+        assert all(parts), "no consumer may be left without samples"
+    if len(sizes) >= consumers:  # whole shards where possible: a consumer reads at most one shared shard
+        for c in range(consumers):
+            shards = consumer_segments([ShardInfo(k, ("x",) * n) for k, n in enumerate(sizes)], consumers, c)
+            assert sum(s.stride > 1 for s in shards) <= 1
+
+
+def test_shuffle_buffer_is_a_seeded_permutation():
+    items = list(range(50))
+    a = list(shuffle_buffer(items, 8, np.random.default_rng(3)))
+    b = list(shuffle_buffer(items, 8, np.random.default_rng(3)))
+    c = list(shuffle_buffer(items, 8, np.random.default_rng(4)))
+    assert a == b and sorted(a) == items and a != items and a != c
+    assert list(shuffle_buffer(items, 1, np.random.default_rng(3))) == items
+
+
+# --- streams over ranks x workers -------------------------------------------------------------------
+
+
+def _stream(info, rank=0, world=1, **kw):
+    args = dict(layers=2, resolution=(16, 16), seed=5, rank=rank, world=world, buffer_size=4) | kw
+    return ShardStream(info, "train", **args)
+
+
+@pytest.mark.parametrize("n_train,shard_size", [(12, 2), (12, 12), (6, 4)])
+def test_two_ranks_two_workers_read_each_sample_once_per_epoch(tmp_path, n_train, shard_size):
+    # (12, 2): 6 shards for 4 consumers; (12, 12): one shard shared by all; (6, 4): 2 shards, sizes 4 and 2.
+    root = write_store(tmp_path, n_train=n_train, n_val=1, shard_size=shard_size, size=8, grid=4)
+    info = open_dataset(root)
+    train_ids = [f"{i:04d}" for i in range(n_train)]
+    seen: dict[int, list[str]] = {0: [], 1: []}  # epoch -> ids over all ranks and workers
+    for rank in range(2):
+        loader = make_loader(_stream(info, rank, 2), 1, 2, 2, False)
+        for batch in itertools.islice(loader, 3 * n_train):  # this rank's consumers: >= 2 epochs each
+            epoch = int(batch["position"][0, 1])
+            if epoch in seen:
+                seen[epoch] += batch["id"]
+    assert sorted(seen[0]) == train_ids and sorted(seen[1]) == train_ids
+    # Finite (validation-style) pass, no shuffle: once in total, whatever the counts.
+    streams = [_stream(info, r, 2, shuffle=False, infinite=False) for r in range(2)]
+    finite = [ids_of(make_loader(s, 2, 2, 2, False)) for s in streams]
+    assert sorted(finite[0] + finite[1]) == train_ids
+
+
+def test_order_is_seeded_per_epoch_and_differs_between_epochs(tmp_path):
+    info = open_dataset(write_store(tmp_path, n_train=16, n_val=1, shard_size=4, size=8, grid=4))
+    take = lambda seed: [s["id"] for s in itertools.islice(iter(_stream(info, seed=seed)), 32)]  # noqa: E731
+    first, again, other = take(5), take(5), take(6)
+    assert first == again and first != other
+    assert sorted(first[:16]) == sorted(first[16:]) and first[:16] != first[16:]
+    assert first[:16] != sorted(first[:16])
+
+
+def test_fewer_samples_than_consumers_is_a_clear_error(tmp_path):
+    info = open_dataset(write_store(tmp_path, n_train=3, n_val=1, shard_size=4, size=8, grid=4))
+    with pytest.raises(DatasetError, match="3 samples, fewer than the 4 data consumers"):
+        next(iter(_stream(info, rank=3, world=4)))  # consumer 3 of 4 has no sample
+
+
+def test_restart_from_positions_continues_the_same_stream(tmp_path):
+    info = open_dataset(write_store(tmp_path, n_train=10, n_val=1, shard_size=3, size=8, grid=4))
+    workers, k, n = 2, 7, 16
+    full = list(itertools.islice(make_loader(_stream(info), 2, workers, 2, False), n))
+    positions = np.zeros((workers, 2), np.int64)
+    for batch in full[:k]:
+        role, epoch, count = batch["position"][-1].tolist()
+        positions[role] = (epoch, count)
+    resumed = make_loader(_stream(info, positions=positions, role_offset=k % workers), 2, workers, 2, False)
+    rest = list(itertools.islice(resumed, n - k))
+    for a, b in zip(full[k:], rest, strict=True):
+        assert a["id"] == b["id"] and torch.equal(a["position"], b["position"])
+        assert torch.equal(a["target"], b["target"]) and torch.equal(a["features"], b["features"])
+    # Two full epochs for both roles happened in between: the count really wrapped.
+    assert Counter(int(b["position"][-1, 1]) for b in full).keys() >= {0, 1}
+
+
+def test_reads_the_render_column_of_the_render_stage(tmp_path):
+    # The real producer: tests/datagen.py source layout -> pipeline.render_stage (Embree) -> column "render";
+    # a features column (area-downsampled RGB) written beside it in Zarr.
+    from datagen import make_source_dataset
+    from pipeline.render_stage import RenderConfig, render_shard
+
+    from dualpm.store import decode_png
+
+    ds = make_source_dataset(tmp_path / "src", num_samples=4, image_size=32, val=1)
+    root = tmp_path / "out"
+    plan = plan_shards({"train": ds.ids[:3], "val": ds.ids[3:]}, 2)
+    manifest = Manifest.create(str(ds.root), 2, plan)
+    config = RenderConfig(str(ds.root), 16, 3, "cpu", 4, "webdataset")
+    render = ColumnInfo("render", "webdataset", SCHEMA_VERSION, config.to_json())
+    features = ColumnInfo("features", "zarr", SCHEMA_VERSION, {"extractor": "rgb", "dim": 3, "grid": 8})
+    for shard in plan:
+        render.shards[shard.index] = render_shard(config, shard, str(column_dir(root, "render")))
+        with ShardWriter(column_dir(root, "features"), shard.index, "zarr") as writer:
+            for sample_id in shard.ids:
+                png = (ds.root / "renders" / f"{sample_id}_rgb.png").read_bytes()
+                rgb = torch.from_numpy(np.array(decode_png(png)))  # (H, W, 3) uint8
+                small = F.interpolate(rgb.permute(2, 0, 1)[None].float() / 255, size=(8, 8), mode="area")[0]
+                writer.add(sample_id, {"features.npy": small.numpy().astype(np.float16)})
+        features.shards[shard.index] = writer.record
+    manifest.columns.update(render=render, features=features)
+    save_manifest(root, manifest)
+
+    info = open_dataset(root)
+    assert (info.resolution, info.stored_layers, info.feature_channels) == ((16, 16), 3, 3)
+    assert info.count("train") == 3 and info.count("val") == 1
+    samples = list(ShardStream(info, "train", 2, (16, 16), seed=0, shuffle=False, infinite=False))
+    assert [s["id"] for s in samples] == ds.ids[:3]
+    for s in samples:
+        # The source mask (32 x 32 uint8 0/255) area-resized to 16 x 16 agrees with the rendered coverage
+        # except along the silhouette.
+        coverage = s["target"][..., 0, 6]
+        assert (s["mask"] != coverage).float().mean() < 0.1 and coverage.sum() > 10
+        assert torch.isfinite(s["target"]).all() and s["features"].shape == (3, 16, 16)
