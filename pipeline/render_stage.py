@@ -45,7 +45,9 @@ from dualpm.store import (
     ShardPlan,
     ShardRecord,
     ShardWriter,
+    EncodingError,
     column_dir,
+    decode_png,
     encode_dual_pointmap,
     png_bytes,
 )
@@ -115,11 +117,18 @@ def load_mesh(path: Path) -> SkinnedMesh:
     return _cached_mesh(str(path), stat.st_mtime_ns, stat.st_size)
 
 
-def _read_bytes(path: Path) -> bytes:
+def _read_image_bytes(path: Path) -> bytes:
+    """The file's bytes, stored as they are, after checking that they decode: a corrupt source
+    image fails its sample here rather than every later reader of the shard."""
     try:
-        return path.read_bytes()
+        data = path.read_bytes()
     except OSError as err:
         raise DatasetError(f"{path}: cannot read ({err})") from err
+    try:
+        decode_png(data)
+    except EncodingError as err:
+        raise DatasetError(f"{path}: {err}") from err
+    return data
 
 
 def _sample_fields(
@@ -137,9 +146,9 @@ def _sample_fields(
         return "mesh outside the view: no pixel covered (check the camera and pose files)"
     try:
         fields: dict[str, Any] = {"dpm": encode_dual_pointmap(dpm)}
-        fields["mask.png"] = _read_bytes(sample.mask_path) if sample.mask_path else png_bytes(coverage)
+        fields["mask.png"] = _read_image_bytes(sample.mask_path) if sample.mask_path else png_bytes(coverage)
         if sample.rgb_path:
-            fields["rgb.png"] = _read_bytes(sample.rgb_path)
+            fields["rgb.png"] = _read_image_bytes(sample.rgb_path)
     except DualPMError as err:  # EncodingError: values beyond float16, etc.
         return str(err)
     fields["meta.json"] = {
