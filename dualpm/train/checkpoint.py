@@ -5,7 +5,9 @@
 <run>/checkpoints/latest.pt          the newest (a hard link to it where the filesystem allows)
 ```
 A checkpoint is a dict of tensors and plain Python values only, so `torch.load(weights_only=True)` reads
-it: RNG states are tensors and lists, configs plain dicts (see `capture_rng`).
+it: RNG states are tensors and lists, configs plain dicts (see `capture_rng`). `save_checkpoint` also
+embeds the features' PCA basis (key `feature_basis`, see `feature_basis_entry`), so inference on raw
+images needs the checkpoint alone, not the dataset it was trained on.
 """
 
 from __future__ import annotations
@@ -22,13 +24,15 @@ import numpy as np
 import torch
 
 from dualpm.errors import DualPMError
-from dualpm.fileio import atomic_output
+from dualpm.features.pca import FeatureBasis
+from dualpm.fileio import atomic_output, safe_join
 
 FORMAT = "dualpm-checkpoint"
 VERSION = 1
 CHECKPOINTS = "checkpoints"
 LATEST = "latest.pt"
 _STEP_RE = re.compile(r"^step-(\d+)\.pt$")
+FEATURE_BASIS = "feature_basis"  # {"tensors": {name: tensor}, "meta": {str: str}}, or None without PCA
 
 
 class CheckpointError(DualPMError):
@@ -54,6 +58,9 @@ def save_checkpoint(run_dir: str | os.PathLike, state: dict[str, Any], step: int
     keep: step-numbered checkpoints kept (the newest); 0 keeps all. `latest.pt` is always kept.
     Returns the step-numbered path.
     """
+    features, dataset = state.get("features"), state.get("dataset")
+    if FEATURE_BASIS not in state and isinstance(features, dict) and isinstance(dataset, dict):
+        state = {**state, FEATURE_BASIS: feature_basis_entry(dataset["root"], features)}
     folder = checkpoint_dir(run_dir)
     path = folder / f"step-{step:08d}.pt"
     with atomic_output(path) as tmp:
@@ -68,6 +75,28 @@ def save_checkpoint(run_dir: str | os.PathLike, state: dict[str, Any], step: int
         for _, old in step_checkpoints(run_dir)[:-keep]:
             old.unlink(missing_ok=True)
     return path
+
+
+def feature_basis_entry(dataset_root: str | os.PathLike, feature_config: dict[str, Any]) -> dict | None:
+    """The dataset's feature PCA basis as plain tensors and strings (what `FEATURE_BASIS` holds).
+
+    Args:
+        dataset_root: the prepared dataset folder.
+        feature_config: its features column config; its "basis" names the basis file relative to the
+            root (None or absent: the features have no PCA, e.g. rgb or precomputed) and "basis_sha256",
+            when present, the content hash it must have.
+    Returns:
+        {"tensors", "meta"} for `FeatureBasis.from_tensors`, or None without a basis.
+    """
+    name = feature_config.get("basis")
+    if not name:
+        return None
+    path = safe_join(dataset_root, str(name))
+    basis = FeatureBasis.load(path)
+    expected = feature_config.get("basis_sha256")
+    if expected and basis.content_hash() != expected:
+        raise CheckpointError(f"{path}: the feature basis changed after the features were extracted with it")
+    return {"tensors": basis.tensors(), "meta": dict(basis.meta)}
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

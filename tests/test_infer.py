@@ -1,0 +1,252 @@
+"""`dualpm-infer` end to end on a tiny prepared dataset and a tiny trained model.
+
+The dataset is made with the real stages (`dualpm-prep render` and `features --extractor rgb`, on the
+session's local Ray), the model trained for two steps (learning is irrelevant here: what is checked is
+that the predictions are the model's, that the files agree with the Zarr, how bad inputs are reported,
+and that features are made as the model was trained on them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import trimesh
+from click.testing import CliRunner
+from PIL import Image
+
+from datagen import make_source_dataset, sample_id
+from dualpm.data.reader import ShardStream, open_dataset
+from dualpm.errors import ConfigError
+from dualpm.eval.cli import RATIO_KEY
+from dualpm.eval.cli import main as eval_main
+from dualpm.features import FeatureSpec, build_extractor, extract, fit_basis
+from dualpm.features.dino import write_random_dinov2
+from dualpm.infer import InferError, build_image_features, keep_mask, open_predictions
+from dualpm.infer import main as infer_main
+from dualpm.model import DualPMNet
+from dualpm.pointcloud import read_ply
+from dualpm.train import config_from_dict, load_checkpoint, train
+from dualpm.train.checkpoint import FEATURE_BASIS, save_checkpoint
+from dualpm.viz import canonical_to_rgb
+from pipeline.cli import main as prep_main
+
+REPO = Path(__file__).parents[1]
+RESOLUTION = 32
+
+
+def run(command, *args) -> str:
+    result = CliRunner().invoke(command, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def fails(command, *args) -> str:
+    result = CliRunner().invoke(command, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 1, result.output
+    return result.output
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, ray_local):
+    root = tmp_path_factory.mktemp("infer")
+    ds = make_source_dataset(root / "src", num_samples=10, models=2, val=3, image_size=RESOLUTION)
+    out = root / "out"
+    run(prep_main, "render", ds.root, out, "--resolution", RESOLUTION, "--layers", 3, "--shard-size", 4)
+    run(prep_main, "features", ds.root, out, "--extractor", "rgb", "--grid", 16, "--mask-channel", "--workers", 1)
+    raw = {
+        "data": {"root": str(out), "batch_size": 4, "workers": 0, "shuffle_buffer": 0},
+        "model": {"in_channels": 4, "num_layers": 2, "unet": {
+            "base_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_levels": [],
+            "dropout": 0.0, "num_groups": 8}},
+        "train": {"out_dir": str(root / "run"), "steps": 2, "validate_every": 0, "progress": False},
+    }
+    result = train(config_from_dict(raw), verbose=False)
+    return SimpleNamespace(src=ds.root, out=out, run=root / "run", checkpoint=result.checkpoint, ds=ds)
+
+
+def reference_forward(setup) -> dict[str, torch.Tensor]:
+    """The model of the checkpoint run on the val split's stored features, as the trainer reads them."""
+    state = load_checkpoint(setup.checkpoint)
+    model = DualPMNet(config_from_dict(state["config"]).model)
+    model.load_state_dict(state["model"])
+    stream = ShardStream(open_dataset(setup.out), "val", 2, (RESOLUTION, RESOLUTION), seed=0, shuffle=False,
+                         infinite=False)
+    samples = list(stream)
+    with torch.no_grad():
+        pred = model.eval()(torch.stack([s["features"] for s in samples]))
+    return {"ids": [s["id"] for s in samples], "canonical": pred.canonical, "posed": pred.posed,
+            "occupancy": torch.sigmoid(pred.occupancy_logit), "mask": torch.stack([s["mask"] for s in samples])}
+
+
+def test_dataset_predictions_are_the_models_and_the_files_agree_with_the_zarr(setup, tmp_path):
+    pred = tmp_path / "pred"
+    # Thresholds that keep every in-mask point, so the clouds are not empty for an untrained model.
+    output = run(infer_main, "--checkpoint", setup.run, "--data", setup.out, "--out", pred,
+                 "--occupancy-threshold", 0.0, "--confidence-threshold", 1.0)
+    assert "infer: 3 samples predicted, 0 failed" in output
+    store = open_predictions(pred)
+    assert store.ids == setup.ds.val_ids
+    assert store.attrs["checkpoint"] == str(setup.run / "checkpoints" / "latest.pt")  # the run's latest
+    assert store.attrs["occupancy_threshold"] == 0.0 and store.attrs["mode"] == "model"
+    shapes = {name: (a.shape, str(a.dtype)) for name, a in store.arrays.items()}
+    assert shapes == {
+        "canonical": ((3, 2, 3, 32, 32), "float16"), "posed": ((3, 2, 3, 32, 32), "float16"),
+        "occupancy": ((3, 2, 32, 32), "float16"), "confidence": ((3, 2, 32, 32), "float16"),
+        "mask": ((3, 32, 32), "uint8"),
+    }
+    want = reference_forward(setup)
+    assert want["ids"] == store.ids
+    for name in ("canonical", "posed", "occupancy"):
+        np.testing.assert_array_equal(store.arrays[name][...], want[name].numpy().astype(np.float16))
+    np.testing.assert_array_equal(store.arrays["mask"][...], want["mask"].numpy().astype(np.uint8))
+
+    for i, sid in enumerate(store.ids):
+        maps = store.sample(i)
+        keep = keep_mask(maps, 0.0, 1.0)
+        assert keep.sum() == 2 * maps.mask.sum() > 0  # every layer of every in-mask pixel
+        canonical = np.moveaxis(maps.canonical, 1, -1)[keep].astype(np.float32)  # (L, H, W, 3)[keep]: (N, 3)
+        posed = np.moveaxis(maps.posed, 1, -1)[keep].astype(np.float32)
+        clouds = {name: trimesh.load(pred / "samples" / sid / f"{name}.ply") for name in ("canonical", "posed")}
+        np.testing.assert_array_equal(clouds["canonical"].vertices, canonical)
+        np.testing.assert_array_equal(clouds["posed"].vertices, posed)
+        # Posed points wear their canonical colours: correspondences are visible.
+        colours = canonical_to_rgb(canonical)
+        for cloud in clouds.values():
+            np.testing.assert_array_equal(np.asarray(cloud.colors)[:, :3], colours)
+        with Image.open(pred / "samples" / sid / "sheet.png") as sheet:
+            assert sheet.width >= 3 * 128 and sheet.height >= 3 * 128  # 3 rows of tiles: inputs + 2 layers
+    assert (pred / "failures.jsonl").read_text() == ""
+    assert (pred / "infer.config.yaml").exists()
+
+    # The reference thresholds; --skeleton: where too few points are kept the fit fails for that sample
+    # only, and the sample is still predicted.
+    again = tmp_path / "reference"
+    output = run(infer_main, "--checkpoint", setup.checkpoint, "--data", setup.out, "--out", again, "--skeleton")
+    store = open_predictions(again)
+    for i, sid in enumerate(store.ids):
+        keep = keep_mask(store.sample(i), 0.5, 2.0)
+        points, _ = read_ply(again / "samples" / sid / "posed.ply")  # may be empty: trimesh.load gives a Scene
+        assert len(points) == keep.sum()
+    lines = [json.loads(line) for line in (again / "failures.jsonl").read_text().splitlines()]
+    assert all(f["step"] == "skeleton" for f in lines)
+    assert len(lines) == sum(not (again / "samples" / sid / "skeleton.json").exists() for sid in store.ids)
+
+    # Existing predictions are only replaced on request.
+    assert "exists; pass --overwrite" in fails(infer_main, "--checkpoint", setup.run, "--data", setup.out,
+                                                 "--out", again)
+
+
+def test_image_folder_reports_missing_mask_and_unreadable_file_and_processes_the_others(setup, tmp_path):
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    shutil.copytree(setup.src / "renders", images)  # <id>_rgb.png
+    shutil.copytree(setup.src / "masks", masks)  # <id>_mask.png
+    no_mask, corrupt = sample_id(2), sample_id(5)
+    (masks / f"{no_mask}_mask.png").unlink()
+    (images / f"{corrupt}_rgb.png").write_bytes(b"not a png")
+    pred = tmp_path / "pred"
+    output = run(infer_main, "--checkpoint", setup.checkpoint, "--images", images, "--masks", masks, "--out", pred,
+                 "--batch", 3)
+    assert f"infer: 8 samples predicted, 2 failed ({no_mask}, {corrupt})" in output
+    failures = {f["id"]: f["reason"] for f in map(json.loads, (pred / "failures.jsonl").read_text().splitlines())}
+    assert sorted(failures) == [no_mask, corrupt]
+    assert "no mask" in failures[no_mask] and "cannot read image" in failures[corrupt]
+    store = open_predictions(pred)
+    assert store.ids == [i for i in setup.ds.ids if i not in (no_mask, corrupt)]
+    assert store.attrs["images"] == str(images.resolve())
+
+    # From raw images the checkpoint's extractor (rgb + mask channel, 16 x 16) makes the features the
+    # dataset stores (as float16): the predictions agree with those from the stored features.
+    from_data = open_predictions(_predict_val(setup, tmp_path / "data"))
+    for sid in setup.ds.val_ids:
+        a, b = store.sample(store.ids.index(sid)), from_data.sample(from_data.ids.index(sid))
+        np.testing.assert_array_equal(a.mask, b.mask)
+        np.testing.assert_allclose(a.canonical.astype(np.float32), b.canonical.astype(np.float32), atol=3e-3)
+        np.testing.assert_allclose(a.occupancy.astype(np.float32), b.occupancy.astype(np.float32), atol=3e-3)
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "no sample could be predicted" in fails(infer_main, "--checkpoint", setup.checkpoint, "--images", empty,
+                                                   "--masks", masks, "--out", tmp_path / "none")
+
+
+def _predict_val(setup, out: Path) -> Path:
+    run(infer_main, "--checkpoint", setup.checkpoint, "--data", setup.out, "--out", out, "--no-ply", "--no-sheets")
+    return out
+
+
+def test_model_predictions_evaluate_against_the_baseline(setup, tmp_path):
+    pred = _predict_val(setup, tmp_path / "pred")
+    run(eval_main, "--pred", pred, "--data", setup.out, "--baseline", "--surface-points", 2000)
+    summary = json.loads((pred / "summary.json").read_text())
+    base = summary["baseline"]["unit_chamfer_layers_sym"]
+    model = summary["model"]["unit_chamfer_layers_sym"]
+    if model is None:  # the untrained model kept no point in some sample: inf, reported as null
+        assert summary[RATIO_KEY] is None and any("no kept point" in n for n in summary["notes"])
+    else:
+        assert summary[RATIO_KEY] == pytest.approx(model / base)
+    assert summary["baseline_samples"] == 7 and base > 0
+    assert (pred / "metrics.csv").read_text().count("\n") == 4  # header + 3 samples
+
+
+def test_checkpoints_carry_the_features_and_mismatches_are_refused(setup, tmp_path):
+    state = load_checkpoint(setup.checkpoint)
+    assert state["features"]["extractor"] == "rgb" and state[FEATURE_BASIS] is None  # rgb has no PCA
+
+    other = dict(state, features=dict(state["features"], grid=8))
+    torch.save(other, tmp_path / "grid8.pt")
+    output = fails(infer_main, "--checkpoint", tmp_path / "grid8.pt", "--data", setup.out, "--out", tmp_path / "p")
+    assert "trained on other features" in output and "grid: 8 (trained) vs 16" in output
+
+    packed = dict(state, features={"extractor": "precomputed", "dim": 4, "grid": 16, "basis": None})
+    torch.save(packed, tmp_path / "packed.pt")
+    output = fails(infer_main, "--checkpoint", tmp_path / "packed.pt", "--images", setup.src / "renders",
+                   "--masks", setup.src / "masks", "--out", tmp_path / "q")
+    assert "precomputed packed features" in output
+
+
+def test_pca_basis_travels_in_the_checkpoint_and_other_weights_are_refused(tmp_path):
+    # dino features with a PCA basis, as `dualpm-prep features --extractor dino` records them.
+    write_random_dinov2(tmp_path / "dino", "tiny", seed=0)
+    write_random_dinov2(tmp_path / "other", "tiny", seed=1)
+    spec = FeatureSpec("dino", dino_path=str(tmp_path / "dino"), dino_image_size=56, dim=6)
+    extractor = build_extractor(spec)
+    images = torch.rand(2, 3, 40, 40, generator=torch.Generator().manual_seed(0))
+    basis = fit_basis(extractor, lambda: [(images, None)], rows_per_image=32)
+    dataset = tmp_path / "data"
+    basis.save(dataset / "features.basis.safetensors")
+    column = spec.to_dict() | {"basis": "features.basis.safetensors", "basis_sha256": basis.content_hash()}
+    path = save_checkpoint(tmp_path / "run", {"features": column, "dataset": {"root": str(dataset)}}, 1, 0)
+    shutil.rmtree(dataset)  # the checkpoint alone must be enough
+    state = load_checkpoint(path)
+
+    built, carried = build_image_features(state, path, torch.device("cpu"), None, None)
+    np.testing.assert_array_equal(extract(built, carried, images).numpy(), extract(extractor, basis, images).numpy())
+    with pytest.raises(ConfigError, match="other model weights"):
+        build_image_features(state, path, torch.device("cpu"), None, str(tmp_path / "other"))
+    with pytest.raises(InferError, match="lacks the features' PCA basis"):
+        build_image_features({k: v for k, v in state.items() if k != FEATURE_BASIS}, path, torch.device("cpu"),
+                             None, None)
+
+
+def test_argument_errors_and_dry_run(setup, tmp_path):
+    base = ["--data", setup.out, "--out", tmp_path / "p"]
+    assert "exactly one of --checkpoint" in fails(infer_main, "--oracle", "--checkpoint", setup.checkpoint, *base)
+    assert "--images and --masks go together" in fails(infer_main, "--checkpoint", setup.checkpoint, "--images",
+                                                       setup.src / "renders", "--out", tmp_path / "p")
+    assert "without checkpoints/latest.pt" in fails(infer_main, "--checkpoint", tmp_path, *base)
+    # The console script, as the demo runs it; --dry-run writes nothing.
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([str(Path(sys.executable).parent / "dualpm-infer"), "--checkpoint", str(setup.run),
+                           "--data", str(setup.out), "--out", str(tmp_path / "dry"), "--dry-run"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "3 samples would be predicted" in proc.stdout and not (tmp_path / "dry").exists()
