@@ -29,3 +29,7 @@ def ray_local():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+# A real Slurm cluster (two nodes on this machine) for the `slurm` tests (tests/slurm.py).
+from slurm import slurm_cluster  # noqa: E402,F401

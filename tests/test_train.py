@@ -1,4 +1,5 @@
-"""Training loop: overfitting, exact resume, non-finite loss, checkpoints, and a real 2-process DDP run.
+"""Training loop: overfitting, exact resume, non-finite loss, checkpoints, a real 2-process DDP run, and
+stopping cleanly on SIGTERM / SIGUSR1 (subprocess trainers, real signals).
 
 (The loss terms against hand-computed values are tested in test_loss.py.)
 """
@@ -7,8 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -17,8 +21,10 @@ import torch
 import yaml
 
 from dualpm.errors import ConfigError, DatasetError
+from dualpm.fileio import atomic_write_text
 from dualpm.train import NonFiniteLossError, config_from_dict, load_checkpoint, train
 from dualpm.train.checkpoint import LATEST, checkpoint_dir, step_checkpoints
+from dualpm.train.loop import EXIT_STOPPED
 from test_reader import write_store
 
 REPO = Path(__file__).parents[1]
@@ -177,3 +183,102 @@ def test_two_process_ddp_reads_every_sample_once_per_epoch(tmp_path):
     assert latest["data"]["positions"].shape == (2, 2, 2)  # (ranks, roles, (epoch, count))
     val = metrics(run, "val")
     assert [r["step"] for r in val] == [8] and 0.0 <= val[0]["iou/l1"] <= 1.0
+
+
+# --- stopping on a signal (preemption, a Slurm time-limit warning) -----------------------------------
+
+
+def _cli(config: Path, *args: str, torchrun: int = 0) -> subprocess.Popen:
+    """`dualpm-train CONFIG ARGS` in a subprocess (under `torchrun --nproc-per-node N` if N > 0), in a
+    session of its own: its process group is it and its children, like the processes of a Slurm step."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    launcher = [sys.executable]
+    if torchrun:
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(torchrun)]
+    cmd = [*launcher, "-m", "dualpm.train.cli", str(config), *args]
+    return subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+
+
+def _after_first_step(run: Path, proc: subprocess.Popen) -> None:
+    """Wait until the trainer has logged step 1 (it is training, its handlers are installed)."""
+    log = run / "metrics.jsonl"
+    while proc.poll() is None and not (log.exists() and log.read_text().strip()):
+        time.sleep(0.02)
+    assert proc.poll() is None, proc.communicate()[0]
+
+
+def _write_config(path: Path, raw: dict) -> Path:
+    atomic_write_text(path, yaml.safe_dump(raw))
+    return path
+
+
+def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resume_is_bitwise(tmp_path):
+    root = write_store(tmp_path / "data", n_train=8, n_val=2, shard_size=4)
+    steps = 40  # ~2 s of training: the signal lands long before the end
+
+    def config(name: str) -> Path:
+        raw = tiny_raw(root, tmp_path / name, steps=steps, checkpoint_every=1000)  # no periodic checkpoints
+        raw["data"].update(batch_size=2, workers=2)
+        raw["model"]["unet"]["dropout"] = 0.2  # the RNG state must survive the stop too
+        return _write_config(tmp_path / f"{name}.yaml", raw)
+
+    full = _cli(config("full"))  # the uninterrupted reference, at the same time on the other core
+    stopped = _cli(config("split"))
+    _after_first_step(tmp_path / "split", stopped)
+    # As Slurm does: SIGTERM to every process, the trainer and its DataLoader workers (which must not die).
+    os.killpg(stopped.pid, signal.SIGTERM)
+    out = stopped.communicate(timeout=120)[0]
+    assert stopped.returncode == EXIT_STOPPED, out
+    found = re.search(r"stopping at step (\d+) on SIGTERM: checkpoint written to (\S+);", out)
+    assert found, out
+    k = int(found.group(1))
+    assert 1 <= k < steps, out
+    # It finished the step in progress, wrote a checkpoint of exactly that step and took no further step.
+    assert Path(found.group(2)) == checkpoint_dir(tmp_path / "split") / f"step-{k:08d}.pt"
+    assert load_checkpoint(checkpoint_dir(tmp_path / "split") / LATEST)["step"] == k
+    assert [r["step"] for r in metrics(tmp_path / "split")] == list(range(1, k + 1))
+
+    resumed = _cli(tmp_path / "split.yaml", "--resume", "auto")
+    out = resumed.communicate(timeout=120)[0]
+    assert resumed.returncode == 0 and f"resuming at step {k}" in out, out
+    assert full.wait(timeout=120) == 0, full.communicate()[0]
+    a = _params(checkpoint_dir(tmp_path / "full") / LATEST)
+    b = _params(checkpoint_dir(tmp_path / "split") / LATEST)
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    assert [r["loss/total"] for r in metrics(tmp_path / "split")] == [
+        r["loss/total"] for r in metrics(tmp_path / "full")
+    ]
+
+
+def test_a_signal_to_one_ddp_rank_stops_every_rank_after_the_same_step(tmp_path):
+    root = write_store(tmp_path / "data", n_train=8, n_val=2, shard_size=2)
+    run = tmp_path / "run"
+    raw = tiny_raw(root, run, steps=200, checkpoint_every=1000, record_ids=True)
+    raw["data"]["batch_size"] = 2
+    proc = _cli(_write_config(tmp_path / "c.yaml", raw), torchrun=2)
+    _after_first_step(run, proc)
+    # The ranks are torchrun's children; only rank 1 gets the signal.
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    ranks = {
+        int(env.split(b"=")[1]): int(pid)
+        for pid in children
+        for env in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        if env.startswith(b"RANK=")
+    }
+    assert sorted(ranks) == [0, 1], children
+    os.kill(ranks[1], signal.SIGUSR1)
+    out = proc.communicate(timeout=120)[0]
+    # torchrun reports the ranks' status, 75 and nothing else (no rank crashed or was killed), and fails
+    # itself: a job script cannot tell 75 through it.
+    assert proc.returncode != 0 and set(re.findall(r"exitcode\s*:\s*(-?\d+)", out)) == {"75"}, out
+    found = re.search(r"stopping at step (\d+) on SIGUSR1: checkpoint written to", out)  # rank 0's line
+    assert found and out.count("stopping at step") == 1, out
+    k = int(found.group(1))
+    assert 1 <= k < 200
+    latest = load_checkpoint(checkpoint_dir(run) / LATEST)
+    assert latest["step"] == k and latest["data"]["world"] == 2
+    for rank in range(2):  # both ranks took steps 1..k, two samples each, and no more
+        taken = [int(line.split()[0]) for line in (run / "ids" / f"rank-{rank}.txt").read_text().splitlines()]
+        assert taken == [s for s in range(1, k + 1) for _ in range(2)], rank

@@ -3,6 +3,9 @@
     dualpm-train configs/demo.yaml --data out/demo --out runs/demo
     dualpm-train configs/paper.yaml --data /data/dualpm --set train.lr=3e-4 --set data.batch_size=8
     torchrun --nproc-per-node 8 -m dualpm.train.cli configs/paper.yaml --data /data/dualpm --resume auto
+
+Exit status: 0 once train.steps are done; 75 (EX_TEMPFAIL) when SIGUSR1 or SIGTERM (a Slurm time-limit
+warning, preemption, scancel) stopped the run early, after a checkpoint (continue with --resume auto).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from dualpm.data.reader import open_dataset
 from dualpm.errors import ConfigError
 from dualpm.model import DualPMNet, describe
 from dualpm.train.config import apply_overrides, config_from_dict, config_to_dict, read_config, resolve_config
-from dualpm.train.loop import train
+from dualpm.train.loop import EXIT_STOPPED, STOP_SIGNALS, train
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -43,6 +46,9 @@ def main(
     """Train the two-stage DualPM network on CONFIG_FILE (YAML; omitted: the paper's reference values).
 
     Under torchrun every rank runs this command; rank 0 prints, logs and writes checkpoints.
+
+    On SIGUSR1 or SIGTERM every rank finishes the current step, rank 0 writes a checkpoint, and the
+    command exits with status 75 (0 once train.steps are done); rerun with --resume auto to continue.
     """
     raw = read_config(config_file)
     if data_root is not None:
@@ -69,7 +75,9 @@ def main(
                 f"features {info.feature_channels} x {gh}x{gw}"
             )
         return
-    result = train(config, info, resume=resume)
+    result = train(config, info, resume=resume, stop_signals=STOP_SIGNALS)
+    if result.stopped_by is not None:  # the loop printed where it stopped
+        click.get_current_context().exit(EXIT_STOPPED)
     if int(os.environ.get("RANK", "0")) == 0:
         click.echo(f"done: step {result.step}, checkpoint {result.checkpoint}")
 

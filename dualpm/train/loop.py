@@ -14,15 +14,23 @@ column's config and the dataset identity. Run folder:
 <out_dir>/config.yaml   resolved config            <out_dir>/metrics.jsonl   one JSON object per log line
 <out_dir>/tb/           TensorBoard events          <out_dir>/checkpoints/    see checkpoint.py
 ```
+
+Stopping early (preemption, a job's time limit): with `stop_signals` (the CLI passes SIGUSR1 and SIGTERM)
+the first such signal only sets a flag; after the step in progress every rank learns whether any rank
+got one (a one-number all-reduce per step), so all stop after the same step; rank 0 writes a checkpoint
+and the result says which signal stopped the run (the CLI then exits with EXIT_STOPPED).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import random
+import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +58,8 @@ from dualpm.train.checkpoint import (
 from dualpm.train.config import RESUMABLE_CHANGES, Config, config_diff, config_to_dict, resolve_config
 
 LOSS_NAMES = ("loss/total", "loss/canonical", "loss/posed", "loss/occupancy")
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)  # what Slurm sends before a time limit / on preemption
+EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped early with a checkpoint; rerun with --resume auto to continue
 
 
 class NonFiniteLossError(DualPMError):
@@ -108,6 +118,43 @@ class TrainResult:
     checkpoint: Path | None  # the last checkpoint written (or resumed from)
     train: dict[str, float] = field(default_factory=dict)  # last logged train losses
     val: dict[str, float] = field(default_factory=dict)  # last validation metrics
+    stopped_by: str | None = None  # the signal that stopped the run before config.train.steps, e.g. "SIGTERM"
+
+
+class _StopSignals:
+    """Remembers the first of `signals` to arrive; the training loop polls it between steps.
+
+    The handler only sets a number: everything else (all-reduce, checkpoint, printing) happens in the
+    loop, outside the handler. Repeats are ignored on purpose: under Slurm every process of the step gets
+    SIGTERM and torchrun forwards its own copy to each rank right after.
+    """
+
+    def __init__(self, signals: tuple[signal.Signals, ...]):
+        self.signals = signals
+        self.received = 0  # signal number, 0: none
+        self._previous = {s: signal.signal(s, self._handle) for s in signals}  # main thread only
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.received = self.received or signum
+
+    @contextlib.contextmanager
+    def blocked(self) -> Iterator[None]:
+        """Block the signals in this thread meanwhile: processes and threads started inside inherit the
+        mask and never get them. For DataLoader workers: Slurm signals every process of a step, and
+        torch's worker handler would let SIGTERM kill them, which fails the main process mid-step.
+        (They still exit with the main process.) Signals that arrive meanwhile are handled afterwards."""
+        if not self.signals:
+            yield
+            return
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, self.signals)
+        try:
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+    def restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
 
 
 def _nanmean(rows: list[dict[str, float]]) -> dict[str, float]:
@@ -120,8 +167,10 @@ def _nanmean(rows: list[dict[str, float]]) -> dict[str, float]:
 
 
 class _Trainer:
-    def __init__(self, config: Config, info: DatasetInfo, d: Distributed, resume: str | None):
-        self.config, self.info, self.d = config, info, d
+    def __init__(
+        self, config: Config, info: DatasetInfo, d: Distributed, resume: str | None, stop: _StopSignals
+    ):
+        self.config, self.info, self.d, self.stop = config, info, d, stop
         tc = config.train
         self.run_dir = Path(tc.out_dir)
         self.device = d.device
@@ -206,9 +255,13 @@ class _Trainer:
             role_offset=self.step % self.roles if train else 0,
         )
 
-    def _loader(self, stream: ShardStream):
+    def _batches(self, split: str, train: bool) -> Iterator[dict[str, Any]]:
         dc = self.config.data
-        return make_loader(stream, dc.batch_size, dc.workers, dc.prefetch, self.device.type == "cuda")
+        loader = make_loader(
+            self._stream(split, train), dc.batch_size, dc.workers, dc.prefetch, self.device.type == "cuda"
+        )
+        with self.stop.blocked():  # the workers start here
+            return iter(loader)
 
     def _inputs(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         feats = batch["features"].to(self.device, non_blocking=True)
@@ -267,7 +320,7 @@ class _Trainer:
             return {}
         rows = []
         self.raw_model.eval()
-        for i, batch in enumerate(self._loader(self._stream(dc.val_split, train=False))):
+        for i, batch in enumerate(self._batches(dc.val_split, train=False)):
             if tc.val_batches and i >= tc.val_batches:
                 break
             feats, target, mask = self._inputs(batch)
@@ -300,6 +353,14 @@ class _Trainer:
         }
         self.checkpoint = save_checkpoint(self.run_dir, state, self.step, self.config.train.keep_checkpoints)
         return self.checkpoint
+
+    def agree_to_stop(self, signum: int) -> int:
+        """The largest signal number any rank received (0: none); a collective, called after every step."""
+        if self.d.world == 1:
+            return signum
+        flag = torch.tensor([signum], dtype=torch.int64, device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
 
 
 def _step_of(line: str) -> float:
@@ -349,7 +410,11 @@ class _Log:
 
 
 def train(
-    config: Config, info: DatasetInfo | None = None, resume: str | None = None, verbose: bool = True
+    config: Config,
+    info: DatasetInfo | None = None,
+    resume: str | None = None,
+    verbose: bool = True,
+    stop_signals: tuple[signal.Signals, ...] = (),
 ) -> TrainResult:
     """Train as `config` says; under torchrun every rank calls this.
 
@@ -359,6 +424,10 @@ def train(
         resume: None (start fresh), 'auto' (continue from <out_dir>/checkpoints/latest.pt if it exists)
             or a checkpoint path.
         verbose: rank 0 prints the resolved config and the model size.
+        stop_signals: signals that stop the run cleanly (e.g. STOP_SIGNALS; call from the main thread):
+            the step in progress finishes, every rank stops after that same step, rank 0 writes a
+            checkpoint and prints where, and the result's `stopped_by` names the signal. Their previous
+            handlers are restored on return.
     Raises:
         NonFiniteLossError: the loss became NaN/inf (checkpoints written before are intact).
         ConfigError, DatasetError: bad config, dataset, or a checkpoint that does not fit.
@@ -367,21 +436,25 @@ def train(
         raise ConfigError(
             "data.root is not set: give the prepared dataset folder (--data PATH or --set data.root=PATH)"
         )
-    info = info or open_dataset(config.data.root)
-    config = resolve_config(config, info, explicit_in_channels=True)
-    d = setup_distributed()
+    stop = _StopSignals(stop_signals)  # before anything slow: a signal during setup stops after step 1
     try:
-        return _train(config, info, d, resume, verbose)
+        info = info or open_dataset(config.data.root)
+        config = resolve_config(config, info, explicit_in_channels=True)
+        d = setup_distributed()
+        try:
+            return _train(config, info, d, resume, verbose, stop)
+        finally:
+            if d.owns_group:
+                dist.destroy_process_group()
     finally:
-        if d.owns_group:
-            dist.destroy_process_group()
+        stop.restore()
 
 
 def _train(
-    config: Config, info: DatasetInfo, d: Distributed, resume: str | None, verbose: bool
+    config: Config, info: DatasetInfo, d: Distributed, resume: str | None, verbose: bool, stop: _StopSignals
 ) -> TrainResult:
     tc = config.train
-    trainer = _Trainer(config, info, d, resume)
+    trainer = _Trainer(config, info, d, resume, stop)
     run_dir = trainer.run_dir
     resumed = trainer.step > 0
     if d.main:
@@ -408,7 +481,7 @@ def _train(
         ids_file = open(run_dir / "ids" / f"rank-{d.rank}.txt", "a", encoding="utf-8")
     result = TrainResult(trainer.step, run_dir, trainer.checkpoint)
     try:
-        batches = iter(trainer._loader(trainer._stream(config.data.train_split, train=True)))
+        batches = trainer._batches(config.data.train_split, train=True)
         total = torch.zeros(4, dtype=torch.float64)
         count, samples, busy = 0, 0, 0.0  # busy: seconds in data + steps since the last log line
         while trainer.step < tc.steps:
@@ -436,8 +509,25 @@ def _train(
                 result.val = trainer.validate()
                 if result.val:
                     log.record(step, "val", result.val)
-            if step % tc.checkpoint_every == 0 or step == tc.steps:
+            saved = step % tc.checkpoint_every == 0 or step == tc.steps
+            if saved:
                 result.checkpoint = trainer.save() or result.checkpoint
+            # Every rank takes this branch at the same step (the same `step`), so the collective matches.
+            if step < tc.steps and (signum := trainer.agree_to_stop(stop.received)):
+                result.stopped_by = signal.Signals(signum).name
+                if not saved:
+                    result.checkpoint = trainer.save() or result.checkpoint
+                if d.main:
+                    print(
+                        f"stopping at step {step} on {result.stopped_by}: checkpoint written to "
+                        f"{result.checkpoint}; continue with --resume auto",
+                        flush=True,  # a log file is block-buffered and the job may be killed soon
+                    )
+                if d.world > 1:
+                    # No rank exits before rank 0 has written: under srun --kill-on-bad-exit one rank's
+                    # exit can end the others.
+                    dist.barrier()
+                break
         result.step = trainer.step
         return result
     finally:
