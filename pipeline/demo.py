@@ -1,0 +1,233 @@
+"""`dualpm-demo` (`make demo`): synthetic data -> trained, evaluated model -> a report, on one machine.
+
+    synth     dualpm-prep synth OUT/source         procedural rigged quadrupeds, images, splits
+    render    dualpm-prep render OUT/source OUT/data  dual point maps (Embree on CPU, nvdiffrast on GPU)
+    features  dualpm-prep features ...             rgb pixels, or ODISE-DINO when weights are configured
+    train     dualpm-train configs/demo.yaml       --resume auto
+    infer     dualpm-infer                         held-out (val) samples: PLYs, sheets, predictions.zarr
+    eval      dualpm-eval --baseline               Chamfer etc. against the constant per-pixel baseline
+    report    OUT/report/                          report.md, training curve, prediction sheet
+
+Every stage is the real command line a user would type, run as a subprocess (so its progress bar
+shows), and every command resumes on its own. `OUT/demo_state.json` records the finished stages with
+their exact command lines: a rerun skips those and resumes the first unfinished one; `--fresh`
+deletes OUT and starts over. The learning check (the model's symmetric unit-cube Chamfer at most half
+the baseline's) decides the exit status.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+
+from dualpm.cliutils import handles_user_errors, show_and_save_config
+from dualpm.errors import ConfigError, DualPMError
+from dualpm.fileio import atomic_write_text
+
+STATE_NAME = "demo_state.json"
+RATIO_KEY = "chamfer_ratio_model_over_baseline"  # top-level key of dualpm-eval's summary.json
+LEARNING_BAR = 0.5  # the model must at least halve the constant baseline's Chamfer distance
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+
+
+class DemoError(DualPMError):
+    """A stage of the demo failed, or OUT holds a demo made with other settings."""
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    out: str
+    train_config: str
+    samples: int = 2000
+    models: int = 4
+    image_size: int = 128
+    faces: int = 5000
+    resolution: int = 32
+    layers: int = 4
+    shard_size: int = 64
+    extractor: str = "rgb"  # "sd-dino" when both weight folders are given
+    sd_model: str | None = None
+    dino_model: str | None = None
+    seed: int = 0
+    device: str = "auto"
+
+
+class Paths:
+    """Where each stage writes, under OUT."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.source, self.data, self.run = out / "source", out / "data", out / "run"
+        self.pred, self.eval, self.report = out / "pred", out / "eval", out / "report"
+        self.state = out / STATE_NAME
+
+
+def _script(name: str) -> str:
+    """The console script `name` of this installation (next to the running Python), else from PATH."""
+    here = Path(sys.executable).parent / name
+    found = str(here) if here.exists() else shutil.which(name)
+    if found is None:
+        raise DemoError(f"command {name!r} not found next to {sys.executable} or on PATH; "
+                        "install the project (make env, or pip install -e .)")
+    return found
+
+
+def stage_commands(config: DemoConfig) -> dict[str, list[str]]:
+    """The command line of every stage, in order (program names as a user types them)."""
+    p = Paths(Path(config.out))
+    features = ["dualpm-prep", "features", str(p.source), str(p.data), "--extractor", config.extractor,
+                "--device", config.device]
+    if config.extractor == "sd-dino":
+        features += ["--sd-model", str(config.sd_model), "--dino-model", str(config.dino_model)]
+    return {
+        "synth": ["dualpm-prep", "synth", str(p.source), "--num-samples", str(config.samples),
+                  "--num-models", str(config.models), "--image-size", str(config.image_size),
+                  "--faces", str(config.faces), "--seed", str(config.seed)],
+        "render": ["dualpm-prep", "render", str(p.source), str(p.data), "--resolution", str(config.resolution),
+                   "--layers", str(config.layers), "--shard-size", str(config.shard_size)],
+        "features": features,
+        "train": ["dualpm-train", config.train_config, "--data", str(p.data), "--out", str(p.run),
+                  "--set", f"model.num_layers={config.layers}", "--resume", "auto"],
+        "infer": ["dualpm-infer", "--checkpoint", str(p.run), "--data", str(p.data), "--split", "val",
+                  "--out", str(p.pred), "--device", config.device, "--overwrite"],
+        "eval": ["dualpm-eval", "--pred", str(p.pred), "--data", str(p.data), "--baseline", "--out", str(p.eval)],
+    }
+
+
+# ---- state: which stages finished, with which command ---------------------------------------------
+
+
+def load_state(paths: Paths, config: DemoConfig) -> dict[str, Any]:
+    """The saved state of a demo in OUT (a fresh one if none); DemoError if OUT was made differently."""
+    if not paths.state.exists():
+        return {"config": dataclasses.asdict(config), "stages": {}}
+    try:
+        state = json.loads(paths.state.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise DemoError(f"{paths.state}: unreadable demo state ({err}); rerun with --fresh") from err
+    if state.get("config") != dataclasses.asdict(config):
+        saved = state.get("config") or {}
+        changed = sorted(k for k, v in dataclasses.asdict(config).items() if saved.get(k) != v)
+        raise DemoError(f"{paths.out} holds a demo made with other settings ({', '.join(changed)}); "
+                        "rerun with --fresh to start over, or use another --out")
+    return state
+
+
+def save_state(paths: Paths, state: dict[str, Any]) -> None:
+    atomic_write_text(paths.state, json.dumps(state, indent=2) + "\n")
+
+
+def run_stage(name: str, command: list[str], paths: Paths, state: dict[str, Any], index: int, total: int) -> None:
+    """Run one stage unless it finished before with the same command; record its wall time."""
+    done = state["stages"].get(name)
+    shown = " ".join(command)
+    if done is not None and done["command"] == command:
+        click.secho(f"[{index}/{total}] {name}: done before ({done['seconds']:.1f} s), reused", fg="green")
+        return
+    click.secho(f"[{index}/{total}] {name}: {shown}", fg="cyan", bold=True)
+    start = time.perf_counter()
+    result = subprocess.run([_script(command[0]), *command[1:]], check=False)
+    seconds = time.perf_counter() - start
+    if result.returncode != 0:
+        raise DemoError(f"stage {name!r} failed with exit status {result.returncode} after {seconds:.0f} s "
+                        f"(its messages are above). Command: {shown}. Rerun the demo to resume from this stage.")
+    state["stages"][name] = {"command": command, "seconds": round(seconds, 2),
+                             "finished": datetime.datetime.now().isoformat(timespec="seconds")}
+    save_state(paths, state)
+
+
+def resolve_config(out: Path, train_config: Path, sd_model: str | None, dino_model: str | None,
+                   **settings: Any) -> DemoConfig:
+    """The demo's settings; sd-dino features exactly when both weight folders are configured."""
+    if bool(sd_model) != bool(dino_model):
+        missing = "--dino-model (DUALPM_DINO_MODEL)" if sd_model else "--sd-model (DUALPM_SD_MODEL)"
+        raise ConfigError(f"ODISE-DINO features need both weight folders; {missing} is not set. "
+                          "Set both, or neither for rgb features.")
+    extractor = "sd-dino" if sd_model else "rgb"
+    return DemoConfig(out=str(out), train_config=str(train_config), extractor=extractor,
+                      sd_model=sd_model or None, dino_model=dino_model or None, **settings)
+
+
+@click.command()
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo_out"),
+              show_default=True, help="Folder for everything the demo makes (data, run, predictions, report).")
+@click.option("--config", "train_config", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=DEFAULT_CONFIG, show_default="configs/demo.yaml", help="Training config (dualpm-train).")
+@click.option("--samples", type=click.IntRange(20, 1_000_000), default=2000, show_default=True,
+              help="Synthetic samples (about 10% held out for evaluation).")
+@click.option("--models", type=click.IntRange(1, 1000), default=4, show_default=True,
+              help="Distinct procedural animals.")
+@click.option("--image-size", type=click.IntRange(32, 4096), default=128, show_default=True,
+              help="Side of the synthetic RGB images, pixels.")
+@click.option("--faces", type=click.IntRange(500, 1_000_000), default=5000, show_default=True,
+              help="Triangles per animal.")
+@click.option("--resolution", type=click.IntRange(16, 4096), default=32, show_default=True,
+              help="Side of the dual point maps trained on, pixels.")
+@click.option("--layers", type=click.IntRange(1, 32), default=4, show_default=True,
+              help="Depth layers rendered and predicted.")
+@click.option("--sd-model", type=str, envvar="DUALPM_SD_MODEL", show_envvar=True, default=None,
+              help="Local Stable Diffusion folder: with --dino-model, ODISE-DINO features instead of rgb.")
+@click.option("--dino-model", type=str, envvar="DUALPM_DINO_MODEL", show_envvar=True, default=None,
+              help="Local DINOv2 folder (see --sd-model).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Features and inference device; training uses CUDA whenever torch sees it.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the dataset.")
+@click.option("--fresh", is_flag=True, help="Delete OUT first and run every stage again.")
+@click.option("--dry-run", is_flag=True, help="Print the settings and the commands, run nothing.")
+@handles_user_errors
+def main(out: Path, train_config: Path, samples: int, models: int, image_size: int, faces: int, resolution: int,
+         layers: int, sd_model: str | None, dino_model: str | None, device: str, seed: int, fresh: bool,
+         dry_run: bool) -> None:
+    """Run the whole DualPM pipeline on a small synthetic dataset and write a report (about 10 minutes
+    on 2 CPU cores). Reruns reuse finished stages."""
+    config = resolve_config(out.resolve(), train_config.resolve(), sd_model, dino_model, samples=samples,
+                            models=models, image_size=image_size, faces=faces, resolution=resolution,
+                            layers=layers, seed=seed, device=device)
+    paths = Paths(Path(config.out))
+    commands = stage_commands(config)
+    show_and_save_config(dataclasses.asdict(config), None, "demo config")
+    if config.extractor == "rgb":
+        click.secho("features: no Stable Diffusion / DINOv2 weights configured, so the network sees RGB pixels "
+                    "(`--extractor rgb`), not ODISE-DINO features; set DUALPM_SD_MODEL and DUALPM_DINO_MODEL "
+                    "(see README) for the paper's features.", fg="yellow")
+    if dry_run:
+        for name, command in commands.items():
+            click.echo(f"{name}: {' '.join(command)}")
+        return
+    if fresh and paths.out.exists():
+        shutil.rmtree(paths.out)
+    paths.out.mkdir(parents=True, exist_ok=True)
+    state = load_state(paths, config)
+    save_state(paths, state)
+    start = time.perf_counter()
+    for index, (name, command) in enumerate(commands.items(), start=1):
+        run_stage(name, command, paths, state, index, len(commands) + 1)
+    click.secho(f"[{len(commands) + 1}/{len(commands) + 1}] report", fg="cyan", bold=True)
+    from pipeline.demo_report import write_report  # matplotlib etc.: only once the stages are done
+
+    passed, ratio = write_report(paths, config, state, commands, time.perf_counter() - start)
+    verdict = "PASS" if passed else "FAIL"
+    click.echo(f"learning check: model / baseline symmetric Chamfer (unit cube) = {ratio:.3f} "
+               f"(must be <= {LEARNING_BAR}): {verdict}")
+    click.echo(f"report: {paths.report / 'report.md'}")
+    click.echo(f"pictures: {paths.report / 'training_curve.png'}, {paths.report / 'predictions.png'}")
+    click.echo(f"point clouds (PLY): {paths.pred}")
+    if not passed:
+        raise DemoError(f"the learning check failed: the model's Chamfer distance is {ratio:.2f} x the baseline's "
+                        f"(needs <= {LEARNING_BAR}); see {paths.report / 'report.md'}")
+
+
+if __name__ == "__main__":
+    main()

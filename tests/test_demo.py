@@ -1,0 +1,137 @@
+"""dualpm-demo: settings, resume state, and the whole pipeline end to end on a tiny configuration."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from click.testing import CliRunner
+from PIL import Image
+
+from pipeline.demo import DEFAULT_CONFIG, LEARNING_BAR, RATIO_KEY, STATE_NAME, main
+
+DEMO = [sys.executable, "-m", "pipeline.demo"]
+TINY = ["--samples", "24", "--models", "1", "--image-size", "32", "--faces", "600", "--resolution", "16",
+        "--layers", "2"]
+
+
+def invoke(*args: object, env: dict[str, str] | None = None) -> tuple[int, str]:
+    result = CliRunner().invoke(main, [str(a) for a in args], env=env or {"DUALPM_SD_MODEL": "",
+                                                                          "DUALPM_DINO_MODEL": ""})
+    return result.exit_code, result.output
+
+
+def test_dry_run_prints_the_commands_and_writes_nothing(tmp_path):
+    code, output = invoke("--out", tmp_path / "demo", "--dry-run", *TINY)
+    assert code == 0, output
+    assert "network sees RGB pixels" in output
+    out = tmp_path / "demo"
+    lines = dict(line.split(": ", 1) for line in output.splitlines()
+                 if line.split(": ", 1)[0] in ("synth", "render", "features", "train", "infer", "eval"))
+    assert lines["synth"] == (f"dualpm-prep synth {out / 'source'} --num-samples 24 --num-models 1 --image-size 32 "
+                              "--faces 600 --seed 0")
+    assert lines["features"] == f"dualpm-prep features {out / 'source'} {out / 'data'} --extractor rgb --device auto"
+    assert lines["train"].startswith(f"dualpm-train {DEFAULT_CONFIG} --data {out / 'data'} --out {out / 'run'}")
+    assert lines["eval"] == f"dualpm-eval --pred {out / 'pred'} --data {out / 'data'} --baseline --out {out / 'eval'}"
+    assert not out.exists()
+
+
+def test_weights_choose_the_extractor_and_must_come_in_pairs(tmp_path):
+    sd, dino = tmp_path / "sd", tmp_path / "dino"
+    code, output = invoke("--out", tmp_path / "d", "--dry-run", env={"DUALPM_SD_MODEL": str(sd),
+                                                                     "DUALPM_DINO_MODEL": str(dino)})
+    assert code == 0, output
+    assert f"--extractor sd-dino --device auto --sd-model {sd} --dino-model {dino}" in output
+    assert "network sees RGB pixels" not in output
+    code, output = invoke("--out", tmp_path / "d", "--dry-run", "--sd-model", sd)
+    assert code == 1
+    assert "--dino-model (DUALPM_DINO_MODEL) is not set" in output
+
+
+def test_a_demo_made_with_other_settings_is_refused(tmp_path):
+    out = tmp_path / "demo"
+    out.mkdir()
+    state = {"config": {"samples": 480, "models": 9}, "stages": {}}
+    (out / STATE_NAME).write_text(json.dumps(state))
+    code, output = invoke("--out", out, *TINY)
+    assert code == 1
+    assert f"{out} holds a demo made with other settings" in output and "models" in output and "--fresh" in output
+    assert json.loads((out / STATE_NAME).read_text()) == state  # untouched
+    (out / STATE_NAME).write_text("{torn")
+    code, output = invoke("--out", out, *TINY)
+    assert code == 1 and "unreadable demo state" in output
+
+
+def tiny_train_config(tmp_path: Path, steps: int) -> Path:
+    config = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    config["data"].update(batch_size=4, workers=0, shuffle_buffer=8)
+    config["model"]["unet"].update(base_channels=8, channel_mult=[1, 2], attention_levels=[], num_groups=4)
+    config["train"].update(steps=steps, checkpoint_every=steps, validate_every=steps, log_every=1)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run_demo(*args: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*DEMO, *map(str, args)], capture_output=True, text=True, check=False,
+                          env={**__import__("os").environ, "DUALPM_SD_MODEL": "", "DUALPM_DINO_MODEL": ""})
+
+
+def check_report(out: Path, proc: subprocess.CompletedProcess[str]) -> float:
+    """The report agrees with dualpm-eval's summary, and the exit status with the learning check."""
+    summary = json.loads((out / "eval" / "summary.json").read_text())
+    ratio = summary[RATIO_KEY]  # null: some sample kept no predicted point, an infinite distance
+    ratio = float("inf") if ratio is None else ratio
+    passed = ratio <= LEARNING_BAR
+    assert proc.returncode == (0 if passed else 1), proc.stdout + proc.stderr
+    report = (out / "report" / "report.md").read_text()
+    assert f"**{ratio:.3f}**" in report and ("**PASS**" if passed else "**FAIL**") in report
+    for stage in ("synth", "render", "features", "train", "infer", "eval"):
+        assert f"| {stage} |" in report
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-3] == f"report: {out / 'report' / 'report.md'}"
+    for name in ("training_curve.png", "predictions.png"):
+        with Image.open(out / "report" / name) as image:
+            assert image.width > 200 and image.height > 100
+    assert sorted(out.glob("pred/**/*.ply"))
+    return ratio
+
+
+def test_tiny_demo_runs_every_stage_then_resumes_without_redoing_any(tmp_path):
+    out, config = tmp_path / "demo", tiny_train_config(tmp_path, steps=4)
+    first = run_demo("--out", out, "--config", config, *TINY)
+    ratio = check_report(out, first)
+    state = json.loads((out / STATE_NAME).read_text())
+    assert list(state["stages"]) == ["synth", "render", "features", "train", "infer", "eval"]
+    assert "network sees RGB pixels" in first.stdout
+    report = (out / "report" / "report.md").read_text()
+    manifest = json.loads((out / "data" / "manifest.json").read_text())
+    counts = {split: sum(len(p["ids"]) for p in manifest["plan"] if p["split"] == split) for split in ("train", "val")}
+    assert counts["train"] + counts["val"] == 24 and counts["val"] >= 1
+    assert f"{counts['train']} train / {counts['val']} val samples" in report
+
+    again = run_demo("--out", out, "--config", config, *TINY)
+    assert check_report(out, again) == ratio
+    assert again.stdout.count("done before") == 6, again.stdout
+    assert json.loads((out / STATE_NAME).read_text())["stages"] == state["stages"]
+
+    fresh = run_demo("--out", out, "--config", config, *TINY, "--fresh")
+    check_report(out, fresh)
+    assert "done before" not in fresh.stdout
+    new_state = json.loads((out / STATE_NAME).read_text())["stages"]
+    assert all(new_state[s]["finished"] >= state["stages"][s]["finished"] for s in new_state)
+
+
+@pytest.mark.slow
+def test_demo_defaults_learn_at_least_twice_better_than_the_constant_baseline(tmp_path):
+    """The demo as `make demo` runs it (about 10 minutes on 2 cores)."""
+    out = tmp_path / "demo"
+    proc = run_demo("--out", out)
+    ratio = check_report(out, proc)
+    assert ratio <= LEARNING_BAR, proc.stdout[-3000:]
+    assert np.isfinite(ratio)
