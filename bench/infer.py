@@ -23,7 +23,6 @@ import datetime
 import itertools
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -33,6 +32,7 @@ import click
 import torch
 from click.testing import CliRunner
 
+from dualpm.cliutils import describe_machine
 from dualpm.data.reader import open_dataset
 from dualpm.eval.cli import main as eval_main
 from dualpm.fileio import atomic_write_text
@@ -80,18 +80,6 @@ def _cli(command, args: list[str]) -> float:
     if result.exit_code != 0:
         raise SystemExit(result.output[-3000:])
     return time.perf_counter() - start
-
-
-def _machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        names = [ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads"
 
 
 @click.command()
@@ -145,7 +133,7 @@ def main(config_path, data_root, samples, size, channels, grid, batch, batches, 
     if append_to:
         models = ", ".join(f"model {n} {r:.1f}/s" for n, r in rates.items())
         line = (
-            f"- {datetime.date.today().isoformat()} `bench/infer.py` {Path(config_path).name} on {_machine(device)}: "
+            f"- {datetime.date.today().isoformat()} `bench/infer.py` {Path(config_path).name} on {describe_machine()}: "
             f"{describe(model).split(': ', 1)[1]}; {shape}, batch {batch}; {models}, dualpm-infer {infer_rate:.1f}/s "
             f"(with files), dualpm-eval {eval_rates['eval']:.1f}/s, with --icp {eval_rates['eval --icp']:.1f}/s "
             f"({points:.0f} points/sample, baseline included); load avg {os.getloadavg()[0]:.1f}\n"

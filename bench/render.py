@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ import click
 import numpy as np
 import torch
 
+from dualpm.cliutils import describe_machine
 from dualpm.camera import projection_from_focal
 from dualpm.render import cuda_backend_status, render_dual_pointmaps
 from dualpm.render.embree import default_workers
@@ -34,21 +34,6 @@ from pipeline.synth.poses import PoseSampler
 from pipeline.synth.quadruped import make_quadruped
 
 TARGET_CPU_PER_CORE, TARGET_CUDA = 40.0, 5000.0
-
-
-def machine() -> str:
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    desc = f"{cpu}, {default_workers()} cores"
-    if torch.cuda.is_available():
-        desc += f", {torch.cuda.get_device_name()}"
-    return desc
 
 
 def scene(batch: int, faces: int, seed: int):
@@ -105,7 +90,7 @@ def main(batch: int, faces: int, repeats: int, seed: int, append: str | None) ->
             rows.append(f"| cuda | {layers} | {gpu:.0f} | - | {gpu / TARGET_CUDA:.2f} |")
     load = os.getloadavg()[0]
     text = (
-        f"\n- {datetime.date.today()} - {machine()} (load average {load:.1f}); {desc}"
+        f"\n- {datetime.date.today()} - {describe_machine()} (load average {load:.1f}); {desc}"
         + ("" if reason is None else f"; cuda backend not run: {reason.split(';')[0]}")
         + "\n\n| backend | layers | maps/s | maps/s per core | x target |\n|---|---:|---:|---:|---:|\n"
         + "\n".join(rows) + "\n"

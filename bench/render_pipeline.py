@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -38,6 +37,7 @@ import numpy as np
 import ray
 import torch
 
+from dualpm.cliutils import describe_machine
 from dualpm.camera import (
     camera_pose_from_view,
     format_camera_txt,
@@ -187,17 +187,6 @@ def store_sizes(out: Path) -> tuple[float, float]:
     return stored, float(np.mean(baseline))
 
 
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    if Path("/proc/cpuinfo").exists():
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
-    return f"{cpu}, {cores} cores{gpu}"
-
-
 @click.command()
 @click.option("--samples", type=click.IntRange(min=8), default=96, show_default=True)
 @click.option("--faces", type=click.IntRange(min=100), default=20000, show_default=True,
@@ -218,7 +207,7 @@ def main(samples: int, faces: int, resolution: int, layers: int, batch: int, sha
     with tempfile.TemporaryDirectory(prefix="dualpm-bench-") as tmp:
         src = Path(tmp) / "src"
         mesh = build_source(src, samples, faces, seed=0)
-        click.echo(f"{machine()}; {samples} samples of a {mesh}; {resolution}px, {layers} layers, batch {batch}, "
+        click.echo(f"{describe_machine()}; {samples} samples of a {mesh}; {resolution}px, {layers} layers, batch {batch}, "
                    f"{backend} backend")
         args = ["--resolution", str(resolution), "--layers", str(layers), "--batch", str(batch),
                 "--shard-size", str(shard_size), "--backend", backend]
@@ -247,7 +236,7 @@ def main(samples: int, faces: int, resolution: int, layers: int, batch: int, sha
     if append is not None:
         all_cpus = f", {runs[cpus]:.1f} with {cpus} CPUs" if cpus in runs and cpus != min(runs) else ""
         entry = (
-            f"- {datetime.date.today().isoformat()} — {machine()}; {mesh}; {resolution}px, {layers} layers, "
+            f"- {datetime.date.today().isoformat()} — {describe_machine()}; {mesh}; {resolution}px, {layers} layers, "
             f"batch {batch}, {backend}: raw renderer {raw:.1f} samples/s, end to end {runs[min(runs)]:.1f} with "
             f"{min(runs)} CPU ({ratio:.0%} of raw){all_cpus}; {stored / 1024:.1f} KiB/sample = {size_ratio:.0%} of "
             f"the reference npz ({baseline / 1024:.1f} KiB)\n"

@@ -13,7 +13,6 @@ per core. The load average is printed too: on a shared machine other processes l
 from __future__ import annotations
 
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ import click
 import numpy as np
 import torch
 
+from dualpm.cliutils import describe_machine
 from dualpm.fileio import atomic_write_text
 from pipeline.synth.generate import (
     SynthConfig,
@@ -84,7 +84,7 @@ def main(samples: int, single: int, image_size: int, faces: int, workers: int | 
         ray_rate = summary.rate  # the sample phase (Ray start-up excluded)
 
     per_core = ray_rate / workers
-    line = (f"| {time.strftime('%Y-%m-%d')} | {_cpu_name()} | {backend} | {image_size} px, "
+    line = (f"| {time.strftime('%Y-%m-%d')} | {describe_machine()} | {backend} | {image_size} px, "
             f"{faces} faces | {model_s:.2f} s | {single_rate:.1f} | {workers} | {ray_rate:.1f} | "
             f"{per_core:.1f} | {per_core / TARGET_PER_CORE:.2f} | {os.getloadavg()[0]:.1f} |")
     click.echo(f"model build: {model_s:.2f} s/model")
@@ -100,16 +100,6 @@ def main(samples: int, single: int, image_size: int, faces: int, workers: int | 
         path = Path(append_to)
         atomic_write_text(path, _with_row(path.read_text() if path.exists() else "# Benchmarks\n", line))
         click.echo(f"appended to {path}")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} CPUs"
-    except OSError:
-        pass  # not Linux: fall back to what the platform module knows
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
 
 
 HEADER = "## dualpm-prep synth (samples/s; target 20 per core at 256 px)"

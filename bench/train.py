@@ -25,7 +25,6 @@ import datetime
 import itertools
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -34,6 +33,7 @@ from pathlib import Path
 import click
 import torch
 
+from dualpm.cliutils import describe_machine
 from dualpm.data.reader import ShardStream, make_loader, open_dataset
 from dualpm.fileio import atomic_write_text
 from dualpm.loss import dualpm_loss
@@ -115,18 +115,6 @@ def end_to_end_rate(config, info, steps: int, folder: Path) -> float:
     return json.loads(last)["samples_per_s"]
 
 
-def _machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        names = [ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads"
-
-
 @click.command()
 @click.option("--config", "config_path", default=str(REPO / "configs" / "demo.yaml"), show_default=True)
 @click.option("--data", "data_root", type=click.Path(file_okay=False), help="Dataset (default: synthetic).")
@@ -182,7 +170,7 @@ def main(
         )
         line = (
             f"- {datetime.date.today().isoformat()} `bench/train.py` {Path(config_path).name} on "
-            f"{_machine(device)}: {model.split(': ', 1)[1]}; {shape}; reader {read:.1f}/s, {steps_txt}"
+            f"{describe_machine()}: {model.split(': ', 1)[1]}; {shape}; reader {read:.1f}/s, {steps_txt}"
             + (f", end to end {e2e:.1f}/s" if e2e is not None else "")
             + f"; reader / step {read / rows[0][1]:.1f}x; load avg {os.getloadavg()[0]:.1f}\n"
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import platform
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -50,3 +51,19 @@ def show_and_save_config(config: dict[str, Any], path: str | os.PathLike | None,
     if path is not None:
         atomic_write_text(Path(path), text)
     return text
+
+
+def describe_machine() -> str:
+    """'<CPU model>, <N> cores[, <GPU name>]': how benchmarks and reports say where they ran."""
+    cpu = platform.processor() or platform.machine() or "unknown CPU"
+    try:
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass  # not Linux: what the platform module knows
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    import torch  # here, not at the top: cliutils stays light for CLIs that never need torch
+
+    gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return f"{cpu}, {cores} cores{gpu}"

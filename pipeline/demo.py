@@ -12,7 +12,7 @@ Every stage is the real command line a user would type, run as a subprocess (so 
 shows), and every command resumes on its own. `OUT/demo_state.json` records the finished stages with
 their exact command lines: a rerun skips those and resumes the first unfinished one; `--fresh`
 deletes OUT and starts over. The learning check (the model's symmetric unit-cube Chamfer at most half
-the baseline's) decides the exit status.
+the baseline's) is printed last and written into the report.
 """
 
 from __future__ import annotations
@@ -20,8 +20,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
-import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -218,15 +216,15 @@ def main(out: Path, train_config: Path, samples: int, models: int, image_size: i
     from pipeline.demo_report import write_report  # matplotlib etc.: only once the stages are done
 
     passed, ratio = write_report(paths, config, state, commands, time.perf_counter() - start)
-    verdict = "PASS" if passed else "FAIL"
-    click.echo(f"learning check: model / baseline symmetric Chamfer (unit cube) = {ratio:.3f} "
-               f"(must be <= {LEARNING_BAR}): {verdict}")
+    # Every stage succeeded, so the demo did its job and exits 0 either way; a model that did not learn
+    # enough is a result to read (in red, and in the report), not a crash. tests/test_demo.py's slow test
+    # is what enforces the bar.
+    click.secho(f"learning check: model / baseline symmetric Chamfer (unit cube) = {ratio:.3f} "
+                f"(must be <= {LEARNING_BAR}): {'PASS' if passed else 'FAIL'}", fg="green" if passed else "red",
+                bold=True)
     click.echo(f"report: {paths.report / 'report.md'}")
     click.echo(f"pictures: {paths.report / 'training_curve.png'}, {paths.report / 'predictions.png'}")
     click.echo(f"point clouds (PLY): {paths.pred}")
-    if not passed:
-        raise DemoError(f"the learning check failed: the model's Chamfer distance is {ratio:.2f} x the baseline's "
-                        f"(needs <= {LEARNING_BAR}); see {paths.report / 'report.md'}")
 
 
 if __name__ == "__main__":

@@ -9,8 +9,6 @@ from __future__ import annotations
 import datetime
 import json
 import math
-import os
-import platform
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,8 +17,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
+from dualpm.cliutils import describe_machine  # noqa: E402
 from dualpm.errors import DatasetError  # noqa: E402
 from dualpm.fileio import atomic_output, atomic_write_text  # noqa: E402
 from dualpm.infer import keep_mask, open_predictions  # noqa: E402
@@ -130,11 +128,6 @@ def _fmt_bytes(n: int) -> str:
     raise AssertionError("unreachable")
 
 
-def _machine() -> str:
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA GPU"
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {device}; torch {torch.__version__}"
-
-
 def write_report(
     paths: Paths, config: DemoConfig, state: dict[str, Any], commands: dict[str, list[str]], seconds: float
 ) -> tuple[bool, float]:
@@ -158,7 +151,7 @@ def write_report(
     lines = [
         "# DualPM demo report",
         "",
-        f"{datetime.datetime.now().isoformat(timespec='seconds')} on {_machine()}. "
+        f"{datetime.datetime.now().isoformat(timespec='seconds')} on {describe_machine()}. "
         f"Everything below was made by the commands listed, in `{paths.out}`.",
         "",
         "## Learning check",

@@ -74,7 +74,6 @@ def sphere_sample(seed: int, size: int, layers: int = STORED_LAYERS) -> np.ndarr
 
 def sample_features(dpm: np.ndarray, channels: int, grid: int, seed: int) -> np.ndarray:
     """(channels, grid, grid) float16: layer-1 posed xyz + alpha, area-averaged, then seeded noise."""
-    size = dpm.shape[0]
     first = torch.from_numpy(dpm[:, :, 0, 3:7]).permute(2, 0, 1)[None]  # (1, 4, H, W)
     base = F.interpolate(first, size=(grid, grid), mode="area")[0].numpy()
     noise = np.random.default_rng(10_000 + seed).normal(0, 0.5, (max(0, channels - 4), grid, grid))
