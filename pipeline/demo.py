@@ -89,6 +89,8 @@ def stage_commands(config: DemoConfig) -> dict[str, list[str]]:
                 "--device", config.device]
     if config.extractor == "sd-dino":
         features += ["--sd-model", str(config.sd_model), "--dino-model", str(config.dino_model)]
+    else:  # pixels at the training resolution: a finer grid would only be averaged away by the reader
+        features += ["--grid", str(config.resolution)]
     return {
         "synth": ["dualpm-prep", "synth", str(p.source), "--num-samples", str(config.samples),
                   "--num-models", str(config.models), "--image-size", str(config.image_size),

@@ -35,7 +35,8 @@ def test_dry_run_prints_the_commands_and_writes_nothing(tmp_path):
                  if line.split(": ", 1)[0] in ("synth", "render", "features", "train", "infer", "eval"))
     assert lines["synth"] == (f"dualpm-prep synth {out / 'source'} --num-samples 24 --num-models 1 --image-size 32 "
                               "--faces 600 --seed 0")
-    assert lines["features"] == f"dualpm-prep features {out / 'source'} {out / 'data'} --extractor rgb --device auto"
+    assert lines["features"] == (f"dualpm-prep features {out / 'source'} {out / 'data'} --extractor rgb "
+                                  "--device auto --grid 16")
     assert lines["train"].startswith(f"dualpm-train {DEFAULT_CONFIG} --data {out / 'data'} --out {out / 'run'}")
     assert lines["eval"] == f"dualpm-eval --pred {out / 'pred'} --data {out / 'data'} --baseline --out {out / 'eval'}"
     assert not out.exists()
