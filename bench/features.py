@@ -12,7 +12,6 @@ basis on a small random sample, then runs `--iters` timed batches after one warm
 
 from __future__ import annotations
 
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -21,10 +20,10 @@ import click
 import numpy as np
 import torch
 
+from dualpm.cliutils import describe_machine, record_benchmark
 from dualpm.features import FeatureSpec, build_extractor, extract, fit_basis, read_packed, write_packed
 from dualpm.features.dino import write_random_dinov2
 from dualpm.features.sd_dino import write_random_sd
-from dualpm.fileio import atomic_write_text
 
 
 def _sync(device: torch.device) -> None:
@@ -109,20 +108,17 @@ def main(device: str, full: bool | None, batch: int, iters: int, append_to: str 
         rows.append(("precomputed read_packed (64 x 60 x 60)", result))
         click.echo(f"{rows[-1][0]:45s} {result['images_per_s']:9.2f} images/s")
 
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = f"{platform.processor() or 'cpu'}, {torch.get_num_threads()} threads"
     lines = [
-        f"\n## Feature extraction ({time.strftime('%Y-%m-%d')}, {device.type}: {name}, batch {batch})\n",
+        f"- {time.strftime('%Y-%m-%d')}, {device.type} on {describe_machine()}, {torch.get_num_threads()} threads, "
+        f"batch {batch}:",
+        "",
         "| extractor | images/s | output (C, h, w) | fit basis (s) |",
         "|---|---:|---|---:|",
     ] + [f"| {label} | {r['images_per_s']:.2f} | {r['shape']} | {r['fit_s']:.1f} |" for label, r in rows]
     table = "\n".join(lines) + "\n"
     click.echo(table)
     if append_to:
-        path = Path(append_to)
-        atomic_write_text(path, (path.read_text() if path.exists() else "# Benchmarks\n") + table)
+        record_benchmark(append_to, "Feature extraction (`bench/features.py`)", table)
 
 
 if __name__ == "__main__":

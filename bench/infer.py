@@ -32,10 +32,9 @@ import click
 import torch
 from click.testing import CliRunner
 
-from dualpm.cliutils import describe_machine
+from dualpm.cliutils import describe_machine, record_benchmark
 from dualpm.data.reader import open_dataset
 from dualpm.eval.cli import main as eval_main
-from dualpm.fileio import atomic_write_text
 from dualpm.infer import ModelPredictor, dataset_batches, prefetch
 from dualpm.infer import main as infer_main
 from dualpm.model import DualPMNet, describe
@@ -43,7 +42,7 @@ from dualpm.train import config_from_dict, config_to_dict, read_config, resolve_
 from dualpm.train.checkpoint import save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-HEADING = "## Inference and evaluation samples/s (`bench/infer.py`)"
+HEADING = "Inference and evaluation samples/s (`bench/infer.py`)"
 
 
 def _synthetic(folder: Path, samples: int, size: int, channels: int, grid: int) -> Path:
@@ -138,12 +137,8 @@ def main(config_path, data_root, samples, size, channels, grid, batch, batches, 
             f"(with files), dualpm-eval {eval_rates['eval']:.1f}/s, with --icp {eval_rates['eval --icp']:.1f}/s "
             f"({points:.0f} points/sample, baseline included); load avg {os.getloadavg()[0]:.1f}\n"
         )
-        path = Path(append_to)
-        old = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-        if HEADING not in old:  # our own section, so the lines don't run into another bench's table
-            old = old.rstrip("\n") + f"\n\n{HEADING}\n\n"
-        atomic_write_text(path, old + line)
-        print(f"appended to {path}")
+        record_benchmark(append_to, HEADING, line)
+        print(f"appended to {append_to}")
 
 
 if __name__ == "__main__":

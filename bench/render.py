@@ -24,8 +24,8 @@ import click
 import numpy as np
 import torch
 
-from dualpm.cliutils import describe_machine
 from dualpm.camera import projection_from_focal
+from dualpm.cliutils import describe_machine, record_benchmark
 from dualpm.render import cuda_backend_status, render_dual_pointmaps
 from dualpm.render.embree import default_workers
 from dualpm.skinning import skin
@@ -97,17 +97,11 @@ def main(batch: int, faces: int, repeats: int, seed: int, append: str | None) ->
     )
     click.echo(text)
     if append:
-        path = Path(append)
-        body = path.read_text() if path.exists() else "# Benchmarks\n"
-        if "## Renderer" not in body:
-            body += (
-                "\n## Renderer\n\n`bench/render.py`: dual point maps/s for a ~20k-triangle skinned quadruped at "
-                f"160x160, batch 32. Targets: cpu >= {TARGET_CPU_PER_CORE:.0f} maps/s per core at 8 layers; "
-                f"cuda >= {TARGET_CUDA:.0f} maps/s on one H100.\n"
-            )
-        head, sep, tail = body.partition("## Renderer")
-        section, nxt, rest = tail.partition("\n## ")
-        path.write_text(head + sep + section.rstrip("\n") + "\n" + text + (nxt + rest if nxt else ""))
+        record_benchmark(append, "Renderer", text, intro=(
+            "`bench/render.py`: dual point maps/s for a ~20k-triangle skinned quadruped at 160x160, batch 32. "
+            f"Targets: cpu >= {TARGET_CPU_PER_CORE:.0f} maps/s per core at 8 layers; cuda >= {TARGET_CUDA:.0f} "
+            "maps/s on one H100."))
+        click.echo(f"appended to {append}")
 
 
 if __name__ == "__main__":

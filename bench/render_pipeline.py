@@ -37,7 +37,6 @@ import numpy as np
 import ray
 import torch
 
-from dualpm.cliutils import describe_machine
 from dualpm.camera import (
     camera_pose_from_view,
     format_camera_txt,
@@ -45,6 +44,7 @@ from dualpm.camera import (
     projection_from_focal,
     view_from_camera_pose,
 )
+from dualpm.cliutils import describe_machine, record_benchmark
 from dualpm.data.source import Layout, SampleMetadata, SourceDataset, format_metadata
 from dualpm.fileio import atomic_write_text
 from dualpm.geometry import axis_angle_to_quaternion, quaternion_multiply
@@ -241,17 +241,7 @@ def main(samples: int, faces: int, resolution: int, layers: int, batch: int, sha
             f"{min(runs)} CPU ({ratio:.0%} of raw){all_cpus}; {stored / 1024:.1f} KiB/sample = {size_ratio:.0%} of "
             f"the reference npz ({baseline / 1024:.1f} KiB)\n"
         )
-        text = append.read_text() if append.exists() else "# Benchmarks\n"
-        if "## Render pipeline" not in text:
-            text = text.rstrip("\n") + "\n\n## Render pipeline\n\n" + SECTION_INTRO + "\n"
-        # Append-only: the new line goes at the end of the Render pipeline section.
-        head, _, tail = text.partition("## Render pipeline")
-        body, sep, rest = tail.partition("\n## ")
-        after = "\n" + sep.lstrip("\n") + rest if sep else ""  # the sections that follow ours
-        body = body.rstrip("\n")
-        gap = "\n" if body.splitlines()[-1].startswith("- ") else "\n\n"  # entries form one list
-        text = head + "## Render pipeline" + body + gap + entry + after
-        atomic_write_text(append, text)
+        record_benchmark(append, "Render pipeline", entry, intro=SECTION_INTRO)
         click.echo(f"appended to {append}")
 
 

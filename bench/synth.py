@@ -21,8 +21,7 @@ import click
 import numpy as np
 import torch
 
-from dualpm.cliutils import describe_machine
-from dualpm.fileio import atomic_write_text
+from dualpm.cliutils import describe_machine, record_benchmark
 from pipeline.synth.generate import (
     SynthConfig,
     _model_state,
@@ -97,29 +96,13 @@ def main(samples: int, single: int, image_size: int, faces: int, workers: int | 
     click.echo(f"load average before/after: {load_before:.1f}/{load:.1f} on {os.cpu_count()} CPUs "
                "(other processes make these numbers lower)")
     if append_to:
-        path = Path(append_to)
-        atomic_write_text(path, _with_row(path.read_text() if path.exists() else "# Benchmarks\n", line))
-        click.echo(f"appended to {path}")
+        record_benchmark(append_to, HEADER, line, intro=COLUMNS)
+        click.echo(f"appended to {append_to}")
 
 
-HEADER = "## dualpm-prep synth (samples/s; target 20 per core at 256 px)"
+HEADER = "dualpm-prep synth (samples/s; target 20 per core at 256 px)"
 COLUMNS = ("| date | cpu | backend | size | model build | 1 core in-process | Ray workers | Ray samples/s "
            "| per core | x target | load avg |\n|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|\n")
-
-
-def _with_row(text: str, row: str) -> str:
-    """`text` with `row` added at the end of the synth table (the section is created if missing)."""
-    if HEADER not in text:
-        return text.rstrip("\n") + f"\n\n{HEADER}\n\n{COLUMNS}{row}\n"
-    lines = text.splitlines(keepends=True)
-    at = next(i for i, line in enumerate(lines) if line.startswith(HEADER)) + 1
-    while at < len(lines) and (not lines[at].strip() or lines[at].startswith("|")):
-        at += 1  # past the blank line and the table rows
-    while at > 0 and not lines[at - 1].strip():
-        at -= 1  # back before trailing blank lines
-    if not lines[at - 1].endswith("\n"):
-        lines[at - 1] += "\n"
-    return "".join(lines[:at] + [row + "\n"] + lines[at:])
 
 
 if __name__ == "__main__":

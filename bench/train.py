@@ -33,15 +33,14 @@ from pathlib import Path
 import click
 import torch
 
-from dualpm.cliutils import describe_machine
+from dualpm.cliutils import describe_machine, record_benchmark
 from dualpm.data.reader import ShardStream, make_loader, open_dataset
-from dualpm.fileio import atomic_write_text
 from dualpm.loss import dualpm_loss
 from dualpm.model import DualPMNet, describe
 from dualpm.train import config_from_dict, read_config, resolve_config, train
 
 REPO = Path(__file__).resolve().parents[1]
-HEADING = "## Training: reader vs step samples/s (`bench/train.py`)"
+HEADING = "Training: reader vs step samples/s (`bench/train.py`)"
 
 
 def _synthetic(folder: Path, samples: int, size: int, channels: int, grid: int) -> Path:
@@ -174,12 +173,8 @@ def main(
             + (f", end to end {e2e:.1f}/s" if e2e is not None else "")
             + f"; reader / step {read / rows[0][1]:.1f}x; load avg {os.getloadavg()[0]:.1f}\n"
         )
-        path = Path(append_to)
-        old = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-        if HEADING not in old:  # our own section, so the lines don't run into another bench's table
-            old = old.rstrip("\n") + f"\n\n{HEADING}\n\n"
-        atomic_write_text(path, old + line)
-        print(f"appended to {path}")
+        record_benchmark(append_to, HEADING, line)
+        print(f"appended to {append_to}")
 
 
 if __name__ == "__main__":

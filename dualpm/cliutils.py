@@ -67,3 +67,24 @@ def describe_machine() -> str:
 
     gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
     return f"{cpu}, {cores} cores{gpu}"
+
+
+def record_benchmark(path: str | os.PathLike, heading: str, entry: str, intro: str = "") -> None:
+    """Append `entry` to section `## heading` of the markdown benchmark log `path` (atomically).
+
+    The file and the section (with `intro` under its heading: a sentence, a table header) are created
+    when missing. Earlier entries are never touched, so the log stays append-only. A list item after a
+    list item, or a table row after a table row, continues it; anything else gets a blank line first.
+    """
+    path = Path(path)
+    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
+    title = f"## {heading}"
+    if title not in text.splitlines():
+        text = text.rstrip("\n") + f"\n\n{title}\n\n" + (intro.strip("\n") + "\n" if intro else "")
+    head, _, tail = text.partition(title + "\n")
+    body, following, rest = tail.partition("\n## ")
+    body, entry = body.rstrip("\n"), entry.strip("\n")
+    last = body.splitlines()[-1] if body.strip() else ""
+    continues = last[:1] in ("-", "|") and last[:1] == entry[:1]
+    body = (body + ("\n" if continues else "\n\n") if body.strip() else "\n") + entry + "\n"
+    atomic_write_text(path, head + title + "\n" + body + ("\n## " + rest if following else ""))

@@ -1,0 +1,34 @@
+"""dualpm.cliutils: the benchmark log writer and the machine description."""
+
+from __future__ import annotations
+
+import os
+
+from dualpm.cliutils import describe_machine, record_benchmark
+
+
+def test_record_benchmark_creates_then_appends_to_its_own_section_only(tmp_path):
+    log = tmp_path / "benchmarks.md"
+    record_benchmark(log, "Synth", "| 1 | a |", intro="| n | x |\n|---|---|")
+    record_benchmark(log, "Render", "- first run")
+    record_benchmark(log, "Synth", "| 2 | b |")  # a row after a row continues the table
+    record_benchmark(log, "Render", "- second run\n\n| t |\n|---|\n| 3 |")  # an item after an item continues the list
+    record_benchmark(log, "Render", "plain words")  # anything else: a blank line first
+    assert log.read_text() == (
+        "# Benchmarks\n\n"
+        "## Synth\n\n| n | x |\n|---|---|\n| 1 | a |\n| 2 | b |\n\n"
+        "## Render\n\n- first run\n- second run\n\n| t |\n|---|\n| 3 |\n\nplain words\n"
+    )
+    assert [p.name for p in tmp_path.iterdir()] == ["benchmarks.md"]  # no temporary file left behind
+
+
+def test_record_benchmark_keeps_what_is_already_there(tmp_path):
+    log = tmp_path / "benchmarks.md"
+    log.write_text("# Benchmarks\n\nSome notes.\n\n## Render pipeline\n\n- old\n")
+    record_benchmark(log, "Render", "- new")  # "Render" is not "Render pipeline"
+    assert log.read_text() == "# Benchmarks\n\nSome notes.\n\n## Render pipeline\n\n- old\n\n## Render\n\n- new\n"
+
+
+def test_describe_machine_names_the_cores():
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert f", {cores} cores" in describe_machine()
