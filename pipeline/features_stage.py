@@ -63,7 +63,16 @@ from dualpm.features import (
 )
 from dualpm.features.base import DINO_PATCH, require_folder
 from dualpm.features.dino import Dinov2Backbone
-from dualpm.store import FORMATS, SCHEMA_VERSION, FieldSpec, Manifest, ShardPlan, ShardRecord, ShardWriter, column_dir
+from dualpm.store import (
+    FORMATS,
+    SCHEMA_VERSION,
+    FieldSpec,
+    Manifest,
+    ShardPlan,
+    ShardRecord,
+    ShardWriter,
+    column_dir,
+)
 from pipeline.cluster import ClusterInfo, ray_session
 from pipeline.runner import (
     Stage,
@@ -73,6 +82,7 @@ from pipeline.runner import (
     prepare_column,
     require_samples,
     run_shards,
+    shard_stage_options,
 )
 
 COLUMN = "features"
@@ -537,17 +547,11 @@ def start_workers(
               help="Shard container (Zarr: dense float16 arrays).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="auto: one actor per GPU for sd-dino/dino where the Ray cluster has GPUs, else one per CPU.")
-@click.option("--shard-size", type=click.IntRange(min=1), default=None, show_default="as in OUT, else 256",
-              help="Samples per shard (fixed by the first stage run on OUT).")
 @click.option("--workers", type=click.IntRange(min=1), default=None, show_default="one per GPU or CPU",
               help="Most actors to start (and CPUs of a local Ray).")
-@click.option("--address", type=str, default=None, show_default="start a local Ray",
-              help="host:port of a running Ray cluster ('auto': the one on this node).")
 @click.option("--overwrite", is_flag=True,
               help="Refit the basis, redo every shard, also complete ones, and accept a new config.")
-@click.option("--max-failures", type=click.IntRange(min=0), default=None, show_default="no limit",
-              help="Most failed samples (a count, over the whole column) before the run stops with an error.")
-@click.option("--dry-run", is_flag=True, help="Print the config and the shard plan, write nothing.")
+@shard_stage_options
 @click.pass_context
 @handles_user_errors
 def features(ctx: click.Context, src: Path, out: Path, extractor: str, sd_model: str | None,

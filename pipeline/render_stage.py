@@ -41,11 +41,11 @@ from dualpm.skinning import read_pose_file, skin
 from dualpm.store import (
     FORMATS,
     SCHEMA_VERSION,
+    EncodingError,
     FieldSpec,
     ShardPlan,
     ShardRecord,
     ShardWriter,
-    EncodingError,
     column_dir,
     decode_png,
     encode_dual_pointmap,
@@ -60,6 +60,7 @@ from pipeline.runner import (
     prepare_column,
     require_samples,
     run_shards,
+    shard_stage_options,
 )
 
 COLUMN = "render"
@@ -279,8 +280,6 @@ def task_resources(backend: str, cluster: ClusterInfo) -> tuple[dict[str, float]
               help="Image side, pixels.")
 @click.option("--layers", type=click.IntRange(1, 255), default=8, show_default=True,
               help="Depth layers stored.")
-@click.option("--shard-size", type=click.IntRange(min=1), default=None, show_default="as in OUT, else 256",
-              help="Samples per shard (fixed by the first run on OUT).")
 @click.option("--backend", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
               help="cuda (nvdiffrast, one GPU per task) where the Ray cluster has GPUs, else cpu (Embree).")
 @click.option("--format", "fmt", type=click.Choice(list(FORMATS)), default="webdataset", show_default=True,
@@ -289,13 +288,9 @@ def task_resources(backend: str, cluster: ClusterInfo) -> tuple[dict[str, float]
               help="Images per render call.")
 @click.option("--workers", type=click.IntRange(min=1), default=None, show_default="all CPUs",
               help="CPUs of the local Ray (ignored with --address).")
-@click.option("--address", type=str, default=None, show_default="start a local Ray",
-              help="host:port of a running Ray cluster ('auto': the one on this node).")
 @click.option("--overwrite", is_flag=True,
               help="Redo every shard, also complete ones, and accept a new config.")
-@click.option("--max-failures", type=click.IntRange(min=0), default=None, show_default="no limit",
-              help="Most failed samples (a count, over the whole column) before the run stops with an error.")
-@click.option("--dry-run", is_flag=True, help="Print the config and the shard plan, write nothing.")
+@shard_stage_options
 @handles_user_errors
 def render(src: Path, out: Path, resolution: int, layers: int, shard_size: int | None, backend: str, fmt: str,
            batch: int, workers: int | None, address: str | None, overwrite: bool, max_failures: int | None,

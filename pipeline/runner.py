@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import click
 import ray
 
 from dualpm.data.source import SourceDataset
@@ -306,3 +307,23 @@ def require_samples(manifest: Manifest, source: SourceDataset) -> None:
     """DatasetError when the plan holds no sample (an empty or wrong SRC folder)."""
     if not manifest.plan:
         raise DatasetError(f"{source.root}: no samples found (expected poses/<id>_pose.npz files)")
+
+
+# The options every shard stage (render, features) shares, defined once so they read the same everywhere.
+_SHARED_OPTIONS = (
+    click.option("--shard-size", type=click.IntRange(min=1), default=None, show_default="as in OUT, else 256",
+                 help="Samples per shard (fixed by the first stage run on OUT)."),
+    click.option("--address", type=str, default=None, show_default="start a local Ray",
+                 help="host:port of a running Ray cluster ('auto': the one on this node)."),
+    click.option("--max-failures", type=click.IntRange(min=0), default=None, show_default="no limit",
+                 help="Most failed samples (a count, over the whole column) before the run stops with an error."),
+    click.option("--dry-run", is_flag=True, help="Print the config and the shard plan, write nothing."),
+)
+
+
+def shard_stage_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Add --shard-size, --address, --max-failures and --dry-run to a stage command (in that order)."""
+    for option in reversed(_SHARED_OPTIONS):
+        fn = option(fn)
+    return fn
+
