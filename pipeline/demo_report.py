@@ -34,12 +34,15 @@ SHEET_SAMPLES = 6
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     """The run's metrics.jsonl lines (a torn last line from a killed writer is skipped)."""
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines()
     rows = []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+    for number, line in enumerate(lines, start=1):
         try:
             rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
+        except json.JSONDecodeError as err:
+            if number < len(lines):  # only the last line can be torn; anything else is a damaged log
+                raise DatasetError(f"{path}: line {number} is not JSON ({err})") from err
     return rows
 
 

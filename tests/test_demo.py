@@ -138,3 +138,14 @@ def test_demo_defaults_learn_at_least_twice_better_than_the_constant_baseline(tm
     ratio = check_report(out, proc)
     assert ratio <= LEARNING_BAR, proc.stdout[-3000:]
     assert np.isfinite(ratio)
+
+
+def test_metrics_log_tolerates_only_a_torn_last_line(tmp_path):
+    from dualpm.errors import DatasetError
+    from pipeline.demo_report import read_metrics
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "split": "train"}\n{"step": 2, "spl')
+    assert read_metrics(tmp_path) == [{"step": 1, "split": "train"}]  # a killed writer's half line
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1\n{"step": 2, "split": "train"}\n')
+    with pytest.raises(DatasetError, match="metrics.jsonl: line 1 is not JSON"):
+        read_metrics(tmp_path)
