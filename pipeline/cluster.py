@@ -11,9 +11,9 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Generic, TypeVar
 
 from tqdm import tqdm
 
@@ -26,6 +26,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import ray  # noqa: E402  (after the environment above)
 
 log = logging.getLogger(__name__)
+
+Job = TypeVar("Job")
 
 
 @dataclass(frozen=True)
@@ -68,24 +70,52 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
             ray.shutdown()
 
 
-def as_completed(refs: Iterable[ray.ObjectRef], total_items: int, desc: str, unit: str = "sample",
-                 weights: dict[ray.ObjectRef, int] | None = None) -> Iterator[tuple[ray.ObjectRef, Any]]:
-    """Yield (ref, result) as Ray tasks finish, with a progress bar in `unit`s/s and an ETA.
+def concurrent_tasks(cluster: ClusterInfo, resources: dict[str, float]) -> int:
+    """How many tasks asking for `resources` ({"num_cpus": c, "num_gpus": g}) the cluster runs at once."""
+    fits = [cluster.cpus / resources.get("num_cpus", 1)]
+    if resources.get("num_gpus"):
+        fits.append(cluster.gpus / resources["num_gpus"])
+    return max(1, int(min(fits)))
 
-    Args:
-        refs: object refs of running tasks.
-        total_items: total units of work (e.g. samples) the bar counts to.
-        weights: units each ref accounts for (default 1 each).
-    A task that raised re-raises here (as `ray.exceptions.RayTaskError`) for the caller to handle.
+
+class TaskWindow(Generic[Job]):
+    """Ray tasks run at most `limit` at a time; iterate to get each `(job, ref)` as its task finishes.
+
+    Iteration submits `submit(job)` for the jobs in order while fewer than `limit` are in flight and
+    yields finished ones (call `ray.get(ref)`: it returns the result or raises the task's error), with
+    a progress bar counting `weight(job)` units per finished task.
+
+    Nothing is ever cancelled: in Ray 2.60 `ray.cancel` races with a task that is just finishing and
+    aborts the driver ("Check failed: ... Tried to complete task that was not pending"). `stop()`
+    instead ends submission; iteration then drains the tasks in flight, so finished work is kept.
+    Keep `limit` near the number of tasks the cluster runs at once, so little waits in Ray's queue.
     """
-    pending = list(refs)
-    with tqdm(total=total_items, desc=desc, unit=unit, dynamic_ncols=True, smoothing=0.1) as bar:
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1, timeout=1.0)
-            for ref in done:
-                result = ray.get(ref)
-                bar.update(weights[ref] if weights else 1)
-                yield ref, result
+
+    def __init__(self, jobs: Iterable[Job], submit: Callable[[Job], ray.ObjectRef], limit: int, desc: str,
+                 unit: str = "sample", weight: Callable[[Job], int] = lambda job: 1):
+        if limit < 1:
+            raise ValueError(f"TaskWindow limit must be >= 1, got {limit}")
+        self.queue = list(jobs)[::-1]  # popped from the end: submission in job order
+        self.submit, self.limit, self.weight = submit, limit, weight
+        self.desc, self.unit = desc, unit
+        self.in_flight: dict[ray.ObjectRef, Job] = {}
+
+    def stop(self) -> None:
+        """Submit nothing more; iteration still yields the tasks already in flight."""
+        self.queue.clear()
+
+    def __iter__(self) -> Iterator[tuple[Job, ray.ObjectRef]]:
+        total = sum(self.weight(job) for job in self.queue) + sum(self.weight(j) for j in self.in_flight.values())
+        with tqdm(total=total, desc=self.desc, unit=self.unit, dynamic_ncols=True, smoothing=0.1) as bar:
+            while self.queue or self.in_flight:
+                while self.queue and len(self.in_flight) < self.limit:
+                    job = self.queue.pop()
+                    self.in_flight[self.submit(job)] = job
+                done, _ = ray.wait(list(self.in_flight), num_returns=1, timeout=1.0)
+                for ref in done:
+                    job = self.in_flight.pop(ref)
+                    bar.update(self.weight(job))
+                    yield job, ref
 
 
 class Stopwatch:

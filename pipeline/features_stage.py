@@ -595,7 +595,7 @@ def features(ctx: click.Context, src: Path, out: Path, extractor: str, sd_model:
         try:
             dispatcher = handles[-1] if handles else None
             summary = run_shards(out, manifest, stage, todo, lambda plan: dispatcher.run.remote(plan, folder),
-                                 max_failures)
+                                 max_failures, max(1, len(handles)))  # a shard per actor, one queued
         finally:
             for handle in handles:  # free the GPUs / CPUs now (a cluster outlives this command)
                 ray.kill(handle)

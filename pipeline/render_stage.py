@@ -51,7 +51,7 @@ from dualpm.store import (
     encode_dual_pointmap,
     png_bytes,
 )
-from pipeline.cluster import ClusterInfo, ray_session
+from pipeline.cluster import ClusterInfo, concurrent_tasks, ray_session
 from pipeline.runner import (
     Stage,
     check_column,
@@ -318,6 +318,7 @@ def render(src: Path, out: Path, resolution: int, layers: int, shard_size: int |
         todo = prepare_column(out, manifest, stage, overwrite)
         task = ray.remote(render_shard).options(max_retries=MAX_RETRIES, **resources)
         folder = str(column_dir(out, COLUMN).resolve())
+        # One task queued beyond what runs keeps every worker busy between shards.
         summary = run_shards(out, manifest, stage, todo, lambda plan: task.remote(config, plan, folder),
-                             max_failures)
+                             max_failures, concurrent_tasks(cluster, resources) + 1)
     click.echo(summary.line())

@@ -6,7 +6,7 @@ returns its `ShardRecord`. This module does everything around that:
 
     manifest = open_manifest(out, source, shard_size)       # plan from SRC; same plan on a rerun
     todo = prepare_column(out, manifest, stage, overwrite)   # config check, stale temps, resume
-    summary = run_shards(out, manifest, stage, todo, submit, max_failures)
+    summary = run_shards(out, manifest, stage, todo, submit, max_failures, max_in_flight)
     click.echo(summary.line())
 
 `submit(plan)` starts the work on one `ShardPlan` and returns its `ray.ObjectRef` (a remote function
@@ -51,7 +51,7 @@ from dualpm.store import (
     save_manifest,
     write_failures,
 )
-from pipeline.cluster import Stopwatch, as_completed
+from pipeline.cluster import Stopwatch, TaskWindow
 
 DEFAULT_SHARD_SIZE = 256
 MANIFEST_SAVE_SECONDS = 10.0  # records are on disk anyway; this only keeps manifest.json fresh
@@ -218,7 +218,8 @@ def run_shards(
     stage: Stage,
     todo: list[ShardPlan],
     submit: Callable[[ShardPlan], ray.ObjectRef],
-    max_failures: int | None = None,
+    max_failures: int | None,
+    max_in_flight: int,
 ) -> RunSummary:
     """Run one task per shard of `todo` and record the results in manifest.json and failures.jsonl.
 
@@ -226,6 +227,8 @@ def run_shards(
         submit: starts the work on one shard (publishing it) and returns the ref of its `ShardRecord`.
         max_failures: the most failed samples (a count, over the whole column) the run accepts; None
             for no limit. When exceeded, no further shards are started and `StageError` is raised.
+        max_in_flight: shards submitted to Ray at a time (about what the cluster runs at once). When
+            the run must stop, the shards in flight finish and are recorded; none is cancelled.
     Raises:
         StageError: a task failed (after Ray's retries), too many samples failed, or none at all
             could be produced. manifest.json and failures.jsonl hold every finished shard anyway.
@@ -233,49 +236,44 @@ def run_shards(
     column = manifest.columns[stage.column]
     clock = Stopwatch()
     skipped = len(manifest.plan) - len(todo)
-    refs = {submit(plan): plan for plan in todo}
-    weights = {ref: len(plan.ids) for ref, plan in refs.items()}
+    window = TaskWindow(todo, submit, max_in_flight, stage.column, weight=lambda plan: len(plan.ids))
     done: list[ShardRecord] = []
-    error: str | None = None
+    errors: list[str] = []
     last_save = time.monotonic()
-    stream = iter(())
 
     def total_failures() -> int:
         return sum(len(r.failures) for r in column.shards.values())
 
     try:
-        if refs:
-            stream = as_completed(list(refs), sum(weights.values()), stage.column, weights=weights)
-        while True:
+        for _, ref in window:
             try:
-                ref, record = next(stream)
-            except StopIteration:
-                break
+                record = ray.get(ref)
             except ray.exceptions.RayError as err:  # a task raised, or its worker died past its retries
-                error = f"a shard task failed: {_task_error(err)}"
-                break
-            refs.pop(ref)
+                errors.append(_task_error(err))
+                window.stop()
+                continue
             if not isinstance(record, ShardRecord):
                 raise TypeError(f"a shard task returned {type(record).__name__}, not a ShardRecord")
             column.shards[record.index] = record
             done.append(record)
             if max_failures is not None and total_failures() > max_failures:
-                break
+                window.stop()
             if time.monotonic() - last_save > MANIFEST_SAVE_SECONDS:
                 _save_column(out, manifest, stage.column)
                 last_save = time.monotonic()
-        if error is None and max_failures is not None and total_failures() > max_failures:
-            error = (
-                f"{total_failures()} samples failed, more than --max-failures {max_failures}; "
-                f"see {Path(out) / 'failures.jsonl'}"
-            )
     finally:
-        if hasattr(stream, "close"):
-            stream.close()  # ends the progress bar
-        for ref in refs:  # stop scheduling: shards not started are dropped, running ones discarded
-            ray.cancel(ref)
         _save_column(out, manifest, stage.column)
         write_failures(out, manifest)
+    error = None
+    if errors:
+        error = f"a shard task failed: {errors[0]}"
+        if len(errors) > 1:
+            error += f" (and {len(errors) - 1} more shard tasks failed)"
+    elif max_failures is not None and total_failures() > max_failures:
+        error = (
+            f"{total_failures()} samples failed, more than --max-failures {max_failures}; "
+            f"see {Path(out) / 'failures.jsonl'}"
+        )
     summary = RunSummary(
         column=stage.column,
         shards_done=len(done),

@@ -64,7 +64,7 @@ def toy_stage(fmt: str = "webdataset", **config) -> Stage:
 
 
 def run_toy(out, source, stage, shard_size=3, overwrite=False, bad=frozenset(), max_failures=None, crash=(),
-            die_once=None):
+            die_once=None, max_in_flight=2):
     manifest = open_manifest(out, source, shard_size)
     todo = prepare_column(out, manifest, stage, overwrite)
     folder = str(out / stage.column)
@@ -73,7 +73,7 @@ def run_toy(out, source, stage, shard_size=3, overwrite=False, bad=frozenset(), 
         marker = str(die_once) if die_once is not None and plan.index == 1 else None
         return toy_remote.remote(folder, plan, stage.format, frozenset(bad), plan.index in crash, marker)
 
-    return todo, run_shards(out, manifest, stage, todo, submit, max_failures)
+    return todo, run_shards(out, manifest, stage, todo, submit, max_failures, max_in_flight)
 
 
 @pytest.fixture(scope="module")
@@ -193,10 +193,11 @@ def test_max_failures_is_a_count_over_the_column(tmp_path, ray_local, source):
 
 
 def test_a_failing_task_stops_the_run_with_its_error(tmp_path, ray_local, source):
-    with pytest.raises(StageError, match="crashed on purpose"):
-        run_toy(tmp_path, source, toy_stage(), crash={2})
+    with pytest.raises(StageError, match=r"crashed on purpose \(3 shards finished; rerun to resume\)"):
+        run_toy(tmp_path, source, toy_stage(), crash={2}, max_in_flight=4)
+    # All four shards were in flight: the three good ones finished and are recorded, none cancelled.
     records = load_manifest(tmp_path).columns["toy"].shards
-    assert 2 not in records
+    assert sorted(records) == [0, 1, 3]
     todo, summary = run_toy(tmp_path, source, toy_stage())  # the rerun finishes the rest
     assert 2 in [p.index for p in todo] and summary.failures_total == 0
     assert verify_store(tmp_path) == []

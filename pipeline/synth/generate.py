@@ -456,34 +456,24 @@ def _run_windowed(jobs, limit: int, desc: str, unit: str) -> list:
     """Run (submit, weight) jobs with at most `limit` in flight; results in job order, with a progress bar.
 
     A task that raised a `DualPMError` stops the run with that message (other errors propagate as
-    they are); the tasks still pending are cancelled.
+    they are); tasks in flight are left to finish (their samples are written atomically; a rerun
+    skips them) or to end with the local Ray.
     """
     import ray
-    from tqdm import tqdm
+
+    from pipeline.cluster import TaskWindow
 
     results: dict[int, object] = {}
-    pending: dict[object, int] = {}
-    queue = list(enumerate(jobs))[::-1]
-    with tqdm(total=sum(w for _, w in jobs), desc=desc, unit=unit, dynamic_ncols=True, smoothing=0.1) as bar:
+    window = TaskWindow(range(len(jobs)), lambda index: jobs[index][0](), limit, desc, unit,
+                        weight=lambda index: jobs[index][1])
+    for index, ref in window:
         try:
-            while queue or pending:
-                while queue and len(pending) < limit:
-                    index, (submit, _) = queue.pop()
-                    pending[submit()] = index
-                done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
-                for ref in done:
-                    index = pending.pop(ref)
-                    try:
-                        results[index] = (ray.get(ref), jobs[index][1])
-                    except ray.exceptions.RayTaskError as err:
-                        cause = getattr(err, "cause", None)
-                        if isinstance(cause, DualPMError):  # a user error met on a worker: one clear line
-                            raise DualPMError(f"{desc}: a task failed: {cause}") from err
-                        raise  # a bug: keep Ray's traceback
-                    bar.update(jobs[index][1])
-        finally:
-            for ref in pending:
-                ray.cancel(ref)
+            results[index] = (ray.get(ref), jobs[index][1])
+        except ray.exceptions.RayTaskError as err:
+            cause = getattr(err, "cause", None)
+            if isinstance(cause, DualPMError):  # a user error met on a worker: one clear line
+                raise DualPMError(f"{desc}: a task failed: {cause}") from err
+            raise  # a bug: keep Ray's traceback
     return [results[i] for i in range(len(jobs))]
 
 
