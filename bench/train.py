@@ -142,7 +142,8 @@ def main(
         info = open_dataset(root)
         config = resolve_config(config, info, explicit_in_channels=False)
         dc = config.data
-        stream = ShardStream(info, dc.train_split, dc.layers, dc.resolution, 0, buffer_size=dc.shuffle_buffer)
+        stream = ShardStream(info, dc.train_split, dc.layers, dc.resolution, 0, buffer_size=dc.shuffle_buffer,
+                             open_shards=dc.open_shards)
         read = reader_rate(stream, dc.batch_size, dc.workers, dc.prefetch, reader_batches)
         batch = next(iter(make_loader(stream, dc.batch_size, 0, 1, False)))
         model = describe(DualPMNet(config.model))

@@ -20,6 +20,7 @@ from dualpm.data.reader import (
     ShardStream,
     consumer_segments,
     decode_sample,
+    interleave,
     make_loader,
     open_dataset,
     shuffle_buffer,
@@ -258,6 +259,37 @@ def test_shuffle_buffer_is_a_seeded_permutation():
     c = list(shuffle_buffer(items, 8, np.random.default_rng(4)))
     assert a == b and sorted(a) == items and a != items and a != c
     assert list(shuffle_buffer(items, 1, np.random.default_rng(3))) == items
+
+
+def test_interleave_is_round_robin_over_a_window_of_iterators():
+    opened = []
+
+    def source(name, n):
+        opened.append(name)
+        yield from (f"{name}{k}" for k in range(n))
+
+    streams = (source(name, n) for name, n in (("a", 3), ("b", 1), ("c", 2), ("d", 1)))
+    assert list(interleave(streams, 2)) == ["a0", "b0", "a1", "a2", "c0", "c1", "d0"]
+    assert opened == ["a", "b", "c", "d"]
+    assert list(interleave(iter([iter([1, 2]), iter([3])]), 1)) == [1, 2, 3]  # width 1: plain chain
+    # Closed early, the iterators still open are closed (their shard files released).
+    streams = [source(name, 5) for name in "xyz"]
+    it = interleave(iter(streams), 2)
+    assert next(it) == "x0"
+    it.close()
+    assert all(s.gi_frame is None for s in streams[:2])
+
+
+def test_samples_of_open_shards_are_interleaved(tmp_path):
+    # 4 shards of 4 (ids 0000-0003 in one shard, ...): without a buffer, 2 open shards alternate.
+    info = open_dataset(write_store(tmp_path, n_train=16, n_val=1, shard_size=4, size=8, grid=4))
+    ids = [s["id"] for s in itertools.islice(iter(_stream(info, buffer_size=0, open_shards=2)), 16)]
+    shards = [int(i) // 4 for i in ids]
+    assert sorted(ids) == [f"{i:04d}" for i in range(16)]
+    assert all(a != b for a, b in zip(shards[:7], shards[1:8], strict=True))  # two shards, alternating
+    assert len(set(shards[:8])) == 2
+    alone = [int(s["id"]) // 4 for s in itertools.islice(iter(_stream(info, buffer_size=0, open_shards=1)), 16)]
+    assert all(len(set(alone[k : k + 4])) == 1 for k in range(0, 16, 4))  # one shard after another
 
 
 # --- streams over ranks x workers -------------------------------------------------------------------

@@ -270,9 +270,11 @@ def test_a_signal_to_one_ddp_rank_stops_every_rank_after_the_same_step(tmp_path)
     assert sorted(ranks) == [0, 1], children
     os.kill(ranks[1], signal.SIGUSR1)
     out = proc.communicate(timeout=120)[0]
-    # torchrun reports the ranks' status, 75 and nothing else (no rank crashed or was killed), and fails
-    # itself: a job script cannot tell 75 through it.
-    assert proc.returncode != 0 and set(re.findall(r"exitcode\s*:\s*(-?\d+)", out)) == {"75"}, out
+    # torchrun fails itself (a job script cannot tell 75 through it) and reports the ranks' status: 75,
+    # no crash. A rank still tearing down when the first one exits gets torchrun's SIGTERM (-15): on a
+    # loaded machine that happens, and it has stopped at the same step all the same (checked below).
+    codes = re.findall(r"exitcode\s*:\s*(-?\d+)", out)
+    assert proc.returncode != 0 and "75" in codes and set(codes) <= {"75", "-15"}, out
     found = re.search(r"stopping at step (\d+) on SIGUSR1: checkpoint written to", out)  # rank 0's line
     assert found and out.count("stopping at step") == 1, out
     k = int(found.group(1))

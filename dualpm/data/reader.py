@@ -10,9 +10,9 @@ with the sample ids they share (a sample missing from either column is skipped).
   `S mod C` remaining shards shared at sample granularity (strided), or, with fewer shards than
   consumers, every shard strided over all consumers. Every sample of an epoch goes to exactly one
   consumer, and nothing hangs whatever the counts.
-* **Infinite training stream.** Each consumer runs epoch after epoch on its own (a seeded shuffle buffer
-  per (seed, epoch, consumer)), so DDP ranks never wait for each other at an epoch end: training is
-  counted in global steps.
+* **Infinite training stream.** Each consumer runs epoch after epoch on its own (its shards read
+  `open_shards` at a time, round robin, then a seeded shuffle buffer per (seed, epoch, consumer)), so
+  DDP ranks never wait for each other at an epoch end: training is counted in global steps.
 * **Data position.** Every sample carries `position = (role, epoch, count)`: `count` samples of that
   epoch were yielded by that consumer up to and including this one. Restarting a consumer at
   (epoch, count) replays its stream without decoding (records are read but not decoded) and yields
@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import itertools
 import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -239,6 +240,32 @@ def shuffle_buffer(items: Iterable[T], size: int, rng: np.random.Generator) -> I
         yield buffer[j]
 
 
+def interleave(iterators: Iterable[Iterator[T]], width: int) -> Iterator[T]:
+    """Round robin over `width` iterators at a time, taking the next one in when one ends.
+
+    Iterators are started lazily in the given order, so at most `width` shards are open at once.
+    """
+    pending = iter(iterators)
+    active = list(itertools.islice(pending, max(1, width)))
+    try:
+        while active:
+            for k, it in enumerate(active):
+                item = next(it, _END)
+                if item is _END:
+                    replacement = next(pending, None)
+                    active[k] = replacement
+                    continue
+                yield item
+            active = [it for it in active if it is not None]
+    finally:  # a consumer that stops early closes the shards still open now
+        for it in active:
+            if it is not None and hasattr(it, "close"):
+                it.close()
+
+
+_END = object()
+
+
 def _resize_mask(mask: np.ndarray, size: tuple[int, int], where: str) -> torch.Tensor:
     """Stored mask (h, w) or (h, w, c) of bool / uint8 / uint16 -> (H, W) float32 in {0, 1}."""
     if mask.ndim == 3:
@@ -307,6 +334,7 @@ class ShardStream(IterableDataset):
         rank, world: this DDP rank and the number of ranks.
         shuffle: seeded shard order and shuffle buffer (False: plan order, each consumer in stored order).
         buffer_size: shuffle buffer size in samples (<= 1: no buffer).
+        open_shards: with shuffle, shards each consumer reads at once, samples taken round robin.
         infinite: run epoch after epoch (training); False: one epoch (validation).
         positions: (roles, 2) int64 (epoch, count) per role of this rank to start from (None: all 0).
         role_offset: worker w plays role (w + role_offset) % workers.
@@ -323,6 +351,7 @@ class ShardStream(IterableDataset):
         world: int = 1,
         shuffle: bool = True,
         buffer_size: int = 64,
+        open_shards: int = 4,
         infinite: bool = True,
         positions: np.ndarray | None = None,
         role_offset: int = 0,
@@ -335,6 +364,7 @@ class ShardStream(IterableDataset):
         self.info, self.split, self.layers, self.resolution = info, split, layers, tuple(resolution)
         self.seed, self.rank, self.world = seed, rank, world
         self.shuffle, self.buffer_size, self.infinite = shuffle, buffer_size, infinite
+        self.open_shards = open_shards
         self.positions = None if positions is None else np.asarray(positions, np.int64).reshape(-1, 2)
         self.role_offset = role_offset
         self._formats = (info.manifest.columns[RENDER].format, info.manifest.columns[FEATURES].format)
@@ -361,20 +391,25 @@ class ShardStream(IterableDataset):
 
         root = self.info.root
 
-        def stream() -> Iterator[tuple[int, str, dict, np.ndarray]]:
-            for seg in consumer_segments(self.epoch_shards(epoch), consumers, consumer):
-                start = 0  # index of the shard's first sample in the segment's concatenation
-                for shard in seg.shards:
-                    wanted = shard.ids[(seg.offset - start) % seg.stride :: seg.stride]
-                    start += len(shard.ids)
-                    if wanted:
-                        for sample_id, fields, feats in _joined(root, *self._formats, shard, wanted):
-                            yield shard.index, sample_id, fields, feats
+        def shard_records(shard: ShardInfo, wanted: list[str]) -> Iterator[tuple[int, str, dict, np.ndarray]]:
+            for sample_id, fields, feats in _joined(root, *self._formats, shard, wanted):
+                yield shard.index, sample_id, fields, feats
 
+        parts = []  # (shard, the ids this consumer takes from it), in epoch order
+        for seg in consumer_segments(self.epoch_shards(epoch), consumers, consumer):
+            start = 0  # index of the shard's first sample in the segment's concatenation
+            for shard in seg.shards:
+                wanted = shard.ids[(seg.offset - start) % seg.stride :: seg.stride]
+                start += len(shard.ids)
+                if wanted:
+                    parts.append((shard, wanted))
+        streams = (shard_records(shard, wanted) for shard, wanted in parts)
         if not self.shuffle:
-            return stream()
+            return itertools.chain.from_iterable(streams)
+        # Shards are often written model by model (ours, the published set): reading several at once
+        # mixes them before the shuffle buffer does, so a batch is not one animal.
         rng = np.random.default_rng([self.seed, epoch, consumer, 1])
-        return shuffle_buffer(stream(), self.buffer_size, rng)
+        return shuffle_buffer(interleave(streams, self.open_shards), self.buffer_size, rng)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         role, consumer, consumers = self.consumer()

@@ -46,6 +46,7 @@ class DataConfig:
     workers: int = 2  # DataLoader worker processes per rank
     prefetch: int = 2  # batches prefetched per worker
     shuffle_buffer: int = 64  # samples per consumer's shuffle buffer (<= 1: shard order only)
+    open_shards: int = 4  # shards each consumer reads at once, interleaved (mixes model-ordered shards)
     train_split: str = "train"
     val_split: str = "val"
 
@@ -58,6 +59,7 @@ class DataConfig:
         _check(self.workers >= 0, "data.workers", ">= 0", self.workers)
         _check(self.prefetch >= 1, "data.prefetch", ">= 1", self.prefetch)
         _check(self.shuffle_buffer >= 0, "data.shuffle_buffer", ">= 0", self.shuffle_buffer)
+        _check(self.open_shards >= 1, "data.open_shards", ">= 1", self.open_shards)
         for name in ("train_split", "val_split"):
             _check(bool(getattr(self, name)), f"data.{name}", "a split name", getattr(self, name))
 

@@ -248,7 +248,7 @@ class _Trainer:
         dc = self.config.data
         return ShardStream(
             self.info, split, dc.layers, dc.resolution, self.config.train.seed, self.d.rank, self.d.world,
-            shuffle=train, buffer_size=dc.shuffle_buffer, infinite=train,
+            shuffle=train, buffer_size=dc.shuffle_buffer, open_shards=dc.open_shards, infinite=train,
             positions=self.positions if train else None,
             # A fresh DataLoader starts its round robin at worker 0; the batch after `step` batches
             # comes from role step % roles in an uninterrupted run.
