@@ -176,7 +176,7 @@ def write_report(
     lines += [
         "## Dataset",
         "",
-        f"- {config.models} procedural quadrupeds, {config.samples} samples: "
+        f"- {config.models} procedural quadruped{'' if config.models == 1 else 's'}, {config.samples} samples: "
         f"{data['splits'].get('train', 0)} train / {data['splits'].get('val', 0)} val samples, "
         f"{data['shards']} shards; images {config.image_size} px, dual point maps {config.resolution} px x "
         f"{config.layers} layers.",
