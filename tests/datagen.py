@@ -14,6 +14,8 @@ second for ~10 samples. Bad samples can be injected to test failure handling:
     ds = make_source_dataset(tmp_path / "src", num_samples=8, models=2, val=2,
                              bad={sample_id(3): "corrupt_pose"})
     ds.root, ds.ids, ds.val_ids, ds.model_of["000001"], ds.bad
+
+`cli_output(command, *args, exit_code=0)` runs a click command in-process and returns its output.
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import click
 import numpy as np
 import torch
+from click.testing import CliRunner
 from PIL import Image
 
 from dualpm.camera import camera_pose_from_view, format_camera_txt, look_at, projection_from_focal
@@ -252,3 +256,10 @@ def make_source_dataset(
         (root / "splits").mkdir(exist_ok=True)
         atomic_write_text(layout.split("val"), "".join(f"{i}\n" for i in val_ids))
     return GeneratedDataset(root=root, ids=ids, model_of=model_of, val_ids=val_ids, bad=bad)
+
+
+def cli_output(command: click.Command, *args: object, exit_code: int = 0) -> str:
+    """Invoke `command` with `args` (str()-ed), assert its exit code, return what it printed."""
+    result = CliRunner().invoke(command, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == exit_code, result.output
+    return result.output

@@ -25,6 +25,7 @@ import trimesh
 import zarr
 from click.testing import CliRunner
 
+from datagen import cli_output as run
 from datagen import make_source_dataset, tube_mesh
 from dualpm.camera import view_from_camera_pose
 from dualpm.data.source import Layout, SourceDataset
@@ -53,12 +54,6 @@ def rigid_parts_mesh(name: str) -> SkinnedMesh:
     weights = np.zeros((len(vertices), 4), np.float32)
     weights[:, 0] = 1.0
     return dataclasses.replace(tube, vertices=vertices, faces=faces, joints=joints, weights=weights)
-
-
-def run(command, *args) -> str:
-    result = CliRunner().invoke(command, [str(a) for a in args], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result.output
 
 
 @pytest.fixture(scope="module")

@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 import torch
 import trimesh
-from click.testing import CliRunner
 from PIL import Image
 
+from datagen import cli_output as run
 from datagen import make_source_dataset, sample_id
 from dualpm.data.reader import ShardStream, open_dataset
 from dualpm.errors import ConfigError
@@ -41,18 +41,6 @@ from pipeline.cli import main as prep_main
 
 REPO = Path(__file__).parents[1]
 RESOLUTION = 32
-
-
-def run(command, *args) -> str:
-    result = CliRunner().invoke(command, [str(a) for a in args], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result.output
-
-
-def fails(command, *args) -> str:
-    result = CliRunner().invoke(command, [str(a) for a in args], catch_exceptions=False)
-    assert result.exit_code == 1, result.output
-    return result.output
 
 
 @pytest.fixture(scope="module")
@@ -141,8 +129,8 @@ def test_dataset_predictions_are_the_models_and_the_files_agree_with_the_zarr(se
     assert len(lines) == sum(not (again / "samples" / sid / "skeleton.json").exists() for sid in store.ids)
 
     # Existing predictions are only replaced on request.
-    assert "exists; pass --overwrite" in fails(infer_main, "--checkpoint", setup.run, "--data", setup.out,
-                                                 "--out", again)
+    assert "exists; pass --overwrite" in run(infer_main, "--checkpoint", setup.run, "--data", setup.out,
+                                             "--out", again, exit_code=1)
 
 
 def test_image_folder_reports_missing_mask_and_unreadable_file_and_processes_the_others(setup, tmp_path):
@@ -174,8 +162,8 @@ def test_image_folder_reports_missing_mask_and_unreadable_file_and_processes_the
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert "no sample could be predicted" in fails(infer_main, "--checkpoint", setup.checkpoint, "--images", empty,
-                                                   "--masks", masks, "--out", tmp_path / "none")
+    assert "no sample could be predicted" in run(infer_main, "--checkpoint", setup.checkpoint, "--images", empty,
+                                                 "--masks", masks, "--out", tmp_path / "none", exit_code=1)
 
 
 def _predict_val(setup, out: Path) -> Path:
@@ -203,13 +191,14 @@ def test_checkpoints_carry_the_features_and_mismatches_are_refused(setup, tmp_pa
 
     other = dict(state, features=dict(state["features"], grid=8))
     torch.save(other, tmp_path / "grid8.pt")
-    output = fails(infer_main, "--checkpoint", tmp_path / "grid8.pt", "--data", setup.out, "--out", tmp_path / "p")
+    output = run(infer_main, "--checkpoint", tmp_path / "grid8.pt", "--data", setup.out, "--out", tmp_path / "p",
+                 exit_code=1)
     assert "trained on other features" in output and "grid: 8 (trained) vs 16" in output
 
     packed = dict(state, features={"extractor": "precomputed", "dim": 4, "grid": 16, "basis": None})
     torch.save(packed, tmp_path / "packed.pt")
-    output = fails(infer_main, "--checkpoint", tmp_path / "packed.pt", "--images", setup.src / "renders",
-                   "--masks", setup.src / "masks", "--out", tmp_path / "q")
+    output = run(infer_main, "--checkpoint", tmp_path / "packed.pt", "--images", setup.src / "renders",
+                 "--masks", setup.src / "masks", "--out", tmp_path / "q", exit_code=1)
     assert "precomputed packed features" in output
 
 
@@ -239,10 +228,11 @@ def test_pca_basis_travels_in_the_checkpoint_and_other_weights_are_refused(tmp_p
 
 def test_argument_errors_and_dry_run(setup, tmp_path):
     base = ["--data", setup.out, "--out", tmp_path / "p"]
-    assert "exactly one of --checkpoint" in fails(infer_main, "--oracle", "--checkpoint", setup.checkpoint, *base)
-    assert "--images and --masks go together" in fails(infer_main, "--checkpoint", setup.checkpoint, "--images",
-                                                       setup.src / "renders", "--out", tmp_path / "p")
-    assert "without checkpoints/latest.pt" in fails(infer_main, "--checkpoint", tmp_path, *base)
+    assert "exactly one of --checkpoint" in run(infer_main, "--oracle", "--checkpoint", setup.checkpoint, *base,
+                                                exit_code=1)
+    assert "--images and --masks go together" in run(infer_main, "--checkpoint", setup.checkpoint, "--images",
+                                                     setup.src / "renders", "--out", tmp_path / "p", exit_code=1)
+    assert "without checkpoints/latest.pt" in run(infer_main, "--checkpoint", tmp_path, *base, exit_code=1)
     # The console script, as the demo runs it; --dry-run writes nothing.
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run([str(Path(sys.executable).parent / "dualpm-infer"), "--checkpoint", str(setup.run),
