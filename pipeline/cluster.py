@@ -105,7 +105,7 @@ class TaskWindow(Generic[Job]):
         self.queue.clear()
 
     def __iter__(self) -> Iterator[tuple[Job, ray.ObjectRef]]:
-        total = sum(self.weight(job) for job in self.queue) + sum(self.weight(j) for j in self.in_flight.values())
+        total = sum(self.weight(job) for job in self.queue)
         with tqdm(total=total, desc=self.desc, unit=self.unit, dynamic_ncols=True, smoothing=0.1) as bar:
             while self.queue or self.in_flight:
                 while self.queue and len(self.in_flight) < self.limit:

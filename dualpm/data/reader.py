@@ -240,6 +240,9 @@ def shuffle_buffer(items: Iterable[T], size: int, rng: np.random.Generator) -> I
         yield buffer[j]
 
 
+_END = object()  # marks an exhausted iterator in interleave()
+
+
 def interleave(iterators: Iterable[Iterator[T]], width: int) -> Iterator[T]:
     """Round robin over `width` iterators at a time, taking the next one in when one ends.
 
@@ -252,8 +255,7 @@ def interleave(iterators: Iterable[Iterator[T]], width: int) -> Iterator[T]:
             for k, it in enumerate(active):
                 item = next(it, _END)
                 if item is _END:
-                    replacement = next(pending, None)
-                    active[k] = replacement
+                    active[k] = next(pending, None)  # dropped below if there is none
                     continue
                 yield item
             active = [it for it in active if it is not None]
@@ -262,8 +264,6 @@ def interleave(iterators: Iterable[Iterator[T]], width: int) -> Iterator[T]:
             if it is not None and hasattr(it, "close"):
                 it.close()
 
-
-_END = object()
 
 
 def _resize_mask(mask: np.ndarray, size: tuple[int, int], where: str) -> torch.Tensor:
