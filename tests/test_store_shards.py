@@ -25,6 +25,7 @@ from dualpm.store.manifest import (
     save_manifest,
 )
 from dualpm.store.shards import (
+    ZARR_READ_ROWS,
     ShardWriter,
     check_shard,
     data_path,
@@ -102,6 +103,18 @@ def test_round_trip(tmp_path, format):
         np.testing.assert_array_equal(fields["feat.npy"], expected["feat.npy"])
         np.testing.assert_array_equal(decode_png(fields["mask.png"]), decode_png(expected["mask.png"]))
         assert decode_dual_pointmap(fields["dpm"]).shape == (H, W, L, 7)
+
+
+def test_zarr_reads_across_row_blocks(tmp_path):
+    # Arrays are read ZARR_READ_ROWS samples per call: a shard spanning several blocks (with a partial last
+    # one) must come back exactly, and each sample's array must own its data (not pin a whole block).
+    ids = [f"s{i:03d}" for i in range(2 * ZARR_READ_ROWS + 5)]
+    _, samples = write_shard(tmp_path, 0, "zarr", ids)
+    read = list(read_shard(tmp_path, 0, "zarr"))
+    assert [sample_id for sample_id, _ in read] == ids
+    for sample_id, fields in read:
+        np.testing.assert_array_equal(fields["feat.npy"], samples[sample_id]["feat.npy"])
+        assert fields["feat.npy"].base is None
 
 
 @pytest.mark.parametrize("format", FORMATS)

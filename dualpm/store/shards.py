@@ -407,6 +407,10 @@ def _read_tar(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         yield current, fields
 
 
+# Samples read per zarr call when streaming a Zarr shard (see `_read_zarr`).
+ZARR_READ_ROWS = 32
+
+
 def _read_zarr(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     try:
         root = zarr.open_group(store=LocalStore(path, read_only=True), mode="r")
@@ -432,8 +436,14 @@ def _read_zarr(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
             if not ok or np.any(np.diff(offsets) < 0):
                 raise DatasetError(f"{path}: field {name!r} has malformed offsets")
             blobs[name] = (offsets, data)
+        block: dict[str, np.ndarray] = {}
         for i, sample_id in enumerate(ids):
-            fields: dict[str, Any] = {name: array[i] for name, array in arrays.items()}
+            if i % ZARR_READ_ROWS == 0:
+                # One zarr call per block of rows, not per sample: each call has a fixed cost (an event-loop
+                # round trip) that dominated reading small samples. Memory stays bounded by the block.
+                block = {name: array[i : i + ZARR_READ_ROWS] for name, array in arrays.items()}
+            # copy: a view would keep its whole block alive in the shuffle buffer
+            fields: dict[str, Any] = {name: rows[i % ZARR_READ_ROWS].copy() for name, rows in block.items()}
             for name, (offsets, data) in blobs.items():
                 value = data[offsets[i] : offsets[i + 1]]
                 fields[name] = _decode_field(name, value, f"{path}: sample {sample_id!r}")
