@@ -16,7 +16,9 @@ Outputs, in OUT:
     infer.config.yaml               the resolved configuration
 
 Kept points follow the reference rule: sigmoid(occupancy) > 0.5, inside the mask, confidence >= 2.0
-(both thresholds configurable), and finite. Every kept point, PLY and sheet is derived from the float16
+(both thresholds configurable), and finite. A model trained with left-right mirroring predicts each image
+twice, directly and mirrored, and stores the mean (`--mirror-average`, on by default for such models).
+Every kept point, PLY and sheet is derived from the float16
 values stored in the Zarr, so the files and what dualpm-eval measures agree exactly.
 
 Inputs: `--data` reads the dataset's stored features (the model's training resolution, as the trainer
@@ -49,6 +51,7 @@ from tqdm import tqdm
 from zarr.storage import LocalStore
 
 from dualpm.cliutils import handles_user_errors, show_and_save_config
+from dualpm.data.augment import mirror_prediction
 from dualpm.data.reader import DatasetInfo, ShardStream, decode_sample, open_dataset
 from dualpm.data.source import Layout
 from dualpm.errors import BackendUnavailable, ConfigError, DatasetError, DualPMError
@@ -65,7 +68,7 @@ from dualpm.features import load_image, load_mask, stack_images
 from dualpm.fileio import atomic_directory, atomic_output, atomic_write_text, safe_join
 from dualpm.gltf import SkinnedMesh, load_skinned_mesh
 from dualpm.loss import split_target
-from dualpm.model import DualPMNet, describe
+from dualpm.model import DualPMNet, Prediction, describe
 from dualpm.pointcloud import write_mesh_ply, write_ply
 from dualpm.store import decode_png, load_manifest
 from dualpm.train.checkpoint import FEATURE_BASIS, find_checkpoint, load_checkpoint
@@ -383,22 +386,35 @@ def _half(x: torch.Tensor) -> np.ndarray:
 
 
 class ModelPredictor:
-    """A trained DualPMNet on `device`; bf16 autocast on CUDA when `bf16`."""
+    """A trained DualPMNet on `device`; bf16 autocast on CUDA when `bf16`. With `mirror_axis` (the
+    canonical axis the model was trained to mirror, see dualpm.data.augment) every map is the mean of the
+    direct prediction and the mirrored image's prediction mirrored back (occupancy: mean probability)."""
 
-    def __init__(self, model: DualPMNet, device: torch.device, bf16: bool):
+    def __init__(self, model: DualPMNet, device: torch.device, bf16: bool, mirror_axis: int | None = None):
         self.model, self.device, self.bf16 = model.to(device).eval(), device, bf16
+        self.mirror_axis = mirror_axis
+
+    def _forward(self, feats: torch.Tensor) -> Prediction:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            return self.model(feats)
 
     @torch.inference_mode()
     def __call__(self, batch: Batch) -> PredictedMaps:
         feats = batch.features.to(self.device, non_blocking=True)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            pred = self.model(feats)
+        pred = self._forward(feats)
+        canonical, posed = pred.canonical, pred.posed
+        occupancy, confidence = torch.sigmoid(pred.occupancy_logit), pred.confidence
+        if self.mirror_axis is not None:
+            back = mirror_prediction(self._forward(feats.flip(-1)), self.mirror_axis)
+            canonical, posed = (canonical + back.canonical) / 2, (posed + back.posed) / 2
+            occupancy = (occupancy + torch.sigmoid(back.occupancy_logit)) / 2
+            confidence = (confidence + back.confidence) / 2
         # NaN stays NaN (and is never kept); only finite overflow is clamped into float16.
         return PredictedMaps(
-            canonical=_half(pred.canonical),
-            posed=_half(pred.posed),
-            occupancy=_half(torch.sigmoid(pred.occupancy_logit)),
-            confidence=_half(pred.confidence),
+            canonical=_half(canonical),
+            posed=_half(posed),
+            occupancy=_half(occupancy),
+            confidence=_half(confidence),
             mask=batch.mask.numpy().astype(np.uint8),
         )
 
@@ -676,6 +692,9 @@ def _summary_line(done: int, failures: list[dict[str, str]], seconds: float, out
               help="Raw images, sd-dino features: where the Stable Diffusion folder is on this machine.")
 @click.option("--dino-model", type=str, default=None, show_default="as recorded in the checkpoint",
               help="Raw images, sd-dino/dino features: where the DINOv2 folder is on this machine.")
+@click.option("--mirror-average/--no-mirror-average", default=None,
+              show_default="on when the checkpoint was trained with data.hflip_canonical_axis",
+              help="Average each prediction with that of the left-right mirrored image, mirrored back.")
 @click.option("--no-ply", is_flag=True, help="Do not write the PLY point clouds.")
 @click.option("--no-sheets", is_flag=True, help="Do not write the PNG sheets.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, help="--oracle-noise seed.")
@@ -686,7 +705,8 @@ def main(checkpoint: Path | None, oracle: bool, oracle_noise: float, data: Path 
          images: Path | None, masks: Path | None, out: Path, batch: int, device: str, precision: str,
          occupancy_threshold: float, confidence_threshold: float, limit: int, skeleton: bool,
          mesh: Path | None, source: Path | None, sd_model: str | None, dino_model: str | None,
-         no_ply: bool, no_sheets: bool, seed: int, overwrite: bool, dry_run: bool) -> None:
+         mirror_average: bool | None, no_ply: bool, no_sheets: bool, seed: int, overwrite: bool,
+         dry_run: bool) -> None:
     """Predict dual point maps with a trained DualPM model: per sample, point clouds (PLY), a picture sheet
     and (optionally) the skeleton; all dense predictions in OUT/predictions.zarr for dualpm-eval."""
     _check_inputs(checkpoint, oracle, data, images, masks, skeleton, mesh)
@@ -697,10 +717,19 @@ def main(checkpoint: Path | None, oracle: bool, oracle_noise: float, data: Path 
         state = load_checkpoint(where)
         model, model_config = load_model(state, where)
     info = open_dataset(data) if data is not None else None
+    mirror_axis = None
     if oracle:
         layers, resolution = info.stored_layers, info.resolution
+        if mirror_average:
+            raise InferError("--mirror-average needs a model (--checkpoint), not --oracle")
     else:
         layers, resolution = model_config.model.num_layers, tuple(model_config.data.resolution)
+        mirror_axis = model_config.data.hflip_canonical_axis
+        if mirror_average and mirror_axis is None:
+            raise InferError(f"--mirror-average: {where} was trained without mirroring "
+                             "(data.hflip_canonical_axis), so its canonical mirror axis is unknown")
+        if mirror_average is False:
+            mirror_axis = None
         if info is not None:
             diffs = feature_differences(state.get("features") or {}, info.feature_config)
             if diffs:
@@ -721,6 +750,7 @@ def main(checkpoint: Path | None, oracle: bool, oracle_noise: float, data: Path 
         "out": str(out), "samples": total, "batch": batch, "device": str(torch_device),
         "precision": "bf16" if bf16 else "fp32", "layers": layers, "resolution": list(resolution),
         "occupancy_threshold": occupancy_threshold, "confidence_threshold": confidence_threshold,
+        "mirror_average_axis": mirror_axis,
         "skeleton": skeleton, "mesh": str(mesh) if mesh else None, "source": str(source) if source else None,
         "ply": not no_ply, "sheets": not no_sheets, "seed": seed,
         "model": state["config"]["model"] if state else None,
@@ -740,7 +770,7 @@ def main(checkpoint: Path | None, oracle: bool, oracle_noise: float, data: Path 
     if oracle:
         predictor: Callable[[Batch], PredictedMaps] = OraclePredictor(oracle_noise, seed)
     else:
-        predictor = ModelPredictor(model, torch_device, bf16)
+        predictor = ModelPredictor(model, torch_device, bf16, mirror_axis)
     if info is not None:
         batches = prefetch(dataset_batches(info, split, layers, resolution, batch, limit, with_target=oracle))
     else:

@@ -30,9 +30,9 @@ from dualpm.eval.cli import RATIO_KEY
 from dualpm.eval.cli import main as eval_main
 from dualpm.features import FeatureSpec, build_extractor, extract, fit_basis
 from dualpm.features.dino import write_random_dinov2
-from dualpm.infer import InferError, build_image_features, keep_mask, open_predictions
+from dualpm.infer import Batch, InferError, ModelPredictor, build_image_features, keep_mask, open_predictions
 from dualpm.infer import main as infer_main
-from dualpm.model import DualPMNet
+from dualpm.model import DualPMNet, ModelConfig, UNetConfig
 from dualpm.pointcloud import read_ply
 from dualpm.train import config_from_dict, load_checkpoint, train
 from dualpm.train.checkpoint import FEATURE_BASIS, save_checkpoint
@@ -226,6 +226,35 @@ def test_pca_basis_travels_in_the_checkpoint_and_other_weights_are_refused(tmp_p
                              None, None)
 
 
+def test_mirror_average_makes_the_model_exactly_mirror_equivariant():
+    # Averaging with the mirrored image's prediction, mirrored back, gives a predictor P with
+    # P(mirror x) = mirror P(x) for any network, here a random one (no layer of it is symmetric).
+    torch.manual_seed(0)
+    model = DualPMNet(ModelConfig(in_channels=3, num_layers=2, unet=UNetConfig(
+        base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(), dropout=0.0, num_groups=4)))
+    for unet in (model.stage1, model.stage2):  # the zero-initialised output convs would make every map 0
+        torch.nn.init.normal_(unet.conv_out.weight, std=0.3)
+    predict = ModelPredictor(model, torch.device("cpu"), bf16=False, mirror_axis=0)
+    features = torch.randn(2, 3, 8, 6)
+    mask = (torch.rand(2, 8, 6) > 0.3).float()
+
+    def maps(feats, m):
+        return predict(Batch(["a", "b"], feats, m, None, [None, None], [{}, {}]))
+
+    direct, mirrored = maps(features, mask), maps(features.flip(-1), mask.flip(-1))
+    sign = np.array([-1, 1, 1], np.float16)[:, None, None]
+    np.testing.assert_allclose(mirrored.posed, direct.posed[..., ::-1] * sign, atol=2e-3)
+    np.testing.assert_allclose(mirrored.canonical, direct.canonical[..., ::-1] * sign, atol=2e-3)
+    for name in ("occupancy", "confidence"):
+        np.testing.assert_allclose(getattr(mirrored, name), getattr(direct, name)[..., ::-1], rtol=2e-3)
+    assert np.abs(direct.posed).max() > 0.1  # not trivially zero
+    # Without averaging the random network is not equivariant.
+    plain = ModelPredictor(model, torch.device("cpu"), bf16=False)
+    one = plain(Batch(["a", "b"], features, mask, None, [None, None], [{}, {}]))
+    other = plain(Batch(["a", "b"], features.flip(-1), mask.flip(-1), None, [None, None], [{}, {}]))
+    assert np.abs(other.posed - one.posed[..., ::-1] * sign).max() > 0.05
+
+
 def test_argument_errors_and_dry_run(setup, tmp_path):
     base = ["--data", setup.out, "--out", tmp_path / "p"]
     assert "exactly one of --checkpoint" in run(infer_main, "--oracle", "--checkpoint", setup.checkpoint, *base,
@@ -233,6 +262,8 @@ def test_argument_errors_and_dry_run(setup, tmp_path):
     assert "--images and --masks go together" in run(infer_main, "--checkpoint", setup.checkpoint, "--images",
                                                      setup.src / "renders", "--out", tmp_path / "p", exit_code=1)
     assert "without checkpoints/latest.pt" in run(infer_main, "--checkpoint", tmp_path, *base, exit_code=1)
+    assert "trained without mirroring" in run(infer_main, "--checkpoint", setup.checkpoint, *base,
+                                              "--mirror-average", exit_code=1)
     # The console script, as the demo runs it; --dry-run writes nothing.
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run([str(Path(sys.executable).parent / "dualpm-infer"), "--checkpoint", str(setup.run),

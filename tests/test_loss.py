@@ -77,6 +77,30 @@ def test_hand_computed_loss():
     assert terms.total.item() == pytest.approx(0.5 * (canonical2 + posed2) + 0.5 * occupancy2, rel=1e-6)
 
 
+def test_hand_computed_euclidean_loss():
+    # The hand case with plain distances: canonical |e| = 1, 2, sqrt 3; posed 0, 1, 2 (confidence 2, 4, 1).
+    pred, target, mask = hand_case()
+    terms = dualpm_loss(pred, target, mask, LossConfig(distance="euclidean"))
+    canonical = ((2 * 1 - LN2) + (4 * 2 - 2 * LN2) + math.sqrt(3.0)) / 3
+    posed = ((2 * 0 - LN2) + (4 * 1 - 2 * LN2) + 2) / 3
+    assert terms.canonical.item() == pytest.approx(canonical, rel=1e-6)
+    assert terms.posed.item() == pytest.approx(posed, rel=1e-6)
+    assert terms.occupancy.item() == pytest.approx(dualpm_loss(pred, target, mask).occupancy.item(), rel=1e-6)
+
+
+def test_euclidean_gradient_is_finite_at_zero_error():
+    # A point predicted exactly (posed error 0 at (1,0)) and the absurd unoccupied points: no NaN anywhere,
+    # and the exact point gets no pull.
+    pred, target, mask = hand_case()
+    posed = pred.posed.clone().requires_grad_(True)
+    pred = Prediction(pred.canonical, posed, pred.occupancy_logit, pred.confidence)
+    dualpm_loss(pred, target, mask, LossConfig(distance="euclidean")).total.backward()
+    assert torch.isfinite(posed.grad).all()
+    assert posed.grad[0, 0, :, 0, 0].abs().max() == 0
+    # (1,1): error (0,0,1), c = 4, 3 occupied points, total = 0.5 posed -> d/dz = 0.5 * 4 / 3
+    assert posed.grad[0, 0, 2, 0, 1].item() == pytest.approx(2.0 / 3.0, rel=1e-6)
+
+
 def test_perfect_prediction_with_unit_confidence_is_zero():
     pred, target, mask = hand_case()
     maps = split_target(target)
@@ -175,6 +199,7 @@ def test_shape_mismatch_errors():
         ({"label_clamp": (0.9, 0.1)}, "label_clamp"),
         ({"label_clamp": (0.0, 1.5)}, "label_clamp"),
         ({"label_clamp": (0.1,)}, "label_clamp"),
+        ({"distance": "l1"}, "distance"),
     ],
 )
 def test_loss_config_errors(kwargs, field):

@@ -69,9 +69,11 @@ def _params(path: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(path)["model"]
 
 
-def test_stop_at_k_and_resume_equals_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("variant", ["reference", "mirror+euclidean"])
+def test_stop_at_k_and_resume_equals_an_uninterrupted_run(tmp_path, variant):
     # Shuffled multi-shard stream, 2 loader workers (role rotation), dropout (RNG restore), validation (its
     # loader must not disturb the RNG), and k odd so the resumed DataLoader starts on the other worker.
+    # The variant mirrors random samples (drawn per step) and uses the Euclidean point loss.
     root = write_store(tmp_path / "data", n_train=10, n_val=3, shard_size=3)
     k = 3
 
@@ -79,6 +81,9 @@ def test_stop_at_k_and_resume_equals_an_uninterrupted_run(tmp_path):
         r = tiny_raw(root, tmp_path / out, steps=steps, checkpoint_every=1, validate_every=2)
         r["data"].update(batch_size=2, workers=2)
         r["model"]["unet"]["dropout"] = 0.2
+        if variant != "reference":
+            r["data"]["hflip_canonical_axis"] = 0
+            r["loss"] = {"distance": "euclidean"}
         return r
 
     full = train(config_from_dict(raw("full", 2 * k)), verbose=False)

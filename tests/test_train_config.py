@@ -90,6 +90,8 @@ def test_set_overrides_parse_yaml_values():
         ("model.unet.dropout=1.5", r"model.unet: UNetConfig.dropout must be a number in \[0, 1\)"),
         ("loss.label_clamp=[0.9, 0.1]", r"loss: LossConfig.label_clamp must be"),
         ("data.layers=3", r"data.layers=3 but model.num_layers=4"),
+        ("data.hflip_canonical_axis=3", r"data.hflip_canonical_axis must be null, 0, 1 or 2, got 3"),
+        ("loss.distance=l1", r"loss: LossConfig.distance must be one of \('squared', 'euclidean'\)"),
     ],
 )
 def test_bad_values_name_the_key(override, message):

@@ -47,6 +47,10 @@ class DataConfig:
     prefetch: int = 2  # batches prefetched per worker
     shuffle_buffer: int = 64  # samples per consumer's shuffle buffer (<= 1: shard order only)
     open_shards: int = 4  # shards each consumer reads at once, interleaved (mixes model-ordered shards)
+    # Mirror half the training images left-right (dualpm.data.augment). Only for left-right symmetric rest
+    # shapes: the value is the canonical axis the mirror negates (0: x, the synthetic quadrupeds' lateral
+    # axis). None: no mirroring (the reference).
+    hflip_canonical_axis: int | None = None
     train_split: str = "train"
     val_split: str = "val"
 
@@ -60,6 +64,8 @@ class DataConfig:
         _check(self.prefetch >= 1, "data.prefetch", ">= 1", self.prefetch)
         _check(self.shuffle_buffer >= 0, "data.shuffle_buffer", ">= 0", self.shuffle_buffer)
         _check(self.open_shards >= 1, "data.open_shards", ">= 1", self.open_shards)
+        axis = self.hflip_canonical_axis
+        _check(axis in (None, 0, 1, 2), "data.hflip_canonical_axis", "null, 0, 1 or 2", axis)
         for name in ("train_split", "val_split"):
             _check(bool(getattr(self, name)), f"data.{name}", "a split name", getattr(self, name))
 

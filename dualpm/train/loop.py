@@ -43,6 +43,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from dualpm.cliutils import show_and_save_config
+from dualpm.data.augment import mirror_left_right
 from dualpm.data.reader import DatasetInfo, ShardStream, make_loader, open_dataset
 from dualpm.errors import ConfigError, DatasetError, DualPMError
 from dualpm.fileio import atomic_write_text
@@ -263,12 +264,20 @@ class _Trainer:
         with self.stop.blocked():  # the workers start here
             return iter(loader)
 
-    def _inputs(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _inputs(
+        self, batch: dict[str, Any], augment: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         feats = batch["features"].to(self.device, non_blocking=True)
-        if self.channels_last:
-            feats = feats.contiguous(memory_format=torch.channels_last)
         target = batch["target"].to(self.device, non_blocking=True)
         mask = batch["mask"].to(self.device, non_blocking=True)
+        axis = self.config.data.hflip_canonical_axis
+        if augment and axis is not None:
+            # Drawn from (seed, rank, step) alone: a resumed run mirrors exactly the same samples.
+            rng = np.random.default_rng((self.config.train.seed, self.d.rank, self.step))
+            select = torch.from_numpy(rng.random(feats.shape[0]) < 0.5)
+            feats, target, mask = mirror_left_right(feats, target, mask, select, axis)
+        if self.channels_last:
+            feats = feats.contiguous(memory_format=torch.channels_last)
         return feats, target, mask
 
     def _autocast(self):
@@ -277,7 +286,7 @@ class _Trainer:
     # --- one step -----------------------------------------------------------------------------------
 
     def _step(self, batch: dict[str, Any]) -> torch.Tensor:
-        feats, target, mask = self._inputs(batch)
+        feats, target, mask = self._inputs(batch, augment=True)
         with self._autocast():
             pred = self.model(feats)
         terms = dualpm_loss(pred, target, mask, self.config.loss)  # float32 Prediction: outside autocast
