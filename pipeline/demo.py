@@ -48,7 +48,7 @@ class DemoError(DualPMError):
 class DemoConfig:
     out: str
     train_config: str
-    samples: int = 2000
+    samples: int = 3000
     models: int = 1  # one animal: the network learns its depth in the CPU budget (see configs/demo.yaml)
     image_size: int = 128
     faces: int = 5000
@@ -165,7 +165,7 @@ def resolve_config(out: Path, train_config: Path, sd_model: str | None, dino_mod
               show_default=True, help="Folder for everything the demo makes (data, run, predictions, report).")
 @click.option("--config", "train_config", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               default=DEFAULT_CONFIG, show_default="configs/demo.yaml", help="Training config (dualpm-train).")
-@click.option("--samples", type=click.IntRange(20, 1_000_000), default=2000, show_default=True,
+@click.option("--samples", type=click.IntRange(20, 1_000_000), default=3000, show_default=True,
               help="Synthetic samples (about 10% held out for evaluation).")
 @click.option("--models", type=click.IntRange(1, 1000), default=1, show_default=True,
               help="Distinct procedural animals (more: a harder task for the CPU budget).")
