@@ -18,8 +18,8 @@ Outputs, in OUT:
 Kept points follow the reference rule: sigmoid(occupancy) > 0.5, inside the mask, confidence >= 2.0
 (both thresholds configurable), and finite. A model trained with left-right mirroring predicts each image
 twice, directly and mirrored, and stores the mean (`--mirror-average`, on by default for such models).
-Every kept point, PLY and sheet is derived from the float16
-values stored in the Zarr, so the files and what dualpm-eval measures agree exactly.
+Every kept point, PLY and sheet is derived from the float16 values stored in the Zarr, so the files and
+what dualpm-eval measures agree exactly.
 
 Inputs: `--data` reads the dataset's stored features (the model's training resolution, as the trainer
 decodes them). `--images/--masks` pairs files by stem (`<id>.png` or `<id>_rgb.png` with `<id>.png` or
@@ -724,12 +724,11 @@ def main(checkpoint: Path | None, oracle: bool, oracle_noise: float, data: Path 
             raise InferError("--mirror-average needs a model (--checkpoint), not --oracle")
     else:
         layers, resolution = model_config.model.num_layers, tuple(model_config.data.resolution)
-        mirror_axis = model_config.data.hflip_canonical_axis
-        if mirror_average and mirror_axis is None:
+        trained_axis = model_config.data.hflip_canonical_axis
+        if mirror_average and trained_axis is None:
             raise InferError(f"--mirror-average: {where} was trained without mirroring "
                              "(data.hflip_canonical_axis), so its canonical mirror axis is unknown")
-        if mirror_average is False:
-            mirror_axis = None
+        mirror_axis = None if mirror_average is False else trained_axis  # None (unset): as trained
         if info is not None:
             diffs = feature_differences(state.get("features") or {}, info.feature_config)
             if diffs:

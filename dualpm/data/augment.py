@@ -19,12 +19,14 @@ import torch
 from dualpm.errors import ConfigError
 from dualpm.model.dualpm import Prediction
 
-POSED_X = 3  # channel of camera-space x in a (..., 7) dual point map
-
-
-def _check_axis(canonical_axis: int) -> None:
+def _point_signs(canonical_axis: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(3,) signs that mirror canonical xyz (the lateral axis negated) and posed xyz (camera x negated)."""
     if canonical_axis not in (0, 1, 2):
         raise ConfigError(f"the canonical mirror axis must be 0, 1 or 2, got {canonical_axis!r}")
+    canonical = torch.ones(3, dtype=like.dtype, device=like.device)
+    canonical[canonical_axis] = -1
+    posed = torch.tensor([-1.0, 1.0, 1.0], dtype=like.dtype, device=like.device)
+    return canonical, posed
 
 
 def mirror_left_right(
@@ -40,9 +42,8 @@ def mirror_left_right(
     Returns:
         (features, target, mask): new tensors, same shapes and dtypes; unselected samples unchanged.
     """
-    _check_axis(canonical_axis)
-    sign = torch.ones(7, dtype=target.dtype, device=target.device)
-    sign[[canonical_axis, POSED_X]] = -1
+    canonical, posed = _point_signs(canonical_axis, target)
+    sign = torch.cat([canonical, posed, torch.ones_like(posed[:1])])  # (7,): alpha keeps its sign
     pick = select.to(features.device)
     features = torch.where(pick[:, None, None, None], features.flip(-1), features)
     target = torch.where(pick[:, None, None, None, None], target.flip(2) * sign, target)  # W is dim 2
@@ -57,13 +58,10 @@ def mirror_prediction(pred: Prediction, canonical_axis: int) -> Prediction:
         pred: network output for a left-right mirrored input (canonical, posed (B, L, 3, H, W); occupancy
             logits, confidence (B, L, H, W)); canonical_axis: as for `mirror_left_right`.
     """
-    _check_axis(canonical_axis)
-    canonical_sign = torch.ones(3, 1, 1, dtype=pred.canonical.dtype, device=pred.canonical.device)
-    canonical_sign[canonical_axis] = -1
-    posed_sign = torch.tensor([-1.0, 1.0, 1.0], dtype=pred.posed.dtype, device=pred.posed.device)[:, None, None]
+    canonical, posed = _point_signs(canonical_axis, pred.posed)
     return Prediction(
-        canonical=pred.canonical.flip(-1) * canonical_sign,
-        posed=pred.posed.flip(-1) * posed_sign,
+        canonical=pred.canonical.flip(-1) * canonical[:, None, None],  # (B, L, 3, H, W) * (3, 1, 1)
+        posed=pred.posed.flip(-1) * posed[:, None, None],
         occupancy_logit=pred.occupancy_logit.flip(-1),
         confidence=pred.confidence.flip(-1),
     )

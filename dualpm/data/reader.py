@@ -265,7 +265,6 @@ def interleave(iterators: Iterable[Iterator[T]], width: int) -> Iterator[T]:
                 it.close()
 
 
-
 def _resize_mask(mask: np.ndarray, size: tuple[int, int], where: str) -> torch.Tensor:
     """Stored mask (h, w) or (h, w, c) of bool / uint8 / uint16 -> (H, W) float32 in {0, 1}."""
     if mask.ndim == 3:
