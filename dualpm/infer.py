@@ -64,10 +64,11 @@ from dualpm.eval.skeleton import (
     skin_weights_at,
 )
 from dualpm.features import FeatureBasis, FeatureSpec, build_extractor, check_basis, extract, fit_basis
-from dualpm.features import load_image, load_mask, stack_images
 from dualpm.fileio import atomic_directory, atomic_output, atomic_write_text, safe_join
 from dualpm.gltf import SkinnedMesh, load_skinned_mesh
+from dualpm.images import load_image, stack_images
 from dualpm.loss import split_target
+from dualpm.masks import INSIDE, read_mask, resize_mask
 from dualpm.model import DualPMNet, Prediction, describe
 from dualpm.pointcloud import write_mesh_ply, write_ply
 from dualpm.store import decode_png, load_manifest
@@ -334,14 +335,6 @@ def pair_images(images_dir: Path, masks_dir: Path) -> tuple[list[tuple[str, Path
     return pairs, failures
 
 
-def _resize_mask(mask: torch.Tensor, resolution: tuple[int, int]) -> torch.Tensor:
-    """(h, w) float mask in [0, 1] -> (H, W) float32 {0, 1}: area-resampled, inside where > 0.5 (as the
-    reader resizes stored masks)."""
-    if tuple(mask.shape) != tuple(resolution):
-        mask = F.interpolate(mask[None, None].float(), size=tuple(resolution), mode="area")[0, 0]
-    return (mask > 0.5).float()
-
-
 def image_batches(
     pairs: list[tuple[str, Path, Path]], extractor: Any, basis: FeatureBasis, resolution: tuple[int, int],
     batch: int, failures: list[dict[str, str]],
@@ -354,8 +347,11 @@ def image_batches(
         loaded = []
         for sample_id, image_path, mask_path in chunk:
             try:
-                loaded.append((sample_id, load_image(image_path), load_mask(mask_path), image_path))
-            except DatasetError as err:  # missing, truncated, not an image: this sample's failure
+                mask = torch.from_numpy(read_mask(mask_path))  # (h, w) float32 in [0, 1]
+                if not bool((mask > INSIDE).any()):
+                    raise DatasetError(f"{mask_path}: the mask is empty (no pixel inside): nothing to predict")
+                loaded.append((sample_id, load_image(image_path), mask, image_path))
+            except DatasetError as err:  # missing, truncated, not an image, empty mask: this sample's failure
                 failures.append({"id": sample_id, "image": str(image_path), "reason": str(err)})
         return loaded
 
@@ -371,7 +367,7 @@ def image_batches(
         yield Batch(
             ids=[s for s, _, _, _ in loaded],
             features=feats.cpu(),
-            mask=torch.stack([_resize_mask(m, resolution) for _, _, m, _ in loaded]),
+            mask=torch.stack([resize_mask(m, resolution) for _, _, m, _ in loaded]),
             target=None,
             images=[(im.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for _, im, _, _ in loaded],
             meta=[{"image": str(p)} for _, _, _, p in loaded],

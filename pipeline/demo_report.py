@@ -22,6 +22,7 @@ from dualpm.cliutils import describe_machine  # noqa: E402
 from dualpm.errors import DatasetError  # noqa: E402
 from dualpm.fileio import atomic_output, atomic_write_text  # noqa: E402
 from dualpm.infer import keep_mask, open_predictions  # noqa: E402
+from dualpm.masks import read_mask  # noqa: E402
 from dualpm.store import decode_dual_pointmap, decode_png, load_manifest  # noqa: E402
 from dualpm.viz import canonical_to_rgb, image_grid  # noqa: E402
 from pipeline.inspect import find_sample  # noqa: E402
@@ -120,7 +121,7 @@ def prediction_sheet(paths: Paths, png: Path, count: int = SHEET_SAMPLES) -> int
 
 
 def render_mask(render: dict[str, Any]) -> np.ndarray:
-    return decode_png(render["mask.png"]).astype(np.uint8) * 255
+    return (read_mask(render["mask.png"], "mask.png") * 255).astype(np.uint8)
 
 
 def _fmt_bytes(n: int) -> str:

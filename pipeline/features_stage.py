@@ -55,14 +55,13 @@ from dualpm.features import (
     check_basis,
     extract,
     fit_basis,
-    load_image,
-    load_mask,
     read_packed,
     spec_from_packed,
-    stack_images,
 )
 from dualpm.features.base import DINO_PATCH, require_folder
 from dualpm.features.dino import Dinov2Backbone
+from dualpm.images import load_image, stack_images
+from dualpm.masks import read_mask
 from dualpm.store import (
     FORMATS,
     SCHEMA_VERSION,
@@ -157,7 +156,7 @@ def _load_sample(layout: Layout, sample_id: str, mask: str) -> Loaded:
     image = load_image(layout.rgb(sample_id))
     path = layout.mask(sample_id)
     if mask == "required" or (mask == "optional" and path.exists()):
-        return image, load_mask(path)[None]
+        return image, torch.from_numpy(read_mask(path))[None]
     return image, None
 
 

@@ -12,6 +12,7 @@ from PIL import Image
 from dualpm.cliutils import handles_user_errors
 from dualpm.errors import DatasetError
 from dualpm.fileio import atomic_output
+from dualpm.masks import read_mask
 from dualpm.store import (
     check_shard,
     column_dir,
@@ -81,7 +82,8 @@ def sample_sheet(fields: dict[str, Any], title: str) -> Image.Image:
     limits = (float(depth[hit].min()), float(depth[hit].max())) if hit.any() else None
     columns = max(used, 2)
     blank = np.full(dpm.shape[:2], 255, np.uint8)
-    top = [decode_png(fields["rgb.png"]) if "rgb.png" in fields else blank, decode_png(fields["mask.png"])]
+    mask = (read_mask(fields["mask.png"], f"{title}: mask.png") * 255).astype(np.uint8)
+    top = [decode_png(fields["rgb.png"]) if "rgb.png" in fields else blank, mask]
     top_labels = [f"{title} rgb" if "rgb.png" in fields else f"{title} (no rgb)", "mask"]
     tiles = top + [blank] * (columns - 2)
     labels = top_labels + [""] * (columns - 2)

@@ -6,10 +6,12 @@ non-finite values: recorded as that sample's failure), encode, and publish the s
 Each sample holds:
 
     dpm         `dualpm.store.encode_dual_pointmap` of the (H, W, L, 7) map (float16 values of hits)
-    mask.png    the source mask, byte for byte; without one, the rendered layer-1 coverage (1 bit)
+    mask.png    1-bit PNG at the source's resolution: the source mask decoded by `dualpm.masks` (any
+                encoding; an empty one fails the sample), or without one the rendered layer-1 coverage
     rgb.png     the source image, byte for byte (only when the source has one)
     meta.json   source id, model name, focal length (mm), camera pose (Z-up camera-to-world), the
-                view and projection used, resolution, layers, backend, where the mask came from
+                view and projection used, resolution, layers, backend, where the mask came from and its
+                IoU with the rendered layer-1 coverage
 
 The backend is decided once, in the driver, from the Ray cluster: `cuda` tasks (one GPU each) only
 where the cluster has GPUs; `--backend cuda` without any fails before anything is submitted (a task
@@ -36,18 +38,18 @@ from dualpm.cliutils import handles_user_errors, show_and_save_config
 from dualpm.data.source import SourceDataset, SourceSample
 from dualpm.errors import BackendUnavailable, DatasetError, DualPMError, GltfError
 from dualpm.gltf import SkinnedMesh, load_skinned_mesh
+from dualpm.images import open_image
+from dualpm.masks import INSIDE, mask_iou, read_mask, resize_mask
 from dualpm.render import cuda_backend_status, render_dual_pointmaps
 from dualpm.skinning import read_pose_file, skin
 from dualpm.store import (
     FORMATS,
     SCHEMA_VERSION,
-    EncodingError,
     FieldSpec,
     ShardPlan,
     ShardRecord,
     ShardWriter,
     column_dir,
-    decode_png,
     encode_dual_pointmap,
     png_bytes,
 )
@@ -125,10 +127,7 @@ def _read_image_bytes(path: Path) -> bytes:
         data = path.read_bytes()
     except OSError as err:
         raise DatasetError(f"{path}: cannot read ({err})") from err
-    try:
-        decode_png(data)
-    except EncodingError as err:
-        raise DatasetError(f"{path}: {err}") from err
+    open_image(data, str(path))
     return data
 
 
@@ -147,7 +146,14 @@ def _sample_fields(
         return "mesh outside the view: no pixel covered (check the camera and pose files)"
     try:
         fields: dict[str, Any] = {"dpm": encode_dual_pointmap(dpm)}
-        fields["mask.png"] = _read_image_bytes(sample.mask_path) if sample.mask_path else png_bytes(coverage)
+        mask, iou = coverage, 1.0
+        if sample.mask_path:
+            mask = read_mask(sample.mask_path) > INSIDE  # (h, w) bool at the source's resolution
+            if not mask.any():
+                return (f"{sample.mask_path}: the mask is empty, but the render covers {int(coverage.sum())} "
+                        "pixels of layer 1 (a mask saved with other values than the file's type suggests?)")
+            iou = mask_iou(resize_mask(mask, coverage.shape), coverage)
+        fields["mask.png"] = png_bytes(mask)  # 1-bit: one encoding whatever the source used
         if sample.rgb_path:
             fields["rgb.png"] = _read_image_bytes(sample.rgb_path)
     except DualPMError as err:  # EncodingError: values beyond float16, etc.
@@ -163,6 +169,7 @@ def _sample_fields(
         "layers": config.layers,
         "backend": config.backend,
         "mask": "source" if sample.mask_path else "rendered",
+        "mask_iou": round(iou, 4),  # source mask (area-resized) vs rendered layer-1 coverage
     }
     return fields
 

@@ -1,25 +1,19 @@
-"""FeatureSpec (validation, JSON round trip, matching), image/mask loading and resizing, rgb."""
+"""FeatureSpec (validation, JSON round trip, matching), the rgb extractor, basis reuse."""
 
 from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from dualpm.errors import ConfigError, DatasetError
+from dualpm.errors import ConfigError
 from dualpm.features import (
     FeatureSpec,
     build_extractor,
     extract,
     fit_basis,
-    load_image,
-    load_mask,
     load_or_fit_basis,
-    resize_images,
-    stack_images,
 )
 from dualpm.features.base import IMAGENET_MEAN, IMAGENET_STD
 
@@ -94,79 +88,6 @@ def test_require_match_ignores_paths_only():
         spec.require_match(FeatureSpec(**SD_DINO, timestep=50), "model.ckpt")
     with pytest.raises(ConfigError, match="extractor: 'sd-dino' vs 'rgb'"):
         spec.require_match(FeatureSpec("rgb"), "x")
-
-
-# ----------------------------------------------------------------------------------------------
-# Images
-
-
-def _png(path, array, mode=None):
-    Image.fromarray(array, mode=mode).save(path) if mode else Image.fromarray(array).save(path)
-    return path
-
-
-def test_load_image_rgb_gray_rgba_16bit_palette(tmp_path):
-    rng = np.random.default_rng(0)
-    rgb = rng.integers(0, 256, size=(53, 37, 3), dtype=np.uint8)  # odd size, H != W
-    out = load_image(_png(tmp_path / "rgb.png", rgb))
-    assert out.shape == (3, 53, 37) and out.dtype == torch.float32
-    np.testing.assert_array_equal(out.permute(1, 2, 0).numpy(), rgb.astype(np.float32) / 255)
-
-    gray = rng.integers(0, 256, size=(9, 11), dtype=np.uint8)
-    out = load_image(_png(tmp_path / "gray.png", gray))
-    assert out.shape == (3, 9, 11)
-    for c in range(3):
-        np.testing.assert_array_equal(out[c].numpy(), gray.astype(np.float32) / 255)
-
-    rgba = rng.integers(0, 256, size=(5, 6, 4), dtype=np.uint8)
-    out = load_image(_png(tmp_path / "rgba.png", rgba))
-    expected = rgba[..., :3].astype(np.float32) / 255 * (rgba[..., 3:].astype(np.float32) / 255)
-    np.testing.assert_allclose(out.permute(1, 2, 0).numpy(), expected, atol=1e-7)
-
-    deep = rng.integers(0, 65536, size=(4, 7), dtype=np.uint16)
-    Image.fromarray(deep).save(tmp_path / "deep.png")
-    out = load_image(tmp_path / "deep.png")
-    np.testing.assert_allclose(out[1].numpy(), deep.astype(np.float32) / 65535, atol=1e-7)
-
-    palette = Image.fromarray(rgb).convert("P")
-    palette.save(tmp_path / "pal.png")
-    expected = np.asarray(palette.convert("RGB"), dtype=np.float32) / 255
-    np.testing.assert_array_equal(load_image(tmp_path / "pal.png").permute(1, 2, 0).numpy(), expected)
-
-
-def test_load_image_corrupt_truncated_missing(tmp_path):
-    junk = np.random.default_rng(0).integers(0, 256, 500, dtype=np.uint8).tobytes()
-    (tmp_path / "noise.png").write_bytes(junk)
-    with pytest.raises(DatasetError, match="noise.png: cannot read image"):
-        load_image(tmp_path / "noise.png")
-    good = _png(tmp_path / "good.png", np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8))
-    (tmp_path / "cut.png").write_bytes(good.read_bytes()[:300])
-    with pytest.raises(DatasetError, match="cut.png"):
-        load_image(tmp_path / "cut.png")
-    with pytest.raises(DatasetError, match="absent.png"):
-        load_image(tmp_path / "absent.png")
-    with pytest.raises(DatasetError, match="noise.png: cannot read mask"):
-        load_mask(tmp_path / "noise.png")
-
-
-def test_load_mask_gray_and_alpha(tmp_path):
-    gray = np.zeros((6, 8), np.uint8)
-    gray[2:4, 3:] = 255
-    np.testing.assert_array_equal(load_mask(_png(tmp_path / "m.png", gray)).numpy(), gray / 255.0)
-    rgba = np.zeros((6, 8, 4), np.uint8)
-    rgba[..., :3] = 255  # white everywhere; the object is in the alpha channel
-    rgba[1:3, :, 3] = 255
-    np.testing.assert_array_equal(load_mask(_png(tmp_path / "a.png", rgba)).numpy(), rgba[..., 3] / 255.0)
-
-
-def test_resize_and_stack():
-    img = torch.full((2, 3, 37, 53), 0.25)
-    out = resize_images(img, 16)
-    assert out.shape == (2, 3, 16, 16)
-    torch.testing.assert_close(out, torch.full_like(out, 0.25))  # constant images stay constant
-    assert resize_images(img, (37, 53)) is img
-    batch = stack_images([torch.rand(3, 20, 31), torch.rand(3, 7, 5)], 12)
-    assert batch.shape == (2, 3, 12, 12)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,13 +16,12 @@ from dualpm.features import (
     build_extractor,
     extract,
     fit_basis,
-    load_image,
     load_or_fit_basis,
-    stack_images,
 )
 from dualpm.features.base import IMAGENET_MEAN, IMAGENET_STD
 from dualpm.features.dino import write_random_dinov2
 from dualpm.features.sd_dino import write_random_sd
+from dualpm.images import load_image, stack_images
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
+from datagen import make_source_dataset, sample_id
 from PIL import Image
 
-from datagen import make_source_dataset, sample_id
 from dualpm.data.reader import ShardStream, open_dataset
 from dualpm.errors import BackendUnavailable, DatasetError
 from dualpm.features import (
@@ -24,13 +25,12 @@ from dualpm.features import (
     build_extractor,
     extract,
     fit_basis,
-    load_image,
-    load_mask,
     read_packed,
-    stack_images,
 )
 from dualpm.features.dino import write_random_dinov2
 from dualpm.features.sd_dino import write_random_sd
+from dualpm.images import load_image, stack_images
+from dualpm.masks import read_mask
 from dualpm.store import (
     FAILURES_NAME,
     Manifest,
@@ -43,7 +43,13 @@ from dualpm.store import (
 )
 from pipeline.cli import main
 from pipeline.cluster import ClusterInfo
-from pipeline.features_stage import BASIS_NAME, choose_device, pca_sample_ids, spec_from_column, worker_resources
+from pipeline.features_stage import (
+    BASIS_NAME,
+    choose_device,
+    pca_sample_ids,
+    spec_from_column,
+    worker_resources,
+)
 
 # sd-dino on the tiny models: a 8 x 8 grid (SD 128 px, DINOv2 112 px), 3 x 8 block PCAs, 16 channels.
 SD_ARGS = ["--grid", "8", "--sd-pca-dims", "8", "8", "8", "--dim", "16", "--pca-samples", "4"]
@@ -83,7 +89,9 @@ def stored(out: Path, column: str = "features") -> dict[str, dict]:
 def direct(extractor, basis, paths: list[Path], masks: list[Path] | None = None) -> np.ndarray:
     """(B, C, h, w) float16: what the stage should store, computed without it."""
     images = stack_images([load_image(p) for p in paths], extractor.input_size)
-    m = None if masks is None else stack_images([load_mask(p)[None] for p in masks], extractor.input_size)
+    if masks is None:
+        return extract(extractor, basis, images).numpy().astype(np.float16)
+    m = stack_images([torch.from_numpy(read_mask(p))[None] for p in masks], extractor.input_size)
     return extract(extractor, basis, images, m).numpy().astype(np.float16)
 
 
@@ -245,7 +253,7 @@ def test_features_then_render_join_by_sample_id_in_the_reader(tmp_path, ray_loca
     feats, render = stored(out, "features"), stored(out, "render")
     # Both stages refuse the corrupt image for that one sample and keep the others.
     assert broken not in render and broken not in feats
-    assert f"{broken}_rgb.png: image bytes do not decode" in (out / FAILURES_NAME).read_text()
+    assert f"{broken}_rgb.png: cannot read image" in (out / FAILURES_NAME).read_text()
     info = open_dataset(out)
     seen = []
     for split in ("train", "val"):

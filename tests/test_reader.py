@@ -192,6 +192,33 @@ def test_mask_falls_back_to_layer1_alpha_and_resolution_resamples(tmp_path):
     assert sample["features"].shape == (5, 8, 8)
 
 
+@pytest.mark.parametrize("encoding", ["0/1 uint8", "0/255 uint8", "0/65535 uint16", "RGBA alpha"])
+def test_stored_masks_in_any_encoding_read_the_same(encoding):
+    # Stores written before masks were normalised hold the source's PNG bytes as they were; the published
+    # set's 0/1 masks must not read as empty.
+    dpm = sphere_sample(3, 16)
+    inside = dpm[:, :, 0, 6] > 0
+    stored = {
+        "0/1 uint8": inside.astype(np.uint8),
+        "0/255 uint8": inside.astype(np.uint8) * 255,
+        "0/65535 uint16": inside.astype(np.uint16) * 65535,
+        "RGBA alpha": np.dstack([np.full(inside.shape + (3,), 255, np.uint8), inside.astype(np.uint8) * 255]),
+    }[encoding]
+    fields = {"dpm": encode_dual_pointmap(dpm), "mask.png": png_bytes(stored)}
+    sample = decode_sample(fields, np.zeros((3, 4, 4), np.float16), 2, (16, 16), "sample '3'")
+    assert torch.equal(sample["mask"], torch.from_numpy(inside.astype(np.float32)))
+
+
+def test_an_empty_stored_mask_with_hits_is_an_error_naming_the_sample():
+    dpm = sphere_sample(3, 16)
+    fields = {"dpm": encode_dual_pointmap(dpm), "mask.png": png_bytes(np.zeros((16, 16), np.uint8))}
+    with pytest.raises(DatasetError, match=r"sample '3': the stored mask is empty but the dual point map has hits"):
+        decode_sample(fields, np.zeros((3, 4, 4), np.float16), 2, (16, 16), "sample '3'")
+    fields["mask.png"] = png_bytes(np.array([[0, 9, 70]], np.uint8))
+    with pytest.raises(DatasetError, match=r"sample '3': mask.png: mask values are neither binary"):
+        decode_sample(fields, np.zeros((3, 4, 4), np.float16), 2, (16, 16), "sample '3'")
+
+
 def test_decode_errors_name_the_sample():
     fields = {"dpm": encode_dual_pointmap(sphere_sample(0, 8, layers=2))}
     feats = np.zeros((3, 4, 4), np.float16)

@@ -18,12 +18,14 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from PIL import Image
 
 from datagen import make_source_dataset, sample_id
 from dualpm.camera import BLENDER_TO_Y_UP, projection_from_focal, view_from_camera_pose
 from dualpm.data.source import SourceDataset
 from dualpm.errors import BackendUnavailable
 from dualpm.gltf import load_skinned_mesh
+from dualpm.masks import read_mask
 from dualpm.render import render_dual_pointmaps
 from dualpm.skinning import read_pose_file, skin
 from dualpm.store import (
@@ -88,8 +90,11 @@ def test_round_trip_equals_direct_rendering_within_float16(tmp_path, ray_local, 
         got = decode_dual_pointmap(fields["dpm"])
         np.testing.assert_array_equal(got, expected.astype(np.float16).astype(np.float32))
         assert fields["rgb.png"] == (ds.root / "renders" / f"{sid}_rgb.png").read_bytes()
-        assert fields["mask.png"] == (ds.root / "masks" / f"{sid}_mask.png").read_bytes()
+        stored_mask = decode_png(fields["mask.png"])
+        assert stored_mask.dtype == np.bool_  # 1-bit, whatever the source's encoding
+        np.testing.assert_array_equal(stored_mask, read_mask(ds.root / "masks" / f"{sid}_mask.png") > 0.5)
         meta = fields["meta.json"]
+        assert 0.5 < meta["mask_iou"] <= 1.0  # a 24 px source mask of a tiny tube, resampled to 32 px
         source = SourceDataset(ds.root).sample(sid)
         assert (meta["source_id"], meta["model_name"], meta["mask"]) == (sid, ds.model_of[sid], "source")
         assert meta["focal_length"] == source.focal_length
@@ -115,6 +120,29 @@ def test_without_source_mask_the_rendered_coverage_is_stored(tmp_path, ray_local
         coverage = decode_dual_pointmap(fields["dpm"])[:, :, 0, 6] > 0
         np.testing.assert_array_equal(decode_png(fields["mask.png"]), coverage)
         assert "rgb.png" not in fields and fields["meta.json"]["mask"] == "rendered"
+
+
+def test_published_0_1_masks_are_read_and_an_empty_mask_fails_its_sample(tmp_path, ray_local):
+    # The published set stores masks as 0/1 8-bit PNGs; read as 0..255 they would look empty.
+    ds = make_source_dataset(tmp_path / "src", num_samples=3, rgb=False, image_size=32)
+    originals = {}
+    for sid in ds.ids:
+        path = ds.root / "masks" / f"{sid}_mask.png"
+        originals[sid] = read_mask(path) > 0.5
+        Image.fromarray(originals[sid].astype(np.uint8), mode="L").save(path)  # values 0 and 1
+    empty = ds.ids[1]
+    Image.fromarray(np.zeros((32, 32), np.uint8), mode="L").save(ds.root / "masks" / f"{empty}_mask.png")
+    code, output = render_cli(str(ds.root), str(tmp_path / "out"), "--resolution", str(RES), "--layers", "2")
+    assert code == 0, output
+    assert "render: 2 samples written, 1 failed" in output
+    samples = stored_samples(tmp_path / "out")
+    assert sorted(samples) == [ds.ids[0], ds.ids[2]]
+    for sid, fields in samples.items():
+        np.testing.assert_array_equal(decode_png(fields["mask.png"]), originals[sid])
+        assert fields["meta.json"]["mask_iou"] > 0.9  # same resolution as the render: near-exact agreement
+    failure = json.loads((tmp_path / "out" / FAILURES_NAME).read_text())
+    assert failure["id"] == empty
+    assert f"{empty}_mask.png: the mask is empty, but the render covers" in failure["reason"]
 
 
 def test_resume_after_deleting_a_shard_renders_only_that_shard(tmp_path, ray_local):

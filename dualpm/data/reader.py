@@ -21,7 +21,7 @@ with the sample ids they share (a sample missing from either column is skipped).
 
 Decoded samples: `features` (C, H, W) float32 upsampled bilinearly (align_corners=False) to the training
 resolution, `target` (H, W, L, 7) float32 (first L layers), `mask` (H, W) float32 in {0, 1} (the stored
-mask resized by area > 0.5, else layer-1 alpha), `id` and `position` (3,) int64.
+mask decoded by `dualpm.masks`, resized by area > 0.5, else layer-1 alpha), `id` and `position` (3,) int64.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dualpm.errors import DatasetError
-from dualpm.store import Manifest, column_dir, decode_dual_pointmap, decode_png, load_manifest, read_shard
+from dualpm.masks import INSIDE, read_mask, resize_mask
+from dualpm.store import Manifest, column_dir, decode_dual_pointmap, load_manifest, read_shard
 
 RENDER = "render"
 FEATURES = "features"
@@ -265,25 +266,6 @@ def interleave(iterators: Iterable[Iterator[T]], width: int) -> Iterator[T]:
                 it.close()
 
 
-def _resize_mask(mask: np.ndarray, size: tuple[int, int], where: str) -> torch.Tensor:
-    """Stored mask (h, w) or (h, w, c) of bool / uint8 / uint16 -> (H, W) float32 in {0, 1}."""
-    if mask.ndim == 3:
-        colour = mask[..., :-1] if mask.shape[2] in (2, 4) else mask  # drop an alpha channel
-        mask = colour.max(axis=2)
-    if mask.ndim != 2:
-        raise DatasetError(f"{where}: mask.png must be a 2D image, got shape {mask.shape}")
-    if mask.dtype == np.bool_:
-        m = torch.from_numpy(mask.astype(np.float32))
-    elif mask.dtype.kind == "u":
-        m = torch.from_numpy(mask.astype(np.float32) / np.iinfo(mask.dtype).max)
-    else:
-        raise DatasetError(f"{where}: mask.png has unsupported dtype {mask.dtype}")
-    if tuple(m.shape) != tuple(size):
-        # Area (not nearest): each output pixel is inside iff most of what it covers is.
-        m = F.interpolate(m[None, None], size=tuple(size), mode="area")[0, 0]
-    return (m > 0.5).float()
-
-
 def _nearest_index(n_out: int, n_in: int) -> np.ndarray:
     return np.minimum(((np.arange(n_out) + 0.5) * n_in / n_out).astype(np.int64), n_in - 1)
 
@@ -313,7 +295,10 @@ def decode_sample(
         dpm = dpm[_nearest_index(resolution[0], dpm.shape[0])][:, _nearest_index(resolution[1], dpm.shape[1])]
     target = torch.from_numpy(dpm)
     if "mask.png" in fields:
-        mask = _resize_mask(decode_png(fields["mask.png"]), resolution, where)
+        stored = read_mask(fields["mask.png"], f"{where}: mask.png")  # (h, w) in [0, 1]
+        if not (stored > INSIDE).any() and bool(target[:, :, 0, 6].any()):
+            raise DatasetError(f"{where}: the stored mask is empty but the dual point map has hits")
+        mask = resize_mask(stored, resolution)
     else:
         mask = target[:, :, 0, 6].clone()
     feats = torch.from_numpy(features).float()  # (C, h, w)

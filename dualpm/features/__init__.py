@@ -19,11 +19,7 @@ from dualpm.features.base import (
     check_basis,
     extract,
     fit_basis,
-    load_image,
-    load_mask,
     load_or_fit_basis,
-    resize_images,
-    stack_images,
 )
 from dualpm.features.pca import FeatureBasis, PCABasis
 from dualpm.features.precomputed import (
@@ -46,12 +42,8 @@ __all__ = [
     "encode_packed",
     "extract",
     "fit_basis",
-    "load_image",
-    "load_mask",
     "load_or_fit_basis",
     "read_packed",
-    "resize_images",
     "spec_from_packed",
-    "stack_images",
     "write_packed",
 ]

@@ -23,7 +23,7 @@ import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -31,7 +31,6 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from dualpm.errors import ConfigError, DatasetError
@@ -273,73 +272,7 @@ def build_extractor(spec: FeatureSpec, device: str | torch.device = "cpu") -> Fe
 
 
 # ---------------------------------------------------------------------------------------------
-# Images
-
-
-def load_image(path: str | os.PathLike) -> Tensor:
-    """Read an image file as (3, H, W) float32 RGB in [0, 1] on the CPU.
-
-    Grayscale is repeated to 3 channels, 16-bit images are scaled by 1/65535, images with
-    transparency are composited over black (the masked background of the renders), palettes are
-    expanded. A missing, truncated or unreadable file raises `DatasetError` naming it.
-    """
-    path = Path(path)
-    try:
-        with Image.open(path) as img:
-            img.load()
-            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-                gray = np.asarray(img, dtype=np.float32) / 65535.0
-                rgb = np.repeat(np.clip(gray, 0.0, 1.0)[..., None], 3, axis=2)
-            elif img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
-                rgba = np.asarray(img.convert("RGBA"), dtype=np.float32) / 255.0
-                rgb = rgba[..., :3] * rgba[..., 3:4]  # composite over black
-            else:
-                rgb = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
-    except (OSError, ValueError, SyntaxError, UnidentifiedImageError, Image.DecompressionBombError) as err:
-        raise DatasetError(f"{path}: cannot read image ({err})") from err
-    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).contiguous()  # (H,W,3) -> (3,H,W)
-
-
-def load_mask(path: str | os.PathLike) -> Tensor:
-    """Read an object mask as (H, W) float32 in [0, 1] on the CPU.
-
-    Uses the alpha channel when the file has a non-constant one, else the brightest colour channel.
-    Unreadable files raise `DatasetError` naming them.
-    """
-    path = Path(path)
-    try:
-        with Image.open(path) as img:
-            img.load()
-            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-                mask = np.asarray(img, dtype=np.float32) / 65535.0
-            else:
-                rgba = np.asarray(img.convert("RGBA"), dtype=np.float32) / 255.0
-                alpha = rgba[..., 3]
-                mask = alpha if alpha.min() < alpha.max() else rgba[..., :3].max(axis=2)
-    except (OSError, ValueError, SyntaxError, UnidentifiedImageError, Image.DecompressionBombError) as err:
-        raise DatasetError(f"{path}: cannot read mask ({err})") from err
-    return torch.from_numpy(np.ascontiguousarray(np.clip(mask, 0.0, 1.0)))
-
-
-def resize_images(images: Tensor, size: int | tuple[int, int]) -> Tensor:
-    """Resize a batch to `size` (bilinear, antialiased when shrinking; aspect ratio not kept).
-
-    Args:
-        images: (B, C, H, W) float tensor, any device.
-        size: output side, or (height, width), in pixels.
-    Returns:
-        (B, C, h, w) tensor of the same dtype and device (the input itself when already that size).
-    """
-    hw = (size, size) if isinstance(size, int) else tuple(size)
-    if tuple(images.shape[-2:]) == hw:
-        return images
-    shrink = images.shape[-2] > hw[0] or images.shape[-1] > hw[1]
-    return F.interpolate(images, size=hw, mode="bilinear", align_corners=False, antialias=shrink)
-
-
-def stack_images(images: Sequence[Tensor], size: int) -> Tensor:
-    """Batch images of any sizes: each (C, H_i, W_i) is resized to (size, size) -> (B, C, size, size)."""
-    return torch.cat([resize_images(im[None].float(), size) for im in images])
+# Image batches
 
 
 def imagenet_normalize(images: Tensor) -> Tensor:

@@ -28,10 +28,10 @@ from dualpm.features.base import (
     loading_errors,
     read_json_config,
     require_folder,
-    resize_images,
 )
 from dualpm.features.pca import FeatureBasis
 from dualpm.fileio import atomic_directory
+from dualpm.images import resize_images
 
 _MODEL_TYPES = {"dinov2": "Dinov2Model", "dinov2_with_registers": "Dinov2WithRegistersModel"}
 

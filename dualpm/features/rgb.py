@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dualpm.errors import ConfigError
-from dualpm.features.base import FeatureSpec, check_images, imagenet_normalize, resize_images
+from dualpm.features.base import FeatureSpec, check_images, imagenet_normalize
 from dualpm.features.pca import FeatureBasis
+from dualpm.images import resize_images
 
 
 class RgbExtractor:

@@ -48,10 +48,10 @@ from dualpm.features.base import (
     loading_errors,
     read_json_config,
     require_folder,
-    resize_images,
 )
 from dualpm.features.dino import Dinov2Backbone
 from dualpm.features.pca import FeatureBasis
+from dualpm.images import resize_images
 
 SD_STAGES = ("sd_up0", "sd_up1", "sd_up2")
 _WEIGHT_NAMES = (

@@ -31,6 +31,7 @@ from numcodecs import Blosc, Delta
 from PIL import Image
 
 from dualpm.errors import DatasetError
+from dualpm.images import image_array, open_image
 
 MAGIC = b"DPMS"
 VERSION = 1
@@ -191,10 +192,8 @@ def png_bytes(image: np.ndarray) -> bytes:
 
 
 def decode_png(data: bytes) -> np.ndarray:
-    """Decode PNG (or any image PIL reads) bytes to a numpy array as stored (bool, uint8, ...)."""
+    """Decode PNG (or any image PIL reads) bytes to a numpy array as stored (`dualpm.images.image_array`)."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            return np.asarray(image)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise EncodingError(f"image bytes do not decode ({err})") from err
+        return image_array(open_image(data, "image bytes"))
+    except DatasetError as err:
+        raise EncodingError(f"image bytes do not decode ({err.__cause__})") from err

@@ -30,6 +30,7 @@ from dualpm.data.source import Layout, SampleMetadata, SourceDataset, format_met
 from dualpm.errors import BackendUnavailable, ConfigError, DatasetError, DualPMError, GltfError
 from dualpm.fileio import atomic_output, atomic_write_json, atomic_write_text, remove_stale_temporaries
 from dualpm.gltf import SkinnedMesh, load_skinned_mesh, save_skinned_mesh
+from dualpm.masks import read_mask
 from dualpm.render import BACKENDS, render_layers
 from dualpm.skinning import skin, write_pose_file
 from dualpm.viz import image_grid
@@ -495,7 +496,7 @@ def write_preview(root: str | os.PathLike, path: str | os.PathLike, count: int =
     for sample_id in ids:
         meta = dataset.sample(sample_id)
         tiles += [np.asarray(Image.open(meta.rgb_path).convert("RGB")),
-                  np.asarray(Image.open(meta.mask_path))]
+                  (read_mask(meta.mask_path) * 255).astype(np.uint8)]
         labels += [f"{sample_id} {meta.model_name}", f"mask, f={meta.focal_length:g} mm"]
     sheet = image_grid(tiles, labels, columns=2 * min(columns, len(ids)))
     with atomic_output(path) as tmp:
