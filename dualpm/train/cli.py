@@ -18,7 +18,14 @@ from dualpm.cliutils import handles_user_errors, show_and_save_config
 from dualpm.data.reader import open_dataset
 from dualpm.errors import ConfigError
 from dualpm.model import DualPMNet, describe
-from dualpm.train.config import apply_overrides, config_from_dict, config_to_dict, read_config, resolve_config
+from dualpm.train.config import (
+    apply_overrides,
+    config_from_dict,
+    config_to_dict,
+    read_config,
+    resolve_config,
+    set_value,
+)
 from dualpm.train.loop import EXIT_STOPPED, STOP_SIGNALS, train
 
 
@@ -52,9 +59,9 @@ def main(
     """
     raw = read_config(config_file)
     if data_root is not None:
-        raw.setdefault("data", {})["root"] = data_root
+        set_value(raw, "data.root", data_root, "--data")
     if out_dir is not None:
-        raw.setdefault("train", {})["out_dir"] = out_dir
+        set_value(raw, "train.out_dir", out_dir, "--out")
     apply_overrides(raw, overrides)  # after --data / --out: an explicit --set wins
     config = config_from_dict(raw)  # unknown keys, types and ranges fail here, before any data is read
     if config.data.root is None:
