@@ -19,11 +19,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from click.testing import CliRunner
 
 from dualpm.errors import ConfigError, DatasetError
 from dualpm.fileio import atomic_write_text
 from dualpm.train import NonFiniteLossError, config_from_dict, load_checkpoint, train
-from dualpm.train.checkpoint import LATEST, checkpoint_dir, step_checkpoints
+from dualpm.train.checkpoint import FORMAT, LATEST, checkpoint_dir, step_checkpoints
+from dualpm.train.cli import main
 from dualpm.train.loop import EXIT_STOPPED
 from test_reader import write_store
 
@@ -156,6 +158,49 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert [s for s, _ in step_checkpoints(tmp_path / "run")] == [1, 2, 3]
     good = load_checkpoint(checkpoint_dir(tmp_path / "run") / LATEST)
     assert good["step"] == 3 and all(torch.isfinite(v).all() for v in good["model"].values())
+
+
+class _Unsafe:
+    """Pickles to a call of os.system: what weights-only loading must refuse."""
+
+    def __reduce__(self):
+        return (os.system, ("echo this must never run",))
+
+
+def write_bad_checkpoints(folder: Path) -> dict[str, Path]:
+    """Files given as checkpoints by mistake or malice, by kind: text files, empty, a torch file of
+    something else, an unsafe pickle, a dualpm checkpoint without the training state."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {
+        "passwd": b"root:x:0:0:root:/root:/bin/bash\ndaemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin\n",
+        "text": b"hello world\n", "yaml": b"train:\n  lr: 1\n", "empty": b"",
+    }
+    paths = {}
+    for name, data in files.items():
+        paths[name] = folder / name
+        paths[name].write_bytes(data)
+    paths["other"], paths["unsafe"], paths["partial"] = folder / "o.pt", folder / "u.pt", folder / "p.pt"
+    torch.save({"weights": torch.zeros(2)}, paths["other"])
+    torch.save({"format": FORMAT, "version": 1, "step": _Unsafe()}, paths["unsafe"])
+    torch.save({"format": FORMAT, "version": 1, "step": 3, "model": {}}, paths["partial"])
+    return paths
+
+
+def test_an_unreadable_resume_checkpoint_is_one_clear_line(tmp_path):
+    root = write_store(tmp_path / "data")
+    config = _write_config(tmp_path / "c.yaml", tiny_raw(root, tmp_path / "run", steps=1))
+    reasons = {"passwd": "not a readable dualpm checkpoint", "text": "not a readable dualpm checkpoint",
+               "yaml": "not a readable dualpm checkpoint", "empty": "not a readable dualpm checkpoint",
+               "other": "not a dualpm training checkpoint",
+               "unsafe": "not a readable dualpm checkpoint (refused to load it: it holds objects other than "
+                         "tensors and plain values (Trying to load unsupported GLOBAL",
+               "partial": "cannot resume from it: it lacks optimizer, scheduler, rng, data, config, dataset"}
+    for kind, path in write_bad_checkpoints(tmp_path / "bad").items():
+        result = CliRunner().invoke(main, [str(config), "--resume", str(path)])
+        assert result.exit_code == 1 and not isinstance(result.exception, (IndexError, KeyError)), (kind, result)
+        line = result.output.strip()
+        assert line.startswith(f"Error: {path}: {reasons[kind]}") and "\n" not in line, (kind, line)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
 def test_two_process_ddp_reads_every_sample_once_per_epoch(tmp_path):

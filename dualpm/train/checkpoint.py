@@ -13,7 +13,6 @@ images needs the checkpoint alone, not the dataset it was trained on.
 from __future__ import annotations
 
 import os
-import pickle
 import random
 import re
 import shutil
@@ -23,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dualpm.errors import DualPMError
+from dualpm.errors import DualPMError, describe_load_error
 from dualpm.features.pca import FeatureBasis
 from dualpm.fileio import atomic_output, safe_join
 
@@ -32,6 +31,8 @@ VERSION = 1
 CHECKPOINTS = "checkpoints"
 LATEST = "latest.pt"
 _STEP_RE = re.compile(r"^step-(\d+)\.pt$")
+# What resuming needs; `save_checkpoint` callers other than the trainer (tests, benchmarks) may write less.
+RESUME_KEYS = ("step", "model", "optimizer", "scheduler", "rng", "data", "config", "dataset")
 FEATURE_BASIS = "feature_basis"  # {"tensors": {name: tensor}, "meta": {str: str}}, or None without PCA
 
 
@@ -106,10 +107,12 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({err})") from err
+    except Exception as err:
+        # torch's unpickler raises about anything (IndexError, KeyError, ...) on bytes that are not a
+        # torch file; whichever it is, the file is not a checkpoint this code can read.
+        raise CheckpointError(f"{path}: not a readable dualpm checkpoint ({describe_load_error(err)})") from err
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a dualpm training checkpoint")
+        raise CheckpointError(f"{path}: not a dualpm training checkpoint (a torch file of something else)")
     if state.get("version") != VERSION:
         version = state.get("version")
         raise CheckpointError(f"{path}: checkpoint version {version!r}, this code reads {VERSION}")

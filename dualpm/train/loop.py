@@ -50,6 +50,8 @@ from dualpm.fileio import atomic_write_text
 from dualpm.loss import dualpm_loss, dualpm_metrics
 from dualpm.model import DualPMNet, describe
 from dualpm.train.checkpoint import (
+    RESUME_KEYS,
+    CheckpointError,
     capture_rng,
     find_checkpoint,
     load_checkpoint,
@@ -209,7 +211,10 @@ class _Trainer:
     # --- resume -------------------------------------------------------------------------------------
 
     def _check_resumable(self, state: dict[str, Any], path: Path) -> None:
-        if state["dataset"]["identity"] != self.info.identity:
+        missing = [key for key in RESUME_KEYS if key not in state]
+        if missing:
+            raise CheckpointError(f"{path}: cannot resume from it: it lacks {', '.join(missing)}")
+        if state["dataset"].get("identity") != self.info.identity:
             raise DatasetError(
                 f"{path}: was trained on a different dataset (shard plan or data changed in "
                 f"{self.info.root}); start a new run instead of resuming"
