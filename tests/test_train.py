@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -158,6 +159,61 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert [s for s, _ in step_checkpoints(tmp_path / "run")] == [1, 2, 3]
     good = load_checkpoint(checkpoint_dir(tmp_path / "run") / LATEST)
     assert good["step"] == 3 and all(torch.isfinite(v).all() for v in good["model"].values())
+
+
+def test_a_folder_holding_a_run_is_refused_unless_resumed_or_overwritten(tmp_path):
+    root = write_store(tmp_path / "data")
+    run = tmp_path / "run"
+    train(config_from_dict(tiny_raw(root, run, steps=3, checkpoint_every=1)), verbose=False)
+    before = {p.name: p.stat().st_mtime_ns for p in [*run.iterdir(), *checkpoint_dir(run).iterdir()]}
+    with pytest.raises(ConfigError, match=r"run: holds an earlier training run \(checkpoints up to step 3\); "
+                       r"continue it with --resume auto, start it over with --overwrite \(deletes its "
+                       r"checkpoints, metrics.jsonl, config.yaml, tb\)"):
+        train(config_from_dict(tiny_raw(root, run, steps=2)), verbose=False)
+    with pytest.raises(ConfigError, match="give only one of them"):
+        train(config_from_dict(tiny_raw(root, run, steps=2)), resume="auto", overwrite=True, verbose=False)
+    after = {p.name: p.stat().st_mtime_ns for p in [*run.iterdir(), *checkpoint_dir(run).iterdir()]}
+    assert after == before  # refused before anything was touched
+    # The command line: --overwrite starts clean (no step-3 checkpoint, no old log lines).
+    config = _write_config(tmp_path / "c.yaml", tiny_raw(root, run, steps=2, checkpoint_every=1))
+    result = CliRunner().invoke(main, [str(config), "--dry-run"])
+    assert result.exit_code == 1 and "holds an earlier training run" in result.output
+    result = CliRunner().invoke(main, [str(config), "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert f"done: step 2, checkpoint {checkpoint_dir(run) / 'step-00000002.pt'}" in result.output
+    assert [s for s, _ in step_checkpoints(run)] == [1, 2]
+    assert load_checkpoint(checkpoint_dir(run) / LATEST)["step"] == 2
+    assert [r["step"] for r in metrics(run)] == [1, 2]
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml", "metrics.jsonl", "tb"]
+
+
+def test_resume_auto_before_the_first_checkpoint_starts_over_without_duplicate_log_lines(tmp_path):
+    # What a run killed before its first checkpoint leaves (or an --overwrite killed part way).
+    root = write_store(tmp_path / "data")
+    run = tmp_path / "run"
+    train(config_from_dict(tiny_raw(root, run, steps=3)), verbose=False)
+    for path in checkpoint_dir(run).iterdir():
+        path.unlink()
+    with pytest.raises(ConfigError, match="no checkpoint, but checkpoints, metrics.jsonl, config.yaml, tb"):
+        train(config_from_dict(tiny_raw(root, run, steps=2)), verbose=False)
+    result = train(config_from_dict(tiny_raw(root, run, steps=2)), resume="auto", verbose=False)
+    assert result.step == 2 and [r["step"] for r in metrics(run)] == [1, 2]
+
+
+def test_temporaries_of_killed_writes_are_removed_when_a_run_starts(tmp_path):
+    root = write_store(tmp_path / "data")
+    run = tmp_path / "run"
+    train(config_from_dict(tiny_raw(root, run, steps=2)), verbose=False)
+    # Names as dualpm.fileio gives them: a checkpoint, latest.pt, the config and the log, and an
+    # --overwrite's folder of deleted entries, each killed before its rename.
+    leftovers = [tempfile.mkstemp(prefix=f".tmp-{name}.", dir=folder)[1] for folder, name in
+                 [(checkpoint_dir(run), "step-00000003.pt"), (checkpoint_dir(run), LATEST),
+                  (run, "config.yaml"), (run, "metrics.jsonl")]]
+    leftovers.append(tempfile.mkdtemp(prefix=".tmp-overwritten.", dir=run))
+    Path(leftovers[-1], "checkpoints").mkdir()
+    train(config_from_dict(tiny_raw(root, run, steps=3)), resume="auto", verbose=False)
+    assert not [p for p in leftovers if Path(p).exists()]
+    assert sorted(p.name for p in checkpoint_dir(run).iterdir()) == [LATEST, "step-00000002.pt", "step-00000003.pt"]
 
 
 class _Unsafe:
