@@ -38,5 +38,6 @@ def describe_load_error(err: BaseException) -> str:
     if text.startswith("Weights only load failed"):
         lines = [ln.strip() for ln in text.splitlines()[1:] if ln.strip()]
         refused = next((ln for ln in lines if not ln.startswith("Check the documentation")), "")
-        return f"refused to load it: it holds objects other than tensors and plain values ({refused.rstrip('.')})"
+        refused = refused.rstrip(".")
+        return f"refused to load it: it holds objects other than tensors and plain values ({refused})"
     return f"{type(err).__name__}: {' '.join(text.split())}" if text else type(err).__name__

@@ -293,8 +293,8 @@ def task_resources(backend: str, cluster: ClusterInfo) -> tuple[dict[str, float]
 @shard_stage_options
 @handles_user_errors
 def render(src: Path, out: Path, resolution: int, layers: int, shard_size: int | None, backend: str, fmt: str,
-           batch: int, workers: int | None, address: str | None, overwrite: bool, max_failures: int | None,
-           dry_run: bool) -> None:
+           batch: int, workers: int | None, address: str | None, connect_timeout: float, overwrite: bool,
+           max_failures: int | None, dry_run: bool) -> None:
     """Render the dual point maps of source dataset SRC into the sharded store OUT (column "render")."""
     source = SourceDataset(src)
     manifest = open_manifest(out, source, shard_size)
@@ -306,7 +306,7 @@ def render(src: Path, out: Path, resolution: int, layers: int, shard_size: int |
                              "render config (dry run)")
         click.echo(describe_plan(manifest))
         return
-    with ray_session(address, None if address else workers) as cluster:
+    with ray_session(address, None if address else workers, connect_timeout) as cluster:
         chosen = choose_backend(backend, cluster)
         resources, threads = task_resources(chosen, cluster)
         config = RenderConfig(config.source, resolution, layers, chosen, batch, fmt, threads)

@@ -277,6 +277,9 @@ def test_errors_before_any_work(tmp_path, ray_local, weights, monkeypatch):
     assert f"{sd}: not a transformers DINOv2 model folder" in fails("--sd-model", sd, "--dino-model", sd)
     assert "--sd-model does not apply to --extractor dino" in fails("--extractor", "dino", "--sd-model", sd)
     assert "no packed feature file" in fails("--extractor", "precomputed")
+    out = ds.root / "prepared"
+    assert f"{out}: OUT is inside the source dataset SRC ({ds.root})" in fails("--extractor", "rgb")
+    out = tmp_path / "out"
     # The environment supplies the paths; one the extractor does not use is ignored.
     monkeypatch.setenv("DUALPM_SD_MODEL", str(tmp_path / "nowhere"))
     monkeypatch.setenv("DUALPM_DINO_MODEL", str(sd))

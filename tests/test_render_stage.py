@@ -182,6 +182,18 @@ def test_dry_run_prints_config_and_plan_and_writes_nothing(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_out_must_be_apart_from_src(tmp_path):
+    ds = make_source_dataset(tmp_path / "data" / "src", num_samples=2, rgb=False, masks=False)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    cases = {ds.root: f"{ds.root}: OUT is the source dataset SRC itself",
+             ds.root / "prepared": f"{ds.root / 'prepared'}: OUT is inside the source dataset SRC ({ds.root})",
+             tmp_path / "data": f"{ds.root}: the source dataset SRC is inside OUT ({tmp_path / 'data'})"}
+    for out, message in cases.items():
+        code, output = render_cli(str(ds.root), str(out), "--resolution", str(RES), "--layers", "2")
+        assert code == 1 and output.startswith(f"Error: {message}"), output
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written
+
+
 def test_choose_backend_and_resources():
     cpu_only = ClusterInfo(None, cpus=8, gpus=0, nodes=1)
     gpus = ClusterInfo("head:6379", cpus=32, gpus=4, nodes=2)

@@ -1,4 +1,4 @@
-"""Training checkpoints: atomic writes, `latest.pt` + the last K step-numbered copies, RNG capture; the run folder.
+"""Training checkpoints (atomic writes, `latest.pt` + the last K step-numbered copies, RNG capture), the run folder.
 
 ```
 <run>/checkpoints/step-00001000.pt   one per checkpoint (the oldest pruned beyond `keep`)
@@ -163,7 +163,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     except Exception as err:
         # torch's unpickler raises about anything (IndexError, KeyError, ...) on bytes that are not a
         # torch file; whichever it is, the file is not a checkpoint this code can read.
-        raise CheckpointError(f"{path}: not a readable dualpm checkpoint ({describe_load_error(err)})") from err
+        reason = describe_load_error(err)
+        raise CheckpointError(f"{path}: not a readable dualpm checkpoint ({reason})") from err
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a dualpm training checkpoint (a torch file of something else)")
     if state.get("version") != VERSION:

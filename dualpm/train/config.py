@@ -254,7 +254,9 @@ def read_config(path: str | Path | None, overrides: Sequence[str] = ()) -> dict[
             raise ConfigError(f"{path}: expected a mapping of sections (data, model, loss, train)")
         for name, section in raw.items():
             if section is not None and not isinstance(section, dict):
-                raise ConfigError(f"{path}: section {name!r} must be a mapping of keys to values, got {section!r}")
+                raise ConfigError(
+                    f"{path}: section {name!r} must be a mapping of keys to values, got {section!r}"
+                )
     return apply_overrides(raw, overrides)
 
 
