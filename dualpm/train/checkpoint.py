@@ -1,4 +1,4 @@
-"""Training checkpoints (atomic writes, `latest.pt` + the last K step-numbered copies, RNG capture), the run folder.
+"""Training checkpoints (atomic; `latest.pt` + the last K step-numbered copies; RNG capture) and run folders.
 
 ```
 <run>/checkpoints/step-00001000.pt   one per checkpoint (the oldest pruned beyond `keep`)
