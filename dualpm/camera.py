@@ -27,6 +27,7 @@ from torch import Tensor
 from dualpm.errors import DatasetError
 
 SENSOR_HEIGHT_MM = 36.0
+MAX_CAMERA_CONDITION = 1e6  # camera files whose 3x3 part is worse conditioned are refused (not invertible)
 NEAR = 0.1
 FAR = 30.0
 
@@ -41,7 +42,8 @@ def read_camera_txt(path: str | os.PathLike) -> np.ndarray:
 
     Returns:
         (4, 4) float64 array. Raises `DatasetError` naming the file if it is not 4x4, not finite,
-        or its last row is not `[0, 0, 0, 1]`.
+        its last row is not `[0, 0, 0, 1]`, or it has no (numerically stable) inverse: the view
+        matrix is its inverse.
     """
     path = Path(path)
     try:
@@ -55,6 +57,14 @@ def read_camera_txt(path: str | os.PathLike) -> np.ndarray:
         raise DatasetError(f"{path}: camera matrix has NaN or infinite entries")
     if not np.allclose(matrix[3], [0, 0, 0, 1], atol=1e-6):
         raise DatasetError(f"{path}: camera matrix last row must be [0 0 0 1], got {matrix[3].tolist()}")
+    # With that last row the matrix is invertible exactly when its 3x3 part is; a rotation has condition
+    # number 1, and a scaled one keeps it near 1, so anything far beyond is no camera pose.
+    condition = np.linalg.cond(matrix[:3, :3])
+    if not condition < MAX_CAMERA_CONDITION:  # also NaN / inf (singular)
+        raise DatasetError(
+            f"{path}: camera matrix is singular or nearly so (condition number {condition:.3g} of its 3x3 "
+            "rotation part); expected a camera-to-world pose, a rotation and a translation"
+        )
     return matrix
 
 

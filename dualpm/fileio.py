@@ -3,7 +3,8 @@
 Every output appears atomically: it is written under a temporary name in the destination folder
 (same filesystem) and renamed into place, so a killed process never leaves a half-written file
 under a final name. Untrusted relative paths (glTF buffer URIs, tar member names) are resolved with
-`safe_join`, which refuses anything that would leave its folder.
+`safe_join`, which refuses anything that would leave its folder; `refuse_nested` keeps a command's
+output out of its input.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from dualpm.errors import DualPMError
+from dualpm.errors import ConfigError, DualPMError
 
 TMP_PREFIX = ".tmp-"
 
@@ -130,3 +131,19 @@ def safe_join(root: str | os.PathLike, relative: str) -> Path:
     if target != base and base not in target.parents:
         raise UnsafePathError(f"path {relative!r} escapes its folder {base}")
     return target
+
+
+def refuse_nested(source: str | os.PathLike, out: str | os.PathLike, source_name: str) -> None:
+    """`ConfigError` when the output folder `out` is `source`, is inside it, or holds it.
+
+    A command writing there would put its output into its own input (a store inside the source
+    dataset) or delete and rewrite its input. Paths are compared resolved (symlinks followed);
+    `source_name` says what `source` is in the message, e.g. "the source dataset SRC".
+    """
+    src, dst = Path(source).resolve(), Path(out).resolve()
+    if dst == src:
+        raise ConfigError(f"{out}: OUT is {source_name} itself; give OUT a folder of its own")
+    if dst.is_relative_to(src):
+        raise ConfigError(f"{out}: OUT is inside {source_name} ({source}); give OUT a folder outside it")
+    if src.is_relative_to(dst):
+        raise ConfigError(f"{source}: {source_name} is inside OUT ({out}); give OUT a folder of its own")

@@ -3,6 +3,11 @@
 The same command runs on a laptop (a local Ray started quietly here and shut down afterwards) and
 on a cluster (`--address host:port` of a running head, e.g. one started across a Slurm allocation by
 `jobs/prep.sbatch`; we never shut a cluster down).
+
+Joining a cluster: Ray itself retries an address where nothing answers for many minutes, and a
+malformed one ends in its traceback. So the address is checked here first (host:port), and its port
+must accept a connection within `--connect-timeout` seconds (retried meanwhile, so a head that is
+still starting is waited for); otherwise one line says which address and what to check.
 """
 
 from __future__ import annotations
@@ -10,12 +15,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+import click
 from tqdm import tqdm
+
+from dualpm.errors import ConfigError, DualPMError
 
 # Ray >= 2.5x refuses drivers that join a head started by `ray start` unless auth is configured or
 # explicitly disabled. Users who configure Ray auth set RAY_AUTH_MODE themselves.
@@ -40,19 +49,87 @@ class ClusterInfo:
     nodes: int
 
 
+DEFAULT_CONNECT_TIMEOUT = 60.0  # seconds; prep.sbatch starts the head before the stage, so this is ample
+
+# The option of every command that takes --address (render, features, synth), defined once.
+connect_timeout_option = click.option(
+    "--connect-timeout", type=click.FloatRange(min=1, max=86400), default=DEFAULT_CONNECT_TIMEOUT,
+    show_default=True, help="With --address: seconds to wait for the Ray cluster to answer before giving up.",
+)
+
+
+class ClusterError(DualPMError):
+    """A Ray cluster (--address) that does not answer or cannot be joined."""
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """(host, port) of 'host:port', '[ipv6]:port' or 'ray://host:port'; `ConfigError` otherwise."""
+    hostport = address.removeprefix("ray://")
+    host, sep, port = hostport.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(
+            f"--address {address!r}: expected host:port of the Ray head, e.g. 10.0.0.5:6379 "
+            "(what `ray start --head` printed), or 'auto' for the cluster started on this node"
+        )
+    return host, int(port)
+
+
+def wait_for_cluster(address: str, timeout: float) -> None:
+    """Return once `address`'s port accepts a TCP connection, trying for up to `timeout` seconds.
+
+    Raises `ConfigError` for a malformed address and `ClusterError` for an unknown host or a port
+    that did not answer in time, each one line naming the address and what to check.
+    """
+    host, port = parse_address(address)
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        try:
+            with socket.create_connection((host, port), timeout=max(0.1, min(5.0, remaining))):
+                return
+        except socket.gaierror as err:
+            if err.errno != socket.EAI_AGAIN:  # a name that does not exist will not appear by waiting
+                raise ClusterError(f"--address {address}: unknown host {host!r} ({err.strerror}); "
+                                   "check the head node's name or IP address") from err
+            reason = err.strerror
+        except OSError as err:
+            reason = err.strerror or type(err).__name__
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ClusterError(
+                f"--address {address}: no Ray cluster answered within {timeout:g} s ({reason}); check that "
+                "its head is running (`ray status` there), that the address is the head's IP and GCS port "
+                "(6379 unless `ray start --port` said otherwise) and reachable from here, or raise "
+                "--connect-timeout"
+            )
+        time.sleep(min(1.0, remaining))
+
+
 @contextlib.contextmanager
-def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[ClusterInfo]:
+def ray_session(
+    address: str | None = None, num_cpus: int | None = None, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+) -> Iterator[ClusterInfo]:
     """Connect to Ray for the duration of a stage.
 
     Args:
         address: 'host:port' of an existing cluster, or None to start a local Ray (quiet, no
             dashboard) that is shut down on exit. 'auto' joins a cluster started on this node.
         num_cpus: local Ray only: CPUs to offer (default: all).
+        connect_timeout: with `address`: seconds its head has to answer (`wait_for_cluster`).
+    Raises:
+        ConfigError, ClusterError: a malformed address, or a cluster that cannot be joined.
     """
+    if address and address != "auto":
+        wait_for_cluster(address, connect_timeout)
     started = False
     if not ray.is_initialized():
         if address:
-            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+            try:
+                ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+            except (ConnectionError, RuntimeError, ValueError) as err:  # no cluster for 'auto', versions...
+                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise ClusterError(f"--address {address}: cannot join the Ray cluster ({first})") from err
         else:
             ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
         started = True

@@ -557,7 +557,7 @@ def features(ctx: click.Context, src: Path, out: Path, extractor: str, sd_model:
              dino_model: str | None, dim: int | None, grid: int | None, timestep: int | None,
              sd_pca_dims: tuple[int, int, int] | None, mask_channel: bool, batch: int, pca_samples: int,
              fmt: str, device: str, shard_size: int | None, workers: int | None, address: str | None,
-             overwrite: bool, max_failures: int | None, dry_run: bool) -> None:
+             connect_timeout: float, overwrite: bool, max_failures: int | None, dry_run: bool) -> None:
     """Extract image features of source dataset SRC into the sharded store OUT (column "features")."""
     # A path from the environment applies only where the extractor uses it; a typed one must apply.
     for name, used in (("sd_model", extractor == "sd-dino"), ("dino_model", extractor in ("sd-dino", "dino"))):
@@ -577,7 +577,7 @@ def features(ctx: click.Context, src: Path, out: Path, extractor: str, sd_model:
         show_and_save_config(column_config(config, None), None, "features config (dry run)")
         click.echo(describe_plan(manifest))
         return
-    with ray_session(address, None if address else workers) as cluster:
+    with ray_session(address, None if address else workers, connect_timeout) as cluster:
         chosen = choose_device(device, spec, cluster)
         resources, threads, actors = worker_resources(chosen, cluster, workers)
         config = dataclasses.replace(config, device=chosen, threads=threads)

@@ -1,8 +1,10 @@
 """`dualpm-prep render`: source dataset -> column "render" of sparse dual point maps, one Ray task per shard.
 
 Per shard (`render_shard`): group the samples by model, load each mesh once, read the poses, skin
-and render in batches (`--batch`), check each sample (unreadable mesh or pose, mesh outside the view,
-non-finite values: recorded as that sample's failure), encode, and publish the shard atomically.
+and render in batches (`--batch`), check each sample (unreadable mesh, pose or camera, mesh outside
+the view, non-finite values: recorded as that sample's failure), encode, and publish the shard
+atomically. A batch that fails is rendered again sample by sample, so one bad sample never costs
+the others of its shard.
 Each sample holds:
 
     dpm         `dualpm.store.encode_dual_pointmap` of the (H, W, L, 7) map (float16 values of hits)
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import socket
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -174,77 +177,149 @@ def _sample_fields(
     return fields
 
 
+class _ShardResults:
+    """What became of each sample of one shard: its fields (or their pending encode) or why it failed."""
+
+    def __init__(self, source: SourceDataset):
+        self.source = source
+        self.results: dict[str, dict[str, Any] | str | Future] = {}
+        self.rendered = 0  # samples whose maps were rendered
+        self.unexpected: list[str] = []  # "<id>: <reason>" of failures that were not the data's fault
+
+    def fail(self, sample_id: str, err: Exception, doing: str, prefix: str = "") -> None:
+        """Record `err` as the failure of `sample_id`. A `DualPMError` is a problem of the sample's files
+        and says which; anything else is unexpected (a bug, a broken worker): its type and message are
+        kept, marked as such, so that it shows in failures.jsonl and the run's summary."""
+        if isinstance(err, DualPMError):
+            self.results[sample_id] = prefix + str(err)
+            return
+        layout, message = self.source.layout, " ".join(str(err).split())
+        self.results[sample_id] = reason = (
+            f"{prefix}unexpected {type(err).__name__} {doing} ({message}); pose {layout.pose(sample_id)}, "
+            f"camera {layout.camera(sample_id)}: a bug or a broken worker, please report it"
+        )
+        self.unexpected.append(f"{sample_id}: {reason}")
+
+
+Rendered = tuple[list[SourceSample], np.ndarray, np.ndarray, np.ndarray]  # samples, maps, views, projections
+
+
+def _render_batch(
+    mesh: SkinnedMesh, canonical: torch.Tensor, faces: torch.Tensor, poses: dict[str, np.ndarray],
+    config: RenderConfig, chunk: list[SourceSample],
+) -> Rendered:
+    """Render `chunk` in one call: (chunk, (B, H, W, L, 7) float32 maps, (B, 4, 4) views, (B, 4, 4)
+    projections), numpy on the CPU. canonical: (V, 3), faces: (F, 3), on the render device."""
+    device = canonical.device
+    posed = skin(mesh, np.stack([poses[s.id] for s in chunk]), device=device)  # (B, V, 3) world
+    views = view_from_camera_pose(torch.tensor(np.stack([s.camera_pose for s in chunk])))  # (B, 4, 4) f64
+    focals = torch.tensor([s.focal_length for s in chunk], dtype=torch.float64)
+    projections = projection_from_focal(focals)  # (B, 4, 4)
+    maps = render_dual_pointmaps(
+        canonical, posed, faces, views.to(device), projections.to(device), config.resolution,
+        config.layers, backend=config.backend, workers=1,  # Ray already runs one task per core
+    ).cpu().numpy()  # (B, H, W, L, 7)
+    return chunk, maps, views.numpy(), projections.numpy()
+
+
+def _render_chunk(render: Callable[[list[SourceSample]], Rendered], chunk: list[SourceSample],
+                  shard: _ShardResults) -> list[Rendered]:
+    """`render(chunk)` as one batch; if that raises, each sample alone, so only the one at fault fails."""
+    alone = "rendering this sample alone"
+    try:
+        return [render(chunk)]
+    except Exception as err:
+        if len(chunk) == 1:
+            shard.fail(chunk[0].id, err, alone)
+            return []
+    # Outside the handler: its traceback holds the failed batch's tensors (GPU memory).
+    out = []
+    for sample in chunk:
+        try:
+            out.append(render([sample]))
+        except Exception as err:
+            shard.fail(sample.id, err, alone)
+    return out
+
+
 def _render_model(
     source: SourceDataset,
     model: str,
     samples: list[SourceSample],
     config: RenderConfig,
     pool: ThreadPoolExecutor | None,
-    results: dict[str, dict[str, Any] | str | Future],
+    shard: _ShardResults,
 ) -> None:
-    """Render the samples of one model into `results` (fields, failure reason, or a pending encode)."""
+    """Render the samples of one model into `shard` (fields, failure reason, or a pending encode)."""
     try:
         mesh = load_mesh(source.layout.mesh(model))
-    except DualPMError as err:
-        results.update({s.id: f"model {model!r}: {err}" for s in samples})
+    except Exception as err:
+        for s in samples:
+            shard.fail(s.id, err, "loading the mesh", prefix=f"model {model!r}: ")
         return
     poses = {}
     for s in samples:
         try:
             poses[s.id] = read_pose_file(s.pose_path, mesh.num_nodes)
-        except DualPMError as err:
-            results[s.id] = str(err)
+        except Exception as err:
+            shard.fail(s.id, err, "reading the pose")
     good = [s for s in samples if s.id in poses]
     device = "cuda" if config.backend == "cuda" else "cpu"
     canonical = torch.tensor(mesh.vertices, device=device)  # copies: the mesh arrays are read-only
     faces = torch.tensor(mesh.faces, device=device)
+    render = functools.partial(_render_batch, mesh, canonical, faces, poses, config)
     for start in range(0, len(good), config.batch):
-        chunk = good[start : start + config.batch]
-        posed = skin(mesh, np.stack([poses[s.id] for s in chunk]), device=device)  # (B, V, 3) world
-        views = view_from_camera_pose(torch.tensor(np.stack([s.camera_pose for s in chunk])))  # (B, 4, 4) f64
-        focals = torch.tensor([s.focal_length for s in chunk], dtype=torch.float64)
-        projections = projection_from_focal(focals)  # (B, 4, 4)
-        maps = render_dual_pointmaps(
-            canonical, posed, faces, views.to(device), projections.to(device), config.resolution,
-            config.layers, backend=config.backend, workers=1,  # Ray already runs one task per core
-        ).cpu().numpy()  # (B, H, W, L, 7)
-        for s, dpm, view, projection in zip(chunk, maps, views.numpy(), projections.numpy(), strict=True):
-            if pool is None:
-                results[s.id] = _sample_fields(s, dpm, view, projection, config)
-            else:
-                results[s.id] = pool.submit(_sample_fields, s, dpm, view, projection, config)
+        for chunk, maps, views, projections in _render_chunk(render, good[start : start + config.batch], shard):
+            shard.rendered += len(chunk)
+            for s, dpm, view, projection in zip(chunk, maps, views, projections, strict=True):
+                if pool is None:
+                    shard.results[s.id] = _sample_fields(s, dpm, view, projection, config)
+                else:
+                    shard.results[s.id] = pool.submit(_sample_fields, s, dpm, view, projection, config)
 
 
 def render_shard(config: RenderConfig, plan: ShardPlan, out_column: str) -> ShardRecord:
     """Render, encode and publish shard `plan.index` of the render column in `out_column`.
 
-    Per-sample problems are recorded in the shard (and so in failures.jsonl); problems of the
-    worker itself (no usable CUDA backend here) raise `BackendUnavailable`.
+    Per-sample problems are recorded in the shard (and so in failures.jsonl): problems of its files
+    as they are, any other error as "unexpected" with its type. A batch that fails is rendered again
+    sample by sample, so only the sample at fault fails. Problems of the worker itself raise: no
+    usable CUDA backend here (`BackendUnavailable`), or a shard in which nothing rendered and some
+    sample failed unexpectedly (a broken worker or a bug, not the data: the run stops, and a rerun
+    redoes the shard rather than keeping its samples as failed).
     """
     if config.backend == "cuda":
         reason = cuda_backend_status()
         if reason is not None:
             raise BackendUnavailable(f"Ray worker on {socket.gethostname()}: {reason}")
     source = SourceDataset(config.source)
-    results: dict[str, dict[str, Any] | str | Future] = {}
+    shard = _ShardResults(source)
     by_model: dict[str, list[SourceSample]] = {}
     for sample_id in plan.ids:
         try:
             sample = source.sample(sample_id)
-        except DualPMError as err:  # metadata or camera file missing or malformed
-            results[sample_id] = str(err)
+        except Exception as err:  # metadata or camera file missing or malformed (DatasetError), or worse
+            shard.fail(sample_id, err, "reading the metadata and camera")
             continue
         by_model.setdefault(sample.model_name, []).append(sample)
     pool = ThreadPoolExecutor(config.threads) if config.threads > 1 else None
     try:
         for model, samples in by_model.items():
-            _render_model(source, model, samples, config, pool, results)
+            _render_model(source, model, samples, config, pool, shard)
+        if shard.unexpected and not shard.rendered:
+            raise RuntimeError(f"shard {plan.index}: no sample rendered; {len(shard.unexpected)} failed "
+                               f"unexpectedly, the first: {shard.unexpected[0]}")
         # The driver removed any earlier copy of this shard; overwrite covers a retry of this task
         # whose killed predecessor got as far as publishing.
         with ShardWriter(out_column, plan.index, config.format, overwrite=True) as writer:
             for sample_id in plan.ids:  # plan order
-                result = results[sample_id]
-                result = result.result() if isinstance(result, Future) else result
+                result = shard.results[sample_id]
+                if isinstance(result, Future):
+                    try:
+                        result = result.result()
+                    except Exception as err:
+                        shard.fail(sample_id, err, "storing the rendered map")
+                        result = shard.results[sample_id]
                 if isinstance(result, str):
                     writer.fail(sample_id, result)
                 else:
@@ -300,8 +375,8 @@ def task_resources(backend: str, cluster: ClusterInfo) -> tuple[dict[str, float]
 @shard_stage_options
 @handles_user_errors
 def render(src: Path, out: Path, resolution: int, layers: int, shard_size: int | None, backend: str, fmt: str,
-           batch: int, workers: int | None, address: str | None, overwrite: bool, max_failures: int | None,
-           dry_run: bool) -> None:
+           batch: int, workers: int | None, address: str | None, connect_timeout: float, overwrite: bool,
+           max_failures: int | None, dry_run: bool) -> None:
     """Render the dual point maps of source dataset SRC into the sharded store OUT (column "render")."""
     source = SourceDataset(src)
     manifest = open_manifest(out, source, shard_size)
@@ -313,7 +388,7 @@ def render(src: Path, out: Path, resolution: int, layers: int, shard_size: int |
                              "render config (dry run)")
         click.echo(describe_plan(manifest))
         return
-    with ray_session(address, None if address else workers) as cluster:
+    with ray_session(address, None if address else workers, connect_timeout) as cluster:
         chosen = choose_backend(backend, cluster)
         resources, threads = task_resources(chosen, cluster)
         config = RenderConfig(config.source, resolution, layers, chosen, batch, fmt, threads)

@@ -33,7 +33,7 @@ import ray
 
 from dualpm.data.source import SourceDataset
 from dualpm.errors import ConfigError, DatasetError, DualPMError
-from dualpm.fileio import remove_stale_temporaries
+from dualpm.fileio import refuse_nested, remove_stale_temporaries
 from dualpm.store import (
     FORMATS,
     MANIFEST_NAME,
@@ -51,7 +51,7 @@ from dualpm.store import (
     save_manifest,
     write_failures,
 )
-from pipeline.cluster import Stopwatch, TaskWindow
+from pipeline.cluster import Stopwatch, TaskWindow, connect_timeout_option
 
 DEFAULT_SHARD_SIZE = 256
 MANIFEST_SAVE_SECONDS = 10.0  # records are on disk anyway; this only keeps manifest.json fresh
@@ -87,8 +87,10 @@ def open_manifest(out: str | os.PathLike, source: SourceDataset, shard_size: int
 
     The plan cuts `source.splits()` into shards of `shard_size` (None: as recorded in `out`, else
     `DEFAULT_SHARD_SIZE`). An existing `out` must have been planned from the same source folder,
-    shard size and sample list: anything else is a `ConfigError` (use a new OUT folder).
+    shard size and sample list, and `out` must be apart from the source (neither inside the other):
+    anything else is a `ConfigError` (use a new OUT folder).
     """
+    refuse_nested(source.root, out, "the source dataset SRC")
     out = Path(out)
     src = str(source.root.resolve())
     if not (out / MANIFEST_NAME).exists():
@@ -313,6 +315,7 @@ _SHARED_OPTIONS = (
                  help="Samples per shard (fixed by the first stage run on OUT)."),
     click.option("--address", type=str, default=None, show_default="start a local Ray",
                  help="host:port of a running Ray cluster ('auto': the one on this node)."),
+    connect_timeout_option,
     click.option("--max-failures", type=click.IntRange(min=0), default=None, show_default="no limit",
                  help="Most failed samples (a count, over the whole column) before the run stops with an error."),
     click.option("--dry-run", is_flag=True, help="Print the config and the shard plan, write nothing."),
@@ -320,7 +323,7 @@ _SHARED_OPTIONS = (
 
 
 def shard_stage_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Add --shard-size, --address, --max-failures and --dry-run to a stage command (in that order)."""
+    """Add --shard-size, --address, --connect-timeout, --max-failures and --dry-run to a stage command."""
     for option in reversed(_SHARED_OPTIONS):
         fn = option(fn)
     return fn

@@ -1,15 +1,29 @@
-"""pipeline.cluster: the task window every stage runs its Ray tasks through, and task counting."""
+"""pipeline.cluster: joining a cluster (--address), the task window every stage runs its Ray tasks through,
+and task counting."""
 
 from __future__ import annotations
 
+import socket
 import sys
+import threading
 import time
 
 import pytest
 import ray
 import ray.cloudpickle
+from click.testing import CliRunner
 
-from pipeline.cluster import ClusterInfo, TaskWindow, concurrent_tasks
+from datagen import make_source_dataset
+from dualpm.errors import ConfigError
+from pipeline.cli import main
+from pipeline.cluster import (
+    ClusterError,
+    ClusterInfo,
+    TaskWindow,
+    concurrent_tasks,
+    parse_address,
+    wait_for_cluster,
+)
 
 
 def timed_task(folder: str, job: int, seconds: float, fail: bool = False) -> int:
@@ -73,3 +87,52 @@ def test_window_limit_must_be_positive():
 ])
 def test_concurrent_tasks(cpus, gpus, resources, expected):
     assert concurrent_tasks(ClusterInfo(None, cpus, gpus, 1), resources) == expected
+
+
+def unused_port() -> int:
+    """A loopback port nothing listens on (bound once by the OS, then closed)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("address", ["nohost:notaport", "1.2.3.4", ":6379", "head:0", "head:70000", "head:"])
+def test_malformed_addresses_are_one_clear_line(address):
+    with pytest.raises(ConfigError, match=f"--address '{address}': expected host:port of the Ray head"):
+        parse_address(address)
+
+
+def test_addresses_parse():
+    assert parse_address("10.0.0.5:6379") == ("10.0.0.5", 6379)
+    assert parse_address("[::1]:6379") == ("::1", 6379) and parse_address("ray://head:10001") == ("head", 10001)
+
+
+def test_wait_for_cluster_waits_for_a_late_head_and_gives_up_on_none():
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        port = server.getsockname()[1]
+        threading.Timer(0.5, server.listen).start()  # the head comes up while we wait
+        wait_for_cluster(f"127.0.0.1:{port}", timeout=10)
+    port = unused_port()
+    start = time.monotonic()
+    with pytest.raises(ClusterError, match=rf"--address 127.0.0.1:{port}: no Ray cluster answered within 1.5 s "
+                       r"\(Connection refused\); check that its head is running"):
+        wait_for_cluster(f"127.0.0.1:{port}", timeout=1.5)
+    assert 1.5 <= time.monotonic() - start < 10
+    with pytest.raises(ClusterError, match="--address nohost.invalid:6379: unknown host 'nohost.invalid'"):
+        wait_for_cluster("nohost.invalid:6379", timeout=60)  # at once: waiting would not make it exist
+
+
+@pytest.mark.parametrize("command", ["render", "features", "synth"])
+def test_stages_give_up_on_an_absent_cluster_with_one_line(tmp_path, command):
+    ds = make_source_dataset(tmp_path / "src", num_samples=1, rgb=False, masks=False)
+    port = unused_port()
+    inputs = [str(tmp_path / "out")] if command == "synth" else [str(ds.root), str(tmp_path / "out")]
+    extra = ["--extractor", "rgb"] if command == "features" else []
+    for address, message in [(f"127.0.0.1:{port}", "no Ray cluster answered within 1 s"),
+                             ("nohost:notaport", "expected host:port of the Ray head")]:
+        args = [command, *inputs, *extra, "--address", address, "--connect-timeout", "1"]
+        result = CliRunner().invoke(main, args)
+        last = result.output.strip().splitlines()[-1]
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+        assert last.startswith("Error: --address ") and address in last and message in last, result.output

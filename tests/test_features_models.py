@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -236,6 +237,26 @@ def test_sd_config_errors_name_the_folder(weights, tmp_path, edit, message):
     with pytest.raises(ConfigError, match=message) as info:
         build_extractor(_sd_spec(weights, sd_path=str(folder)))
     assert str(folder) in str(info.value)
+
+
+class _Unsafe:
+    def __reduce__(self):
+        return (os.system, ("echo this must never run",))
+
+
+@pytest.mark.parametrize("sub, name, cls", [("unet", "diffusion_pytorch_model.bin", "UNet2DConditionModel"),
+                                            ("text_encoder", "pytorch_model.bin", "CLIPTextModel")])
+def test_refused_pickle_weights_are_named(weights, tmp_path, sub, name, cls):
+    # diffusers (unet) wraps torch's refusal in an OSError naming the file, transformers (text encoder)
+    # raises it as it is; either way the error names the file and what was refused.
+    folder = _copy_sd(weights, tmp_path, drop_weights=False)
+    for f in (folder / sub).glob("*.safetensors"):
+        f.unlink()
+    torch.save({"weight": _Unsafe()}, folder / sub / name)
+    with pytest.raises(ConfigError) as info:
+        build_extractor(_sd_spec(weights, sd_path=str(folder)))
+    assert str(info.value).startswith(f"{folder / sub / name}: {cls} weights: refused to load it: it holds "
+                                      "objects other than tensors and plain values (Trying to load unsupported")
 
 
 def test_missing_and_wrong_class_folders(weights, tmp_path):

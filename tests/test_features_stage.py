@@ -8,6 +8,8 @@ dino use tiny randomly initialised models of the real classes (`write_random_sd`
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -285,6 +287,9 @@ def test_errors_before_any_work(tmp_path, ray_local, weights, monkeypatch):
     assert f"{sd}: not a transformers DINOv2 model folder" in fails("--sd-model", sd, "--dino-model", sd)
     assert "--sd-model does not apply to --extractor dino" in fails("--extractor", "dino", "--sd-model", sd)
     assert "no packed feature file" in fails("--extractor", "precomputed")
+    out = ds.root / "prepared"
+    assert f"{out}: OUT is inside the source dataset SRC ({ds.root})" in fails("--extractor", "rgb")
+    out = tmp_path / "out"
     # The environment supplies the paths; one the extractor does not use is ignored.
     monkeypatch.setenv("DUALPM_SD_MODEL", str(tmp_path / "nowhere"))
     monkeypatch.setenv("DUALPM_DINO_MODEL", str(sd))
@@ -298,6 +303,27 @@ def test_errors_before_any_work(tmp_path, ray_local, weights, monkeypatch):
     if not ray_local.cluster_resources().get("GPU", 0):
         assert "--device cuda: there is no GPU in the local Ray cluster" in fails("--extractor", "rgb",
                                                                                "--device", "cuda")
+
+
+class _Unsafe:
+    def __reduce__(self):
+        return (os.system, ("echo this must never run",))
+
+
+def test_refused_weights_are_one_line_naming_the_file(tmp_path, ray_local, weights):
+    ds = make_source_dataset(tmp_path / "src", num_samples=2, image_size=16)
+    dino = tmp_path / "dino"
+    shutil.copytree(weights / "dino", dino)
+    (dino / "model.safetensors").unlink()  # transformers falls back to the pickle format, torch.load
+    torch.save({"embeddings.cls_token": _Unsafe()}, dino / "pytorch_model.bin")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["features", str(ds.root), str(out), "--extractor", "dino", "--dino-model",
+                                       str(dino), "--grid", "4", "--dim", "8", "--pca-samples", "2"])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert "Traceback" not in result.output and not out.exists()
+    assert result.output.strip().splitlines()[-1].startswith(
+        f"Error: {dino / 'pytorch_model.bin'}: Dinov2Model weights: refused to load it: it holds objects other "
+        "than tensors and plain values (Trying to load unsupported GLOBAL"), result.output
 
 
 def test_dry_run_prints_config_and_plan_and_writes_nothing(tmp_path):

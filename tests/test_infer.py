@@ -38,6 +38,7 @@ from dualpm.train import config_from_dict, load_checkpoint, train
 from dualpm.train.checkpoint import FEATURE_BASIS, save_checkpoint
 from dualpm.viz import canonical_to_rgb
 from pipeline.cli import main as prep_main
+from test_train import write_bad_checkpoints
 
 REPO = Path(__file__).parents[1]
 RESOLUTION = 32
@@ -271,3 +272,12 @@ def test_argument_errors_and_dry_run(setup, tmp_path):
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "3 samples would be predicted" in proc.stdout and not (tmp_path / "dry").exists()
+
+
+def test_an_unreadable_checkpoint_is_one_clear_line(tmp_path):
+    for kind, path in write_bad_checkpoints(tmp_path / "bad").items():
+        if kind == "partial":
+            continue  # a checkpoint with a model: refused later, by load_model (tested above)
+        output = run(infer_main, "--checkpoint", path, "--data", tmp_path, "--out", tmp_path / "p", exit_code=1)
+        assert output.startswith(f"Error: {path}: ") and output.count("\n") == 1, (kind, output)
+    assert not (tmp_path / "p").exists()

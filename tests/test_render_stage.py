@@ -21,7 +21,13 @@ from click.testing import CliRunner
 from PIL import Image
 
 from datagen import make_source_dataset, sample_id
-from dualpm.camera import BLENDER_TO_Y_UP, projection_from_focal, view_from_camera_pose
+from dualpm.camera import (
+    BLENDER_TO_Y_UP,
+    format_camera_txt,
+    projection_from_focal,
+    read_camera_txt,
+    view_from_camera_pose,
+)
 from dualpm.data.source import SourceDataset
 from dualpm.errors import BackendUnavailable
 from dualpm.gltf import load_skinned_mesh
@@ -30,6 +36,7 @@ from dualpm.render import render_dual_pointmaps
 from dualpm.skinning import read_pose_file, skin
 from dualpm.store import (
     FAILURES_NAME,
+    ShardPlan,
     check_shard,
     data_path,
     decode_dual_pointmap,
@@ -38,6 +45,7 @@ from dualpm.store import (
     read_shard,
     verify_store,
 )
+from pipeline import render_stage
 from pipeline.cli import main
 from pipeline.cluster import ClusterInfo
 from pipeline.render_stage import RenderConfig, _sample_fields, choose_backend, task_resources
@@ -62,7 +70,7 @@ def stored_samples(out: Path) -> dict[str, dict]:
     return samples
 
 
-def direct_render(root: Path, sid: str) -> np.ndarray:
+def direct_render(root: Path, sid: str, layers: int = LAYERS) -> np.ndarray:
     """(H, W, L, 7) of one sample rendered without the pipeline."""
     sample = SourceDataset(root).sample(sid)
     mesh = load_skinned_mesh(SourceDataset(root).layout.mesh(sample.model_name))
@@ -70,7 +78,7 @@ def direct_render(root: Path, sid: str) -> np.ndarray:
     view = view_from_camera_pose(torch.tensor(sample.camera_pose)[None])
     projection = projection_from_focal(torch.tensor([sample.focal_length], dtype=torch.float64))
     canonical, faces = torch.tensor(mesh.vertices), torch.tensor(mesh.faces)
-    out = render_dual_pointmaps(canonical, posed, faces, view, projection, RES, LAYERS, backend="cpu", workers=1)
+    out = render_dual_pointmaps(canonical, posed, faces, view, projection, RES, layers, backend="cpu", workers=1)
     return out[0].numpy()
 
 
@@ -188,6 +196,77 @@ def test_bad_samples_end_in_failures_jsonl_and_the_others_are_written(tmp_path, 
     assert len((out / FAILURES_NAME).read_text().splitlines()) == len(bad)  # not duplicated
 
 
+def _make_singular_camera(root: Path, sid: str) -> Path:
+    """Zero the camera's first rotation column: a matrix with no inverse, whatever else it holds."""
+    path = SourceDataset(root).layout.camera(sid)
+    pose = read_camera_txt(path)
+    pose[:3, 0] = 0.0
+    path.write_text(format_camera_txt(pose))
+    return path
+
+
+def test_a_singular_camera_fails_its_sample_and_the_shard_is_written(tmp_path, ray_local):
+    ds = make_source_dataset(tmp_path / "src", num_samples=8, rgb=False, masks=False)
+    camera = _make_singular_camera(ds.root, sample_id(1))
+    out = tmp_path / "out"
+    code, output = render_cli(str(ds.root), str(out), "--resolution", str(RES), "--layers", "2",
+                              "--shard-size", "8", "--batch", "4")
+    assert code == 0, output
+    assert "7 samples written, 1 failed" in output
+    [line] = [json.loads(line) for line in (out / FAILURES_NAME).read_text().splitlines()]
+    assert line["id"] == sample_id(1)
+    assert line["reason"].startswith(f"{camera}: camera matrix is singular or nearly so"), line
+    assert sorted(stored_samples(out)) == [i for i in ds.ids if i != sample_id(1)]
+
+
+def _shard(ds, tmp_path, batch: int) -> tuple[RenderConfig, ShardPlan, Path]:
+    folder = tmp_path / "column"
+    folder.mkdir()
+    return RenderConfig(str(ds.root), RES, 2, "cpu", batch, "webdataset"), ShardPlan(0, "train", tuple(ds.ids)), folder
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_an_unexpected_error_in_one_sample_fails_that_sample_only(tmp_path, monkeypatch, batch):
+    ds = make_source_dataset(tmp_path / "src", num_samples=5, rgb=False, masks=False)
+    source = SourceDataset(ds.root)
+    culprit = read_pose_file(source.layout.pose(sample_id(2)), 4)
+
+    def skin_failing_on_the_culprit(mesh, poses, device="cpu"):
+        if any(np.array_equal(pose, culprit) for pose in np.asarray(poses).reshape(-1, 4, 7)):
+            raise torch.linalg.LinAlgError("linalg.inv: (Batch element 1): The diagonal element 3 is zero")
+        return skin(mesh, poses, device=device)
+
+    monkeypatch.setattr(render_stage, "skin", skin_failing_on_the_culprit)
+    config, plan, folder = _shard(ds, tmp_path, batch)
+    record = render_stage.render_shard(config, plan, str(folder))
+    assert record.ids == tuple(i for i in ds.ids if i != sample_id(2))
+    [failure] = record.failures
+    assert failure.sample_id == sample_id(2)
+    assert failure.reason.startswith("unexpected _LinAlgError rendering this sample alone (linalg.inv: (Batch "
+                                     "element 1): The diagonal element 3 is zero); pose ")
+    assert str(source.layout.camera(sample_id(2))) in failure.reason and "please report it" in failure.reason
+    stored = dict(read_shard(folder, 0, "webdataset"))
+    for sid in record.ids:  # the others as rendered on their own
+        got = decode_dual_pointmap(stored[sid]["dpm"])
+        np.testing.assert_array_equal(got, direct_render(ds.root, sid, 2).astype(np.float16).astype(np.float32))
+
+
+def test_a_shard_where_nothing_renders_fails_the_task_not_its_samples(tmp_path, monkeypatch):
+    # A broken worker or a bug fails every sample alike: that is not the data's fault, and recording it
+    # as sample failures would mark the shard done; the shard task fails and a rerun redoes it.
+    ds = make_source_dataset(tmp_path / "src", num_samples=3, rgb=False, masks=False)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(render_stage, "render_dual_pointmaps", broken)
+    config, plan, folder = _shard(ds, tmp_path, 2)
+    with pytest.raises(RuntimeError, match=r"shard 0: no sample rendered; 3 failed unexpectedly, the first: "
+                       r"000001: unexpected RuntimeError .*illegal memory access"):
+        render_stage.render_shard(config, plan, str(folder))
+    assert not list(folder.iterdir())  # nothing published
+
+
 def test_backend_cuda_without_gpu_fails_fast_and_writes_nothing(tmp_path, ray_local):
     if ray_local.cluster_resources().get("GPU", 0):
         pytest.skip("this Ray cluster has a GPU")
@@ -208,6 +287,18 @@ def test_dry_run_prints_config_and_plan_and_writes_nothing(tmp_path):
     assert code == 0
     assert "resolution: 160" in output and "train 3 samples in 2 shards, val 2 samples in 1 shards" in output
     assert not (tmp_path / "out").exists()
+
+
+def test_out_must_be_apart_from_src(tmp_path):
+    ds = make_source_dataset(tmp_path / "data" / "src", num_samples=2, rgb=False, masks=False)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    cases = {ds.root: f"{ds.root}: OUT is the source dataset SRC itself",
+             ds.root / "prepared": f"{ds.root / 'prepared'}: OUT is inside the source dataset SRC ({ds.root})",
+             tmp_path / "data": f"{ds.root}: the source dataset SRC is inside OUT ({tmp_path / 'data'})"}
+    for out, message in cases.items():
+        code, output = render_cli(str(ds.root), str(out), "--resolution", str(RES), "--layers", "2")
+        assert code == 1 and output.startswith(f"Error: {message}"), output
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written
 
 
 def test_choose_backend_and_resources():

@@ -86,7 +86,8 @@ def failure_lines(out):
     return [json.loads(line) for line in (out / FAILURES_NAME).read_text().splitlines()]
 
 
-def test_open_manifest_plans_splits_and_refuses_a_different_source(tmp_path, ray_local, source):
+def test_open_manifest_plans_splits_and_refuses_a_different_source(tmp_path, tmp_path_factory, ray_local,
+                                                                     source):
     manifest = open_manifest(tmp_path, source, 4)
     assert manifest.plan == plan_shards(source.splits(), 4)
     assert [(p.split, len(p.ids)) for p in manifest.plan] == [("train", 4), ("train", 3), ("val", 3)]
@@ -96,7 +97,8 @@ def test_open_manifest_plans_splits_and_refuses_a_different_source(tmp_path, ray
     assert open_manifest(tmp_path, source, 4).plan == manifest.plan
     with pytest.raises(ConfigError, match="--shard-size 4, not 5"):
         open_manifest(tmp_path, source, 5)
-    other = make_source_dataset(tmp_path / "other", num_samples=10, val=3, rgb=False, masks=False)
+    other = make_source_dataset(tmp_path_factory.mktemp("other"), num_samples=10, val=3, rgb=False,
+                                masks=False)
     with pytest.raises(ConfigError, match="was prepared from"):
         open_manifest(tmp_path, SourceDataset(other.root), 4)
 

@@ -289,6 +289,18 @@ def test_missing_mesh_file_and_conflicting_model_count_are_usage_errors(tmp_path
     assert result.exit_code != 0 and "--num-models 3" in result.output and not out.exists()
 
 
+def test_a_mesh_inside_out_is_refused(dataset):
+    config, (root, _) = dataset
+    mesh_file = next(root.glob("shapes/*/*_shape.gl*"))
+    before = files(root)
+    args = ["synth", str(root), "--mesh", str(mesh_file), "--overwrite", "--dry-run", *CLI_TINY]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1, result.output
+    message = f"Error: {mesh_file}: a --mesh file is inside OUT ({root}); give OUT a folder of its own"
+    assert message in result.output
+    assert files(root) == before
+
+
 def test_cuda_backend_without_gpus_is_refused(tmp_path, ray_local):
     if ray_local.cluster_resources().get("GPU", 0) > 0:
         pytest.skip("this Ray has GPUs")

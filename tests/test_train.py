@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -19,11 +20,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from click.testing import CliRunner
 
 from dualpm.errors import ConfigError, DatasetError
 from dualpm.fileio import atomic_write_text
 from dualpm.train import NonFiniteLossError, config_from_dict, load_checkpoint, train
-from dualpm.train.checkpoint import LATEST, checkpoint_dir, step_checkpoints
+from dualpm.train.checkpoint import FORMAT, LATEST, checkpoint_dir, step_checkpoints
+from dualpm.train.cli import main
 from dualpm.train.loop import EXIT_STOPPED
 from test_reader import write_store
 
@@ -156,6 +159,105 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert [s for s, _ in step_checkpoints(tmp_path / "run")] == [1, 2, 3]
     good = load_checkpoint(checkpoint_dir(tmp_path / "run") / LATEST)
     assert good["step"] == 3 and all(torch.isfinite(v).all() for v in good["model"].values())
+
+
+def test_a_folder_holding_a_run_is_refused_unless_resumed_or_overwritten(tmp_path):
+    root = write_store(tmp_path / "data")
+    run = tmp_path / "run"
+    train(config_from_dict(tiny_raw(root, run, steps=3, checkpoint_every=1)), verbose=False)
+    before = {p.name: p.stat().st_mtime_ns for p in [*run.iterdir(), *checkpoint_dir(run).iterdir()]}
+    with pytest.raises(ConfigError, match=r"run: holds an earlier training run \(checkpoints up to step 3\); "
+                       r"continue it with --resume auto, start it over with --overwrite \(deletes its "
+                       r"checkpoints, metrics.jsonl, config.yaml, tb\)"):
+        train(config_from_dict(tiny_raw(root, run, steps=2)), verbose=False)
+    with pytest.raises(ConfigError, match="give only one of them"):
+        train(config_from_dict(tiny_raw(root, run, steps=2)), resume="auto", overwrite=True, verbose=False)
+    after = {p.name: p.stat().st_mtime_ns for p in [*run.iterdir(), *checkpoint_dir(run).iterdir()]}
+    assert after == before  # refused before anything was touched
+    # The command line: --overwrite starts clean (no step-3 checkpoint, no old log lines).
+    config = _write_config(tmp_path / "c.yaml", tiny_raw(root, run, steps=2, checkpoint_every=1))
+    result = CliRunner().invoke(main, [str(config), "--dry-run"])
+    assert result.exit_code == 1 and "holds an earlier training run" in result.output
+    result = CliRunner().invoke(main, [str(config), "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert f"done: step 2, checkpoint {checkpoint_dir(run) / 'step-00000002.pt'}" in result.output
+    assert [s for s, _ in step_checkpoints(run)] == [1, 2]
+    assert load_checkpoint(checkpoint_dir(run) / LATEST)["step"] == 2
+    assert [r["step"] for r in metrics(run)] == [1, 2]
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml", "metrics.jsonl", "tb"]
+
+
+def test_resume_auto_before_the_first_checkpoint_starts_over_without_duplicate_log_lines(tmp_path):
+    # What a run killed before its first checkpoint leaves (or an --overwrite killed part way).
+    root = write_store(tmp_path / "data")
+    run = tmp_path / "run"
+    train(config_from_dict(tiny_raw(root, run, steps=3)), verbose=False)
+    for path in checkpoint_dir(run).iterdir():
+        path.unlink()
+    with pytest.raises(ConfigError, match="no checkpoint, but checkpoints, metrics.jsonl, config.yaml, tb"):
+        train(config_from_dict(tiny_raw(root, run, steps=2)), verbose=False)
+    result = train(config_from_dict(tiny_raw(root, run, steps=2)), resume="auto", verbose=False)
+    assert result.step == 2 and [r["step"] for r in metrics(run)] == [1, 2]
+
+
+def test_temporaries_of_killed_writes_are_removed_when_a_run_starts(tmp_path):
+    root = write_store(tmp_path / "data")
+    run = tmp_path / "run"
+    train(config_from_dict(tiny_raw(root, run, steps=2)), verbose=False)
+    # Names as dualpm.fileio gives them: a checkpoint, latest.pt, the config and the log, and an
+    # --overwrite's folder of deleted entries, each killed before its rename.
+    leftovers = [tempfile.mkstemp(prefix=f".tmp-{name}.", dir=folder)[1] for folder, name in
+                 [(checkpoint_dir(run), "step-00000003.pt"), (checkpoint_dir(run), LATEST),
+                  (run, "config.yaml"), (run, "metrics.jsonl")]]
+    leftovers.append(tempfile.mkdtemp(prefix=".tmp-overwritten.", dir=run))
+    Path(leftovers[-1], "checkpoints").mkdir()
+    train(config_from_dict(tiny_raw(root, run, steps=3)), resume="auto", verbose=False)
+    assert not [p for p in leftovers if Path(p).exists()]
+    assert sorted(p.name for p in checkpoint_dir(run).iterdir()) == [LATEST, "step-00000002.pt",
+                                                                       "step-00000003.pt"]
+
+
+class _Unsafe:
+    """Pickles to a call of os.system: what weights-only loading must refuse."""
+
+    def __reduce__(self):
+        return (os.system, ("echo this must never run",))
+
+
+def write_bad_checkpoints(folder: Path) -> dict[str, Path]:
+    """Files given as checkpoints by mistake or malice, by kind: text files, empty, a torch file of
+    something else, an unsafe pickle, a dualpm checkpoint without the training state."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {
+        "passwd": b"root:x:0:0:root:/root:/bin/bash\ndaemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin\n",
+        "text": b"hello world\n", "yaml": b"train:\n  lr: 1\n", "empty": b"",
+    }
+    paths = {}
+    for name, data in files.items():
+        paths[name] = folder / name
+        paths[name].write_bytes(data)
+    paths["other"], paths["unsafe"], paths["partial"] = folder / "o.pt", folder / "u.pt", folder / "p.pt"
+    torch.save({"weights": torch.zeros(2)}, paths["other"])
+    torch.save({"format": FORMAT, "version": 1, "step": _Unsafe()}, paths["unsafe"])
+    torch.save({"format": FORMAT, "version": 1, "step": 3, "model": {}}, paths["partial"])
+    return paths
+
+
+def test_an_unreadable_resume_checkpoint_is_one_clear_line(tmp_path):
+    root = write_store(tmp_path / "data")
+    config = _write_config(tmp_path / "c.yaml", tiny_raw(root, tmp_path / "run", steps=1))
+    reasons = {"passwd": "not a readable dualpm checkpoint", "text": "not a readable dualpm checkpoint",
+               "yaml": "not a readable dualpm checkpoint", "empty": "not a readable dualpm checkpoint",
+               "other": "not a dualpm training checkpoint",
+               "unsafe": "not a readable dualpm checkpoint (refused to load it: it holds objects other than "
+                         "tensors and plain values (Trying to load unsupported GLOBAL",
+               "partial": "cannot resume from it: it lacks optimizer, scheduler, rng, data, config, dataset"}
+    for kind, path in write_bad_checkpoints(tmp_path / "bad").items():
+        result = CliRunner().invoke(main, [str(config), "--resume", str(path)])
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit), (kind, result)
+        line = result.output.strip()
+        assert line.startswith(f"Error: {path}: {reasons[kind]}") and "\n" not in line, (kind, line)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
 def test_two_process_ddp_reads_every_sample_once_per_epoch(tmp_path):

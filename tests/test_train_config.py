@@ -164,3 +164,20 @@ def test_cli_errors_are_one_clear_line(tmp_path):
     result = runner.invoke(main, [demo, "--data", str(root), "--set", "train.bogus=1", "--dry-run"])
     assert result.exit_code == 1 and "unknown config key 'train.bogus'" in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("text, option", [
+    ("train: [1, 2]\n", "--out"), ("data: 5\n", "--data"), ("train: [1, 2]\n", "--set"),
+    ("model: text\n", None),
+])
+def test_a_section_that_is_not_a_mapping_is_one_clear_line(tmp_path, text, option):
+    config = tmp_path / "bad.yaml"
+    config.write_text(text)
+    section = text.split(":")[0]
+    args = [str(config), "--dry-run"]
+    args += {"--out": ["--out", str(tmp_path / "run")], "--data": ["--data", str(tmp_path / "d")],
+             "--set": ["--set", "train.lr=1e-3"], None: []}[option]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)  # no traceback
+    assert f"{config}: section {section!r} must be a mapping of keys to values" in result.output

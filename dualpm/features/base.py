@@ -23,6 +23,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import pickle
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dualpm.errors import ConfigError, DatasetError
+from dualpm.errors import ConfigError, DatasetError, describe_load_error
 from dualpm.features.pca import FeatureBasis, PCABasis
 
 EXTRACTORS = ("sd-dino", "dino", "rgb", "precomputed")
@@ -348,6 +349,31 @@ def read_json_config(path: Path, what: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: {what} config must be a JSON object")
     return data
+
+
+# Weight files torch.load reads (a pickle inside); from_pretrained prefers .safetensors (no code in it).
+_PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def weights_error(folder: Path, what: str, err: Exception) -> ConfigError:
+    """The `ConfigError` for a `from_pretrained` of `what` from `folder` that raised `err`.
+
+    A pickle weights file that `torch.load(weights_only=True)` refused (it would build other objects
+    than tensors, e.g. run code) is named, with what was refused: transformers raises torch's error as
+    it is, naming no file, and diffusers wraps it in an OSError naming the file but not why. Any other
+    error (torch's unpickler raises IndexError, KeyError, ... on bytes that are no torch file) is
+    given with its type.
+    """
+    cause: BaseException | None = err
+    while cause is not None and not isinstance(cause, pickle.UnpicklingError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None:
+        return ConfigError(f"{folder}: cannot load {what} weights ({describe_load_error(err)})")
+    files = sorted(p for p in folder.iterdir() if p.suffix in _PICKLE_WEIGHTS)
+    where = files[0] if len(files) == 1 else f"{folder} ({', '.join(p.name for p in files) or 'no pickle file'})"
+    return ConfigError(
+        f"{where}: {what} weights: {describe_load_error(cause)}; use the model's .safetensors files"
+    )
 
 
 def loading_errors(info: Mapping[str, Any]) -> list[str]:

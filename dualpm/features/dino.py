@@ -28,6 +28,7 @@ from dualpm.features.base import (
     loading_errors,
     read_json_config,
     require_folder,
+    weights_error,
 )
 from dualpm.features.pca import FeatureBasis
 from dualpm.fileio import atomic_directory
@@ -72,8 +73,8 @@ class Dinov2Backbone:
             model, info = cls.from_pretrained(
                 self.path, local_files_only=True, dtype=torch.float32, output_loading_info=True
             )
-        except (OSError, ValueError, RuntimeError) as err:
-            raise ConfigError(f"{self.path}: cannot load {self.class_name} weights ({err})") from err
+        except Exception as err:  # torch.load of a bad file raises about anything: see weights_error
+            raise weights_error(self.path, self.class_name, err) from err
         problems = loading_errors(info)
         if problems:
             raise ConfigError(

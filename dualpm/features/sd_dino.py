@@ -48,6 +48,7 @@ from dualpm.features.base import (
     loading_errors,
     read_json_config,
     require_folder,
+    weights_error,
 )
 from dualpm.features.dino import Dinov2Backbone
 from dualpm.features.pca import FeatureBasis
@@ -200,8 +201,8 @@ class SdDinoExtractor:
                 output_loading_info=True,
                 low_cpu_mem_usage=importlib.util.find_spec("accelerate") is not None,
             )
-        except (OSError, ValueError, RuntimeError) as err:
-            raise ConfigError(f"{folder}: cannot load {cls.__name__} weights ({err})") from err
+        except Exception as err:  # torch.load of a bad file raises about anything: see weights_error
+            raise weights_error(folder, cls.__name__, err) from err
         problems = loading_errors(info)
         if problems:
             raise ConfigError(
@@ -225,11 +226,14 @@ class SdDinoExtractor:
 
         try:
             tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
+        except (OSError, ValueError, RuntimeError) as err:
+            raise ConfigError(f"{root / 'tokenizer'}: cannot load the CLIP tokenizer ({err})") from err
+        try:
             encoder, info = CLIPTextModel.from_pretrained(
                 root / "text_encoder", local_files_only=True, dtype=torch.float32, output_loading_info=True
             )
-        except (OSError, ValueError, RuntimeError) as err:
-            raise ConfigError(f"{root}: cannot load the CLIP tokenizer / text encoder ({err})") from err
+        except Exception as err:  # torch.load of a bad file raises about anything: see weights_error
+            raise weights_error(root / "text_encoder", "CLIPTextModel", err) from err
         problems = loading_errors(info)
         if problems:
             raise ConfigError(

@@ -1,9 +1,11 @@
-"""Training checkpoints: atomic writes, `latest.pt` + the last K step-numbered copies, RNG capture.
+"""Training checkpoints (atomic; `latest.pt` + the last K step-numbered copies; RNG capture) and run folders.
 
 ```
 <run>/checkpoints/step-00001000.pt   one per checkpoint (the oldest pruned beyond `keep`)
 <run>/checkpoints/latest.pt          the newest (a hard link to it where the filesystem allows)
 ```
+A run folder holding an earlier run (any of `RUN_ENTRIES`) is only trained in again to continue it
+(`--resume`) or after deleting that run (`--overwrite`): see `prepare_run_dir`.
 A checkpoint is a dict of tensors and plain Python values only, so `torch.load(weights_only=True)` reads
 it: RNG states are tensors and lists, configs plain dicts (see `capture_rng`). `save_checkpoint` also
 embeds the features' PCA basis (key `feature_basis`, see `feature_basis_entry`), so inference on raw
@@ -13,25 +15,27 @@ images needs the checkpoint alone, not the dataset it was trained on.
 from __future__ import annotations
 
 import os
-import pickle
 import random
 import re
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from dualpm.errors import DualPMError
+from dualpm.errors import ConfigError, DualPMError, describe_load_error
 from dualpm.features.pca import FeatureBasis
-from dualpm.fileio import atomic_output, safe_join
+from dualpm.fileio import TMP_PREFIX, atomic_output, remove_stale_temporaries, safe_join
 
 FORMAT = "dualpm-checkpoint"
 VERSION = 1
 CHECKPOINTS = "checkpoints"
 LATEST = "latest.pt"
 _STEP_RE = re.compile(r"^step-(\d+)\.pt$")
+# What resuming needs; `save_checkpoint` callers other than the trainer (tests, benchmarks) may write less.
+RESUME_KEYS = ("step", "model", "optimizer", "scheduler", "rng", "data", "config", "dataset")
 FEATURE_BASIS = "feature_basis"  # {"tensors": {name: tensor}, "meta": {str: str}}, or None without PCA
 
 
@@ -72,9 +76,59 @@ def save_checkpoint(run_dir: str | os.PathLike, state: dict[str, Any], step: int
         except OSError:
             shutil.copyfile(path, tmp)
     if keep > 0:
-        for _, old in step_checkpoints(run_dir)[:-keep]:
+        # The one just written always stays (a run resumed from an earlier checkpoint of its folder
+        # has later-numbered ones beside it), with the keep - 1 highest-numbered others.
+        others = [old for _, old in step_checkpoints(run_dir) if old != path]
+        for old in others[: max(0, len(others) - (keep - 1))]:
             old.unlink(missing_ok=True)
     return path
+
+
+# What a training run writes in its folder (loop.py); anything else there is left alone.
+RUN_ENTRIES = (CHECKPOINTS, "metrics.jsonl", "config.yaml", "tb", "ids")
+
+
+def run_dir_problem(run_dir: str | os.PathLike, resume: str | None, overwrite: bool) -> str | None:
+    """Why training may not start in `run_dir` as asked (None: it may).
+
+    A folder holding an earlier run (any of `RUN_ENTRIES`) needs `resume` (continue it) or
+    `overwrite` (start over); asking for both is a contradiction.
+    """
+    if resume is not None and overwrite:
+        return "--overwrite starts a run over and --resume continues one: give only one of them"
+    run_dir = Path(run_dir)
+    held = [name for name in RUN_ENTRIES if (run_dir / name).exists()]
+    if not held or resume is not None or overwrite:
+        return None
+    steps = step_checkpoints(run_dir)
+    what = f"checkpoints up to step {steps[-1][0]}" if steps else f"no checkpoint, but {', '.join(held)}"
+    return (
+        f"{run_dir}: holds an earlier training run ({what}); continue it with --resume auto, start it over "
+        f"with --overwrite (deletes its {', '.join(held)}), or give another --out"
+    )
+
+
+def prepare_run_dir(run_dir: str | os.PathLike, resume: str | None, overwrite: bool) -> None:
+    """Make `run_dir` ready for a run (one process only, before anything writes there).
+
+    Removes temporaries of checkpoint and log writes that were killed mid-write; raises `ConfigError`
+    for a `run_dir_problem`; with `overwrite`, deletes the earlier run's entries. They are first moved
+    into a temporary folder, checkpoints first, so a kill part way leaves a folder that either still
+    holds the run or holds no checkpoint (a run that stopped before its first one, which `--resume auto`
+    starts over), and never a half-deleted checkpoint; the temporary folder goes at the next start.
+    """
+    run_dir = Path(run_dir)
+    remove_stale_temporaries(run_dir)
+    remove_stale_temporaries(checkpoint_dir(run_dir))
+    problem = run_dir_problem(run_dir, resume, overwrite)
+    if problem is not None:
+        raise ConfigError(problem)
+    held = [name for name in RUN_ENTRIES if (run_dir / name).exists()]
+    if overwrite and held:
+        trash = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}overwritten.", dir=run_dir))
+        for name in held:  # CHECKPOINTS first
+            os.replace(run_dir / name, trash / name)
+        shutil.rmtree(trash)
 
 
 def feature_basis_entry(dataset_root: str | os.PathLike, feature_config: dict[str, Any]) -> dict | None:
@@ -106,10 +160,13 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({err})") from err
+    except Exception as err:
+        # torch's unpickler raises about anything (IndexError, KeyError, ...) on bytes that are not a
+        # torch file; whichever it is, the file is not a checkpoint this code can read.
+        reason = describe_load_error(err)
+        raise CheckpointError(f"{path}: not a readable dualpm checkpoint ({reason})") from err
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a dualpm training checkpoint")
+        raise CheckpointError(f"{path}: not a dualpm training checkpoint (a torch file of something else)")
     if state.get("version") != VERSION:
         version = state.get("version")
         raise CheckpointError(f"{path}: checkpoint version {version!r}, this code reads {VERSION}")

@@ -18,7 +18,15 @@ from dualpm.cliutils import handles_user_errors, show_and_save_config
 from dualpm.data.reader import open_dataset
 from dualpm.errors import ConfigError
 from dualpm.model import DualPMNet, describe
-from dualpm.train.config import apply_overrides, config_from_dict, config_to_dict, read_config, resolve_config
+from dualpm.train.checkpoint import run_dir_problem
+from dualpm.train.config import (
+    apply_overrides,
+    config_from_dict,
+    config_to_dict,
+    read_config,
+    resolve_config,
+    set_value,
+)
 from dualpm.train.loop import EXIT_STOPPED, STOP_SIGNALS, train
 
 
@@ -36,25 +44,33 @@ from dualpm.train.loop import EXIT_STOPPED, STOP_SIGNALS, train
     "--resume", metavar="auto|PATH", help="Continue from a checkpoint; 'auto': the run's latest, if any."
 )
 @click.option(
-    "--dry-run", is_flag=True, help="Print the resolved config and the model size, check the dataset, stop."
+    "--overwrite", is_flag=True,
+    help="Start over in a run folder that holds an earlier run, deleting its checkpoints and logs.",
+)
+@click.option(
+    "--dry-run", is_flag=True,
+    help="Print the resolved config and the model size, check the dataset and the run folder, stop.",
 )
 @handles_user_errors
 def main(
     config_file: str | None, data_root: str | None, out_dir: str | None, overrides: tuple[str, ...],
-    resume: str | None, dry_run: bool,
+    resume: str | None, overwrite: bool, dry_run: bool,
 ) -> None:
     """Train the two-stage DualPM network on CONFIG_FILE (YAML; omitted: the paper's reference values).
 
     Under torchrun every rank runs this command; rank 0 prints, logs and writes checkpoints.
+
+    A run folder that holds an earlier run is refused unless --resume continues it or --overwrite
+    deletes it first.
 
     On SIGUSR1 or SIGTERM every rank finishes the current step, rank 0 writes a checkpoint, and the
     command exits with status 75 (0 once train.steps are done); rerun with --resume auto to continue.
     """
     raw = read_config(config_file)
     if data_root is not None:
-        raw.setdefault("data", {})["root"] = data_root
+        set_value(raw, "data.root", data_root, "--data")
     if out_dir is not None:
-        raw.setdefault("train", {})["out_dir"] = out_dir
+        set_value(raw, "train.out_dir", out_dir, "--out")
     apply_overrides(raw, overrides)  # after --data / --out: an explicit --set wins
     config = config_from_dict(raw)  # unknown keys, types and ranges fail here, before any data is read
     if config.data.root is None:
@@ -64,6 +80,9 @@ def main(
     info = open_dataset(config.data.root)
     config = resolve_config(config, info, explicit_in_channels="in_channels" in (raw.get("model") or {}))
     if dry_run:
+        problem = run_dir_problem(config.train.out_dir, resume, overwrite)
+        if problem is not None:
+            raise ConfigError(problem)
         if int(os.environ.get("RANK", "0")) == 0:
             show_and_save_config(config_to_dict(config), None, "resolved config")
             click.echo(describe(DualPMNet(config.model)))
@@ -75,7 +94,7 @@ def main(
                 f"features {info.feature_channels} x {gh}x{gw}"
             )
         return
-    result = train(config, info, resume=resume, stop_signals=STOP_SIGNALS)
+    result = train(config, info, resume=resume, stop_signals=STOP_SIGNALS, overwrite=overwrite)
     if result.stopped_by is not None:  # the loop printed where it stopped
         click.get_current_context().exit(EXIT_STOPPED)
     if int(os.environ.get("RANK", "0")) == 0:

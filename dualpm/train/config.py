@@ -210,6 +210,21 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     return plain(config)
 
 
+def set_value(raw: dict[str, Any], key: str, value: Any, option: str) -> None:
+    """Set dotted `key` of `raw` to `value` in place, making missing sections. `option` (e.g. "--out")
+    names what set it in the ConfigError raised when a section on the way is not a mapping."""
+    parts = key.split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        if node.get(part) is None:  # missing, or an empty section ("train:" reads as null)
+            node[part] = {}
+        node = node[part]
+        if not isinstance(node, dict):
+            where = ".".join(parts[: i + 1])
+            raise ConfigError(f"{option}: {where} is not a section (a mapping of keys to values)")
+    node[parts[-1]] = value
+
+
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """Apply `KEY=VALUE` overrides (dotted keys; VALUE parsed as a YAML scalar or list) to `raw` in place."""
     for item in overrides:
@@ -221,12 +236,7 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
             value = yaml.safe_load(text)
         except yaml.YAMLError as err:
             raise ConfigError(f"--set {item!r}: value is not valid YAML ({err})") from err
-        node = raw
-        for i, part in enumerate(parts[:-1]):
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {item!r}: {'.'.join(parts[: i + 1])} is not a section")
-        node[parts[-1]] = value
+        set_value(raw, ".".join(parts), value, f"--set {item!r}")
     return raw
 
 
@@ -242,6 +252,11 @@ def read_config(path: str | Path | None, overrides: Sequence[str] = ()) -> dict[
             raise ConfigError(f"{path}: not a readable YAML file ({err})") from err
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections (data, model, loss, train)")
+        for name, section in raw.items():
+            if section is not None and not isinstance(section, dict):
+                raise ConfigError(
+                    f"{path}: section {name!r} must be a mapping of keys to values, got {section!r}"
+                )
     return apply_overrides(raw, overrides)
 
 

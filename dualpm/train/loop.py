@@ -50,9 +50,12 @@ from dualpm.fileio import atomic_write_text
 from dualpm.loss import dualpm_loss, dualpm_metrics
 from dualpm.model import DualPMNet, describe
 from dualpm.train.checkpoint import (
+    RESUME_KEYS,
+    CheckpointError,
     capture_rng,
     find_checkpoint,
     load_checkpoint,
+    prepare_run_dir,
     restore_rng,
     save_checkpoint,
 )
@@ -209,7 +212,10 @@ class _Trainer:
     # --- resume -------------------------------------------------------------------------------------
 
     def _check_resumable(self, state: dict[str, Any], path: Path) -> None:
-        if state["dataset"]["identity"] != self.info.identity:
+        missing = [key for key in RESUME_KEYS if key not in state]
+        if missing:
+            raise CheckpointError(f"{path}: cannot resume from it: it lacks {', '.join(missing)}")
+        if state["dataset"].get("identity") != self.info.identity:
             raise DatasetError(
                 f"{path}: was trained on a different dataset (shard plan or data changed in "
                 f"{self.info.root}); start a new run instead of resuming"
@@ -383,7 +389,7 @@ def _step_of(line: str) -> float:
 class _Log:
     """Rank 0's outputs: TensorBoard, metrics.jsonl, progress bar (all no-ops elsewhere)."""
 
-    def __init__(self, run_dir: Path, enabled: bool, progress: bool, start: int, total: int, resumed: bool):
+    def __init__(self, run_dir: Path, enabled: bool, progress: bool, start: int, total: int, continued: bool):
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
         self.writer = None
@@ -393,13 +399,13 @@ class _Log:
         )
         if not enabled:
             return
-        if resumed and self.path.exists():
+        if continued and self.path.exists():
             # Drop lines the interrupted run logged after its checkpoint: they are about to be redone.
             kept = [ln for ln in self.path.read_text(encoding="utf-8").splitlines() if _step_of(ln) <= start]
             atomic_write_text(self.path, "".join(ln + "\n" for ln in kept))
         from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only where used
 
-        self.writer = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=start + 1 if resumed else None)
+        self.writer = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=start + 1 if continued else None)
         self.file = open(self.path, "a", encoding="utf-8")  # an append-only log, one flushed line per record
 
     def record(self, step: int, split: str, values: dict[str, float]) -> None:
@@ -424,6 +430,7 @@ def train(
     resume: str | None = None,
     verbose: bool = True,
     stop_signals: tuple[signal.Signals, ...] = (),
+    overwrite: bool = False,
 ) -> TrainResult:
     """Train as `config` says; under torchrun every rank calls this.
 
@@ -437,6 +444,8 @@ def train(
             the step in progress finishes, every rank stops after that same step, rank 0 writes a
             checkpoint and prints where, and the result's `stopped_by` names the signal. Their previous
             handlers are restored on return.
+        overwrite: start over in a run folder that holds an earlier run, deleting it; without this
+            or `resume`, such a folder is refused (`prepare_run_dir`).
     Raises:
         NonFiniteLossError: the loss became NaN/inf (checkpoints written before are intact).
         ConfigError, DatasetError: bad config, dataset, or a checkpoint that does not fit.
@@ -451,7 +460,7 @@ def train(
         config = resolve_config(config, info, explicit_in_channels=True)
         d = setup_distributed()
         try:
-            return _train(config, info, d, resume, verbose, stop)
+            return _train(config, info, d, resume, overwrite, verbose, stop)
         finally:
             if d.owns_group:
                 dist.destroy_process_group()
@@ -460,9 +469,19 @@ def train(
 
 
 def _train(
-    config: Config, info: DatasetInfo, d: Distributed, resume: str | None, verbose: bool, stop: _StopSignals
+    config: Config, info: DatasetInfo, d: Distributed, resume: str | None, overwrite: bool, verbose: bool,
+    stop: _StopSignals,
 ) -> TrainResult:
     tc = config.train
+    refused = None
+    if d.main:  # before any rank reads a checkpoint or writes in the run folder
+        try:
+            prepare_run_dir(tc.out_dir, resume, overwrite)
+        except ConfigError as err:
+            refused = str(err)
+    refused = _gather(refused, d)[0]  # every rank stops when rank 0 refused the folder
+    if refused is not None:
+        raise ConfigError(refused)
     trainer = _Trainer(config, info, d, resume, stop)
     run_dir = trainer.run_dir
     resumed = trainer.step > 0
@@ -483,7 +502,9 @@ def _train(
                 print(f"note: the dataset has no {config.data.val_split!r} shards: validation is skipped")
         else:
             atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
-    log = _Log(run_dir, d.main, tc.progress, trainer.step, tc.steps, resumed)
+    # Continuing the folder's run (also from step 0: --resume auto before its first checkpoint) drops
+    # what its log holds beyond the step this run starts from.
+    log = _Log(run_dir, d.main, tc.progress, trainer.step, tc.steps, continued=resume is not None)
     ids_file = None
     if tc.record_ids:
         (run_dir / "ids").mkdir(parents=True, exist_ok=True)

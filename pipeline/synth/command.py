@@ -8,7 +8,9 @@ import click
 
 from dualpm.cliutils import handles_user_errors, show_and_save_config
 from dualpm.data.source import Layout
+from dualpm.fileio import refuse_nested
 from dualpm.render import BACKENDS
+from pipeline.cluster import connect_timeout_option
 from pipeline.synth.generate import (
     CONFIG_NAME,
     FAILURES_NAME,
@@ -49,6 +51,7 @@ PREVIEW_DEFAULT = "OUT/preview.png"
               help="Renderer: cuda (nvdiffrast) where Ray has GPUs, else cpu (Embree).")
 @click.option("--address", type=str, default=None, show_default="start a local Ray",
               help="host:port of a running Ray cluster (OUT must be on a filesystem its nodes share).")
+@connect_timeout_option
 @click.option("--workers", type=click.IntRange(min=1), default=None, show_default="all CPUs",
               help="Tasks at a time (and CPUs of the local Ray).")
 @click.option("--chunk-size", type=click.IntRange(min=1), default=16, show_default=True,
@@ -63,13 +66,15 @@ PREVIEW_DEFAULT = "OUT/preview.png"
 @handles_user_errors
 def synth(ctx: click.Context, out: Path, num_samples: int, num_models: int, seed: int, image_size: int,
           faces: int, val_fraction: float, heldout_models: int, meshes: tuple[Path, ...], yaw: bool,
-          backend: str, address: str | None, workers: int | None, chunk_size: int, overwrite: bool,
-          preview: Path | None, dry_run: bool) -> None:
+          backend: str, address: str | None, connect_timeout: float, workers: int | None, chunk_size: int,
+          overwrite: bool, preview: Path | None, dry_run: bool) -> None:
     """Generate a synthetic dataset of rigged quadrupeds in OUT, in the published DualPM layout.
 
     Writes shapes/<model>/<model>_shape.gltf, poses/, cameras/, metadata/, renders/, masks/,
     splits/val.txt and synth.json; reruns resume (finished samples are skipped).
     """
+    for mesh in meshes:  # synth writes, and with --overwrite deletes, inside OUT
+        refuse_nested(mesh, out, "a --mesh file")
     if meshes:
         explicit = ctx.get_parameter_source("num_models") != click.core.ParameterSource.DEFAULT
         if explicit and num_models != len(meshes):
@@ -98,7 +103,8 @@ def synth(ctx: click.Context, out: Path, num_samples: int, num_models: int, seed
         click.echo(f"planned: {len(plan.samples)} samples ({done} done, {len(plan.samples) - done} to do in "
                    f"{len(todo)} tasks), {len(plan.val_ids)} in splits/val.txt{held}; nothing written")
         return
-    summary = generate(out, config, plan, overwrite=overwrite, address=address, workers=workers)
+    summary = generate(out, config, plan, overwrite=overwrite, address=address, workers=workers,
+                       connect_timeout=connect_timeout)
     click.echo(summary.line())
     if preview is not None:
         target = out / "preview.png" if str(preview) == PREVIEW_DEFAULT else preview

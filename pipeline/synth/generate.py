@@ -399,12 +399,14 @@ def generate(
     overwrite: bool = False,
     address: str | None = None,
     workers: int | None = None,
+    connect_timeout: float = 60.0,
 ) -> SynthSummary:
     """Write the dataset of `plan` to `root` with Ray (local unless `address`).
 
     Args:
         workers: at most this many tasks at a time (default: the cluster's CPUs); locally also the
             CPUs offered to the Ray started here.
+        connect_timeout: with `address`: seconds the cluster has to answer (`ray_session`).
     Raises:
         ConfigError / DatasetError for an incompatible OUT; `DualPMError` if a task fails.
     """
@@ -413,7 +415,7 @@ def generate(
     root = Path(root)
     clock = Stopwatch()
     prepare_output(root, config, plan, overwrite, dry_run=True)  # refuse a bad OUT before Ray starts
-    with ray_session(address, num_cpus=workers) as info:
+    with ray_session(address, num_cpus=workers, connect_timeout=connect_timeout) as info:
         import ray
 
         if config.backend == "cuda" and info.gpus == 0:  # GPU tasks would wait forever
