@@ -37,9 +37,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO
@@ -145,6 +146,32 @@ def parse_phases(text: str) -> tuple[str, ...]:
     return tuple(p for p in PHASES if p in names)
 
 
+def cuda_home(candidates: Iterable[Path]) -> Path | None:
+    """The first candidate that is a CUDA toolkit (bin/nvcc and cuda_runtime.h under include/), for
+    torch's extension builder: left alone, it guesses the folder above the `nvcc` on PATH, which is
+    wrong where that nvcc is a wrapper script or a link into the toolkit."""
+    for home in candidates:
+        headers = (home / "include", home / "targets" / "x86_64-linux" / "include")
+        if (home / "bin" / "nvcc").is_file() and any((h / "cuda_runtime.h").is_file() for h in headers):
+            return home
+    return None
+
+
+def cuda_home_candidates() -> list[Path]:
+    """$CUDA_HOME / $CUDA_PATH, the folder above the real nvcc on PATH, /usr/local/cuda."""
+    named = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    found = [Path(os.path.realpath(nvcc)).parents[1]] if nvcc else []
+    return [*(Path(p) for p in named if p), *found, Path("/usr/local/cuda")]
+
+
+def pip_cuda_include_dirs(purelib: Path) -> list[str]:
+    """Header folders of the NVIDIA libraries installed as Python packages beside torch (nvidia/*/include,
+    nvidia/cu13/include): torch's CUDA headers include cusparse.h, cublas_v2.h, cusolverDn.h, which a
+    toolkit holding only the compiler lacks."""
+    return [str(p) for p in sorted((purelib / "nvidia").glob("*/include")) if p.is_dir()]
+
+
 def gpu_test_modules(tests: Path) -> list[str]:
     """The test modules under `tests` that mark tests `gpu` (running only these keeps a module whose
     imports fail on that machine from stopping the whole pytest run)."""
@@ -181,6 +208,12 @@ def plan(names: Sequence[str], site: Path, work: Path, arch: str | None, record:
             ]
             env = {"TORCH_CUDA_ARCH_LIST": arch or "<this GPU's compute capability>",
                    "MAX_JOBS": str(os.cpu_count() or 1)}
+            home = cuda_home(cuda_home_candidates())
+            if home is not None:
+                env["CUDA_HOME"] = str(home)
+            headers = pip_cuda_include_dirs(Path(sysconfig.get_paths()["purelib"]))
+            if headers:  # gcc (nvcc's host compiler too) searches CPATH after the -I folders: the toolkit's
+                env["CPATH"] = os.pathsep.join([*headers, *filter(None, [os.environ.get("CPATH")])])
             problem = None if built or NVDIFFRAST.exists() else f"{NVDIFFRAST} is missing; {PREPARE_HINT}"
             phases.append(Phase(name, timeout, (*steps, (py, "-c", NVDIFFRAST_CHECK)), env, problem))
         elif name == "tests":

@@ -75,6 +75,26 @@ def test_plan_builds_nvdiffrast_for_this_gpu_only_and_records_benchmarks(tmp_pat
     assert len(again.steps) == 1 and again.steps[0][1] == "-c"
 
 
+def test_cuda_home_is_the_first_real_toolkit_and_pip_headers_are_found(tmp_path):
+    wrapper, toolkit, split = tmp_path / "local", tmp_path / "cuda-13.0", tmp_path / "split"
+    for home in (wrapper, toolkit, split):
+        (home / "bin").mkdir(parents=True)
+        (home / "bin" / "nvcc").write_text("#!/bin/sh\n")
+    (toolkit / "include").mkdir()
+    (toolkit / "include" / "cuda_runtime.h").touch()
+    (split / "targets" / "x86_64-linux" / "include").mkdir(parents=True)
+    (split / "targets" / "x86_64-linux" / "include" / "cuda_runtime.h").touch()
+    assert gpu_check.cuda_home([tmp_path / "none", wrapper, toolkit, split]) == toolkit
+    assert gpu_check.cuda_home([wrapper, split]) == split
+    assert gpu_check.cuda_home([wrapper]) is None
+    purelib = tmp_path / "site-packages"
+    for sub in ("nvidia/cusparse/include", "nvidia/cu13/include", "nvidia/cublas/lib"):
+        (purelib / sub).mkdir(parents=True)
+    assert gpu_check.pip_cuda_include_dirs(purelib) == [str(purelib / "nvidia/cu13/include"),
+                                                        str(purelib / "nvidia/cusparse/include")]
+    assert gpu_check.pip_cuda_include_dirs(tmp_path / "empty") == []
+
+
 def test_gpu_test_modules_are_the_modules_that_mark_gpu_tests(tmp_path):
     tests = tmp_path / "tests"
     tests.mkdir()
