@@ -32,6 +32,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import signal
@@ -172,11 +173,14 @@ def pip_cuda_include_dirs(purelib: Path) -> list[str]:
     return [str(p) for p in sorted((purelib / "nvidia").glob("*/include")) if p.is_dir()]
 
 
+GPU_MARK = re.compile(r"^\s*(@pytest\.mark\.gpu\b|pytestmark\s*=.*\bpytest\.mark\.gpu\b)", re.MULTILINE)
+
+
 def gpu_test_modules(tests: Path) -> list[str]:
-    """The test modules under `tests` that mark tests `gpu` (running only these keeps a module whose
-    imports fail on that machine from stopping the whole pytest run)."""
+    """The test modules under `tests` that mark tests `gpu` (a decorator or a module's `pytestmark`);
+    running only these keeps a module whose imports fail on that machine from stopping the whole run."""
     return [str(p.relative_to(tests.parent)) for p in sorted(tests.glob("test_*.py"))
-            if "pytest.mark.gpu" in p.read_text(encoding="utf-8")]
+            if GPU_MARK.search(p.read_text(encoding="utf-8"))]
 
 
 def plan(names: Sequence[str], site: Path, work: Path, arch: str | None, record: bool,
@@ -283,6 +287,7 @@ def run_phase(phase: Phase, env: Mapping[str, str], log: IO[bytes], seconds: flo
         log.write(f"cannot run: {phase.problem}\n".encode())
         return PhaseResult(phase.name, f"failed: {phase.problem}", 0.0)
     failure = None
+    log.write("".join(f"{key}={value}\n" for key, value in phase.env.items()).encode())
     for k, argv in enumerate(phase.steps, 1):
         log.write(f"$ {shlex.join(argv)}\n".encode())
         log.flush()

@@ -101,9 +101,11 @@ def test_gpu_test_modules_are_the_modules_that_mark_gpu_tests(tmp_path):
     (tests / "test_a.py").write_text("import pytest\n\n@pytest.mark.gpu\ndef test_x():\n    pass\n")
     (tests / "test_b.py").write_text("def test_y():\n    pass\n")
     (tests / "test_c.py").write_text("import pytest\npytestmark = pytest.mark.gpu\n")
-    (tests / "helper.py").write_text("# pytest.mark.gpu\n")
+    (tests / "test_d.py").write_text('text = "@pytest.mark.gpu"  # pytest.mark.gpu\n')  # mentions, no mark
+    (tests / "helper.py").write_text("@pytest.mark.gpu\n")
     assert gpu_check.gpu_test_modules(tests) == ["tests/test_a.py", "tests/test_c.py"]
-    assert "tests/test_render.py" in gpu_check.gpu_test_modules(REPO / "tests")  # the cpu vs cuda parity test
+    ours = gpu_check.gpu_test_modules(REPO / "tests")
+    assert "tests/test_render.py" in ours and "tests/test_gpu_check.py" not in ours  # this module only mentions it
 
 
 def test_metrics_round_trip(tmp_path):
