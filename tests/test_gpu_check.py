@@ -105,7 +105,7 @@ def test_gpu_test_modules_are_the_modules_that_mark_gpu_tests(tmp_path):
     (tests / "helper.py").write_text("@pytest.mark.gpu\n")
     assert gpu_check.gpu_test_modules(tests) == ["tests/test_a.py", "tests/test_c.py"]
     ours = gpu_check.gpu_test_modules(REPO / "tests")
-    assert "tests/test_render.py" in ours and "tests/test_gpu_check.py" not in ours  # this module only mentions it
+    assert "tests/test_render.py" in ours and "tests/test_gpu_check.py" not in ours  # mentioned, not marked
 
 
 def test_metrics_round_trip(tmp_path):
