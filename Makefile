@@ -5,7 +5,7 @@ TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 
-.PHONY: demo test test-all env clean-env
+.PHONY: demo test test-all env clean-env gpu-check
 
 env: $(STAMP)
 
@@ -26,6 +26,10 @@ test: $(STAMP)
 # Everything, including the slow end-to-end learning check and (where CUDA exists) GPU tests.
 test-all: $(STAMP)
 	$(BIN)/python -m pytest $(ARGS)
+
+# The GPU path in one call on a GPU machine (README, "Checking a GPU machine"): its own python3, no .venv.
+gpu-check:
+	PYTHON=$(PYTHON) bash bench/gpu_check.sh $(ARGS)
 
 clean-env:
 	rm -rf $(VENV)

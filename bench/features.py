@@ -7,7 +7,8 @@
 Models have random weights (speed does not depend on the values): tiny ones of the real classes, and
 for `--full` the Stable Diffusion 1.5 / DINOv2 ViT-B/14 configurations at the reference sizes (SD at
 960 px, DINO at 840 px, 64 output channels; bf16 autocast on CUDA). Each extractor first fits its
-basis on a small random sample, then runs `--iters` timed batches after one warm-up batch.
+basis on a small random sample, then runs `--iters` timed batches after one warm-up batch. Speed only:
+there is no target; `--json PATH` writes images/s per extractor as metric rows (bench/gpu_check.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 import click
 import numpy as np
 import torch
+from gpu_check import Metric, write_metrics  # bench/gpu_check.py, beside this script
 
 from dualpm.cliutils import describe_machine, record_benchmark
 from dualpm.features import FeatureSpec, build_extractor, extract, fit_basis, read_packed, write_packed
@@ -75,7 +77,10 @@ def _time_precomputed(folder: Path, batch: int, iters: int) -> dict:
 @click.option("--batch", default=4, show_default=True)
 @click.option("--iters", default=5, show_default=True)
 @click.option("--append", "append_to", type=click.Path(dir_okay=False), help="Append the table to this file.")
-def main(device: str, full: bool | None, batch: int, iters: int, append_to: str | None) -> None:
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="Write images/s per extractor to this JSON file.")
+def main(device: str, full: bool | None, batch: int, iters: int, append_to: str | None,
+         json_path: str | None) -> None:
     device = torch.device(device)
     full = device.type == "cuda" if full is None else full
     rows = []
@@ -119,6 +124,9 @@ def main(device: str, full: bool | None, batch: int, iters: int, append_to: str 
     click.echo(table)
     if append_to:
         record_benchmark(append_to, "Feature extraction (`bench/features.py`)", table)
+    if json_path:
+        write_metrics(json_path, [Metric(f"{label} images/s ({device.type}, batch {batch})",
+                                         f"{r['images_per_s']:.2f}") for label, r in rows])
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ the renderer produced: dual point map, rendered mask, metadata), then measures i
   samples (the reference code's sparse float32 npz).
 
 Targets (from the issue): end to end >= 70% of raw; bytes <= 40% of the baseline; >= 2,000 samples/s
-end to end on one H100 node (cuda backend; recorded when a GPU is available).
+end to end on one H100 node (cuda backend; recorded when a GPU is available). `--json PATH` writes
+these as metric rows (bench/gpu_check.py).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import click
 import numpy as np
 import ray
 import torch
+from gpu_check import Metric, write_metrics  # bench/gpu_check.py, beside this script
 
 from dualpm.camera import (
     camera_pose_from_view,
@@ -200,8 +202,10 @@ def store_sizes(out: Path) -> tuple[float, float]:
               help="Timed passes of each measurement; the best counts (the machine may be busy).")
 @click.option("--append", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Markdown file to append a dated result line to (e.g. docs/benchmarks.md).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the measures against their targets to this JSON file.")
 def main(samples: int, faces: int, resolution: int, layers: int, batch: int, shard_size: int, backend: str,
-         repeats: int, append: Path | None) -> None:
+         repeats: int, append: Path | None, json_path: Path | None) -> None:
     backend = resolve_backend(backend)
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     with tempfile.TemporaryDirectory(prefix="dualpm-bench-") as tmp:
@@ -233,6 +237,18 @@ def main(samples: int, faces: int, resolution: int, layers: int, batch: int, sha
         lines.append(f"GPU end to end:              {runs[cpus]:8.1f} samples/s  (target >= {TARGET_GPU:.0f}: "
                      f"{verdict(runs[cpus] >= TARGET_GPU)})")
     click.echo("\n".join(lines))
+    if json_path is not None:
+        ray_cpus = f"Ray, {min(runs)} CPU" + ("s" if min(runs) > 1 else "")
+        metrics = [
+            Metric(f"{backend} end to end ({ray_cpus}) / raw renderer", f"{ratio:.0%}",
+                   f">= {TARGET_RATIO:.0%}", ratio >= TARGET_RATIO),
+            Metric("bytes per sample / reference npz", f"{size_ratio:.0%}", f"<= {TARGET_BYTES:.0%}",
+                   size_ratio <= TARGET_BYTES),
+        ]
+        if backend == "cuda":
+            metrics.append(Metric(f"cuda end to end samples/s ({cpus} CPUs, raw renderer {raw:.0f})",
+                                  f"{runs[cpus]:.0f}", f">= {TARGET_GPU:.0f}", runs[cpus] >= TARGET_GPU))
+        write_metrics(json_path, metrics)
     if append is not None:
         all_cpus = f", {runs[cpus]:.1f} with {cpus} CPUs" if cpus in runs and cpus != min(runs) else ""
         entry = (

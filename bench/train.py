@@ -11,11 +11,13 @@ tests/test_reader.py: 8 stored layers, float16 features on a coarser grid). Meas
   (decode, join, feature upsampling), after warm-up batches;
 * step: forward + loss + backward + clip + Adam on one fixed batch of that data (no data wait), fp32 on
   CPU; on CUDA bf16 autocast + channels_last and fp32, with peak memory;
-* end to end (CPU): `dualpm.train.train` for a few steps, the loop's own samples/s (reader and step share
-  the cores here).
+* end to end: `dualpm.train.train` for `--e2e-steps` steps (bf16 autocast on CUDA, as the config's
+  precision `auto` says), the loop's own samples/s over the second half of them (steady state).
 
-The ratio reader / step says how much headroom the reader has (target >= 2). A dated line with the
-machine is appended to docs/benchmarks.md.
+The ratio reader / step says how much headroom the reader has: >= 1 and the reader is never the
+bottleneck (the target); on CUDA, bf16 steps should be >= 2x fp32 ones. A dated line with the
+machine is appended to docs/benchmarks.md; `--json PATH` writes the measures against their targets as
+metric rows (bench/gpu_check.py).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from pathlib import Path
 
 import click
 import torch
+from gpu_check import Metric, write_metrics  # bench/gpu_check.py, beside this script
 
 from dualpm.cliutils import describe_machine, record_benchmark
 from dualpm.data.reader import ShardStream, make_loader, open_dataset
@@ -41,6 +44,7 @@ from dualpm.train import config_from_dict, read_config, resolve_config, train
 
 REPO = Path(__file__).resolve().parents[1]
 HEADING = "Training: reader vs step samples/s (`bench/train.py`)"
+TARGET_BF16, TARGET_READER = 2.0, 1.0  # bf16 / fp32 step samples/s on CUDA; reader / step
 
 
 def _synthetic(folder: Path, samples: int, size: int, channels: int, grid: int) -> Path:
@@ -104,9 +108,10 @@ def step_rate(
 
 
 def end_to_end_rate(config, info, steps: int, folder: Path) -> float:
-    """samples/s that `dualpm.train.train` itself logs over `steps` steps (reader in the loop)."""
+    """samples/s that `dualpm.train.train` itself logs over the last half of `steps` steps (reader in the
+    loop; the first half holds the start: loader workers, CUDA kernels' first launches)."""
     tc = dataclasses.replace(
-        config.train, out_dir=str(folder), steps=steps, log_every=steps, checkpoint_every=steps,
+        config.train, out_dir=str(folder), steps=steps, log_every=max(1, steps // 2), checkpoint_every=steps,
         validate_every=0, progress=False,
     )
     train(dataclasses.replace(config, train=tc), info, verbose=False)
@@ -124,13 +129,15 @@ def end_to_end_rate(config, info, steps: int, folder: Path) -> float:
 @click.option("--grid", default=None, type=int, help="Synthetic: feature grid (default: size / 2).")
 @click.option("--steps", default=10, show_default=True, help="Timed optimizer steps.")
 @click.option("--reader-batches", default=20, show_default=True)
-@click.option("--e2e-steps", default=30, show_default=True, help="End-to-end train() steps (CPU; 0: skip).")
+@click.option("--e2e-steps", default=30, show_default=True, help="End-to-end train() steps (0: skip).")
 @click.option("--device", default="cuda" if torch.cuda.is_available() else "cpu", show_default=True)
 @click.option("--append", "append_to", default=str(REPO / "docs" / "benchmarks.md"), show_default=True,
               help="Markdown file to append the result line to ('': don't).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="Write the measures against their targets to this JSON file.")
 def main(
     config_path, data_root, overrides, samples, size, channels, grid, steps, reader_batches, e2e_steps,
-    device, append_to,
+    device, append_to, json_path,
 ):
     device = torch.device(device)
     cuda = device.type == "cuda"
@@ -161,9 +168,23 @@ def main(
             mem = f", peak {peak:.1f} GiB" if cuda else ""
             print(f"train step {name}: {rate:8.1f} samples/s{mem}   reader / step = {read / rate:.1f}x")
         e2e = None
-        if e2e_steps and not cuda:
+        if e2e_steps:
             e2e = end_to_end_rate(config, info, e2e_steps, Path(tmp) / "run")
             print(f"end to end:       {e2e:8.1f} samples/s  ({e2e_steps} train() steps, reader in the loop)")
+    if json_path:
+        step = rows[0][1]  # bf16 on CUDA: what training runs
+        metrics = [Metric(f"reader samples/s ({dc.workers} workers)", f"{read:.4g}"),
+                   *(Metric(f"train step {n} samples/s", f"{r:.4g}") for n, r, _ in rows),
+                   Metric(f"reader / {rows[0][0]} step", f"{read / step:.1f}x", f">= {TARGET_READER:.0f}x",
+                          read / step >= TARGET_READER)]
+        if cuda:
+            ratio = rows[0][1] / rows[1][1]
+            metrics.append(Metric("bf16 / fp32 step samples/s", f"{ratio:.2f}x", f">= {TARGET_BF16:.0f}x",
+                                  ratio >= TARGET_BF16))
+        if e2e is not None:
+            share = f"{e2e / step:.0%} of the step"
+            metrics.append(Metric(f"train() end to end samples/s ({share})", f"{e2e:.4g}"))
+        write_metrics(json_path, metrics)
     if append_to:
         steps_txt = ", ".join(
             f"step {n} {r:.1f}/s" + (f" (peak {p:.1f} GiB)" if cuda else "") for n, r, p in rows
