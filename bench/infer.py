@@ -12,7 +12,10 @@ tests/test_reader.py: 6 stored layers, float16 features on a coarser grid). The 
   no files written, after a warm-up batch;
 * infer: the whole `dualpm-infer` command (Zarr, PLYs and sheets per sample, checkpoint loading included);
 * eval: `dualpm-eval` on ground-truth predictions (`dualpm-infer --oracle`: realistic point counts) with
-  the constant baseline, without and with ICP (the synthetic store has no source meshes: no surface Chamfer).
+  the constant baseline, without and with ICP (the synthetic store has no source meshes: no surface Chamfer);
+* eval animodel: `dualpm-eval --protocol animodel --targets` (Animodel's defaults: 8,000 / 60,000 points,
+  200 ICP iterations, pitch 1/100) on the first `--animodel-samples` oracle clouds against an icosphere
+  (2,562 vertices) around each, model only.
 
 A dated line with the machine is appended to docs/benchmarks.md.
 """
@@ -29,13 +32,15 @@ import time
 from pathlib import Path
 
 import click
+import numpy as np
 import torch
+import trimesh
 from click.testing import CliRunner
 
 from dualpm.cliutils import describe_machine, record_benchmark
 from dualpm.data.reader import open_dataset
 from dualpm.eval.cli import main as eval_main
-from dualpm.infer import ModelPredictor, dataset_batches, prefetch
+from dualpm.infer import ModelPredictor, dataset_batches, keep_mask, open_predictions, prefetch
 from dualpm.infer import main as infer_main
 from dualpm.model import DualPMNet, describe
 from dualpm.train import config_from_dict, config_to_dict, read_config, resolve_config
@@ -72,6 +77,23 @@ def model_rate(model, info, config, device: torch.device, bf16: bool, batch: int
     return count / (time.perf_counter() - start)
 
 
+def _sphere_targets(pred: Path, folder: Path, count: int) -> int:
+    """An icosphere around each of the first `count` kept clouds of `pred`, as <id>.obj; returns how many."""
+    store = open_predictions(pred)
+    folder.mkdir(parents=True)
+    made = 0
+    for i, sample_id in enumerate(store.ids[:count]):
+        maps = store.sample(i)
+        points = np.moveaxis(maps.posed, -3, -1)[keep_mask(maps, 0.5, 2.0)].astype(np.float64)  # (N, 3)
+        if len(points) < 4:
+            continue
+        sphere = trimesh.creation.icosphere(subdivisions=4, radius=float(np.ptp(points, axis=0).max()) / 2)
+        sphere.apply_translation(0.5 * (points.min(axis=0) + points.max(axis=0)))
+        sphere.export(folder / f"{sample_id}.obj")
+        made += 1
+    return made
+
+
 def _cli(command, args: list[str]) -> float:
     """Wall seconds of one command run in this process."""
     start = time.perf_counter()
@@ -91,9 +113,11 @@ def _cli(command, args: list[str]) -> float:
 @click.option("--batch", default=8, show_default=True, help="Samples per forward pass.")
 @click.option("--batches", default=5, show_default=True, help="Timed batches of the model measurement.")
 @click.option("--device", default="cuda" if torch.cuda.is_available() else "cpu", show_default=True)
+@click.option("--animodel-samples", default=8, show_default=True, help="Samples scored with --protocol animodel.")
 @click.option("--append", "append_to", default=str(REPO / "docs" / "benchmarks.md"), show_default=True,
               help="Markdown file to append the result line to ('': don't).")
-def main(config_path, data_root, samples, size, channels, grid, batch, batches, device, append_to):
+def main(config_path, data_root, samples, size, channels, grid, batch, batches, device, animodel_samples,
+         append_to):
     device = torch.device(device)
     cuda = device.type == "cuda"
     size = size or (160 if cuda else 64)
@@ -129,13 +153,21 @@ def main(config_path, data_root, samples, size, channels, grid, batch, batches, 
             eval_rates[name] = summary["samples_per_s"]
             points = summary["model"]["points"]
             print(f"dualpm-{name + ':':11s} {eval_rates[name]:8.1f} samples/s (model + baseline, {points:.0f} points/sample)")
+        scored = _sphere_targets(tmp / "oracle", tmp / "targets", animodel_samples)
+        _cli(eval_main, ["--pred", tmp / "oracle", "--protocol", "animodel", "--targets", tmp / "targets",
+                         "--frame", "camera", "--out", tmp / "animodel"])
+        summary = json.loads((tmp / "animodel" / "summary.json").read_text())
+        animodel_rate = summary["samples_per_s"]
+        print(f"dualpm-eval --protocol animodel: {animodel_rate:8.2f} samples/s ({scored} samples, model only, "
+              f"{eval_rates['eval --icp'] / animodel_rate:.0f}x slower than --protocol dualpm --icp)")
     if append_to:
         models = ", ".join(f"model {n} {r:.1f}/s" for n, r in rates.items())
         line = (
             f"- {datetime.date.today().isoformat()} `bench/infer.py` {Path(config_path).name} on {describe_machine()}: "
             f"{describe(model).split(': ', 1)[1]}; {shape}, batch {batch}; {models}, dualpm-infer {infer_rate:.1f}/s "
             f"(with files), dualpm-eval {eval_rates['eval']:.1f}/s, with --icp {eval_rates['eval --icp']:.1f}/s "
-            f"({points:.0f} points/sample, baseline included); load avg {os.getloadavg()[0]:.1f}\n"
+            f"({points:.0f} points/sample, baseline included), --protocol animodel {animodel_rate:.2f}/s "
+            f"(model only, {scored} samples, sphere targets); load avg {os.getloadavg()[0]:.1f}\n"
         )
         record_benchmark(append_to, HEADING, line)
         print(f"appended to {append_to}")

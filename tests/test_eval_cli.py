@@ -15,6 +15,7 @@ import csv
 import dataclasses
 import json
 import shutil
+import zlib
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,18 +25,24 @@ import torch
 import trimesh
 import zarr
 from click.testing import CliRunner
+from PIL import Image
 
 from datagen import cli_output as run
 from datagen import make_source_dataset, tube_mesh
 from dualpm.camera import view_from_camera_pose
 from dualpm.data.source import Layout, SourceDataset
+from dualpm.eval.animodel import AnimodelOptions, score
 from dualpm.eval.baseline import fit_constant_baseline
 from dualpm.eval.cli import RATIO_KEY
 from dualpm.eval.cli import main as eval_main
+from dualpm.eval.targets import camera_to_world
 from dualpm.gltf import SkinnedMesh, load_skinned_mesh, save_skinned_mesh
+from dualpm.infer import keep_mask, open_predictions
 from dualpm.infer import main as infer_main
+from dualpm.pointcloud import write_ply
 from dualpm.skinning import read_pose_file, skin
 from dualpm.store import decode_dual_pointmap, load_manifest
+from dualpm.train import config_from_dict, train
 from pipeline.cli import main as prep_main
 from pipeline.inspect import find_sample
 
@@ -219,3 +226,108 @@ def test_errors_and_dry_run(data, oracle, tmp_path):
     run(eval_main, "--pred", oracle, "--out", tmp_path / "dry", "--dry-run")
     assert not (tmp_path / "dry").exists()
     assert RATIO_KEY in run(eval_main, "--help")  # documented where users look
+
+
+# ---------------------------------------------------------------- protocols: animodel, pair
+
+FEW = ["--chamfer-points", 4000, "--align-points", 800, "--min-cubes", 40]  # fewer points, coarser voxels: seconds
+
+
+def test_animodel_protocol_scores_the_world_frame_points_against_the_posed_mesh(data, oracle, tmp_path):
+    summary, rows, output = evaluate(oracle, tmp_path / "ev", "--protocol", "animodel", *FEW)
+    assert summary["protocol"] == "animodel" and "Animodel benchmark protocol" in summary["protocol_definition"]
+    assert "protocol animodel" in output and "| Animodel Chamfer bidir., unit cube |" in output
+    assert not any(k.startswith(("chamfer_layers", "iou_")) for k in summary["model"])  # dualpm's are not run
+    assert [r["id"] for r in rows] == data.val
+    store = open_predictions(oracle)
+    options = AnimodelOptions(align_points=800, chamfer_points=4000, min_cubes=40)
+    for row in rows:
+        # The same numbers by hand: kept posed points back to the world frame, the posed mesh, the seed.
+        maps = store.sample(store.ids.index(row["id"]))
+        keep = keep_mask(maps, store.attrs["occupancy_threshold"], store.attrs["confidence_threshold"])
+        points = np.moveaxis(maps.posed, -3, -1)[keep].astype(np.float64)  # (L, 3, H, W) -> (L, H, W, 3)[keep]
+        sample = SourceDataset(data.src).sample(row["id"])
+        mesh = load_skinned_mesh(Layout(data.src).mesh(sample.model_name))
+        world = skin(mesh, read_pose_file(sample.pose_path, mesh.num_nodes), dtype=torch.float64)[0].numpy()
+        view = view_from_camera_pose(torch.from_numpy(sample.camera_pose)).numpy()
+        seeded = dataclasses.replace(options, seed=zlib.crc32(row["id"].encode()))
+        expected = score(camera_to_world(points, view), trimesh.Trimesh(world, mesh.faces, process=False), seeded)
+        assert float(row["animodel_chamfer_sym"]) == expected.chamfer.symmetric
+        assert float(row["animodel_unit_chamfer_sym"]) == expected.unit.symmetric
+        # Exact points on the GT surface, but few (32 px, 3 layers, three thin tubes): within 6% of the size.
+        assert expected.unit.symmetric < 0.06
+    camera, _, _ = evaluate(oracle, tmp_path / "camera", "--protocol", "animodel", "--frame", "camera", *FEW)
+    assert camera["model"]["animodel_chamfer_sym"] != summary["model"]["animodel_chamfer_sym"]
+
+
+def test_animodel_targets_folder_with_predictions_from_images(data, tmp_path):
+    """Animodel's layout (<category>/images/<id>.png, <category>/meshes/<id>.obj): dualpm-infer --images on
+    the images (RGBA: the alpha is the mask), dualpm-eval --targets on the category, matched by id."""
+    category = tmp_path / "animodel" / "horse"
+    (category / "images").mkdir(parents=True)
+    (category / "meshes").mkdir()
+    for sample_id in data.val:
+        rgb = np.asarray(Image.open(data.src / "renders" / f"{sample_id}_rgb.png").convert("RGB"))
+        alpha = decode_dual_pointmap(find_sample(data.out, "render", sample_id)["dpm"])[:, :, 0, 6] > 0.5
+        rgba = np.dstack([rgb, (alpha * 255).astype(np.uint8)])
+        Image.fromarray(rgba, "RGBA").save(category / "images" / f"{sample_id}.png")
+        vertices, faces = _gt_posed_vertices(data.src, data.out, sample_id)
+        trimesh.Trimesh(vertices, faces).export(category / "meshes" / f"{sample_id}.obj")
+    shutil.copy(category / "meshes" / f"{data.val[0]}.obj", category / "meshes" / "999999.obj")  # no image
+    raw = {
+        "data": {"root": str(data.out), "batch_size": 4, "workers": 0, "shuffle_buffer": 0},
+        "model": {"in_channels": 3, "num_layers": LAYERS, "unet": {
+            "base_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_levels": [],
+            "dropout": 0.0, "num_groups": 4}},
+        "train": {"out_dir": str(tmp_path / "run"), "steps": 2, "validate_every": 0, "progress": False},
+    }
+    checkpoint = train(config_from_dict(raw), verbose=False).checkpoint
+    pred = tmp_path / "pred"
+    # An untrained model: keep every in-mask point so that the clouds are not empty.
+    run(infer_main, "--checkpoint", checkpoint, "--images", category / "images", "--masks", category / "images",
+        "--out", pred, "--occupancy-threshold", 0, "--confidence-threshold", 1, "--no-sheets", "--no-ply")
+    assert "--data DATASET" in run(eval_main, "--pred", pred, exit_code=1)  # dualpm needs a dataset
+    summary, rows, output = evaluate(pred, tmp_path / "ev", "--protocol", "animodel", "--targets", category,
+                                     "--frame", "camera", *FEW)
+    assert [r["id"] for r in rows] == data.val and summary["samples"] == 3
+    assert summary["protocol"] == "animodel" and summary["data"] == str(category)
+    assert any("1 target meshes have no prediction" in n and "999999" in n for n in summary["notes"])
+    assert all(np.isfinite(float(r["animodel_unit_chamfer_sym"])) for r in rows)
+    assert all(float(r["points"]) > 0 for r in rows)
+    # The default frame for targets is the rest-pose orientation (no cameras in Animodel's data).
+    canonical, _, _ = evaluate(pred, tmp_path / "canonical", "--protocol", "animodel", "--targets",
+                               category / "meshes", *FEW)
+    assert canonical["config"]["frame"] == "canonical"
+    assert "needs each sample's camera" in run(eval_main, "--pred", pred, "--protocol", "animodel", "--targets",
+                                               category, "--frame", "world", exit_code=1)
+    assert "for --protocol animodel only" in run(eval_main, "--pred", pred, "--targets", category, exit_code=1)
+
+
+def test_pair_scores_any_reconstruction_file(tmp_path):
+    target = trimesh.creation.capsule(height=1.2, radius=0.3, count=[16, 16])
+    target.vertices[:, 0] += 0.3 * np.clip(target.vertices[:, 2], 0, None) ** 2  # not symmetric about Y
+    target.export(tmp_path / "target.obj")
+    moved = target.copy()
+    moved.apply_translation([0.05, -0.02, 0.03])
+    moved.export(tmp_path / "recon.glb")
+    write_ply(tmp_path / "points.ply", target.sample(3000, seed=0))
+    first = json.loads(run(eval_main, "pair", tmp_path / "recon.glb", tmp_path / "target.obj", "--json", *FEW))
+    again = json.loads(run(eval_main, "pair", tmp_path / "recon.glb", tmp_path / "target.obj", "--json", *FEW))
+    assert first == again and first["protocol"] == "animodel"  # deterministic for the seed
+    metrics = first["metrics"]
+    assert metrics["volume_scale"] == pytest.approx(1.0, abs=0.02) and metrics["enclosed"] == 1.0
+    assert metrics["unit_chamfer_sym"] == pytest.approx(metrics["chamfer_sym"] / target.extents.max())
+    assert metrics["unit_chamfer_sym"] < 0.01  # ICP undid the shift: the sampling floor
+    other = json.loads(run(eval_main, "pair", tmp_path / "recon.glb", tmp_path / "target.obj", "--json",
+                           "--seed", 1, *FEW))
+    assert other["metrics"]["chamfer_sym"] != metrics["chamfer_sym"]
+    text = run(eval_main, "pair", tmp_path / "points.ply", tmp_path / "target.obj", *FEW)
+    assert "protocol: animodel" in text and "closed surface: True" in text
+    dualpm = json.loads(run(eval_main, "pair", tmp_path / "points.ply", tmp_path / "target.obj", "--protocol",
+                            "dualpm", "--json", "--surface-points", 3000))
+    assert dualpm["protocol"] == "dualpm" and dualpm["metrics"]["chamfer_sym"] < 0.05
+    assert set(dualpm["metrics"]) >= {"icp_unit_chamfer_sym", "unit_chamfer_pred_to_gt"}
+    bad = run(eval_main, "pair", tmp_path / "points.ply", tmp_path / "points.ply", exit_code=1)
+    assert "a target must be a triangle mesh" in bad
+    (tmp_path / "broken.obj").write_text("v 0 0 0\nf 1 2 3\n")
+    assert "broken.obj" in run(eval_main, "pair", tmp_path / "broken.obj", tmp_path / "target.obj", exit_code=1)

@@ -1,31 +1,47 @@
-"""`dualpm-eval`: measure dualpm-infer predictions against a prepared dataset, Animodel-style.
+"""`dualpm-eval`: measure dualpm-infer predictions against ground truth, under a named protocol.
 
-    dualpm-eval --pred pred/demo --data out/demo --baseline            # writes into pred/demo
+    dualpm-eval --pred pred/demo --data out/demo --baseline            # protocol dualpm, writes into pred/demo
     dualpm-eval --pred pred/demo --icp --surface-points 20000 --out reports/demo
+    dualpm-eval --pred pred/demo --protocol animodel --out reports/animodel        # the benchmark's numbers
+    dualpm-eval --pred pred/horse --protocol animodel --targets animodel/horse     # Animodel's own data
+    dualpm-eval pair recon.obj target.obj [--protocol animodel|dualpm] [--json]    # any method, one pair
+
+Protocols (every summary and table names the one that produced it):
+    dualpm    (default) our learning check: Chamfer from the kept posed points to the GT points of every
+              rendered layer and to the GT mesh surface, camera space, no rescale, optional ICP; unit cube
+              by the GT points' box. Not comparable with published numbers.
+    animodel  the Animodel benchmark's protocol (`dualpm.eval.animodel`): predictions taken to the target's
+              world frame (`--frame`), meshed, volume-rescaled, ICP + 180-degree flip, Chamfer on 60,000
+              even points per surface, unit cube by the target mesh's box. Comparable with Farm3D,
+              MagicPony, 3D-Fauna and DualPM tables.
 
 Outputs (in --out, default the predictions folder), each written atomically:
     metrics.csv     one row per sample: every metric of the model (and `baseline_...` with --baseline)
-    summary.json    means over samples (see `summary_json`); top-level "chamfer_ratio_model_over_baseline"
+    summary.json    "protocol", means over samples (see `summary_json`); "chamfer_ratio_model_over_baseline"
     summary.md      the markdown table printed at the end
     eval.config.yaml
-See `dualpm.eval.evaluate` for the metrics.
+See `dualpm.eval.evaluate` (dualpm) and `dualpm.eval.animodel` (animodel) for the metrics.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import math
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
 import click
 import numpy as np
+import trimesh
 from tqdm import tqdm
 
 from dualpm.cliutils import handles_user_errors, show_and_save_config
 from dualpm.errors import ConfigError
+from dualpm.eval.animodel import AnimodelOptions, score
 from dualpm.eval.baseline import ConstantBaseline, fit_constant_baseline
 from dualpm.eval.evaluate import (
     EvalOptions,
@@ -34,11 +50,22 @@ from dualpm.eval.evaluate import (
     mean_metrics,
     skeleton_metrics,
 )
+from dualpm.eval.metrics import EvalError
+from dualpm.eval.pair import ICP_ITERATIONS, PROTOCOL_NAMES, PROTOCOLS, pair
+from dualpm.eval.targets import FRAMES, TargetMeshes, load_target, to_frame
 from dualpm.fileio import atomic_write_json, atomic_write_text
 from dualpm.infer import SAMPLES, Predictions, keep_mask, open_predictions
 
 RATIO_KEY = "chamfer_ratio_model_over_baseline"
 RATIO_METRIC = "unit_chamfer_layers_sym"
+RATIO_METRICS = {"dualpm": RATIO_METRIC, "animodel": "animodel_unit_chamfer_sym"}
+RATIO_DEFINITIONS = {
+    "dualpm": (f"mean {RATIO_METRIC} of the model / that of the constant baseline: symmetric Chamfer distance "
+               "from the kept posed points to the ground-truth points of all rendered layers, target scaled "
+               "to a unit cube, no ICP; lower is better, null without --baseline"),
+    "animodel": ("mean animodel_unit_chamfer_sym of the model / that of the constant baseline: the Animodel "
+                 "protocol's bidirectional Chamfer distance, unit cube; lower is better, null without --baseline"),
+}
 RATIO_SURFACE_KEY = "chamfer_ratio_model_over_baseline_surface"
 # Rows of the markdown table: (metric key, label). Absent keys (no surface, no ICP, ...) are left out.
 TABLE = [
@@ -52,6 +79,13 @@ TABLE = [
     ("chamfer_surface_sym", "Chamfer sym., GT surface, scene units"),
     ("icp_unit_chamfer_layers_sym", "ICP + Chamfer sym., GT layers, unit cube"),
     ("icp_unit_chamfer_surface_sym", "ICP + Chamfer sym., GT surface, unit cube"),
+    ("animodel_unit_chamfer_sym", "Animodel Chamfer bidir., unit cube"),
+    ("animodel_unit_chamfer_pred_to_gt", "Animodel Chamfer reconstruction->target, unit cube"),
+    ("animodel_unit_chamfer_gt_to_pred", "Animodel Chamfer target->reconstruction, unit cube"),
+    ("animodel_chamfer_sym", "Animodel Chamfer bidir., target units"),
+    ("animodel_volume_scale", "Animodel volume rescale factor"),
+    ("animodel_flipped", "fraction kept flipped (180 degrees about Y)"),
+    ("animodel_enclosed", "fraction of clouds meshed closed"),
     ("canonical_error", "canonical error (known pixels), scene units"),
     ("posed_error", "posed error (known pixels), scene units"),
     ("skeleton_rotation_deg", "skeleton rotation error, degrees"),
@@ -73,17 +107,16 @@ def _ratio(model: dict[str, float], baseline: dict[str, float] | None, key: str)
 
 def summary_json(
     model: dict[str, float], baseline: dict[str, float] | None, per_joint: dict[str, dict[str, float]],
-    notes: list[str], info: dict[str, Any],
+    notes: list[str], info: dict[str, Any], protocol: str = "dualpm",
 ) -> dict[str, Any]:
-    """The summary: the ratio first, then means over samples (NaN and inf written as null, see notes)."""
+    """The summary: the protocol and the ratio first, then means over samples (NaN and inf written as null,
+    see notes)."""
     return {
-        RATIO_KEY: _ratio(model, baseline, RATIO_METRIC),
-        "ratio_definition": (
-            f"mean {RATIO_METRIC} of the model / that of the constant baseline: symmetric Chamfer distance "
-            "from the kept posed points to the ground-truth points of all rendered layers, target scaled "
-            "to a unit cube, no ICP; lower is better, null without --baseline"
-        ),
-        RATIO_SURFACE_KEY: _ratio(model, baseline, "unit_chamfer_surface_sym"),
+        "protocol": protocol,
+        "protocol_definition": PROTOCOL_NAMES[protocol],
+        RATIO_KEY: _ratio(model, baseline, RATIO_METRICS[protocol]),
+        "ratio_definition": RATIO_DEFINITIONS[protocol],
+        RATIO_SURFACE_KEY: _ratio(model, baseline, "unit_chamfer_surface_sym") if protocol == "dualpm" else None,
         **info,
         "model": {k: _finite(v) for k, v in model.items()},
         "baseline": None if baseline is None else {k: _finite(v) for k, v in baseline.items()},
@@ -102,7 +135,9 @@ def markdown_table(summary: dict[str, Any], layers: int) -> str:
     model, baseline = summary["model"], summary["baseline"]
     columns = ["metric", "model"] + (["baseline"] if baseline is not None else [])
     lines = [
-        f"# DualPM evaluation: {summary['samples']} samples of {summary['data']}",
+        f"# DualPM evaluation, protocol {summary['protocol']}: {summary['samples']} samples of {summary['data']}",
+        "",
+        f"Protocol: {summary['protocol_definition']}.",
         "",
         "| " + " | ".join(columns) + " |",
         "|---|" + "---:|" * (len(columns) - 1),
@@ -114,8 +149,9 @@ def markdown_table(summary: dict[str, Any], layers: int) -> str:
             lines.append("| " + " | ".join(cells) + " |")
     ratio = summary[RATIO_KEY]
     if baseline is not None:
-        lines += ["", f"{RATIO_KEY} = {_cell(ratio)} (model / baseline, symmetric unit-cube Chamfer to the GT "
-                      "layers; lower is better)"]
+        what = ("symmetric unit-cube Chamfer to the GT layers" if summary["protocol"] == "dualpm"
+                else "Animodel bidirectional unit-cube Chamfer")
+        lines += ["", f"{RATIO_KEY} = {_cell(ratio)} (model / baseline, {what}; lower is better)"]
     if summary["notes"]:
         lines += ["", "Notes:"] + [f"- {note}" for note in summary["notes"]]
     return "\n".join(lines) + "\n"
@@ -169,84 +205,217 @@ def evaluate_store(
     return model_rows, baseline_rows, per_joint, notes
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.option("--pred", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
-              help="Output folder of dualpm-infer (holding predictions.zarr).")
+def _animodel_row(canonical: np.ndarray, posed: np.ndarray, keep: np.ndarray, target: trimesh.Trimesh,
+                  view: np.ndarray | None, frame: str, yaw: float, options: AnimodelOptions) -> dict[str, float]:
+    """`animodel_*` metrics of one prediction's kept posed points (L, 3, H, W maps, (L, H, W) keep)."""
+    points = np.moveaxis(posed, -3, -1)[keep].astype(np.float64)  # (N, 3)
+    cloud = to_frame(frame, points, np.moveaxis(canonical, -3, -1)[keep].astype(np.float64), view, yaw)
+    metrics = score(cloud, target, options).metrics()
+    return {"points": float(len(points)), **{f"animodel_{k}": v for k, v in metrics.items()}}
+
+
+def animodel_store(
+    pred: Predictions, options: EvalOptions, animodel: AnimodelOptions, frame: str, yaw: float,
+    reader: GroundTruthReader | None, targets: TargetMeshes | None, baseline: ConstantBaseline | None,
+) -> tuple[list[str], list[dict[str, float]], list[dict[str, float]] | None, list[str]]:
+    """The Animodel protocol over a predictions store: (ids, model rows, baseline rows or None, notes).
+
+    Targets come from `reader` (a prepared dataset: the posed mesh in its world frame, the sample's camera)
+    or from `targets` (an Animodel-layout folder, matched by id). Each sample's samples are seeded with
+    `animodel.seed` + crc32(id), so a sample's numbers do not depend on the others.
+    """
+    index = {sid: i for i, sid in enumerate(pred.ids)}
+    notes: list[str] = []
+
+    def rows(sample_id: str, target: trimesh.Trimesh, view: np.ndarray | None) -> tuple[dict, dict | None]:
+        maps = pred.sample(index[sample_id])
+        keep = keep_mask(maps, options.occupancy_threshold, options.confidence_threshold)
+        seeded = dataclasses.replace(animodel, seed=animodel.seed + zlib.crc32(sample_id.encode()))
+        try:
+            model = _animodel_row(maps.canonical, maps.posed, keep, target, view, frame, yaw, seeded)
+            base = None
+            if baseline is not None:
+                canonical, posed, base_keep = baseline.predict(maps.mask)
+                base = _animodel_row(canonical, posed, base_keep, target, view, frame, yaw, seeded)
+        except EvalError as err:
+            raise EvalError(f"sample {sample_id!r}: {err}") from err
+        return model, base
+
+    if targets is not None:
+        ids, no_target, no_prediction = targets.match(pred.ids)
+        if no_target:
+            notes.append(f"{len(no_target)} predictions have no target mesh in {targets.folder} and are not "
+                         f"scored: {', '.join(no_target[:5])}")
+        if no_prediction:
+            notes.append(f"{len(no_prediction)} target meshes have no prediction (missing from every mean): "
+                         f"{', '.join(no_prediction[:5])}")
+        if not ids:
+            raise EvalError(f"{targets.folder}: no target mesh matches a prediction id ({', '.join(pred.ids[:3])}...)")
+        pairs = ((sid, load_target(targets.paths[sid]), None) for sid in ids)
+    else:
+        ids = list(pred.ids)
+        pairs = ((gt.sample_id, None if gt.world_vertices is None else
+                  trimesh.Trimesh(gt.world_vertices, gt.faces, process=False), gt.view, gt.note)
+                 for gt in reader.read(ids))
+        pairs = _with_notes(pairs, notes)
+    model_rows: dict[str, dict[str, float]] = {}
+    baseline_rows: dict[str, dict[str, float]] = {}
+    for sample_id, target, view in tqdm(pairs, total=len(ids), desc="eval animodel", unit="sample",
+                                        dynamic_ncols=True):
+        if target is None:
+            model_rows[sample_id] = {}
+            continue
+        model_rows[sample_id], base = rows(sample_id, target, view)
+        if base is not None:
+            baseline_rows[sample_id] = base
+    return (ids, [model_rows.get(i, {}) for i in ids],
+            None if baseline is None else [baseline_rows.get(i, {}) for i in ids], notes)
+
+
+def _with_notes(pairs, notes: list[str]):
+    # Samples of a prepared dataset whose source mesh is unreachable: recorded, left out of the means.
+    for sample_id, target, view, note in pairs:
+        if target is None:
+            notes.append(note or f"{sample_id}: no ground-truth mesh")
+        yield sample_id, target, view
+
+
+@click.group(invoke_without_command=True,
+             context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--pred", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Output folder of dualpm-infer (holding predictions.zarr). Required without a subcommand.")
+@click.option("--protocol", type=click.Choice(PROTOCOLS), default="dualpm",
+              help="dualpm: our learning check (GT layers and surface, camera space). animodel: the Animodel "
+                   "benchmark's protocol, comparable with published numbers (see the module docstring).")
 @click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               show_default="the dataset recorded in the predictions", help="Prepared dataset with the ground truth.")
+@click.option("--targets", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="animodel: an Animodel-layout folder (<category>/ with meshes/<id>.obj, or meshes/ itself): "
+                   "target meshes matched to the predictions by id, instead of --data.")
+@click.option("--frame", type=click.Choice(("auto",) + FRAMES), default="auto",
+              show_default="world with --data, canonical with --targets",
+              help="animodel: the frame the predicted posed points are scored in (dualpm.eval.targets).")
+@click.option("--yaw", type=click.FloatRange(-360, 360), default=0.0,
+              help="animodel: turn the predictions by this many degrees about +Y (frame conventions).")
 @click.option("--source", type=click.Path(file_okay=False, path_type=Path), default=None,
               show_default="the dataset manifest's source",
-              help="Source dataset (meshes, poses, cameras) for the surface Chamfer and skeleton errors.")
+              help="Source dataset (meshes, poses, cameras) for the surface Chamfer, skeleton errors and the "
+                   "animodel protocol's target meshes.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               show_default="--pred", help="Folder for metrics.csv, summary.json, summary.md.")
 @click.option("--baseline", is_flag=True,
               help="Also evaluate the constant predictor (per-pixel mean of the training targets) on the same "
-                   f"samples; summary.json then holds {RATIO_KEY} = model / baseline mean {RATIO_METRIC} "
-                   "(symmetric Chamfer to the GT points of all rendered layers, unit cube, no ICP; lower is better).")
+                   f"samples; summary.json then holds {RATIO_KEY} = model / baseline mean of the protocol's "
+                   f"headline metric (dualpm: {RATIO_METRIC}, symmetric Chamfer to the GT points of all rendered "
+                   "layers, unit cube, no ICP; animodel: animodel_unit_chamfer_sym; lower is better).")
 @click.option("--baseline-split", type=str, default="train", help="Split the baseline is averaged over.")
-@click.option("--icp", is_flag=True, help="Also measure after rigid ICP alignment (with the 180-degree flip).")
-@click.option("--icp-iterations", type=click.IntRange(1, 1000), default=50, help="ICP iterations per start.")
+@click.option("--icp", is_flag=True, help="dualpm: also measure after rigid ICP alignment (with the 180-degree flip).")
+@click.option("--icp-iterations", type=click.IntRange(1, 1000), default=None,
+              show_default="50 (dualpm), 200 (animodel)", help="ICP iterations per start.")
 @click.option("--surface-points", type=click.IntRange(min=0), default=10000,
-              help="Points sampled on each ground-truth mesh surface (0: skip the surface Chamfer).")
+              help="dualpm: points sampled on each ground-truth mesh surface (0: skip the surface Chamfer).")
+@click.option("--align-points", type=click.IntRange(3, 1_000_000), default=8000,
+              help="animodel: even points per surface for ICP.")
+@click.option("--chamfer-points", type=click.IntRange(1, 10_000_000), default=60000,
+              help="animodel: even points per surface for the Chamfer distance.")
+@click.option("--min-cubes", type=click.IntRange(4, 1000), default=100,
+              help="animodel: voxel pitch = shortest side of a mesh's box / this (volume and remesh).")
 @click.option("--occupancy-threshold", type=click.FloatRange(0, 1), default=None,
               show_default="as used by dualpm-infer", help="Keep points with sigmoid(occupancy) above this.")
 @click.option("--confidence-threshold", type=click.FloatRange(1, None), default=None,
               show_default="as used by dualpm-infer", help="Keep points with confidence at least this.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, help="Seed of the surface sampling.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved config and the sample count; write nothing.")
+@click.pass_context
 @handles_user_errors
-def main(pred: Path, data: Path | None, source: Path | None, out: Path | None, baseline: bool,
-         baseline_split: str, icp: bool, icp_iterations: int, surface_points: int,
+def main(ctx: click.Context, pred: Path | None, protocol: str, data: Path | None, targets: Path | None,
+         frame: str, yaw: float, source: Path | None, out: Path | None, baseline: bool, baseline_split: str,
+         icp: bool, icp_iterations: int | None, surface_points: int, align_points: int, chamfer_points: int,
+         min_cubes: int,
          occupancy_threshold: float | None, confidence_threshold: float | None, seed: int, dry_run: bool) -> None:
-    """Per-sample and summary metrics of the dualpm-infer predictions in --pred against the ground truth of a
-    prepared dataset: Chamfer distances to the GT layers and the GT mesh surface (scene units and unit cube,
-    optional ICP), canonical / posed error at known pixels, occupancy IoU per layer, skeleton errors; with
-    --baseline the constant predictor side by side.
+    """Per-sample and summary metrics of the dualpm-infer predictions in --pred, under --protocol.
 
-    Writes metrics.csv (one row per sample), summary.md (the table printed at the end) and summary.json,
-    whose top-level "chamfer_ratio_model_over_baseline" is the model's mean symmetric unit-cube Chamfer
-    distance to the GT layers divided by the baseline's (null without --baseline; lower is better)."""
+    dualpm (default): Chamfer distances to the GT layers and the GT mesh surface of a prepared dataset
+    (scene units and unit cube, optional ICP), canonical / posed error at known pixels, occupancy IoU per
+    layer, skeleton errors. animodel: the Animodel benchmark's per-sample protocol against the posed GT
+    mesh of a prepared dataset (--data) or the meshes of an Animodel-layout folder (--targets). With
+    --baseline the constant predictor is scored side by side.
+
+    Writes metrics.csv (one row per sample), summary.md (the table printed at the end) and summary.json
+    ("protocol" names the protocol; "chamfer_ratio_model_over_baseline" is the model's mean of the protocol's
+    unit-cube Chamfer distance divided by the baseline's, null without --baseline; lower is better).
+    `dualpm-eval pair PRED TARGET` scores one reconstruction file against one target mesh."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if pred is None:
+        raise ConfigError("give --pred PRED (a dualpm-infer output folder), or a subcommand (pair)")
+    if targets is not None and protocol != "animodel":
+        raise ConfigError("--targets gives target meshes for --protocol animodel only")
+    if targets is not None and frame == "world":
+        raise ConfigError("--frame world needs each sample's camera (a prepared dataset, --data); "
+                          "Animodel-layout targets have none: use --frame canonical (the default) or camera")
+    frame = ("canonical" if targets is not None else "world") if frame == "auto" else frame
     predictions = open_predictions(pred)
     attrs = predictions.attrs
-    if data is None:
+    if data is None and (targets is None or baseline):
         if not attrs.get("data"):
-            raise ConfigError(f"{pred}: the predictions were made from images; give --data DATASET with their ground truth")
+            raise ConfigError(f"{pred}: the predictions were made from images; give --data DATASET with their "
+                              "ground truth" + (" (the baseline is fitted on it)" if targets is not None else
+                                                 ", or --protocol animodel --targets DIR"))
         data = Path(attrs["data"])
+    iterations = icp_iterations or ICP_ITERATIONS[protocol]
     options = EvalOptions(
         occupancy_threshold=attrs["occupancy_threshold"] if occupancy_threshold is None else occupancy_threshold,
         confidence_threshold=attrs["confidence_threshold"] if confidence_threshold is None else confidence_threshold,
-        icp=icp, surface_points=surface_points, seed=seed, icp_iterations=icp_iterations,
+        icp=icp, surface_points=surface_points, seed=seed, icp_iterations=iterations,
     )
+    animodel = AnimodelOptions(align_points=align_points, icp_iterations=iterations,
+                               chamfer_points=chamfer_points, min_cubes=min_cubes, seed=seed)
     out = pred if out is None else out
     layers = int(predictions.arrays["canonical"].shape[1])
     config = {
-        "pred": str(predictions.path), "data": str(data), "source": str(source) if source else None,
+        "pred": str(predictions.path), "protocol": protocol, "data": str(data) if data else None,
+        "targets": str(targets) if targets else None, "source": str(source) if source else None,
         "out": str(out), "samples": len(predictions), "layers": layers, "baseline": baseline,
-        "baseline_split": baseline_split if baseline else None, "icp": icp, "icp_iterations": icp_iterations,
-        "surface_points": surface_points, "occupancy_threshold": options.occupancy_threshold,
+        "baseline_split": baseline_split if baseline else None, "icp_iterations": iterations,
+        "occupancy_threshold": options.occupancy_threshold,
         "confidence_threshold": options.confidence_threshold, "seed": seed,
-        "skeleton": bool(attrs.get("skeleton")), "prediction_mode": attrs.get("mode"),
+        "prediction_mode": attrs.get("mode"),
     }
+    if protocol == "dualpm":
+        config.update({"icp": icp, "surface_points": surface_points, "skeleton": bool(attrs.get("skeleton"))})
+    else:
+        config.update({"frame": frame, "yaw": yaw, "align_points": align_points, "chamfer_points": chamfer_points,
+                       "min_cubes": min_cubes})
     if dry_run:
         show_and_save_config(config, None, "evaluation config (dry run)")
-        click.echo(f"{len(predictions)} samples would be evaluated against {data}")
+        click.echo(f"{len(predictions)} samples would be evaluated ({protocol} protocol) against {targets or data}")
         return
     out.mkdir(parents=True, exist_ok=True)
     show_and_save_config(config, out / "eval.config.yaml", "evaluation config")
-    reader = GroundTruthReader(data, source, surface_points, seed)
     constant = None
     if baseline:
         resolution = tuple(predictions.arrays["mask"].shape[1:])
         constant = fit_constant_baseline(data, layers, resolution, baseline_split)
         click.echo(f"baseline: mean of {constant.samples} {baseline_split!r} samples")
     start = time.perf_counter()
-    model_rows, baseline_rows, joints, notes = evaluate_store(
-        predictions, reader, options, constant, bool(attrs.get("skeleton"))
-    )
+    joints: dict[str, list[tuple[float, float]]] = {}
+    ids = predictions.ids
+    if protocol == "dualpm":
+        reader = GroundTruthReader(data, source, surface_points, seed)
+        model_rows, baseline_rows, joints, notes = evaluate_store(
+            predictions, reader, options, constant, bool(attrs.get("skeleton")))
+    else:
+        reader = None if targets is not None else GroundTruthReader(data, source, 0, seed, world_mesh=True)
+        if reader is not None and reader.source is None:
+            raise ConfigError(f"{reader.source_note}; the animodel protocol scores against the posed meshes")
+        ids, model_rows, baseline_rows, notes = animodel_store(
+            predictions, options, animodel, frame, yaw, reader, None if targets is None else TargetMeshes(targets),
+            constant)
     seconds = time.perf_counter() - start
     model = mean_metrics(model_rows)
     base = mean_metrics(baseline_rows) if baseline_rows is not None else None
-    empty = sum(row["points"] == 0 for row in model_rows)
+    empty = sum(row.get("points") == 0 for row in model_rows)
     if empty:
         notes.append(f"{empty} samples have no kept point: their Chamfer distances are inf, and so are the means")
     per_joint = {
@@ -254,18 +423,21 @@ def main(pred: Path, data: Path | None, source: Path | None, out: Path | None, b
                "position_error": float(np.mean([e[1] for e in errors])), "samples": len(errors)}
         for name, errors in joints.items()
     }
-    info = {"samples": len(predictions), "data": str(data), "split": attrs.get("split"),
+    info = {"samples": len(ids), "data": str(targets or data), "split": attrs.get("split"),
             "predictions": str(predictions.path), "prediction_mode": attrs.get("mode"),
             "checkpoint": attrs.get("checkpoint"), "baseline_samples": constant.samples if constant else None,
-            "seconds": seconds, "samples_per_s": len(predictions) / seconds if seconds > 0 else None,
+            "seconds": seconds, "samples_per_s": len(ids) / seconds if seconds > 0 else None,
             "config": config}
-    summary = summary_json(model, base, per_joint, notes, info)
+    summary = summary_json(model, base, per_joint, notes, info, protocol)
     table = markdown_table(summary, layers)
-    atomic_write_text(out / "metrics.csv", metrics_csv(predictions.ids, model_rows, baseline_rows))
+    atomic_write_text(out / "metrics.csv", metrics_csv(ids, model_rows, baseline_rows))
     atomic_write_json(out / "summary.json", summary)
     atomic_write_text(out / "summary.md", table)
     click.echo(table)
-    click.echo(f"eval: {len(predictions)} samples in {seconds:.1f} s -> {out / 'summary.json'}")
+    click.echo(f"eval ({protocol} protocol): {len(ids)} samples in {seconds:.1f} s -> {out / 'summary.json'}")
+
+
+main.add_command(pair)
 
 
 if __name__ == "__main__":

@@ -67,6 +67,7 @@ class GroundTruth:
 
     dpm: (H0, W0, L0, 7) float32 stored dual point map (all stored layers). meta: its meta.json.
     surface: (S, 3) float64 points on the posed mesh surface (camera space, depth subtracted), or None.
+    world_vertices, faces, view: the posed mesh in its world frame and the camera (`world_mesh=True`).
     joints: (J, 4, 4) float64 canonical -> posed (same space) joint transforms, or None.
     joint_positions: (J, 3) canonical joint origins; joint_names: (J,) names. note: why surface is None.
     """
@@ -79,6 +80,9 @@ class GroundTruth:
     joint_positions: np.ndarray | None = None
     joint_names: tuple[str, ...] = ()
     note: str | None = None
+    world_vertices: np.ndarray | None = None  # (V, 3) float64 posed mesh in the Y-up world (with world_mesh)
+    faces: np.ndarray | None = None  # (F, 3) int64 its triangles
+    view: np.ndarray | None = None  # (4, 4) float64 world -> camera (before the depth is subtracted)
 
     def layer_points(self) -> np.ndarray:
         """(N, 3) ground-truth posed points of every stored layer."""
@@ -92,10 +96,12 @@ class GroundTruthReader:
     Args:
         root: the prepared dataset; source: the source dataset (None: the manifest's `source`).
         surface_points: points per surface sample (0: no surfaces, joints only); seed: seeds them with the
-            sample id.
+            sample id. world_mesh: also return the posed mesh in its world frame and the view matrix (the
+            Animodel protocol scores against that mesh).
     """
 
-    def __init__(self, root: str | Path, source: str | Path | None, surface_points: int, seed: int):
+    def __init__(self, root: str | Path, source: str | Path | None, surface_points: int, seed: int,
+                 world_mesh: bool = False):
         self.root = Path(root)
         manifest = load_manifest(self.root)
         if "render" not in manifest.columns:
@@ -103,7 +109,7 @@ class GroundTruthReader:
         self.format = manifest.columns["render"].format
         self.folder = column_dir(self.root, "render")
         self.shard_of = {sid: plan.index for plan in manifest.plan for sid in plan.ids}
-        self.surface_points, self.seed = surface_points, seed
+        self.surface_points, self.seed, self.world_mesh = surface_points, seed, world_mesh
         self.meshes: dict[Path, SkinnedMesh] = {}
         self.source: SourceDataset | None = None
         self.source_note: str | None = None
@@ -157,15 +163,21 @@ class GroundTruthReader:
             return GroundTruth(sample_id, dpm, meta, note=f"{sample_id}: no surface ({err})")
         to_camera = view.clone()
         to_camera[2, 3] = 0.0  # "subtract depth": z - view[2, 3]
-        surface = None
-        if self.surface_points > 0:
+        surface = world = None
+        if self.surface_points > 0 or self.world_mesh:
             world = skin(mesh, pose, dtype=torch.float64)[0]  # (V, 3)
+        if self.surface_points > 0:
             vertices = world @ to_camera[:3, :3].T + to_camera[:3, 3]
             seed = self.seed + zlib.crc32(sample_id.encode())  # independent of evaluation order
             surface = sample_surface(vertices.numpy(), mesh.faces, self.surface_points, seed)
         joints = (to_camera @ joint_matrices(mesh, pose)[0]).numpy()  # (J, 4, 4)
         names = tuple(mesh.node_names[n] or f"joint{j}" for j, n in enumerate(mesh.joint_nodes))
-        return GroundTruth(sample_id, dpm, meta, surface, joints, bind_positions(mesh.inverse_bind), names)
+        extra = {}
+        if self.world_mesh:
+            extra = {"world_vertices": world.numpy(), "faces": np.asarray(mesh.faces, dtype=np.int64),
+                     "view": view.numpy()}
+        return GroundTruth(sample_id, dpm, meta, surface, joints, bind_positions(mesh.inverse_bind), names,
+                           **extra)
 
 
 def chamfer_metrics(name: str, pred: np.ndarray, target: np.ndarray, options: EvalOptions) -> dict[str, float]:
