@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +67,8 @@ class Stage:
 
     `volatile` names config keys that may differ between runs of the same column without changing
     its data (e.g. batch size, or the render backend: both backends give the same maps); any other
-    difference from the recorded config is an error unless the column is overwritten.
+    difference from the recorded config is an error unless the column is overwritten. `implied`
+    gives keys added in later versions the value a column recorded without them was made with.
     """
 
     column: str
@@ -75,6 +76,7 @@ class Stage:
     config: dict[str, Any]
     fields: dict[str, FieldSpec]
     volatile: tuple[str, ...] = ()
+    implied: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.format not in FORMATS:
@@ -110,7 +112,9 @@ def open_manifest(out: str | os.PathLike, source: SourceDataset, shard_size: int
     return manifest
 
 
-def _config_differences(old: dict[str, Any], new: dict[str, Any], volatile: tuple[str, ...]) -> list[str]:
+def _config_differences(old: dict[str, Any], new: dict[str, Any], volatile: tuple[str, ...],
+                        implied: dict[str, Any]) -> list[str]:
+    old = implied | old
     keys = sorted((set(old) | set(new)) - set(volatile))
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
@@ -128,7 +132,7 @@ def check_column(out: str | os.PathLike, manifest: Manifest, stage: Stage, overw
             f"{out}: column {stage.column!r} is stored as {old.format}, not {stage.format}; "
             "pass the same --format, or --overwrite to redo it"
         )
-    diff = _config_differences(old.config, stage.config, stage.volatile)
+    diff = _config_differences(old.config, stage.config, stage.volatile, stage.implied)
     if diff:
         raise ConfigError(
             f"{out}: column {stage.column!r} was written with a different config ({'; '.join(diff)}); "

@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -167,6 +168,11 @@ def test_a_worker_killed_mid_shard_is_retried_and_leaves_no_visible_partial_shar
 
 def test_config_change_needs_overwrite(tmp_path, ray_local, source):
     run_toy(tmp_path, source, toy_stage())
+    # A key added in a later version, at the value older columns were made with, is no change.
+    run_toy(tmp_path / "old", source, toy_stage())
+    with pytest.raises(ConfigError, match=r"different config \(near: 0.1 -> 0.2\)"):
+        run_toy(tmp_path / "old", source, replace(toy_stage(near=0.2), implied={"near": 0.1}))
+    assert run_toy(tmp_path / "old", source, replace(toy_stage(near=0.1), implied={"near": 0.1}))[0] == []
     with pytest.raises(ConfigError, match=r"different config \(scale: 1 -> 2\)"):
         run_toy(tmp_path, source, toy_stage(scale=2))
     with pytest.raises(ConfigError, match="stored as webdataset, not zarr"):
