@@ -66,6 +66,7 @@ from pipeline.runner import (
     describe_plan,
     open_manifest,
     prepare_column,
+    report_skipped,
     require_samples,
     run_shards,
     shard_stage_options,
@@ -392,6 +393,7 @@ def render(src: Path, out: Path, resolution: int, layers: int, shard_size: int |
         show_and_save_config(config.to_json() | {"backend": f"{backend} (resolved when Ray starts)"}, None,
                              "render config (dry run)")
         click.echo(describe_plan(manifest))
+        click.echo(report_skipped(None, source))
         return
     with ray_session(address, None if address else workers) as cluster:
         chosen = choose_backend(backend, cluster)
@@ -400,6 +402,7 @@ def render(src: Path, out: Path, resolution: int, layers: int, shard_size: int |
         stage = stage_for(config)
         out.mkdir(parents=True, exist_ok=True)
         show_and_save_config(config.to_json(), out / "render.config.yaml", "render config")
+        skipped = report_skipped(out, source)
         resources_line = f"Ray: {cluster.nodes} nodes, {cluster.cpus} CPUs, {cluster.gpus} GPUs"
         click.echo(f"{describe_plan(manifest)}; {resources_line}")
         todo = prepare_column(out, manifest, stage, overwrite)
@@ -409,3 +412,4 @@ def render(src: Path, out: Path, resolution: int, layers: int, shard_size: int |
         summary = run_shards(out, manifest, stage, todo, lambda plan: task.remote(config, plan, folder),
                              max_failures, concurrent_tasks(cluster, resources) + 1)
     click.echo(summary.line())
+    click.echo(skipped)

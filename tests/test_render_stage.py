@@ -145,6 +145,27 @@ def test_published_0_1_masks_are_read_and_an_empty_mask_fails_its_sample(tmp_pat
     assert f"{empty}_mask.png: the mask is empty, but the render covers" in failure["reason"]
 
 
+def test_files_no_sample_takes_are_counted_in_the_summary_and_listed(tmp_path, ray_local):
+    # Files with odd ids used to vanish: "0 failed" and an empty failures.jsonl.
+    ds = make_source_dataset(tmp_path / "src", num_samples=3, rgb=False, image_size=RES)
+    (ds.root / "poses" / f"{ds.ids[0]}_pose.npz").rename(ds.root / "poses" / "bad id$_pose.npz")
+    out = tmp_path / "out"
+    code, output = render_cli(str(ds.root), str(out), "--resolution", str(RES), "--layers", "2", "--dry-run")
+    assert code == 0 and "source: 4 files not taken (1 invalid-id, 3 no-pose); listed on a real run" in output
+    assert not out.exists()
+    code, output = render_cli(str(ds.root), str(out), "--resolution", str(RES), "--layers", "2")
+    assert code == 0 and "render: 2 samples written, 0 failed" in output, output
+    assert f"source: 4 files not taken (1 invalid-id, 3 no-pose); see {out / 'skipped.jsonl'}" in output
+    lines = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
+    assert [(x["file"], x["id"], x["kind"]) for x in lines] == [
+        ("poses/bad id$_pose.npz", "bad id$", "invalid-id"),
+        (f"cameras/{ds.ids[0]}_camera.txt", ds.ids[0], "no-pose"),
+        (f"metadata/{ds.ids[0]}_metadata.txt", ds.ids[0], "no-pose"),
+        (f"masks/{ds.ids[0]}_mask.png", ds.ids[0], "no-pose"),
+    ]
+    assert "characters ' ', '$' are not allowed" in lines[0]["reason"]
+
+
 def test_resume_after_deleting_a_shard_renders_only_that_shard(tmp_path, ray_local):
     ds = make_source_dataset(tmp_path / "src", num_samples=8, models=2)
     out = tmp_path / "out"

@@ -18,7 +18,7 @@ import ray
 import ray.cloudpickle
 
 from datagen import make_source_dataset
-from dualpm.data.source import SourceDataset
+from dualpm.data.source import SPLIT_FILE, SourceDataset
 from dualpm.errors import ConfigError
 from dualpm.store import (
     FAILURES_NAME,
@@ -30,7 +30,15 @@ from dualpm.store import (
     read_shard,
     verify_store,
 )
-from pipeline.runner import Stage, StageError, open_manifest, prepare_column, run_shards
+from pipeline.runner import (
+    Stage,
+    StageError,
+    describe_plan,
+    open_manifest,
+    prepare_column,
+    report_skipped,
+    run_shards,
+)
 
 
 def toy_shard(folder: str, plan, fmt: str, bad: frozenset[str], crash: bool = False,
@@ -100,6 +108,20 @@ def test_open_manifest_plans_splits_and_refuses_a_different_source(tmp_path, ray
     other = make_source_dataset(tmp_path / "other", num_samples=10, val=3, rgb=False, masks=False)
     with pytest.raises(ConfigError, match="was prepared from"):
         open_manifest(tmp_path, SourceDataset(other.root), 4)
+
+
+def test_the_manifest_records_the_split_rule_and_the_plan_line_says_it(tmp_path, ray_local):
+    ds = make_source_dataset(tmp_path / "src", num_samples=6, rgb=False, masks=False)
+    (ds.root / SPLIT_FILE).write_text("".join(f"{i}\n" for i in ds.ids[:4]))
+    run_toy(tmp_path / "out", SourceDataset(ds.root), toy_stage())
+    manifest = load_manifest(tmp_path / "out")
+    assert [(p.split, p.ids) for p in manifest.plan] == [
+        ("train", tuple(ds.ids[:3])), ("train", (ds.ids[3],)), ("val", tuple(ds.ids[4:]))]
+    assert manifest.split_rule == {"rule": SPLIT_FILE, "file": SPLIT_FILE, "listed": 4,
+                                   "listed_without_sample": 0, "examples": []}
+    line = describe_plan(manifest).splitlines()[-1]
+    assert line == f"splits from {SPLIT_FILE}: train = its 4 listed ids, val = all others"
+    assert report_skipped(None, SourceDataset(ds.root)).startswith("source: every file")
 
 
 def test_open_manifest_refuses_a_changed_sample_list(tmp_path, ray_local):
