@@ -307,7 +307,7 @@ def describe_plan(manifest: Manifest) -> str:
         splits[plan.split] = (shards + 1, samples + len(plan.ids))
     parts = [f"{name} {samples} samples in {shards} shards" for name, (shards, samples) in splits.items()]
     line = f"shard plan ({manifest.shard_size} samples per shard): " + (", ".join(parts) or "no samples")
-    return line if manifest.split_rule is None else f"{line}\n{describe_split_rule(manifest.split_rule)}"
+    return line if manifest.split_rule is None else f"{line}; {describe_split_rule(manifest.split_rule)}"
 
 
 def report_skipped(out: str | os.PathLike | None, source: SourceDataset) -> str:

@@ -112,9 +112,11 @@ def metadata(path: Path, root: Path) -> dict:
     return data
 
 
-def shapes(root: Path) -> list[str]:
-    """Model names; every entry of shapes/ must be a folder with one single-influence-set glTF."""
-    names = []
+def shapes(root: Path) -> dict[str, np.ndarray]:
+    """Model name -> (V, 3) float32 POSITION values read the reference's way (bufferView offset plus
+    accessor offset into the buffer pygltflib finds); every entry of shapes/ must be a model folder
+    whose glTF has one mesh, skin and primitive and a single JOINTS_*/WEIGHTS_* set."""
+    names = {}
     for entry in sorted((root / "shapes").iterdir()):
         if not entry.is_dir():
             raise ReferenceRefusal(f"{entry}: a file in shapes/; the reference opens every entry as a model")
@@ -125,5 +127,9 @@ def shapes(root: Path) -> list[str]:
         for kind in ("JOINTS_", "WEIGHTS_"):
             if sum(kind in name and getattr(attributes, name) is not None for name in dir(attributes)) != 1:
                 raise ReferenceRefusal(f"{entry}: needs exactly one {kind}* attribute")
-        names.append(entry.name)
+        accessor = gltf.accessors[attributes.POSITION]
+        view = gltf.bufferViews[accessor.bufferView]
+        data = gltf.get_data_from_buffer_uri(gltf.buffers[view.buffer].uri)
+        start = view.byteOffset + accessor.byteOffset  # both must be numbers there
+        names[entry.name] = np.frombuffer(data[start : start + 12 * accessor.count], "<f4").reshape(-1, 3)
     return names

@@ -119,7 +119,7 @@ def test_the_manifest_records_the_split_rule_and_the_plan_line_says_it(tmp_path,
         ("train", tuple(ds.ids[:3])), ("train", (ds.ids[3],)), ("val", tuple(ds.ids[4:]))]
     assert manifest.split_rule == {"rule": SPLIT_FILE, "file": SPLIT_FILE, "listed": 4,
                                    "listed_without_sample": 0, "examples": []}
-    line = describe_plan(manifest).splitlines()[-1]
+    line = describe_plan(manifest).split("; ")[-1]
     assert line == f"splits from {SPLIT_FILE}: train = its 4 listed ids, val = all others"
     assert report_skipped(None, SourceDataset(ds.root)).startswith("source: every file")
 
