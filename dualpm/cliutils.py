@@ -44,6 +44,29 @@ def handles_user_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+class FloatOrAuto(click.ParamType):
+    """A click option value: the word `auto`, or a float greater than `minimum` (shown as such in --help)."""
+
+    name = "float|auto"
+
+    def __init__(self, minimum: float = 0.0):
+        self.minimum = minimum
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str:
+        return f"FLOAT>{self.minimum:g}|auto"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float | str:
+        if isinstance(value, float) or str(value).strip().lower() == "auto":
+            return value if isinstance(value, float) else "auto"
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is neither 'auto' nor a number", param, ctx)
+        if not number > self.minimum or number != number or number == float("inf"):
+            self.fail(f"{value!r} must be 'auto' or a finite number above {self.minimum:g}", param, ctx)
+        return number
+
+
 def show_and_save_config(config: dict[str, Any], path: str | os.PathLike | None, title: str) -> str:
     """Print the resolved configuration as YAML and save it atomically to `path` (if given)."""
     text = yaml.safe_dump(config, sort_keys=False)

@@ -20,7 +20,7 @@ import os
 import re
 import struct
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -127,6 +127,25 @@ def node_depths(parents: np.ndarray) -> np.ndarray:
         depth += alive
         cursor = np.where(alive, parents[np.maximum(cursor, 0)], -1)
     raise ValueError("the node hierarchy has a cycle")
+
+
+def scaled_mesh(mesh: SkinnedMesh, factor: float) -> SkinnedMesh:
+    """`mesh` scaled uniformly by `factor` about the world origin, rig included (e.g. cm -> m: 0.01).
+
+    Conjugating every node's local transform and every inverse bind matrix by the scale S (a uniform
+    scale commutes with rotations and node scales) multiplies their translations by `factor`; with
+    the bind-pose vertices scaled too, every pose whose translations are scaled likewise skins to
+    exactly S @ (the unscaled result). Rotations, node scales and weights are unchanged. Computed in
+    float64 and rounded once to float32, so scaling a rig by 100 and back gives the same bits.
+    """
+    if not (np.isfinite(factor) and factor > 0):
+        raise GltfError(f"{mesh.source or mesh.name}: scale factor must be a positive number, got {factor}")
+    inverse_bind = mesh.inverse_bind.astype(np.float64)
+    inverse_bind[:, :3, 3] *= factor
+    return replace(
+        mesh, vertices=mesh.vertices.astype(np.float64) * factor, inverse_bind=inverse_bind,
+        rest_translation=mesh.rest_translation.astype(np.float64) * factor,
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,7 +31,8 @@ def read_pose_file(path: str | os.PathLike, num_nodes: int | None = None) -> np.
     """Read a pose file (.npz, key "poses").
 
     Returns:
-        (N, 7) float32 node-local `[qw, qx, qy, qz, tx, ty, tz]`. Raises `DatasetError` naming the
+        (N, 7) float32 node-local `[qw, qx, qy, qz, tx, ty, tz]` (files may hold any float or integer
+        dtype; `write_pose_file` writes float64). Raises `DatasetError` naming the
         file if it is unreadable, lacks the key, has the wrong shape or node count (when
         `num_nodes` is given), non-finite values or a zero quaternion.
     """
@@ -58,8 +59,12 @@ def read_pose_file(path: str | os.PathLike, num_nodes: int | None = None) -> np.
 
 
 def write_pose_file(path: str | os.PathLike, poses: np.ndarray) -> None:
-    """Atomically write (N, 7) node-local poses `[qw, qx, qy, qz, tx, ty, tz]` to an .npz (float32)."""
-    poses = np.asarray(poses, dtype=np.float32)
+    """Atomically write (N, 7) node-local poses `[qw, qx, qy, qz, tx, ty, tz]` to an .npz, as float64.
+
+    float64 because the reference reader keeps the file's dtype and multiplies the poses with its
+    float64 mesh matrices (a float32 file fails there); see docs/dataset.md.
+    """
+    poses = np.asarray(poses, dtype=np.float64)
     if poses.ndim != 2 or poses.shape[1] != 7:
         raise DatasetError(f"{path}: poses must have shape (num_nodes, 7), got {poses.shape}")
     poses = _checked(poses, str(path))

@@ -79,6 +79,7 @@ from pipeline.runner import (
     describe_plan,
     open_manifest,
     prepare_column,
+    report_skipped,
     require_samples,
     run_shards,
     shard_stage_options,
@@ -385,18 +386,9 @@ class ShardDispatcher:
 # ---- driver -----------------------------------------------------------------------------------------
 
 
-def make_spec(
-    source: SourceDataset,
-    manifest: Manifest,
-    extractor: str,
-    sd_model: str | None,
-    dino_model: str | None,
-    dim: int | None,
-    grid: int | None,
-    timestep: int | None,
-    sd_pca_dims: tuple[int, int, int] | None,
-    mask_channel: bool,
-) -> FeatureSpec:
+def make_spec(source: SourceDataset, manifest: Manifest, extractor: str, sd_model: str | None,
+              dino_model: str | None, dim: int | None, grid: int | None, timestep: int | None,
+              sd_pca_dims: tuple[int, int, int] | None, mask_channel: bool) -> FeatureSpec:
     """The `FeatureSpec` of the command-line options (None: the spec's default).
 
     `grid` sets the input sizes of the models: DINOv2 14 * grid pixels and Stable Diffusion 16 * grid
@@ -575,7 +567,7 @@ def features(ctx: click.Context, src: Path, out: Path, extractor: str, sd_model:
     check_column(out, manifest, stage_for(config, None, fitted=False), overwrite)  # before anything starts
     if dry_run:
         show_and_save_config(column_config(config, None), None, "features config (dry run)")
-        click.echo(describe_plan(manifest))
+        click.echo(f"{describe_plan(manifest)}\n{report_skipped(None, source)}")
         return
     with ray_session(address, None if address else workers, connect_timeout) as cluster:
         chosen = choose_device(device, spec, cluster)
@@ -588,6 +580,7 @@ def features(ctx: click.Context, src: Path, out: Path, extractor: str, sd_model:
         stage = stage_for(config, basis)
         out.mkdir(parents=True, exist_ok=True)
         show_and_save_config(stage.config, out / "features.config.yaml", "features config")
+        skipped = report_skipped(out, source)
         todo = prepare_column(out, manifest, stage, overwrite)
         folder = str(column_dir(out, COLUMN).resolve())
         handles = start_workers(config, out, basis, resources, min(actors, len(todo)))
@@ -598,5 +591,5 @@ def features(ctx: click.Context, src: Path, out: Path, extractor: str, sd_model:
         finally:
             for handle in handles:  # free the GPUs / CPUs now (a cluster outlives this command)
                 ray.kill(handle)
-    click.echo(summary.line())
+    click.echo(f"{summary.line()}\n{skipped}")
 

@@ -12,8 +12,14 @@ Each sample holds:
                 encoding; an empty one fails the sample), or without one the rendered layer-1 coverage
     rgb.png     the source image, byte for byte (only when the source has one)
     meta.json   source id, model name, focal length (mm), camera pose (Z-up camera-to-world), the
-                view and projection used, resolution, layers, backend, where the mask came from and its
-                IoU with the rendered layer-1 coverage
+                view and projection used, the clip planes used and the posed mesh's depth range,
+                resolution, layers, backend, where the mask came from and its IoU with the rendered
+                layer-1 coverage
+
+Clip planes (`--near/--far`): the reference's 0.1 and 30 scene units by default, so published data
+renders exactly as the reference renders it; `auto` fits them to each sample's posed mesh (depth
+range [a, b] in camera space: near = a / 2, far = 2 b), for data in other units (a rig in cm).
+A sample whose mesh covers no pixel fails with a message naming the plane that clipped it.
 
 The backend is decided once, in the driver, from the Ray cluster: `cuda` tasks (one GPU each) only
 where the cluster has GPUs; `--backend cuda` without any fails before anything is submitted (a task
@@ -26,7 +32,7 @@ import functools
 import socket
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +42,8 @@ import ray
 import torch
 
 from dualpm import __version__
-from dualpm.camera import projection_from_focal, view_from_camera_pose
-from dualpm.cliutils import handles_user_errors, show_and_save_config
+from dualpm.camera import FAR, NEAR, projection_from_focal, view_from_camera_pose
+from dualpm.cliutils import FloatOrAuto, handles_user_errors, show_and_save_config
 from dualpm.data.source import SourceDataset, SourceSample
 from dualpm.errors import BackendUnavailable, DatasetError, DualPMError, GltfError
 from dualpm.gltf import SkinnedMesh, load_skinned_mesh
@@ -63,6 +69,7 @@ from pipeline.runner import (
     describe_plan,
     open_manifest,
     prepare_column,
+    report_skipped,
     require_samples,
     run_shards,
     shard_stage_options,
@@ -70,6 +77,7 @@ from pipeline.runner import (
 
 COLUMN = "render"
 MAX_RETRIES = 3  # Ray re-runs a shard whose worker died (killed, node lost); the shard appears once
+AUTO_NEAR, AUTO_FAR = 0.5, 2.0  # `auto` clip planes: these multiples of the nearest / farthest mesh depth
 
 
 @dataclass(frozen=True)
@@ -83,6 +91,8 @@ class RenderConfig:
     batch: int  # images per render call
     format: str  # 'webdataset' or 'zarr'
     threads: int = 1  # encoding threads per task (GPU tasks encode while the GPU renders)
+    near: float | str = NEAR  # clip distance, scene units, or "auto" (fitted per sample)
+    far: float | str = FAR
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self) | {"schema_version": SCHEMA_VERSION, "tool_version": __version__}
@@ -101,7 +111,8 @@ def render_fields(config: RenderConfig) -> dict[str, FieldSpec]:
 def stage_for(config: RenderConfig) -> Stage:
     """The runner's description of the render column (backend, batch and threads do not change the data)."""
     return Stage(COLUMN, config.format, config.to_json(), render_fields(config),
-                 volatile=("backend", "batch", "threads", "tool_version"))
+                 volatile=("backend", "batch", "threads", "tool_version"),
+                 implied={"near": NEAR, "far": FAR})  # columns made before --near/--far used these
 
 
 # ---- one shard ----------------------------------------------------------------------------------
@@ -134,19 +145,70 @@ def _read_image_bytes(path: Path) -> bytes:
     return data
 
 
+@dataclass(frozen=True)
+class ClipPlanes:
+    """The clip planes of one sample and the posed mesh's depth range they were chosen for."""
+
+    near: float  # scene units
+    far: float
+    depth: tuple[float, float]  # nearest and farthest posed vertex, camera-space depth (scene units)
+    problem: str | None = None  # why no usable planes exist (then near/far are placeholders)
+
+    def clipped_by(self) -> list[str]:
+        """The planes that cut the mesh (partly or wholly)."""
+        cuts = (("near", self.depth[0] < self.near), ("far", self.depth[1] > self.far))
+        return [name for name, cut in cuts if cut]
+
+    def uncovered(self) -> str:
+        """Why a mesh covers no pixel: which plane clipped it, or (within both) the camera or pose."""
+        lo, hi = self.depth
+        where = f"the posed mesh's depth range is [{lo:.4g}, {hi:.4g}] scene units"
+        if lo >= self.far:
+            return (f"mesh outside the view: no pixel covered, the whole mesh is beyond the far plane "
+                    f"({self.far:g}): {where}; use --far auto (or --near/--far VALUES)")
+        if hi <= self.near:
+            return (f"mesh outside the view: no pixel covered, the whole mesh is nearer than the near plane "
+                    f"({self.near:g}): {where}; use --near auto (or --near/--far VALUES)")
+        return f"mesh outside the view: no pixel covered (check the camera and pose files; {where})"
+
+
+def clip_planes(depth_min: float, depth_max: float, near: float | str, far: float | str) -> ClipPlanes:
+    """Clip planes of one sample: the fixed `near`/`far`, or for "auto" fitted to its depth range.
+
+    Args:
+        depth_min, depth_max: nearest and farthest posed vertex depth (camera space, scene units).
+    """
+    depth = (depth_min, depth_max)
+    if near == "auto" and not depth_min > 0:
+        return ClipPlanes(NEAR, FAR, depth, (
+            f"--near auto: the posed mesh reaches behind the camera (depth range [{depth_min:.4g}, "
+            f"{depth_max:.4g}] scene units); use a fixed --near (the mesh is then clipped there)"))
+    planes = ClipPlanes(AUTO_NEAR * depth_min if near == "auto" else float(near),
+                        AUTO_FAR * depth_max if far == "auto" else float(far), depth)
+    if not planes.near < planes.far:
+        return ClipPlanes(NEAR, FAR, depth, (
+            f"near plane {planes.near:.4g} is not before far plane {planes.far:.4g} (the posed mesh's depth "
+            f"range is [{depth_min:.4g}, {depth_max:.4g}] scene units); use --near auto --far auto"))
+    return planes
+
+
 def _sample_fields(
-    sample: SourceSample, dpm: np.ndarray, view: np.ndarray, projection: np.ndarray, config: RenderConfig
+    sample: SourceSample, dpm: np.ndarray, view: np.ndarray, projection: np.ndarray, config: RenderConfig,
+    clip: ClipPlanes,
 ) -> dict[str, Any] | str:
     """The stored fields of one rendered sample, or the reason it failed.
 
     Args:
         dpm: (H, W, L, 7) float32 rendered map, CPU. view, projection: (4, 4) used to render it.
+        clip: the clip planes in `projection`, and the depth range they were chosen for.
     """
+    if clip.problem is not None:
+        return clip.problem
     if not np.isfinite(dpm).all():
         return "non-finite values in the rendered dual point map (degenerate pose or mesh)"
     coverage = dpm[:, :, 0, 6] > 0  # (H, W) layer-1 hits
     if not coverage.any():
-        return "mesh outside the view: no pixel covered (check the camera and pose files)"
+        return clip.uncovered()
     try:
         fields: dict[str, Any] = {"dpm": encode_dual_pointmap(dpm)}
         mask, iou = coverage, 1.0
@@ -168,6 +230,10 @@ def _sample_fields(
         "camera_pose": sample.camera_pose.tolist(),
         "view": view.tolist(),
         "projection": projection.tolist(),
+        "near": clip.near,
+        "far": clip.far,
+        "depth_range": [float(f"{d:.6g}") for d in clip.depth],  # posed mesh, camera space
+        "clipped_by": clip.clipped_by(),  # planes that cut the mesh (the reference renders such cuts too)
         "resolution": [config.resolution, config.resolution],
         "layers": config.layers,
         "backend": config.backend,
@@ -201,7 +267,8 @@ class _ShardResults:
         self.unexpected.append(f"{sample_id}: {reason}")
 
 
-Rendered = tuple[list[SourceSample], np.ndarray, np.ndarray, np.ndarray]  # samples, maps, views, projections
+Rendered = tuple[list[SourceSample], np.ndarray, np.ndarray, np.ndarray, list["ClipPlanes"]]
+# samples, maps, views, projections, clip planes
 
 
 def _render_batch(
@@ -209,17 +276,23 @@ def _render_batch(
     config: RenderConfig, chunk: list[SourceSample],
 ) -> Rendered:
     """Render `chunk` in one call: (chunk, (B, H, W, L, 7) float32 maps, (B, 4, 4) views, (B, 4, 4)
-    projections), numpy on the CPU. canonical: (V, 3), faces: (F, 3), on the render device."""
+    projections, clip planes), numpy on the CPU. canonical: (V, 3), faces: (F, 3), on the render device."""
     device = canonical.device
     posed = skin(mesh, np.stack([poses[s.id] for s in chunk]), device=device)  # (B, V, 3) world
     views = view_from_camera_pose(torch.tensor(np.stack([s.camera_pose for s in chunk])))  # (B, 4, 4) f64
-    focals = torch.tensor([s.focal_length for s in chunk], dtype=torch.float64)
-    projections = projection_from_focal(focals)  # (B, 4, 4)
+    row = views[:, 2].to(posed.device)  # (B, 4): camera-space z = row . [x, y, z, 1]
+    depth = -(posed.double() @ row[:, :3, None] + row[:, 3, None, None])[..., 0]  # (B, V)
+    clips = [clip_planes(lo, hi, config.near, config.far)
+             for lo, hi in zip(depth.amin(1).tolist(), depth.amax(1).tolist(), strict=True)]
+    projections = torch.stack([  # (B, 4, 4) float64
+        projection_from_focal(torch.tensor(s.focal_length, dtype=torch.float64), near=c.near, far=c.far)
+        for s, c in zip(chunk, clips, strict=True)
+    ])
     maps = render_dual_pointmaps(
         canonical, posed, faces, views.to(device), projections.to(device), config.resolution,
         config.layers, backend=config.backend, workers=1,  # Ray already runs one task per core
     ).cpu().numpy()  # (B, H, W, L, 7)
-    return chunk, maps, views.numpy(), projections.numpy()
+    return chunk, maps, views.numpy(), projections.numpy(), clips
 
 
 def _render_chunk(render: Callable[[list[SourceSample]], Rendered], chunk: list[SourceSample],
@@ -269,13 +342,14 @@ def _render_model(
     faces = torch.tensor(mesh.faces, device=device)
     render = functools.partial(_render_batch, mesh, canonical, faces, poses, config)
     for start in range(0, len(good), config.batch):
-        for chunk, maps, views, projections in _render_chunk(render, good[start : start + config.batch], shard):
+        for chunk, maps, views, projections, clips in _render_chunk(render, good[start : start + config.batch],
+                                                                    shard):
             shard.rendered += len(chunk)
-            for s, dpm, view, projection in zip(chunk, maps, views, projections, strict=True):
+            for s, dpm, view, projection, clip in zip(chunk, maps, views, projections, clips, strict=True):
                 if pool is None:
-                    shard.results[s.id] = _sample_fields(s, dpm, view, projection, config)
+                    shard.results[s.id] = _sample_fields(s, dpm, view, projection, config, clip)
                 else:
-                    shard.results[s.id] = pool.submit(_sample_fields, s, dpm, view, projection, config)
+                    shard.results[s.id] = pool.submit(_sample_fields, s, dpm, view, projection, config, clip)
 
 
 def render_shard(config: RenderConfig, plan: ShardPlan, out_column: str) -> ShardRecord:
@@ -368,6 +442,11 @@ def task_resources(backend: str, cluster: ClusterInfo) -> tuple[dict[str, float]
               help="Shard container.")
 @click.option("--batch", type=click.IntRange(1, 4096), default=32, show_default=True,
               help="Images per render call.")
+@click.option("--near", type=FloatOrAuto(), default=NEAR, show_default=True,
+              help="Near clip plane, scene units; auto: half the nearest posed mesh depth, per sample.")
+@click.option("--far", type=FloatOrAuto(), default=FAR, show_default=True,
+              help="Far clip plane, scene units; auto: twice the farthest posed mesh depth, per sample "
+                   "(for data not in metres, e.g. a rig in cm).")
 @click.option("--workers", type=click.IntRange(min=1), default=None, show_default="all CPUs",
               help="CPUs of the local Ray (ignored with --address).")
 @click.option("--overwrite", is_flag=True,
@@ -375,26 +454,31 @@ def task_resources(backend: str, cluster: ClusterInfo) -> tuple[dict[str, float]
 @shard_stage_options
 @handles_user_errors
 def render(src: Path, out: Path, resolution: int, layers: int, shard_size: int | None, backend: str, fmt: str,
-           batch: int, workers: int | None, address: str | None, connect_timeout: float, overwrite: bool,
-           max_failures: int | None, dry_run: bool) -> None:
+           batch: int, near: float | str, far: float | str, workers: int | None, address: str | None,
+           connect_timeout: float, overwrite: bool, max_failures: int | None, dry_run: bool) -> None:
     """Render the dual point maps of source dataset SRC into the sharded store OUT (column "render")."""
+    if isinstance(near, float) and isinstance(far, float) and not near < far:
+        raise click.BadParameter(f"--near {near:g} must be below --far {far:g}", param_hint="--near/--far")
     source = SourceDataset(src)
     manifest = open_manifest(out, source, shard_size)
     require_samples(manifest, source)
-    config = RenderConfig(str(source.root.resolve()), resolution, layers, backend, batch, fmt)
+    config = RenderConfig(str(source.root.resolve()), resolution, layers, backend, batch, fmt, near=near,
+                          far=far)
     check_column(out, manifest, stage_for(config), overwrite)  # before Ray starts or anything is written
     if dry_run:
         show_and_save_config(config.to_json() | {"backend": f"{backend} (resolved when Ray starts)"}, None,
                              "render config (dry run)")
         click.echo(describe_plan(manifest))
+        click.echo(report_skipped(None, source))
         return
     with ray_session(address, None if address else workers, connect_timeout) as cluster:
         chosen = choose_backend(backend, cluster)
         resources, threads = task_resources(chosen, cluster)
-        config = RenderConfig(config.source, resolution, layers, chosen, batch, fmt, threads)
+        config = replace(config, backend=chosen, threads=threads)
         stage = stage_for(config)
         out.mkdir(parents=True, exist_ok=True)
         show_and_save_config(config.to_json(), out / "render.config.yaml", "render config")
+        skipped = report_skipped(out, source)
         resources_line = f"Ray: {cluster.nodes} nodes, {cluster.cpus} CPUs, {cluster.gpus} GPUs"
         click.echo(f"{describe_plan(manifest)}; {resources_line}")
         todo = prepare_column(out, manifest, stage, overwrite)
@@ -404,3 +488,4 @@ def render(src: Path, out: Path, resolution: int, layers: int, shard_size: int |
         summary = run_shards(out, manifest, stage, todo, lambda plan: task.remote(config, plan, folder),
                              max_failures, concurrent_tasks(cluster, resources) + 1)
     click.echo(summary.line())
+    click.echo(skipped)

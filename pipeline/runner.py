@@ -21,19 +21,20 @@ is rebuilt from the records every run (no duplicated lines). One driver per colu
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import click
 import ray
 
-from dualpm.data.source import SourceDataset
+from dualpm.data.source import SKIP_KINDS, SourceDataset, describe_split_rule
 from dualpm.errors import ConfigError, DatasetError, DualPMError
-from dualpm.fileio import refuse_nested, remove_stale_temporaries
+from dualpm.fileio import atomic_write_text, refuse_nested, remove_stale_temporaries
 from dualpm.store import (
     FORMATS,
     MANIFEST_NAME,
@@ -54,6 +55,7 @@ from dualpm.store import (
 from pipeline.cluster import Stopwatch, TaskWindow, connect_timeout_option
 
 DEFAULT_SHARD_SIZE = 256
+SKIPPED_NAME = "skipped.jsonl"  # files of SRC's layout folders that no sample took, and why
 MANIFEST_SAVE_SECONDS = 10.0  # records are on disk anyway; this only keeps manifest.json fresh
 
 
@@ -67,7 +69,8 @@ class Stage:
 
     `volatile` names config keys that may differ between runs of the same column without changing
     its data (e.g. batch size, or the render backend: both backends give the same maps); any other
-    difference from the recorded config is an error unless the column is overwritten.
+    difference from the recorded config is an error unless the column is overwritten. `implied`
+    gives keys added in later versions the value a column recorded without them was made with.
     """
 
     column: str
@@ -75,6 +78,7 @@ class Stage:
     config: dict[str, Any]
     fields: dict[str, FieldSpec]
     volatile: tuple[str, ...] = ()
+    implied: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.format not in FORMATS:
@@ -85,17 +89,18 @@ class Stage:
 def open_manifest(out: str | os.PathLike, source: SourceDataset, shard_size: int | None) -> Manifest:
     """The manifest of `out`, or a new one planned from `source` (not saved yet).
 
-    The plan cuts `source.splits()` into shards of `shard_size` (None: as recorded in `out`, else
-    `DEFAULT_SHARD_SIZE`). An existing `out` must have been planned from the same source folder,
-    shard size and sample list, and `out` must be apart from the source (neither inside the other):
-    anything else is a `ConfigError` (use a new OUT folder).
+    The plan cuts `source.split_info()` into shards of `shard_size` (None: as recorded in `out`, else
+    `DEFAULT_SHARD_SIZE`) and records the split rule. An existing `out` must have been planned from
+    the same source folder, shard size and sample list, and `out` must be apart from the source
+    (neither inside the other): anything else is a `ConfigError` (use a new OUT folder).
     """
     refuse_nested(source.root, out, "the source dataset SRC")
     out = Path(out)
     src = str(source.root.resolve())
     if not (out / MANIFEST_NAME).exists():
         size = DEFAULT_SHARD_SIZE if shard_size is None else shard_size
-        return Manifest.create(src, size, plan_shards(source.splits(), size))
+        splits = source.split_info()
+        return Manifest.create(src, size, plan_shards(splits.as_dict(), size), split_rule=splits.rule)
     manifest = load_manifest(out)
     if manifest.source != src:
         raise ConfigError(f"{out}: was prepared from {manifest.source}, not {src}; use a new OUT folder")
@@ -112,7 +117,9 @@ def open_manifest(out: str | os.PathLike, source: SourceDataset, shard_size: int
     return manifest
 
 
-def _config_differences(old: dict[str, Any], new: dict[str, Any], volatile: tuple[str, ...]) -> list[str]:
+def _config_differences(old: dict[str, Any], new: dict[str, Any], volatile: tuple[str, ...],
+                        implied: dict[str, Any]) -> list[str]:
+    old = implied | old
     keys = sorted((set(old) | set(new)) - set(volatile))
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
@@ -130,7 +137,7 @@ def check_column(out: str | os.PathLike, manifest: Manifest, stage: Stage, overw
             f"{out}: column {stage.column!r} is stored as {old.format}, not {stage.format}; "
             "pass the same --format, or --overwrite to redo it"
         )
-    diff = _config_differences(old.config, stage.config, stage.volatile)
+    diff = _config_differences(old.config, stage.config, stage.volatile, stage.implied)
     if diff:
         raise ConfigError(
             f"{out}: column {stage.column!r} was written with a different config ({'; '.join(diff)}); "
@@ -300,7 +307,24 @@ def describe_plan(manifest: Manifest) -> str:
         shards, samples = splits.get(plan.split, (0, 0))
         splits[plan.split] = (shards + 1, samples + len(plan.ids))
     parts = [f"{name} {samples} samples in {shards} shards" for name, (shards, samples) in splits.items()]
-    return f"shard plan ({manifest.shard_size} samples per shard): " + (", ".join(parts) or "no samples")
+    line = f"shard plan ({manifest.shard_size} samples per shard): " + (", ".join(parts) or "no samples")
+    return line if manifest.split_rule is None else f"{line}; {describe_split_rule(manifest.split_rule)}"
+
+
+def report_skipped(out: str | os.PathLike | None, source: SourceDataset) -> str:
+    """Write `out/skipped.jsonl` (one line per file of SRC that no sample took; None: write nothing)
+    and return a line that counts them by kind."""
+    skipped = source.skipped
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        lines = "".join(json.dumps(s.to_json(), ensure_ascii=False) + "\n" for s in skipped)
+        atomic_write_text(Path(out) / SKIPPED_NAME, lines)
+    if not skipped:
+        return f"source: every file of {source.root}'s layout folders belongs to a sample"
+    counts = {kind: sum(s.kind == kind for s in skipped) for kind in SKIP_KINDS}
+    parts = ", ".join(f"{n} {kind}" for kind, n in counts.items() if n)
+    where = f"see {Path(out) / SKIPPED_NAME}" if out is not None else "listed on a real run"
+    return f"source: {len(skipped)} files not taken ({parts}); {where}"
 
 
 def require_samples(manifest: Manifest, source: SourceDataset) -> None:

@@ -15,6 +15,10 @@ second for ~10 samples. Bad samples can be injected to test failure handling:
                              bad={sample_id(3): "corrupt_pose"})
     ds.root, ds.ids, ds.val_ids, ds.model_of["000001"], ds.bad
 
+Every form the published-layout contract (docs/dataset.md) allows can be written: masks in each of
+`MASK_ENCODINGS` and poses in each of `POSE_DTYPES` (cycled over the samples), and the whole dataset in
+other units (`unit=100`: a rig in cm; the images stay those of the metre-sized scene).
+
 `cli_output(command, *args, exit_code=0)` runs a click command in-process and returns its output.
 """
 
@@ -34,11 +38,13 @@ from PIL import Image
 from dualpm.camera import camera_pose_from_view, format_camera_txt, look_at, projection_from_focal
 from dualpm.data.source import Layout, SampleMetadata, format_metadata
 from dualpm.fileio import atomic_output, atomic_write_bytes, atomic_write_text
-from dualpm.gltf import SkinnedMesh, save_skinned_mesh
+from dualpm.gltf import SkinnedMesh, save_skinned_mesh, scaled_mesh
 from dualpm.render import render_layers
-from dualpm.skinning import rest_pose, skin, write_pose_file
+from dualpm.skinning import POSE_KEY, rest_pose, skin, write_pose_file
 
 BAD_KINDS = ("corrupt_pose", "pose_node_count", "camera_away", "broken_mesh", "bad_metadata")
+MASK_ENCODINGS = ("0-255", "0-1", "1-bit")  # 8-bit grey 0/255, 8-bit grey 0/1 (published), 1-bit (synth)
+POSE_DTYPES = ("float64", "float32")  # float64: the reference needs it and we write it; float32: we read it
 BROKEN_MODEL = "broken"
 TUBE_LENGTH = 2.4  # scene units, along x before posing
 CAMERA_DISTANCE = 4.5  # keeps the whole bent tube inside the view at the focal lengths used
@@ -168,6 +174,21 @@ def _save_png(path: Path, image: np.ndarray) -> None:
         Image.fromarray(image).save(tmp, format="PNG")
 
 
+def save_mask(path: Path, inside: np.ndarray, encoding: str) -> None:
+    """Write an (H, W) bool mask as a PNG in one of `MASK_ENCODINGS`."""
+    values = {"0-255": inside.astype(np.uint8) * 255, "0-1": inside.astype(np.uint8), "1-bit": inside}
+    _save_png(path, values[encoding])
+
+
+def save_pose(path: Path, pose: np.ndarray, dtype: str) -> None:
+    """Write an (N, 7) pose file with its values stored as `dtype` (one of `POSE_DTYPES`)."""
+    if dtype == "float64":
+        write_pose_file(path, pose)  # what the project writes
+    else:
+        with atomic_output(path) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, **{POSE_KEY: np.asarray(pose, dtype=dtype)})
+
+
 def make_source_dataset(
     root: str | Path,
     num_samples: int = 8,
@@ -180,6 +201,9 @@ def make_source_dataset(
     masks: bool = True,
     feature_channels: int = 0,
     feature_grid: int = 8,
+    mask_encodings: Sequence[str] = ("0-255",),
+    pose_dtypes: Sequence[str] = ("float64",),
+    unit: float = 1.0,
 ) -> GeneratedDataset:
     """Write a small dataset in the reference layout under `root` and describe it.
 
@@ -192,6 +216,10 @@ def make_source_dataset(
         rgb, masks: write renders/<id>_rgb.png and masks/<id>_mask.png.
         feature_channels: if > 0, also write features/<id>_feat.png packed features of that many
             channels on a `feature_grid` square grid (deterministic pseudo-random values in [-1, 1]).
+        mask_encodings, pose_dtypes: the k-th sample's mask / pose file is written in entry k modulo
+            the length (`MASK_ENCODINGS`, `POSE_DTYPES`).
+        unit: scene units per metre of the files written (100: meshes, pose translations and cameras
+            in cm); images, masks and everything drawn at random are those of `unit=1`.
     """
     root = Path(root)
     bad = dict(bad or {})
@@ -212,7 +240,7 @@ def make_source_dataset(
     for m, name in enumerate(names):
         mesh = tube_mesh(name, rings=14 + 2 * m, segments=12, radius=0.25 + 0.03 * m)
         layout.mesh(name).parent.mkdir(parents=True, exist_ok=True)
-        save_skinned_mesh(mesh, layout.mesh(name))
+        save_skinned_mesh(mesh if unit == 1.0 else scaled_mesh(mesh, unit), layout.mesh(name))
         mine = [i for k, i in enumerate(ids) if k % len(names) == m]
         if not mine:
             continue
@@ -224,15 +252,20 @@ def make_source_dataset(
         if rgb or masks:
             images, mask_images = _images(mesh, posed, views, focals, image_size)
         for b, i in enumerate(mine):
+            k = ids.index(i)
             model_of[i] = BROKEN_MODEL if bad.get(i) == "broken_mesh" else name
-            write_pose_file(layout.pose(i), poses[b])
-            atomic_write_text(layout.camera(i), format_camera_txt(camera_pose_from_view(views[b]).numpy()))
+            pose = poses[b].astype(np.float64)
+            pose[:, 4:] *= unit
+            save_pose(layout.pose(i), pose, pose_dtypes[k % len(pose_dtypes)])
+            view = views[b].clone()
+            view[:3, 3] *= unit  # the camera sits at `unit` times its position, turned the same way
+            atomic_write_text(layout.camera(i), format_camera_txt(camera_pose_from_view(view).numpy()))
             meta = SampleMetadata(model_of[i], float(focals[b]))
             atomic_write_text(layout.metadata(i), format_metadata(meta))
             if rgb:
                 _save_png(layout.rgb(i), images[b])
             if masks:
-                _save_png(layout.mask(i), mask_images[b])
+                save_mask(layout.mask(i), mask_images[b] > 0, mask_encodings[k % len(mask_encodings)])
     for i, kind in bad.items():
         if kind == "corrupt_pose":
             atomic_write_bytes(layout.pose(i), b"this is not an npz archive")

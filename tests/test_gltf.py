@@ -13,10 +13,12 @@ import math
 import numpy as np
 import pygltflib
 import pytest
+import torch
 import trimesh
 
 from dualpm.errors import GltfError
-from dualpm.gltf import SkinnedMesh, load_skinned_mesh, node_depths, save_skinned_mesh
+from dualpm.gltf import SkinnedMesh, load_skinned_mesh, node_depths, save_skinned_mesh, scaled_mesh
+from dualpm.skinning import rest_pose, skin
 
 COMPONENT = {np.dtype("u1"): 5121, np.dtype("u2"): 5123, np.dtype("u4"): 5125, np.dtype("f4"): 5126}
 
@@ -224,6 +226,27 @@ def test_save_load_round_trip_and_trimesh(tmp_path, suffix):
     (geometry,) = scene.geometry.values()
     np.testing.assert_array_equal(np.asarray(geometry.vertices, dtype=np.float32), original.vertices)
     np.testing.assert_array_equal(geometry.faces, original.faces)
+
+
+@pytest.mark.parametrize("factor", [100.0, 0.01, 2.54])
+def test_scaled_mesh_skins_to_the_scaled_result(tmp_path, factor):
+    # The test rig has a rotated, non-uniformly scaled armature node: a uniform scale still commutes.
+    gltf, blob = build()
+    mesh = load_skinned_mesh(write(gltf, blob, tmp_path / "src"))
+    big = scaled_mesh(mesh, factor)
+    rng = np.random.default_rng(1)
+    pose = rest_pose(mesh).astype(np.float64)
+    pose[:, :4] = rng.normal(size=(mesh.num_nodes, 4))  # any rotations, rest translations
+    big_pose = pose.copy()
+    big_pose[:, 4:] *= factor  # a pose of the scaled rig: its translations scale too
+    expected = factor * skin(mesh, pose, dtype=torch.float64)
+    got = skin(big, big_pose, dtype=torch.float64)
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6 * factor)
+    np.testing.assert_array_equal(big.rest_scale, mesh.rest_scale)
+    np.testing.assert_array_equal(big.rest_rotation, mesh.rest_rotation)
+    np.testing.assert_array_equal(big.inverse_bind[:, :3, :3], mesh.inverse_bind[:, :3, :3])
+    with pytest.raises(GltfError, match="positive"):
+        scaled_mesh(mesh, -1.0)
 
 
 def test_save_more_than_four_influences(tmp_path):

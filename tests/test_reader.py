@@ -417,3 +417,39 @@ def test_reads_the_render_column_of_the_render_stage(tmp_path):
         coverage = s["target"][..., 0, 6]
         assert (s["mask"] != coverage).float().mean() < 0.1 and coverage.sum() > 10
         assert torch.isfinite(s["target"]).all() and s["features"].shape == (3, 16, 16)
+
+
+def test_the_published_layout_in_every_mask_encoding_and_pose_dtype_reads_back(tmp_path, ray_local):
+    # A published-layout dataset made here: masks 0/255, 0/1 and 1-bit, poses float64 and float32, packed
+    # features, the published split file, an id skipped by the 5000 rule and one sample with an empty mask.
+    import shutil
+
+    from click.testing import CliRunner
+    from datagen import MASK_ENCODINGS, POSE_DTYPES, make_source_dataset, save_mask
+
+    from dualpm.masks import mask_iou
+    from pipeline.cli import main
+
+    ds = make_source_dataset(tmp_path / "src", num_samples=8, models=2, image_size=32, feature_channels=64,
+                             feature_grid=4, mask_encodings=MASK_ENCODINGS, pose_dtypes=POSE_DTYPES)
+    (ds.root / "train_benchmark.txt").write_text("".join(f"{i}\n" for i in ds.ids[:5]))
+    for folder, suffix in (("poses", "_pose.npz"), ("cameras", "_camera.txt"), ("metadata", "_metadata.txt")):
+        shutil.copy(ds.root / folder / f"{ds.ids[0]}{suffix}", ds.root / folder / f"005000{suffix}")
+    empty = ds.ids[6]
+    save_mask(ds.root / "masks" / f"{empty}_mask.png", np.zeros((32, 32), bool), "0-1")
+    out = tmp_path / "out"
+    stages = ((["render", "--resolution", "32", "--layers", "2"], "render: 7 samples written, 1 failed"),
+              (["features", "--extractor", "precomputed", "--workers", "1"], "features: 8 samples"))
+    for args, line in stages:
+        result = CliRunner().invoke(main, [args[0], str(ds.root), str(out), *args[1:]])
+        assert result.exit_code == 0 and line in result.output, result.output
+        assert "source: 3 files not taken (3 multiple-of-5000)" in result.output
+    info = open_dataset(out)
+    assert info.manifest.split_rule["rule"] == "train_benchmark.txt"
+    assert (info.count("train"), info.count("val")) == (5, 2)  # the empty-mask sample failed
+    for split in ("train", "val"):
+        for sample in ShardStream(info, split, 2, (32, 32), seed=0, shuffle=False, infinite=False):
+            alpha = sample["target"][..., 0, 6].numpy() > 0
+            assert alpha.sum() > 20 and mask_iou(sample["mask"].numpy() > 0, alpha) >= 0.99, sample["id"]
+    failures = (out / "failures.jsonl").read_text()
+    assert f"{empty}_mask.png: the mask is empty" in failures

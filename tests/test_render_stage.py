@@ -20,7 +20,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from datagen import make_source_dataset, sample_id
+from datagen import TUBE_LENGTH, make_source_dataset, sample_id
 from dualpm.camera import (
     BLENDER_TO_Y_UP,
     format_camera_txt,
@@ -48,7 +48,7 @@ from dualpm.store import (
 from pipeline import render_stage
 from pipeline.cli import main
 from pipeline.cluster import ClusterInfo
-from pipeline.render_stage import RenderConfig, _sample_fields, choose_backend, task_resources
+from pipeline.render_stage import RenderConfig, _sample_fields, choose_backend, clip_planes, task_resources
 
 REPO = Path(__file__).parents[1]
 RES, LAYERS = 32, 4
@@ -151,6 +151,27 @@ def test_published_0_1_masks_are_read_and_an_empty_mask_fails_its_sample(tmp_pat
     failure = json.loads((tmp_path / "out" / FAILURES_NAME).read_text())
     assert failure["id"] == empty
     assert f"{empty}_mask.png: the mask is empty, but the render covers" in failure["reason"]
+
+
+def test_files_no_sample_takes_are_counted_in_the_summary_and_listed(tmp_path, ray_local):
+    # Files with odd ids used to vanish: "0 failed" and an empty failures.jsonl.
+    ds = make_source_dataset(tmp_path / "src", num_samples=3, rgb=False, image_size=RES)
+    (ds.root / "poses" / f"{ds.ids[0]}_pose.npz").rename(ds.root / "poses" / "bad id$_pose.npz")
+    out = tmp_path / "out"
+    code, output = render_cli(str(ds.root), str(out), "--resolution", str(RES), "--layers", "2", "--dry-run")
+    assert code == 0 and "source: 4 files not taken (1 invalid-id, 3 no-pose); listed on a real run" in output
+    assert not out.exists()
+    code, output = render_cli(str(ds.root), str(out), "--resolution", str(RES), "--layers", "2")
+    assert code == 0 and "render: 2 samples written, 0 failed" in output, output
+    assert f"source: 4 files not taken (1 invalid-id, 3 no-pose); see {out / 'skipped.jsonl'}" in output
+    lines = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
+    assert [(x["file"], x["id"], x["kind"]) for x in lines] == [
+        ("poses/bad id$_pose.npz", "bad id$", "invalid-id"),
+        (f"cameras/{ds.ids[0]}_camera.txt", ds.ids[0], "no-pose"),
+        (f"metadata/{ds.ids[0]}_metadata.txt", ds.ids[0], "no-pose"),
+        (f"masks/{ds.ids[0]}_mask.png", ds.ids[0], "no-pose"),
+    ]
+    assert "characters ' ', '$' are not allowed" in lines[0]["reason"]
 
 
 def test_resume_after_deleting_a_shard_renders_only_that_shard(tmp_path, ray_local):
@@ -316,15 +337,88 @@ def test_non_finite_and_empty_maps_are_sample_failures(tmp_path):
     ds = make_source_dataset(tmp_path / "src", num_samples=1, rgb=False, masks=False)
     sample = SourceDataset(ds.root).sample(ds.ids[0])
     config = RenderConfig(str(ds.root), 4, 2, "cpu", 1, "webdataset")
+    clip = clip_planes(4.0, 5.0, config.near, config.far)
     dpm = np.zeros((4, 4, 2, 7), np.float32)
-    assert "mesh outside the view" in _sample_fields(sample, dpm, np.eye(4), np.eye(4), config)
+    assert "mesh outside the view" in _sample_fields(sample, dpm, np.eye(4), np.eye(4), config, clip)
     dpm[1, 1, 0] = [0, 0, 0, 0, 0, np.nan, 1]
-    assert "non-finite" in _sample_fields(sample, dpm, np.eye(4), np.eye(4), config)
+    assert "non-finite" in _sample_fields(sample, dpm, np.eye(4), np.eye(4), config, clip)
     dpm[1, 1, 0] = [1e6, 0, 0, 0, 0, 0, 1]  # beyond float16
-    assert "beyond +-65504" in _sample_fields(sample, dpm, np.eye(4), np.eye(4), config)
+    assert "beyond +-65504" in _sample_fields(sample, dpm, np.eye(4), np.eye(4), config, clip)
     dpm[1, 1, 0] = [1, 2, 3, 4, 5, 6, 1]
-    fields = _sample_fields(sample, dpm, np.eye(4), np.eye(4), config)
+    fields = _sample_fields(sample, dpm, np.eye(4), np.eye(4), config, clip)
     np.testing.assert_array_equal(decode_dual_pointmap(fields["dpm"]), dpm)
+    meta = fields["meta.json"]
+    assert (meta["near"], meta["far"], meta["depth_range"], meta["clipped_by"]) == (0.1, 30.0, [4.0, 5.0], [])
+
+
+def test_clip_planes_fixed_auto_and_which_plane_clipped_the_mesh():
+    beyond = clip_planes(160.0, 300.0, 0.1, 30.0)  # a rig in cm, seen from 1.6 to 3 m
+    assert (beyond.near, beyond.far, beyond.problem, beyond.clipped_by()) == (0.1, 30.0, None, ["far"])
+    message = beyond.uncovered()
+    assert "beyond the far plane (30)" in message and "[160, 300]" in message and "--far auto" in message
+    nearer = clip_planes(0.01, 0.05, 0.1, 30.0).uncovered()
+    assert "nearer than the near plane (0.1)" in nearer and "--near auto" in nearer
+    assert "check the camera and pose files" in clip_planes(2.0, 3.0, 0.1, 30.0).uncovered()
+    auto = clip_planes(160.0, 300.0, "auto", "auto")
+    assert (auto.near, auto.far, auto.problem, auto.clipped_by()) == (80.0, 600.0, None, [])
+    assert clip_planes(160.0, 300.0, 0.1, "auto").far == 600.0
+    assert "behind the camera" in clip_planes(-1.0, 3.0, "auto", 30.0).problem
+    assert "not before far plane" in clip_planes(80.0, 100.0, "auto", 30.0).problem
+
+
+def test_a_dataset_in_cm_renders_with_far_auto_as_the_one_in_metres(tmp_path, ray_local):
+    metres = make_source_dataset(tmp_path / "m", num_samples=4, image_size=RES)
+    cm = make_source_dataset(tmp_path / "cm", num_samples=4, image_size=RES, unit=100.0)
+    common = ["--resolution", str(RES), "--layers", "2"]
+    # With the reference's planes (0.1, 30) the cm meshes, 4.5 m = 450 units away, are all clipped.
+    code, output = render_cli(str(cm.root), str(tmp_path / "fixed"), *common)
+    assert code != 0 and "no sample could be produced" in output
+    for line in (tmp_path / "fixed" / FAILURES_NAME).read_text().splitlines():
+        reason = json.loads(line)["reason"]
+        assert "beyond the far plane (30)" in reason and "use --far auto" in reason
+    code, output = render_cli(str(cm.root), str(tmp_path / "auto"), *common, "--far", "auto")
+    assert code == 0 and "4 samples written, 0 failed" in output, output
+    assert verify_store(tmp_path / "auto") == []
+    assert load_manifest(tmp_path / "auto").columns["render"].config["far"] == "auto"
+    code, output = render_cli(str(metres.root), str(tmp_path / "ref"), *common)
+    assert code == 0, output
+    got, want = stored_samples(tmp_path / "auto"), stored_samples(tmp_path / "ref")
+    assert sorted(got) == sorted(want) == metres.ids
+    for sid in metres.ids:
+        a, b = decode_dual_pointmap(got[sid]["dpm"]), decode_dual_pointmap(want[sid]["dpm"])
+        np.testing.assert_array_equal(a[..., 6], b[..., 6])  # the same pixels and layers
+        np.testing.assert_allclose(a[..., :6], 100 * b[..., :6], rtol=2e-3, atol=0.02)  # float16 storage
+        assert got[sid]["mask.png"] == want[sid]["mask.png"]
+        meta = got[sid]["meta.json"]
+        assert meta["near"] == 0.1 and meta["far"] == pytest.approx(2 * meta["depth_range"][1], rel=1e-5)
+        assert 300 < meta["depth_range"][0] < meta["depth_range"][1] < 600
+
+
+def test_auto_clip_planes_give_the_same_maps_in_any_units(tmp_path):
+    # Float32 maps straight from the renderer: auto planes change nothing but the scale.
+    metres = make_source_dataset(tmp_path / "m", num_samples=3, rgb=False, masks=False)
+    cm = make_source_dataset(tmp_path / "cm", num_samples=3, rgb=False, masks=False, unit=100.0)
+    for sid in metres.ids:
+        maps = []
+        for ds, planes in ((metres, (0.1, 30.0)), (cm, ("auto", "auto"))):
+            source = SourceDataset(ds.root)
+            sample = source.sample(sid)
+            mesh = load_skinned_mesh(source.layout.mesh(sample.model_name))
+            posed = skin(mesh, read_pose_file(sample.pose_path, mesh.num_nodes))  # (1, V, 3)
+            view = view_from_camera_pose(torch.tensor(sample.camera_pose)[None])  # (1, 4, 4)
+            depth = -(posed[0].double() @ view[0, 2, :3] + view[0, 2, 3])  # (V,)
+            clip = clip_planes(float(depth.min()), float(depth.max()), *planes)
+            projection = projection_from_focal(torch.tensor(sample.focal_length, dtype=torch.float64),
+                                               near=clip.near, far=clip.far)[None]
+            canonical, faces = torch.tensor(mesh.vertices), torch.tensor(mesh.faces)
+            maps.append(render_dual_pointmaps(canonical, posed, faces, view, projection, RES, 3,
+                                              backend="cpu", workers=1)[0].numpy())
+        np.testing.assert_array_equal(maps[1][..., 6], maps[0][..., 6])
+        assert maps[0][..., 6].sum() > 20
+        # Relative to the object's size: camera-space depth is float32 in the renderer, so "subtract
+        # depth" leaves an error of about one float32 step of the camera distance, in either unit.
+        np.testing.assert_allclose(maps[1][..., :6] / 100, maps[0][..., :6], rtol=1e-5,
+                                   atol=1e-5 * TUBE_LENGTH)
 
 
 def _session_pids(sid: int) -> list[int]:

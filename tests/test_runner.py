@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ import ray
 import ray.cloudpickle
 
 from datagen import make_source_dataset
-from dualpm.data.source import SourceDataset
+from dualpm.data.source import SPLIT_FILE, SourceDataset
 from dualpm.errors import ConfigError
 from dualpm.store import (
     FAILURES_NAME,
@@ -29,7 +30,15 @@ from dualpm.store import (
     read_shard,
     verify_store,
 )
-from pipeline.runner import Stage, StageError, open_manifest, prepare_column, run_shards
+from pipeline.runner import (
+    Stage,
+    StageError,
+    describe_plan,
+    open_manifest,
+    prepare_column,
+    report_skipped,
+    run_shards,
+)
 
 
 def toy_shard(folder: str, plan, fmt: str, bad: frozenset[str], crash: bool = False,
@@ -103,6 +112,20 @@ def test_open_manifest_plans_splits_and_refuses_a_different_source(tmp_path, tmp
         open_manifest(tmp_path, SourceDataset(other.root), 4)
 
 
+def test_the_manifest_records_the_split_rule_and_the_plan_line_says_it(tmp_path, ray_local):
+    ds = make_source_dataset(tmp_path / "src", num_samples=6, rgb=False, masks=False)
+    (ds.root / SPLIT_FILE).write_text("".join(f"{i}\n" for i in ds.ids[:4]))
+    run_toy(tmp_path / "out", SourceDataset(ds.root), toy_stage())
+    manifest = load_manifest(tmp_path / "out")
+    assert [(p.split, p.ids) for p in manifest.plan] == [
+        ("train", tuple(ds.ids[:3])), ("train", (ds.ids[3],)), ("val", tuple(ds.ids[4:]))]
+    assert manifest.split_rule == {"rule": SPLIT_FILE, "file": SPLIT_FILE, "listed": 4,
+                                   "listed_without_sample": 0, "examples": []}
+    line = describe_plan(manifest).split("; ")[-1]
+    assert line == f"splits from {SPLIT_FILE}: train = its 4 listed ids, val = all others"
+    assert report_skipped(None, SourceDataset(ds.root)).startswith("source: every file")
+
+
 def test_open_manifest_refuses_a_changed_sample_list(tmp_path, ray_local):
     ds = make_source_dataset(tmp_path / "src", num_samples=5, rgb=False, masks=False)
     run_toy(tmp_path / "out", SourceDataset(ds.root), toy_stage())
@@ -169,6 +192,11 @@ def test_a_worker_killed_mid_shard_is_retried_and_leaves_no_visible_partial_shar
 
 def test_config_change_needs_overwrite(tmp_path, ray_local, source):
     run_toy(tmp_path, source, toy_stage())
+    # A key added in a later version, at the value older columns were made with, is no change.
+    run_toy(tmp_path / "old", source, toy_stage())
+    with pytest.raises(ConfigError, match=r"different config \(near: 0.1 -> 0.2\)"):
+        run_toy(tmp_path / "old", source, replace(toy_stage(near=0.2), implied={"near": 0.1}))
+    assert run_toy(tmp_path / "old", source, replace(toy_stage(near=0.1), implied={"near": 0.1}))[0] == []
     with pytest.raises(ConfigError, match=r"different config \(scale: 1 -> 2\)"):
         run_toy(tmp_path, source, toy_stage(scale=2))
     with pytest.raises(ConfigError, match="stored as webdataset, not zarr"):

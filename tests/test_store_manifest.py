@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -90,6 +91,10 @@ def test_manifest_round_trip(tmp_path):
     assert loaded.tool_version == __version__ and loaded.schema_version == SCHEMA_VERSION
     assert loaded.columns["render"].fields["dpm"].shape == (160, 160, 8, 7)
     assert list(tmp_path.iterdir()) == [tmp_path / MANIFEST_NAME]  # no temporaries left
+    assert "split_rule" not in manifest.to_json()  # optional: manifests without one stay as they were
+    ruled = replace(manifest, split_rule={"rule": "train_benchmark.txt", "listed": 3})
+    save_manifest(tmp_path, ruled)
+    assert load_manifest(tmp_path) == ruled
 
 
 def edited(tmp_path, edit) -> None:
@@ -115,6 +120,7 @@ def edited(tmp_path, edit) -> None:
          "holds the record of shard 0"),
         (lambda m: m["columns"]["render"]["fields"]["dpm"].update(shape=[1, "2"]), "non-negative integers"),
         (lambda m: m["columns"].update({"../x": m["columns"]["render"]}), "column name"),
+        (lambda m: m.update(split_rule=["val"]), r"\.split_rule: expected dict"),
     ],
 )
 def test_load_refuses_invalid_manifests_naming_file_and_field(tmp_path, edit, message):

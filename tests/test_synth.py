@@ -1,5 +1,6 @@
-"""`dualpm-prep synth` end to end: the dataset reads back through the reference conventions, is the same
-bytes with 1 or 2 workers, resumes, and takes user meshes (written here with pygltflib) or refuses them."""
+"""`dualpm-prep synth` end to end: the dataset reads back through the reference conventions (and loads in
+the reference code's operations, tests/reference_reader.py), is the same bytes with 1 or 2 workers,
+resumes, and takes user meshes (written here with pygltflib) in any units, or refuses them."""
 
 from __future__ import annotations
 
@@ -13,14 +14,23 @@ import trimesh
 from click.testing import CliRunner
 from PIL import Image
 
-from dualpm.camera import project_points, projection_from_focal, view_from_camera_pose
+import reference_reader
+from dualpm.camera import project_points, projection_from_focal, read_camera_txt, view_from_camera_pose
 from dualpm.data.source import SourceDataset
 from dualpm.errors import BackendUnavailable, ConfigError
-from dualpm.gltf import load_skinned_mesh
+from dualpm.gltf import load_skinned_mesh, scaled_mesh
 from dualpm.render import render_dual_pointmaps
 from dualpm.skinning import read_pose_file, skin
 from pipeline.cli import main
-from pipeline.synth.generate import SynthConfig, generate, make_plan, prepare_output
+from pipeline.synth.generate import (
+    AUTO_MESH_SIZE,
+    SynthConfig,
+    build_model,
+    generate,
+    make_plan,
+    prepare_output,
+    run_chunk,
+)
 
 TINY = dict(num_samples=6, num_models=2, image_size=64, faces=2000, chunk_size=2)
 CLI_TINY = ["--image-size", "64", "--faces", "2000", "--chunk-size", "2"]
@@ -61,7 +71,7 @@ def test_dataset_reads_back_and_reproduces_its_masks(dataset):
     splits = ds.splits()
     assert len(splits["val"]) == 1 and len(splits["train"]) == 5
     record = json.loads((root / "synth.json").read_text())
-    assert record["version"] == 1 and record["config"]["seed"] == 0 and record["models"] == ds.models
+    assert record["version"] == 2 and record["config"]["seed"] == 0 and record["models"] == ds.models
     for sample_id in ds.ids:
         sample = ds.sample(sample_id)
         mesh = load_skinned_mesh(ds.layout.mesh(sample.model_name))
@@ -73,8 +83,8 @@ def test_dataset_reads_back_and_reproduces_its_masks(dataset):
         maps = render_dual_pointmaps(canonical, posed, faces, view, projection, config.image_size, 2,
                                      backend="cpu", workers=1)
         mask = np.asarray(Image.open(sample.mask_path))
-        assert Image.open(sample.mask_path).mode == "L" and Image.open(sample.rgb_path).mode == "RGB"
-        np.testing.assert_array_equal(mask, (maps[0, :, :, 0, 6].numpy() * 255).astype(np.uint8))
+        assert Image.open(sample.mask_path).mode == "1" and Image.open(sample.rgb_path).mode == "RGB"
+        np.testing.assert_array_equal(mask, maps[0, :, :, 0, 6].numpy() > 0)
         assert 0.02 < (mask > 0).mean() < 0.9
         # Every posed vertex projects inside the image, with the generator's margin.
         cam = posed[0].double() @ view[0, :3, :3].T + view[0, :3, 3]
@@ -82,6 +92,48 @@ def test_dataset_reads_back_and_reproduces_its_masks(dataset):
         assert (w > 0).all() and pixels.min() >= 0.03 * 64 - 1e-6 and pixels.max() <= 0.97 * 64 + 1e-6
         rgb = np.asarray(Image.open(sample.rgb_path))
         assert rgb.shape == (64, 64, 3) and rgb[mask > 0].std() > 1  # shaded, not flat
+
+
+def test_what_synth_writes_loads_in_the_reference_code_unchanged(dataset):
+    # docs/dataset.md: the published layout is a contract both ways. Synth wrote float32 poses (the
+    # reference's float64 skinning refused them) and 0/255 masks (its mask assert refused them).
+    config, (root, _) = dataset
+    ds = SourceDataset(root)
+    assert reference_reader.ids(root) == ds.ids
+    positions = reference_reader.shapes(root)
+    assert sorted(positions) == ds.models
+    for model, values in positions.items():
+        np.testing.assert_array_equal(values, load_skinned_mesh(ds.layout.mesh(model)).vertices)
+    size = (config.image_size, config.image_size)
+    for sample_id in ds.ids:
+        sample = ds.sample(sample_id)
+        with np.load(sample.pose_path) as npz:
+            assert npz["poses"].dtype == np.float64 and npz.files == ["poses"]
+        matrices = reference_reader.pose_matrices(sample.pose_path)  # (N, 4, 4) float64
+        pose = read_pose_file(sample.pose_path)
+        np.testing.assert_allclose(matrices[:, :3, 3].numpy(), pose[:, 4:], rtol=1e-6)
+        mask = reference_reader.mask(sample.mask_path, size)
+        np.testing.assert_array_equal(mask.numpy() > 0, np.asarray(Image.open(sample.mask_path)))
+        assert reference_reader.rgb(sample.rgb_path, size).shape == (*size, 3)
+        camera = reference_reader.camera(ds.layout.camera(sample_id))
+        np.testing.assert_array_equal(camera, sample.camera_pose)
+        meta = reference_reader.metadata(ds.layout.metadata(sample_id), root)
+        assert (meta["model_name"], meta["focal_length"]) == (sample.model_name, sample.focal_length)
+
+
+def test_the_reference_reader_refuses_float32_poses_and_0_255_masks(tmp_path):
+    # The checks above can fail: the forms the reference refuses are refused here too.
+    np.savez(tmp_path / "p.npz", poses=np.tile(np.array([1, 0, 0, 0, 0, 0, 0], np.float32), (3, 1)))
+    with pytest.raises(reference_reader.ReferenceRefusal, match="Double|dtype"):
+        reference_reader.pose_matrices(tmp_path / "p.npz")
+    Image.fromarray(np.full((4, 4), 255, np.uint8)).save(tmp_path / "m.png")
+    with pytest.raises(reference_reader.ReferenceRefusal, match="range"):
+        reference_reader.mask(tmp_path / "m.png", (4, 4))
+    # Two spaces between numbers: the reference splits at single spaces.
+    (tmp_path / "c.txt").write_text("".join("  ".join(str(v) for v in row) + "\n" for row in np.eye(4)))
+    with pytest.raises(reference_reader.ReferenceRefusal):
+        reference_reader.camera(tmp_path / "c.txt")
+    read_camera_txt(tmp_path / "c.txt")  # which we read
 
 
 def test_rerun_skips_finished_samples_and_redoes_a_missing_one(dataset, tmp_path, ray_local):
@@ -158,13 +210,18 @@ def test_heldout_models_and_val_fraction_plan():
 # ---- user meshes ------------------------------------------------------------------------------------
 
 
-def write_user_mesh(path, offset=0.0, nan=False, skinned=True, primitives=1, joints=True):
-    """A capsule 'animal' along +Z skinned to Hips -> Spine -> Head under a non-joint Armature node."""
+def write_user_mesh(path, offset=0.0, nan=False, skinned=True, primitives=1, joints=True, unit=1.0):
+    """A capsule 'animal' along +Z skinned to Hips -> Spine -> Head under a non-joint Armature node.
+
+    `unit`: scene units per metre, as an exporter writes them: positions, node translations and inverse
+    bind translations times `unit`. Positions lie on a 1/1024 grid, so times 100 is exact in float32.
+    """
     capsule = trimesh.creation.capsule(height=1.0, radius=0.25, count=[12, 12])
-    positions = capsule.vertices.astype(np.float32) + np.float32(offset)
+    positions = np.round(capsule.vertices * 1024) / 1024 + offset
+    positions = (positions * unit).astype(np.float32)
     if nan:
         positions[5, 1] = np.nan
-    z = positions[:, 2] - np.float32(offset)
+    z = positions[:, 2] / np.float32(unit) - np.float32(offset)
     centres = np.array([-0.5, 0.0, 0.5])
     hat = np.clip(1 - np.abs(z[:, None] - centres[None]) / 0.5, 0, 1)  # (V, 3) linear blend along z
     hat[z < -0.5, 0], hat[z > 0.5, 2] = 1.0, 1.0
@@ -173,7 +230,7 @@ def write_user_mesh(path, offset=0.0, nan=False, skinned=True, primitives=1, joi
     joint_ids = np.tile(np.array([0, 1, 2, 0], np.uint8), (len(z), 1))
     indices = capsule.faces.astype(np.uint32).reshape(-1)
     ibm = np.stack([np.eye(4, dtype=np.float32)] * 3)
-    ibm[:, :3, 3] = -(centres[:, None] * [0, 0, 1] + offset)  # joints at z = -0.5, 0, 0.5 (+ offset)
+    ibm[:, :3, 3] = -(centres[:, None] * [0, 0, 1] + offset) * unit  # joints at z = -0.5, 0, 0.5 (+ offset)
     parts = [positions.tobytes(), joint_ids.tobytes(), weights.tobytes(), indices.tobytes(),
              ibm.transpose(0, 2, 1).astype("<f4").tobytes()]
     offsets = np.cumsum([0] + [len(p) for p in parts])
@@ -192,10 +249,10 @@ def write_user_mesh(path, offset=0.0, nan=False, skinned=True, primitives=1, joi
     primitive = pygltflib.Primitive(attributes=attributes, indices=3)
     nodes = [
         pygltflib.Node(name="Critter", mesh=0, skin=0 if skinned else None),
-        pygltflib.Node(name="Armature", translation=[offset] * 3, children=[2]),  # carries the offset
-        pygltflib.Node(name="Hips", translation=[0.0, 0.0, -0.5], children=[3]),
-        pygltflib.Node(name="Spine", translation=[0.0, 0.0, 0.5], children=[4]),
-        pygltflib.Node(name="Head", translation=[0.0, 0.0, 0.5]),
+        pygltflib.Node(name="Armature", translation=[offset * unit] * 3, children=[2]),  # carries the offset
+        pygltflib.Node(name="Hips", translation=[0.0, 0.0, -0.5 * unit], children=[3]),
+        pygltflib.Node(name="Spine", translation=[0.0, 0.0, 0.5 * unit], children=[4]),
+        pygltflib.Node(name="Head", translation=[0.0, 0.0, 0.5 * unit]),
     ]
     gltf = pygltflib.GLTF2(
         scene=0, scenes=[pygltflib.Scene(nodes=[0, 1])], nodes=nodes,
@@ -219,7 +276,10 @@ def test_user_mesh_goes_through_the_cli(tmp_path, ray_local):
     ds = SourceDataset(out)
     assert ds.models == ["my_critter"] and len(ds) == 3
     copy = load_skinned_mesh(ds.layout.mesh("my_critter"))
-    np.testing.assert_array_equal(copy.vertices, mesh.vertices)
+    factor = json.loads((out / "synth.json").read_text())["mesh_scales"]["my_critter"]
+    assert factor == pytest.approx(AUTO_MESH_SIZE / 1.5)  # --mesh-scale auto: the capsule is 1.5 long
+    assert f"scaled by {factor:.6g}" in result.output
+    np.testing.assert_array_equal(copy.vertices, scaled_mesh(mesh, factor).vertices)
     np.testing.assert_array_equal(copy.weights, mesh.weights)
     assert copy.node_names == mesh.node_names
     for sample_id in ds.ids:
@@ -248,6 +308,49 @@ def test_bad_user_meshes_fail_naming_the_file_and_write_nothing(tmp_path, kind, 
     assert result.exit_code != 0
     assert str(mesh_file) in result.output and message in result.output, result.output
     assert not out.exists()
+
+
+def synth_here(root, config):
+    """`generate` without Ray: the same task functions, run in this process."""
+    plan = make_plan(config)
+    prepare_output(root, config, plan, overwrite=False)
+    for model in plan.models:
+        build_model(root, config, model, overwrite=False)
+    results = run_chunk(root, config, plan.models[0], list(plan.samples), False, "cpu")
+    assert [r.status for r in results] == ["written"] * len(plan.samples)
+    return plan, files(root)
+
+
+def test_a_rig_in_cm_gives_the_dataset_of_the_rig_in_metres(tmp_path):
+    # A real rig exported in cm (object 150 units long) was refused: "it must be roughly metre-sized".
+    # --mesh-scale auto sizes both rigs alike, so every file of the two datasets is the same.
+    datasets = []
+    for unit in (1.0, 100.0):
+        (tmp_path / f"unit{unit:g}").mkdir()
+        mesh_file = write_user_mesh(tmp_path / f"unit{unit:g}" / "critter.glb", offset=0.125, unit=unit)
+        config = SynthConfig(num_samples=3, num_models=1, image_size=48, meshes=(mesh_file,))
+        plan, written = synth_here(tmp_path / f"out{unit:g}", config)
+        assert plan.models[0].scale == pytest.approx(AUTO_MESH_SIZE / (1.5 * unit))
+        datasets.append(written)
+    metres, cm = datasets
+    assert sorted(metres) == sorted(cm) and len(metres) > 15
+    assert [k for k in metres if metres[k] != cm[k]] == ["synth.json"]  # its mesh hash and factor differ
+    # An explicit factor gives the rig in metres, unscaled: cm * 0.01 == m * 1 (the same files again).
+    explicit = []
+    for unit, factor in ((1.0, 1.0), (100.0, 0.01)):
+        config = SynthConfig(num_samples=1, num_models=1, image_size=48, mesh_scale=factor,
+                             meshes=(tmp_path / f"unit{unit:g}" / "critter.glb",))
+        explicit.append(synth_here(tmp_path / f"explicit{unit:g}", config)[1])
+    assert [k for k in explicit[0] if explicit[0][k] != explicit[1][k]] == ["synth.json"]
+    mesh = load_skinned_mesh(tmp_path / "explicit1" / "shapes" / "critter" / "critter_shape.gltf")
+    assert np.ptp(mesh.vertices[:, 2]) == pytest.approx(1.5)  # its own size, metres
+
+
+def test_mesh_scale_without_meshes_is_a_usage_error(tmp_path):
+    result = CliRunner().invoke(main, ["synth", str(tmp_path / "out"), "--mesh-scale", "0.01", *CLI_TINY])
+    assert result.exit_code != 0 and "--mesh-scale applies to --mesh" in result.output
+    result = CliRunner().invoke(main, ["synth", str(tmp_path / "out"), "--mesh-scale", "-1", *CLI_TINY])
+    assert result.exit_code != 0 and "'auto' or a finite number above 0" in result.output
 
 
 def test_dry_run_writes_nothing(tmp_path):

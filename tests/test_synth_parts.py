@@ -163,7 +163,7 @@ def test_poses_stay_within_joint_limits(animal):
     rng = np.random.default_rng(5)
     for _ in range(50):
         pose = sampler.sample(rng)
-        assert pose.shape == (animal.num_nodes, 7) and pose.dtype == np.float32
+        assert pose.shape == (animal.num_nodes, 7) and pose.dtype == np.float64
         np.testing.assert_allclose(np.linalg.norm(pose[:, :4], axis=1), 1.0, atol=1e-6)
         np.testing.assert_array_equal(pose[:, 4:], animal.rest_translation)  # rest translations
         np.testing.assert_array_equal(pose[0], [1, 0, 0, 0, 0, 0, 0])  # mesh node keeps its rest

@@ -8,38 +8,126 @@ ROOT/metadata/<id>_metadata.txt          YAML: model_name, focal_length (mm, 36 
 ROOT/renders/<id>_rgb.png                RGB image (optional)
 ROOT/masks/<id>_mask.png                 object mask (optional)
 ROOT/features/<id>_feat.png              packed precomputed features (optional)
-ROOT/splits/<name>.txt                   optional id lists, one id per line (e.g. val.txt)
+ROOT/train_benchmark.txt                 the published split: training ids, one per line (optional)
+ROOT/splits/<name>.txt                   our id lists, one id per line (optional: val.txt, train.txt)
 ```
+The full contract (dtypes, value ranges, what the reference code accepts) is docs/dataset.md.
+
 A sample exists when its pose file exists; its other files are read lazily and any problem raises
 `DatasetError` naming the file, so a pipeline can record it as that sample's failure. Ids that are
 integer multiples of 5000 are skipped (known corrupt in the published set); `dualpm-prep synth`
-never produces them.
+never produces them. Every file of the layout folders that is not taken (an invalid id, a skipped
+multiple of 5000, no pose file for its id, a name of no known pattern, a hidden file) is listed in
+`SourceDataset.skipped` with the reason, so the stages can report it instead of dropping it silently.
+
+Splits (`SourceDataset.split_info`), first rule that applies:
+    splits/val.txt or splits/train.txt   val = ids in val.txt; train = the others (only those in
+                                         train.txt when it exists)
+    train_benchmark.txt                  train = the ids it lists (exact strings, whitespace
+                                         stripped, as the reference reads them); val = all others
+    neither                              everything is train
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
 
 from dualpm.camera import read_camera_txt
 from dualpm.errors import DatasetError
-from dualpm.store.manifest import SAMPLE_ID_RE
+from dualpm.store.manifest import SAMPLE_ID_RE, check_sample_id
 
 SKIP_EVERY = 5000
-_POSE_SUFFIX = "_pose.npz"
+SPLIT_FILE = "train_benchmark.txt"  # the published split: the training ids
+# Per-sample files: folder -> name suffix after the id (`<id><suffix>`). The pose file defines a sample.
+SAMPLE_FILES = {
+    "poses": "_pose.npz",
+    "cameras": "_camera.txt",
+    "metadata": "_metadata.txt",
+    "renders": "_rgb.png",
+    "masks": "_mask.png",
+    "features": "_feat.png",
+}
+_POSE_SUFFIX = SAMPLE_FILES["poses"]
 
 
 def is_skipped_id(sample_id: str) -> bool:
     """True for ids the reference skips: integer multiples of `SKIP_EVERY` (including 0)."""
-    return sample_id.isdigit() and int(sample_id) % SKIP_EVERY == 0
+    return sample_id.isascii() and sample_id.isdigit() and int(sample_id) % SKIP_EVERY == 0
 
 
 def _sort_key(sample_id: str) -> tuple[int, int | str]:
-    return (0, int(sample_id)) if sample_id.isdigit() else (1, sample_id)
+    if sample_id.isascii() and sample_id.isdigit():  # "\u00b2".isdigit() is True, int() refuses it
+        return (0, int(sample_id))
+    return (1, sample_id)
+
+
+def id_problem(sample_id: str) -> str | None:
+    """Why `sample_id` is not a valid sample id (naming the characters at fault), or None if it is.
+
+    Follows `dualpm.store.manifest.check_sample_id`, whatever that rule is.
+    """
+    try:
+        check_sample_id(sample_id, "file name")
+        return None
+    except DatasetError as err:
+        rule = str(err).split(": ", 1)[-1]
+    # A character is at fault when it is refused even after a plain leading letter.
+    bad = sorted({c for c in sample_id if not SAMPLE_ID_RE.match("a" + c)})
+    if bad:
+        return f"{rule}: characters {', '.join(repr(c) for c in bad)} are not allowed"
+    if sample_id and not SAMPLE_ID_RE.match(sample_id[0]):
+        return f"{rule}: it may not start with {sample_id[0]!r}"
+    return rule
+
+
+@dataclass(frozen=True)
+class SkippedFile:
+    """A file in a layout folder that the scan did not take, and why."""
+
+    path: str  # relative to the dataset root, e.g. "poses/bad id$_pose.npz"
+    sample_id: str | None  # the id its name gives, None when the name has no known pattern
+    kind: str  # one of SKIP_KINDS
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"file": self.path, "id": self.sample_id, "kind": self.kind, "reason": self.reason}
+
+
+SKIP_KINDS = ("invalid-id", "multiple-of-5000", "no-pose", "unexpected-name", "hidden")
+
+
+@dataclass(frozen=True)
+class Splits:
+    """The train/val partition of a dataset's ids and the rule that made it (JSON, for the manifest)."""
+
+    train: list[str]
+    val: list[str]
+    rule: dict[str, Any]
+
+    def as_dict(self) -> dict[str, list[str]]:
+        return {"train": self.train, "val": self.val}
+
+
+def describe_split_rule(rule: dict[str, Any]) -> str:
+    """One line about a split rule recorded by `SourceDataset.split_info`."""
+    name = rule.get("rule")
+    if name == SPLIT_FILE:
+        line = f"splits from {SPLIT_FILE}: train = its {rule['listed']} listed ids, val = all others"
+        if rule.get("listed_without_sample"):
+            line += (f"; {rule['listed_without_sample']} listed ids have no sample "
+                     f"(e.g. {', '.join(repr(i) for i in rule['examples'])})")
+        return line
+    if name == "splits/":
+        line = f"splits from {', '.join(rule['files'])}"
+        return line + (f" ({SPLIT_FILE} ignored: splits/ takes precedence)" if rule.get("ignored") else "")
+    return f"no split files (splits/val.txt, {SPLIT_FILE}): every sample is train"
 
 
 @dataclass(frozen=True)
@@ -53,23 +141,27 @@ class Layout:
         glb = base.with_suffix(".glb")
         return glb if glb.exists() and not base.with_suffix(".gltf").exists() else base.with_suffix(".gltf")
 
+    def file(self, folder: str, sample_id: str) -> Path:
+        """`ROOT/<folder>/<id><suffix>` of one of `SAMPLE_FILES`."""
+        return self.root / folder / f"{sample_id}{SAMPLE_FILES[folder]}"
+
     def pose(self, sample_id: str) -> Path:
-        return self.root / "poses" / f"{sample_id}{_POSE_SUFFIX}"
+        return self.file("poses", sample_id)
 
     def camera(self, sample_id: str) -> Path:
-        return self.root / "cameras" / f"{sample_id}_camera.txt"
+        return self.file("cameras", sample_id)
 
     def metadata(self, sample_id: str) -> Path:
-        return self.root / "metadata" / f"{sample_id}_metadata.txt"
+        return self.file("metadata", sample_id)
 
     def rgb(self, sample_id: str) -> Path:
-        return self.root / "renders" / f"{sample_id}_rgb.png"
+        return self.file("renders", sample_id)
 
     def mask(self, sample_id: str) -> Path:
-        return self.root / "masks" / f"{sample_id}_mask.png"
+        return self.file("masks", sample_id)
 
     def feature(self, sample_id: str) -> Path:
-        return self.root / "features" / f"{sample_id}_feat.png"
+        return self.file("features", sample_id)
 
     def split(self, name: str) -> Path:
         return self.root / "splits" / f"{name}.txt"
@@ -140,15 +232,43 @@ class SourceDataset:
                     f"{self.root}: not a DualPM dataset (missing folder '{sub}/'; expected shapes/, poses/, "
                     "cameras/, metadata/ as in the published layout)"
                 )
-        ids = [
-            name[: -len(_POSE_SUFFIX)]
-            for name in os.listdir(self.root / "poses")
-            if name.endswith(_POSE_SUFFIX) and not name.startswith(".")
-        ]
-        self.ids: list[str] = sorted((i for i in ids if SAMPLE_ID_RE.match(i) and not is_skipped_id(i)), key=_sort_key)
+        ids = (_id_of(e.name, _POSE_SUFFIX) for e in os.scandir(self.root / "poses") if e.is_file())
+        taken = (i for i in ids if i is not None and id_problem(i) is None and not is_skipped_id(i))
+        self.ids: list[str] = sorted(taken, key=_sort_key)
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    @functools.cached_property
+    def skipped(self) -> list[SkippedFile]:
+        """Every file of the layout folders (`SAMPLE_FILES`) that belongs to no sample, with the reason.
+
+        Listed by folder, then name. Computed on first use (one listing per folder).
+        """
+        taken = set(self.ids)
+        out = []
+        for folder, suffix in SAMPLE_FILES.items():
+            if not (self.root / folder).is_dir():
+                continue
+            for entry in sorted(os.scandir(self.root / folder), key=lambda e: e.name):
+                sample_id = _id_of(entry.name, suffix) if entry.is_file() else None
+                if sample_id in taken:
+                    continue
+                path = f"{folder}/{entry.name}"
+                if entry.name.startswith("."):
+                    kind, reason = "hidden", "hidden file (its name starts with '.')"
+                elif sample_id is None:
+                    what = "a folder; expected files named" if entry.is_dir() else "the name does not match"
+                    kind, reason = "unexpected-name", f"{what} <id>{suffix}"
+                elif (problem := id_problem(sample_id)) is not None:
+                    kind, reason = "invalid-id", problem
+                elif is_skipped_id(sample_id):
+                    kind, reason = "multiple-of-5000", (
+                        f"id is a multiple of {SKIP_EVERY}: skipped, as the published set's are corrupt")
+                else:
+                    kind, reason = "no-pose", f"no pose file poses/{sample_id}{_POSE_SUFFIX}"
+                out.append(SkippedFile(path, sample_id, kind, reason))
+        return out
 
     @property
     def models(self) -> list[str]:
@@ -180,23 +300,64 @@ class SourceDataset:
         path = self.layout.split(name)
         if not path.exists():
             return None
-        listed = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-        bad = [i for i in listed if not SAMPLE_ID_RE.match(i)]
+        listed = _read_lines(path)
+        bad = [i for i in listed if id_problem(i) is not None]
         if bad:
             raise DatasetError(f"{path}: invalid sample ids {bad[:5]}")
         return listed
 
-    def splits(self) -> dict[str, list[str]]:
-        """Partition of `ids` into 'train' and 'val' from `splits/val.txt` (all train without it).
+    def split_info(self) -> Splits:
+        """Partition of `ids` into 'train' and 'val', by the first rule that applies (module doc).
 
-        Ids in val.txt that have no sample are ignored; `splits/train.txt`, when present, limits
-        the training split to the ids it lists.
+        Ids listed in a split file that have no sample are ignored (`splits/`) or counted in the
+        rule (`train_benchmark.txt`, where the lines are compared as exact strings, as the reference
+        does). Raises `DatasetError` when train_benchmark.txt lists no sample at all.
         """
-        val = set(self.split_ids("val") or [])
-        train_only = self.split_ids("train")
-        allowed = set(train_only) if train_only is not None else None
-        out = {
-            "train": [i for i in self.ids if i not in val and (allowed is None or i in allowed)],
-            "val": [i for i in self.ids if i in val],
-        }
-        return out
+        val_file, train_file = self.split_ids("val"), self.split_ids("train")
+        benchmark = self.root / SPLIT_FILE
+        if val_file is not None or train_file is not None:
+            val = set(val_file or [])
+            allowed = set(train_file) if train_file is not None else None
+            found = (("val", val_file), ("train", train_file))
+            files = [f"splits/{name}.txt" for name, ids in found if ids is not None]
+            rule = {"rule": "splits/", "files": files, "ignored": SPLIT_FILE if benchmark.exists() else None}
+            return Splits(
+                train=[i for i in self.ids if i not in val and (allowed is None or i in allowed)],
+                val=[i for i in self.ids if i in val],
+                rule=rule,
+            )
+        if benchmark.exists():
+            listed = _read_lines(benchmark)
+            have = set(self.ids)
+            missing = [i for i in listed if i not in have]
+            if len(missing) == len(listed):
+                example = f" (first: {listed[0]!r})" if listed else ""
+                like = self.ids[0] if self.ids else "000001"
+                raise DatasetError(
+                    f"{benchmark}: lists {len(listed)} training ids, none of which is a sample of {self.root}"
+                    f"{example}; it must hold sample ids such as {like!r}, one per line (or remove it to "
+                    "train on every sample)"
+                )
+            train = set(listed)
+            rule = {"rule": SPLIT_FILE, "file": SPLIT_FILE, "listed": len(train),
+                    "listed_without_sample": len(set(missing)), "examples": sorted(set(missing))[:5]}
+            return Splits([i for i in self.ids if i in train], [i for i in self.ids if i not in train], rule)
+        return Splits(list(self.ids), [], {"rule": "all-train"})
+
+    def splits(self) -> dict[str, list[str]]:
+        """`split_info()` as {'train': ids, 'val': ids}."""
+        return self.split_info().as_dict()
+
+
+def _id_of(name: str, suffix: str) -> str | None:
+    """The id of a file named `<id><suffix>` (possibly invalid or empty), None for other names."""
+    return name[: -len(suffix)] if name.endswith(suffix) and not name.startswith(".") else None
+
+
+def _read_lines(path: Path) -> list[str]:
+    """Non-empty lines of an id list, whitespace stripped. Raises `DatasetError` naming the file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise DatasetError(f"{path}: cannot read the id list ({err})") from err
+    return [line.strip() for line in text.splitlines() if line.strip()]

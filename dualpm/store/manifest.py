@@ -156,11 +156,13 @@ class Manifest:
     shard_size: int
     plan: tuple[ShardPlan, ...]
     columns: dict[str, ColumnInfo] = field(default_factory=dict)
+    split_rule: dict[str, Any] | None = None  # how the source's ids were split (`SourceDataset.split_info`)
 
     @classmethod
-    def create(cls, source: str, shard_size: int, plan: tuple[ShardPlan, ...]) -> Manifest:
+    def create(cls, source: str, shard_size: int, plan: tuple[ShardPlan, ...],
+               split_rule: dict[str, Any] | None = None) -> Manifest:
         """A new manifest of this tool's schema and version, with no columns yet."""
-        return cls(SCHEMA_VERSION, __version__, source, shard_size, plan)
+        return cls(SCHEMA_VERSION, __version__, source, shard_size, plan, split_rule=split_rule)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -170,7 +172,7 @@ class Manifest:
             "shard_size": self.shard_size,
             "plan": [{"index": p.index, "split": p.split, "ids": list(p.ids)} for p in self.plan],
             "columns": {k: v.to_json() for k, v in self.columns.items()},
-        }
+        } | ({} if self.split_rule is None else {"split_rule": self.split_rule})
 
 
 def plan_shards(splits: dict[str, list[str]], shard_size: int) -> tuple[ShardPlan, ...]:
@@ -318,6 +320,7 @@ def manifest_from_json(obj: Any, where: str) -> Manifest:
         if any(k >= len(plan) for k in column.shards):
             raise DatasetError(f"{where}: columns.{name} has records of shards that are not in the plan")
         columns[name] = column
+    split_rule = _get(obj, "split_rule", dict, where) if "split_rule" in obj else None  # optional
     shard_size = _get(obj, "shard_size", int, where)
     if shard_size < 1:
         raise DatasetError(f"{where}.shard_size: must be positive, got {shard_size}")
@@ -328,6 +331,7 @@ def manifest_from_json(obj: Any, where: str) -> Manifest:
         shard_size=shard_size,
         plan=tuple(plan),
         columns=columns,
+        split_rule=split_rule,
     )
 
 

@@ -124,7 +124,8 @@ def frame_camera(
     raise FramingError(
         f"{where}: cannot frame the posed mesh (bounding-box centre {centre.numpy().round(3).tolist()}, "
         f"radius {radius:.3g}) with the reference cameras (near {NEAR}, far {FAR}, world origin in view "
-        f"depth): it must be roughly metre-sized and near the world origin"
+        f"depth): it must be roughly metre-sized (dualpm-prep synth --mesh-scale auto sizes a rig) and near "
+        "the world origin"
     )
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from dualpm.cliutils import handles_user_errors, show_and_save_config
+from dualpm.cliutils import FloatOrAuto, handles_user_errors, show_and_save_config
 from dualpm.data.source import Layout
 from dualpm.fileio import refuse_nested
 from dualpm.render import BACKENDS
@@ -46,6 +46,9 @@ PREVIEW_DEFAULT = "OUT/preview.png"
               help="Models whose samples all go to val (listed in splits/val_models.txt).")
 @click.option("--mesh", "meshes", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Rigged glTF/GLB with one skinned mesh, used instead of procedural animals (repeatable).")
+@click.option("--mesh-scale", type=FloatOrAuto(), default="auto", show_default=True,
+              help="Factor applied to every --mesh rig (vertices, bones, poses, cameras), e.g. 0.01 for a "
+                   "rig in cm; auto: its rest mesh's longest side becomes 2.4 (the procedural animals').")
 @click.option("--yaw/--no-yaw", default=True, show_default=True, help="Random whole-body yaw about +Y.")
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
               help="Renderer: cuda (nvdiffrast) where Ray has GPUs, else cpu (Embree).")
@@ -65,9 +68,9 @@ PREVIEW_DEFAULT = "OUT/preview.png"
 @click.pass_context
 @handles_user_errors
 def synth(ctx: click.Context, out: Path, num_samples: int, num_models: int, seed: int, image_size: int,
-          faces: int, val_fraction: float, heldout_models: int, meshes: tuple[Path, ...], yaw: bool,
-          backend: str, address: str | None, connect_timeout: float, workers: int | None, chunk_size: int,
-          overwrite: bool, preview: Path | None, dry_run: bool) -> None:
+          faces: int, val_fraction: float, heldout_models: int, meshes: tuple[Path, ...],
+          mesh_scale: float | str, yaw: bool, backend: str, address: str | None, connect_timeout: float,
+          workers: int | None, chunk_size: int, overwrite: bool, preview: Path | None, dry_run: bool) -> None:
     """Generate a synthetic dataset of rigged quadrupeds in OUT, in the published DualPM layout.
 
     Writes shapes/<model>/<model>_shape.gltf, poses/, cameras/, metadata/, renders/, masks/,
@@ -80,10 +83,12 @@ def synth(ctx: click.Context, out: Path, num_samples: int, num_models: int, seed
         if explicit and num_models != len(meshes):
             raise click.UsageError(f"--num-models {num_models} disagrees with the {len(meshes)} --mesh files")
         num_models = len(meshes)
+    elif ctx.get_parameter_source("mesh_scale") != click.core.ParameterSource.DEFAULT:
+        raise click.UsageError("--mesh-scale applies to --mesh rigs; the procedural animals are made to size")
     config = SynthConfig(
         num_samples=num_samples, num_models=num_models, seed=seed, image_size=image_size, faces=faces,
-        val_fraction=val_fraction, heldout_models=heldout_models, meshes=tuple(meshes), yaw=yaw,
-        backend=backend, chunk_size=chunk_size,
+        val_fraction=val_fraction, heldout_models=heldout_models, meshes=tuple(meshes), mesh_scale=mesh_scale,
+        yaw=yaw, backend=backend, chunk_size=chunk_size,
     )
     shown = config.record() | {"backend": backend, "chunk_size": chunk_size, "workers": workers or "all",
                                "address": address or "local", "out": str(out)}
@@ -96,13 +101,17 @@ def synth(ctx: click.Context, out: Path, num_samples: int, num_models: int, seed
         for model in plan.models:
             kept = not overwrite and mesh_path(out, model.name).exists()
             count = sum(s.model == model.index for s in plan.samples)
-            source = model.source or "procedural"
+            source = f"{model.source} scaled by {model.scale:.6g}" if model.source else "procedural"
             click.echo(f"  model {model.name}: {count} samples, from {source}{' (exists)' if kept else ''}")
         todo = chunks(config, plan, out, overwrite)
         held = f", held-out models {list(plan.val_models)}" if plan.val_models else ""
         click.echo(f"planned: {len(plan.samples)} samples ({done} done, {len(plan.samples) - done} to do in "
                    f"{len(todo)} tasks), {len(plan.val_ids)} in splits/val.txt{held}; nothing written")
         return
+    for model in plan.models:
+        if model.source is not None:
+            click.echo(f"  model {model.name}: {model.source} scaled by {model.scale:.6g} "
+                       f"(--mesh-scale {mesh_scale})")
     summary = generate(out, config, plan, overwrite=overwrite, address=address, workers=workers,
                        connect_timeout=connect_timeout)
     click.echo(summary.line())

@@ -29,21 +29,24 @@ from dualpm.camera import projection_from_focal
 from dualpm.data.source import Layout, SampleMetadata, SourceDataset, format_metadata
 from dualpm.errors import BackendUnavailable, ConfigError, DatasetError, DualPMError, GltfError
 from dualpm.fileio import atomic_output, atomic_write_json, atomic_write_text, remove_stale_temporaries
-from dualpm.gltf import SkinnedMesh, load_skinned_mesh, save_skinned_mesh
+from dualpm.gltf import SkinnedMesh, load_skinned_mesh, save_skinned_mesh, scaled_mesh
 from dualpm.masks import read_mask
 from dualpm.render import BACKENDS, render_layers
-from dualpm.skinning import skin, write_pose_file
+from dualpm.skinning import rest_pose, skin, write_pose_file
 from dualpm.viz import image_grid
 from pipeline.synth.appearance import Appearance, sample_appearance, sample_lighting, shade, vertex_normals
 from pipeline.synth.cameras import CameraRanges, frame_camera
 from pipeline.synth.poses import PoseSampler
 from pipeline.synth.quadruped import make_quadruped
 
-SYNTH_VERSION = 1  # bump when the same config would produce different data
+SYNTH_VERSION = 2  # bump when the same config would produce different data (2: float64 poses, 1-bit masks)
 CONFIG_NAME = "synth.json"
 FAILURES_NAME = "synth_failures.jsonl"
 SUBFOLDERS = ("shapes", "poses", "cameras", "metadata", "renders", "masks", "splits")
 FORWARD = (0.0, 0.0, 1.0)  # procedural animals face +Z (Y up, +X their left)
+# `--mesh-scale auto` scales a user rig so its rest mesh's longest side is this long (scene units): the
+# median of the procedural animals' (2.36 over seeds 0-7), whose framing the cameras are tuned for.
+AUTO_MESH_SIZE = 2.4
 
 # Purpose codes of the random streams: rng([seed, PURPOSE, model index or sample number]).
 SHAPE, APPEARANCE, POSE, CAMERA, LIGHT, SPLIT, HELDOUT = 1, 2, 3, 4, 5, 6, 7
@@ -65,6 +68,7 @@ class SynthConfig:
     val_fraction: float = 0.1
     heldout_models: int = 0
     meshes: tuple[Path, ...] = ()  # user rigged glTF/GLB files instead of procedural animals
+    mesh_scale: float | str = "auto"  # factor applied to every user rig, or "auto" (AUTO_MESH_SIZE)
     yaw: bool = True  # whole-body yaw about +Y at the root
     backend: str = "auto"
     chunk_size: int = 16  # samples per Ray task (all of one model)
@@ -81,6 +85,8 @@ class SynthConfig:
             (self.chunk_size >= 1, "chunk_size must be at least 1"),
             (self.backend in BACKENDS, f"backend must be one of {', '.join(BACKENDS)}"),
             (not self.meshes or len(self.meshes) == self.num_models, "num_models must equal the mesh count"),
+            (self.mesh_scale == "auto" or isinstance(self.mesh_scale, float) and 0 < self.mesh_scale < np.inf,
+             "mesh_scale must be 'auto' or a positive number"),
         ]
         for ok, message in checks:
             if not ok:
@@ -93,6 +99,7 @@ class SynthConfig:
             "image_size": self.image_size, "faces": self.faces, "val_fraction": self.val_fraction,
             "heldout_models": self.heldout_models, "yaw": self.yaw,
             "meshes": [{"file": p.name, "sha256": _sha256(p)} for p in self.meshes],
+            "mesh_scale": self.mesh_scale,
             "cameras": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.cameras).items()},
         }
 
@@ -102,6 +109,7 @@ class ModelSpec:
     index: int
     name: str
     source: Path | None  # user mesh file; None for a procedural animal
+    scale: float = 1.0  # factor applied to the user mesh (resolved `mesh_scale`)
 
 
 @dataclass(frozen=True)
@@ -187,9 +195,9 @@ def make_plan(config: SynthConfig) -> Plan:
     `--mesh` fails with its file named and leaves nothing behind.
     """
     names = model_names(config)
-    models = tuple(
-        ModelSpec(i, n, config.meshes[i] if config.meshes else None) for i, n in enumerate(names)
-    )
+    user = [load_user_mesh(path, config.mesh_scale) for path in config.meshes]  # GltfError names the file
+    models = tuple(ModelSpec(i, n, config.meshes[i], user[i][1]) if user else ModelSpec(i, n, None)
+                   for i, n in enumerate(names))
     n, m = config.num_samples, config.num_models
     samples = []
     for k in range(n):
@@ -204,14 +212,32 @@ def make_plan(config: SynthConfig) -> Plan:
         models=models, samples=tuple(samples), val_ids=tuple(s.id for s in samples if s.id in val),
         val_models=tuple(names[i] for i in sorted(heldout)),
     )
-    for model in models:
-        if model.source is not None:
-            _check_user_mesh(config, model, [s for s in samples if s.model == model.index][:3])
+    for model, (mesh, _) in zip(models, user, strict=False):
+        _check_user_mesh(config, model, mesh, [s for s in samples if s.model == model.index][:3])
     return plan
 
 
-def _check_user_mesh(config: SynthConfig, model: ModelSpec, first: list[SampleSpec]) -> None:
-    mesh = load_skinned_mesh(model.source)  # GltfError names the file
+def load_user_mesh(path: Path, mesh_scale: float | str) -> tuple[SkinnedMesh, float]:
+    """A user rig scaled by `mesh_scale` ("auto": to `AUTO_MESH_SIZE`), and the factor used.
+
+    The factor scales vertices, node translations and inverse binds (`dualpm.gltf.scaled_mesh`);
+    poses sampled on the result and the cameras framing it follow, so the dataset is in the new units.
+    """
+    mesh = load_skinned_mesh(path)
+    if mesh_scale != "auto":
+        factor = float(mesh_scale)
+    else:
+        posed = skin(mesh, rest_pose(mesh), dtype=torch.float64)[0]  # (V, 3): the rest mesh in the world
+        longest = float((posed.amax(0) - posed.amin(0)).max())
+        if not (np.isfinite(longest) and longest > 0):
+            raise GltfError(f"{path}: the rest mesh has no extent ({longest}); --mesh-scale auto cannot "
+                            "size it")
+        factor = AUTO_MESH_SIZE / longest
+    return (mesh if factor == 1.0 else scaled_mesh(mesh, factor)), factor
+
+
+def _check_user_mesh(config: SynthConfig, model: ModelSpec, mesh: SkinnedMesh,
+                     first: list[SampleSpec]) -> None:
     sampler = PoseSampler.for_mesh(mesh, yaw=config.yaw)
     for spec in first or [SampleSpec("", 0, model.index)]:
         posed = skin(mesh, sampler.sample(rng(config.seed, POSE, spec.number)))[0]
@@ -247,6 +273,7 @@ def build_model(root: Path, config: SynthConfig, model: ModelSpec, overwrite: bo
         mesh = make_quadruped(model.name, rng(config.seed, SHAPE, model.index), config.faces)
     else:
         mesh = load_skinned_mesh(model.source)
+        mesh = mesh if model.scale == 1.0 else scaled_mesh(mesh, model.scale)
     save_skinned_mesh(mesh, path)
     return "written"
 
@@ -291,14 +318,15 @@ def make_sample(root: Path, config: SynthConfig, model: ModelSpec, state: _Model
 
     write_pose_file(layout.pose(spec.id), pose)
     atomic_write_text(layout.camera(spec.id), camera.text)
-    _write_png(layout.rgb(spec.id), rgb, "RGB")
-    _write_png(layout.mask(spec.id), mask, "L")
+    _write_png(layout.rgb(spec.id), rgb)  # (H, W, 3) uint8: RGB
+    _write_png(layout.mask(spec.id), mask > 0)  # bool: 1-bit, the reference reads it as 0/1 (docs/dataset.md)
     atomic_write_text(layout.metadata(spec.id), format_metadata(SampleMetadata(model.name, camera.focal_mm)))
 
 
-def _write_png(path: Path, array: np.ndarray, mode: str) -> None:
+def _write_png(path: Path, array: np.ndarray) -> None:
     with atomic_output(path) as tmp:
-        Image.fromarray(array, mode=mode).save(tmp, format="PNG", compress_level=1)
+        # The mode follows the array (a bool array is 1-bit); an explicit mode="1" would misread its bytes.
+        Image.fromarray(array).save(tmp, format="PNG", compress_level=1)
 
 
 def run_chunk(root: Path, config: SynthConfig, model: ModelSpec, specs: list[SampleSpec], overwrite: bool,
@@ -370,6 +398,7 @@ def prepare_output(
         "conventions": {"world": "Y-up glTF", "forward": "+Z", "left": "+X", "units": "metres",
                         "ids": "zero-padded integers from 1, multiples of 5000 skipped"},
         "models": [m.name for m in plan.models], "val_models": list(plan.val_models),
+        "mesh_scales": {m.name: m.scale for m in plan.models if m.source is not None},
         "num_val": len(plan.val_ids),
     })
     atomic_write_text(root / "splits" / "val.txt", "".join(f"{i}\n" for i in plan.val_ids))

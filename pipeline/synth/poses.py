@@ -196,7 +196,7 @@ class PoseSampler:
                    to_joint=to_joint, yaw_roots=np.flatnonzero(top), yaw=yaw)
 
     def sample(self, rng: np.random.Generator) -> np.ndarray:
-        """One pose: (N, 7) float32 `[qw, qx, qy, qz, tx, ty, tz]` per node (rest translations).
+        """One pose: (N, 7) float64 `[qw, qx, qy, qz, tx, ty, tz]` per node (rest translations).
 
         Always consumes the same random draws, whatever the classes, so poses are reproducible.
         """
@@ -221,7 +221,7 @@ class PoseSampler:
             xyzw[self.yaw_roots] = turned.as_quat()
         quat = np.roll(xyzw, 1, axis=1)  # -> [w, x, y, z]
         quat[quat[:, 0] < 0] *= -1  # one sign convention (w >= 0) for stored files
-        return np.concatenate([quat, self.rest[:, 4:]], axis=1).astype(np.float32)
+        return np.concatenate([quat, self.rest[:, 4:]], axis=1)
 
 
 def _estimate_forward(mesh: SkinnedMesh, world: np.ndarray, classes: np.ndarray) -> tuple[np.ndarray, bool]:
