@@ -35,8 +35,8 @@ from click.testing import CliRunner
 from dualpm.cliutils import describe_machine, record_benchmark
 from dualpm.data.reader import open_dataset
 from dualpm.eval.cli import main as eval_main
-from dualpm.infer import ModelPredictor, dataset_batches, prefetch
-from dualpm.infer import main as infer_main
+from dualpm.infer.cli import ModelPredictor, dataset_batches, prefetch
+from dualpm.infer.cli import main as infer_main
 from dualpm.model import DualPMNet, describe
 from dualpm.train import config_from_dict, config_to_dict, read_config, resolve_config
 from dualpm.train.checkpoint import save_checkpoint

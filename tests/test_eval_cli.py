@@ -33,7 +33,7 @@ from dualpm.eval.baseline import fit_constant_baseline
 from dualpm.eval.cli import RATIO_KEY
 from dualpm.eval.cli import main as eval_main
 from dualpm.gltf import SkinnedMesh, load_skinned_mesh, save_skinned_mesh
-from dualpm.infer import main as infer_main
+from dualpm.infer.cli import main as infer_main
 from dualpm.skinning import read_pose_file, skin
 from dualpm.store import decode_dual_pointmap, load_manifest
 from pipeline.cli import main as prep_main
