@@ -21,8 +21,8 @@ import numpy as np  # noqa: E402
 from dualpm.cliutils import describe_machine  # noqa: E402
 from dualpm.errors import DatasetError  # noqa: E402
 from dualpm.fileio import atomic_output, atomic_write_text  # noqa: E402
-from dualpm.infer.cli import keep_mask, open_predictions  # noqa: E402
 from dualpm.masks import read_mask  # noqa: E402
+from dualpm.predictions import keep_mask, open_predictions  # noqa: E402
 from dualpm.store import decode_dual_pointmap, decode_png, load_manifest  # noqa: E402
 from dualpm.viz import canonical_to_rgb, image_grid  # noqa: E402
 from pipeline.inspect import find_sample  # noqa: E402

@@ -35,7 +35,7 @@ from dualpm.eval.evaluate import (
     skeleton_metrics,
 )
 from dualpm.fileio import atomic_write_json, atomic_write_text
-from dualpm.infer.cli import SAMPLES, Predictions, keep_mask, open_predictions
+from dualpm.predictions import SAMPLES, Predictions, keep_mask, open_predictions
 
 RATIO_KEY = "chamfer_ratio_model_over_baseline"
 RATIO_METRIC = "unit_chamfer_layers_sym"
