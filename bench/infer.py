@@ -40,9 +40,11 @@ from click.testing import CliRunner
 from dualpm.cliutils import describe_machine, record_benchmark
 from dualpm.data.reader import open_dataset
 from dualpm.eval.cli import main as eval_main
-from dualpm.infer import ModelPredictor, dataset_batches, keep_mask, open_predictions, prefetch
-from dualpm.infer import main as infer_main
+from dualpm.infer.batches import dataset_batches, prefetch
+from dualpm.infer.cli import main as infer_main
+from dualpm.infer.predictors import ModelPredictor
 from dualpm.model import DualPMNet, describe
+from dualpm.predictions import keep_mask, open_predictions
 from dualpm.train import config_from_dict, config_to_dict, read_config, resolve_config
 from dualpm.train.checkpoint import save_checkpoint
 

@@ -24,7 +24,6 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,43 +32,11 @@ import click
 from dualpm.cliutils import handles_user_errors, show_and_save_config
 from dualpm.errors import ConfigError, DualPMError
 from dualpm.fileio import atomic_write_text
-
-STATE_NAME = "demo_state.json"
-RATIO_KEY = "chamfer_ratio_model_over_baseline"  # top-level key of dualpm-eval's summary.json
-LEARNING_BAR = 0.5  # the model must at least halve the constant baseline's Chamfer distance
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+from pipeline.demo_config import DEFAULT_CONFIG, LEARNING_BAR, DemoConfig, Paths
 
 
 class DemoError(DualPMError):
     """A stage of the demo failed, or OUT holds a demo made with other settings."""
-
-
-@dataclass(frozen=True)
-class DemoConfig:
-    out: str
-    train_config: str
-    samples: int = 3000
-    models: int = 1  # one animal: the network learns its depth in the CPU budget (see configs/demo.yaml)
-    image_size: int = 128
-    faces: int = 5000
-    resolution: int = 32
-    layers: int = 4
-    shard_size: int = 64
-    extractor: str = "rgb"  # "sd-dino" when both weight folders are given
-    sd_model: str | None = None
-    dino_model: str | None = None
-    seed: int = 0
-    device: str = "auto"
-
-
-class Paths:
-    """Where each stage writes, under OUT."""
-
-    def __init__(self, out: Path):
-        self.out = out
-        self.source, self.data, self.run = out / "source", out / "data", out / "run"
-        self.pred, self.eval, self.report = out / "pred", out / "eval", out / "report"
-        self.state = out / STATE_NAME
 
 
 def _script(name: str) -> str:

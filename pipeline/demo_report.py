@@ -10,7 +10,7 @@ import datetime
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import matplotlib
 
@@ -20,15 +20,14 @@ import numpy as np  # noqa: E402
 
 from dualpm.cliutils import describe_machine  # noqa: E402
 from dualpm.errors import DatasetError  # noqa: E402
+from dualpm.eval.cli import RATIO_KEY  # noqa: E402
 from dualpm.fileio import atomic_output, atomic_write_text  # noqa: E402
-from dualpm.infer import keep_mask, open_predictions  # noqa: E402
 from dualpm.masks import read_mask  # noqa: E402
+from dualpm.predictions import keep_mask, open_predictions  # noqa: E402
 from dualpm.store import decode_dual_pointmap, decode_png, load_manifest  # noqa: E402
 from dualpm.viz import canonical_to_rgb, image_grid  # noqa: E402
+from pipeline.demo_config import LEARNING_BAR, DemoConfig, Paths  # noqa: E402
 from pipeline.inspect import find_sample  # noqa: E402
-
-if TYPE_CHECKING:
-    from pipeline.demo import DemoConfig, Paths
 
 SHEET_SAMPLES = 6
 
@@ -136,8 +135,6 @@ def write_report(
     paths: Paths, config: DemoConfig, state: dict[str, Any], commands: dict[str, list[str]], seconds: float
 ) -> tuple[bool, float]:
     """Write OUT/report/{report.md, training_curve.png, predictions.png}; returns (learning check passed, ratio)."""
-    from pipeline.demo import LEARNING_BAR, RATIO_KEY
-
     summary_path = paths.eval / "summary.json"
     summary = json.loads(summary_path.read_text())
     if RATIO_KEY not in summary:

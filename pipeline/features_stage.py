@@ -21,9 +21,8 @@ pool while the current batch runs through the models, so the GPU does not wait f
 An unreadable sample (missing, corrupt or truncated image) is recorded as that sample's failure and
 the rest of its batch goes on; an actor that dies is restarted and its shard retried by Ray.
 
-Column config (manifest.json, copied into checkpoints): the `FeatureSpec.to_dict()` keys, plus
-`EXTRA_CONFIG_KEYS`: basis file (relative to OUT; None without PCA), its content hash, the weights'
-fingerprint, the PCA sample count and the run settings. `spec_from_column` gets the spec back.
+Column config (manifest.json, copied into checkpoints): see `dualpm.features.column`, which also
+gets the spec back (`spec_from_column`).
 """
 
 from __future__ import annotations
@@ -59,6 +58,7 @@ from dualpm.features import (
     spec_from_packed,
 )
 from dualpm.features.base import DINO_PATCH, require_folder
+from dualpm.features.column import BASIS_NAME, COLUMN, FIELD, VOLATILE, uses_basis
 from dualpm.features.dino import Dinov2Backbone
 from dualpm.images import load_image, stack_images
 from dualpm.masks import read_mask
@@ -85,18 +85,9 @@ from pipeline.runner import (
     shard_stage_options,
 )
 
-COLUMN = "features"
-FIELD = "features.npy"  # the reader (dualpm/data/reader.py) looks for exactly this name
-BASIS_NAME = "features.basis.safetensors"
 PCA_SEED = 0  # draws the PCA sample and seeds the fit: a refit gives the same basis
 MAX_RESTARTS = 2  # a dead actor is restarted, and the shard it was on retried, this many times
 SD_PER_GRID = 16  # sd-dino's finest decoder block is 1/16 of the SD input: 960 px -> the 60 x 60 grid
-# Column config keys that are not FeatureSpec fields.
-EXTRA_CONFIG_KEYS = ("basis", "basis_sha256", "model_id", "pca_samples", "batch", "device", "threads",
-                     "schema_version", "tool_version")
-# May differ between runs of one column: where the weights are mounted, bf16 and device (numerics
-# only), speed settings. The weights themselves are compared through `model_id` and the basis.
-VOLATILE = ("sd_path", "dino_path", "cuda_bf16", "batch", "device", "threads", "tool_version")
 
 
 @dataclass(frozen=True)
@@ -110,16 +101,6 @@ class FeaturesConfig:
     device: str  # 'cpu' or 'cuda' (resolved), or 'auto' before Ray starts
     pca_samples: int  # images the basis is fitted on (at most; fewer when the train split is smaller)
     threads: int = 1  # torch threads and image-decoding threads per actor
-
-
-def spec_from_column(config: dict[str, Any]) -> FeatureSpec:
-    """The `FeatureSpec` recorded in a features column config (its other keys dropped)."""
-    return FeatureSpec.from_dict({k: v for k, v in config.items() if k not in EXTRA_CONFIG_KEYS})
-
-
-def uses_basis(spec: FeatureSpec) -> bool:
-    """Whether the extractor has PCA stages to fit (stored in OUT/features.basis.safetensors)."""
-    return spec.extractor in ("sd-dino", "dino")
 
 
 def column_config(config: FeaturesConfig, basis: FeatureBasis | None) -> dict[str, Any]:

@@ -13,7 +13,9 @@ import yaml
 from click.testing import CliRunner
 from PIL import Image
 
-from pipeline.demo import DEFAULT_CONFIG, LEARNING_BAR, RATIO_KEY, STATE_NAME, main
+from dualpm.eval.cli import RATIO_KEY
+from pipeline.demo import main
+from pipeline.demo_config import DEFAULT_CONFIG, LEARNING_BAR, STATE_NAME
 
 DEMO = [sys.executable, "-m", "pipeline.demo"]
 TINY = ["--samples", "24", "--models", "1", "--image-size", "32", "--faces", "600", "--resolution", "16",

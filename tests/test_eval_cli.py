@@ -25,10 +25,10 @@ import torch
 import trimesh
 import zarr
 from click.testing import CliRunner
-from PIL import Image
-
 from datagen import cli_output as run
 from datagen import make_source_dataset, tube_mesh
+from PIL import Image
+
 from dualpm.camera import view_from_camera_pose
 from dualpm.data.source import Layout, SourceDataset
 from dualpm.eval.animodel import AnimodelOptions, score
@@ -37,9 +37,9 @@ from dualpm.eval.cli import RATIO_KEY
 from dualpm.eval.cli import main as eval_main
 from dualpm.eval.targets import camera_to_world
 from dualpm.gltf import SkinnedMesh, load_skinned_mesh, save_skinned_mesh
-from dualpm.infer import keep_mask, open_predictions
-from dualpm.infer import main as infer_main
+from dualpm.infer.cli import main as infer_main
 from dualpm.pointcloud import write_ply
+from dualpm.predictions import keep_mask, open_predictions
 from dualpm.skinning import read_pose_file, skin
 from dualpm.store import decode_dual_pointmap, load_manifest
 from dualpm.train import config_from_dict, train

@@ -123,8 +123,3 @@ def test_rgb_basis_is_reused_and_checked(tmp_path):
     assert again.content_hash() == first.content_hash() and path.read_bytes() == data
     with pytest.raises(ConfigError, match="grid: 8 vs 16"):
         load_or_fit_basis(path, build_extractor(FeatureSpec("rgb", grid=16)), lambda: [])
-
-
-def test_precomputed_has_nothing_to_build():
-    with pytest.raises(ConfigError, match="read_packed"):
-        build_extractor(FeatureSpec("precomputed", grid=60))

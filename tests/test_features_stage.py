@@ -29,6 +29,7 @@ from dualpm.features import (
     fit_basis,
     read_packed,
 )
+from dualpm.features.column import BASIS_NAME, spec_from_column
 from dualpm.features.dino import write_random_dinov2
 from dualpm.features.sd_dino import write_random_sd
 from dualpm.images import load_image, stack_images
@@ -45,13 +46,7 @@ from dualpm.store import (
 )
 from pipeline.cli import main
 from pipeline.cluster import ClusterInfo
-from pipeline.features_stage import (
-    BASIS_NAME,
-    choose_device,
-    pca_sample_ids,
-    spec_from_column,
-    worker_resources,
-)
+from pipeline.features_stage import choose_device, pca_sample_ids, worker_resources
 
 # sd-dino on the tiny models: a 8 x 8 grid (SD 128 px, DINOv2 112 px), 3 x 8 block PCAs, 16 channels.
 SD_ARGS = ["--grid", "8", "--sd-pca-dims", "8", "8", "8", "--dim", "16", "--pca-samples", "4"]

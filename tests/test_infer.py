@@ -30,10 +30,13 @@ from dualpm.eval.cli import RATIO_KEY
 from dualpm.eval.cli import main as eval_main
 from dualpm.features import FeatureSpec, build_extractor, extract, fit_basis
 from dualpm.features.dino import write_random_dinov2
-from dualpm.infer import Batch, InferError, ModelPredictor, build_image_features, keep_mask, open_predictions
-from dualpm.infer import main as infer_main
+from dualpm.infer import InferError
+from dualpm.infer.batches import Batch
+from dualpm.infer.cli import main as infer_main
+from dualpm.infer.predictors import ModelPredictor, build_image_features
 from dualpm.model import DualPMNet, ModelConfig, UNetConfig
 from dualpm.pointcloud import read_ply
+from dualpm.predictions import keep_mask, open_predictions
 from dualpm.train import config_from_dict, load_checkpoint, train
 from dualpm.train.checkpoint import FEATURE_BASIS, save_checkpoint
 from dualpm.viz import canonical_to_rgb

@@ -54,7 +54,7 @@ from dualpm.eval.metrics import EvalError
 from dualpm.eval.pair import ICP_ITERATIONS, PROTOCOL_NAMES, PROTOCOLS, pair
 from dualpm.eval.targets import FRAMES, TargetMeshes, load_target, to_frame
 from dualpm.fileio import atomic_write_json, atomic_write_text
-from dualpm.infer import SAMPLES, Predictions, keep_mask, open_predictions
+from dualpm.predictions import SAMPLES, Predictions, keep_mask, open_predictions
 
 RATIO_KEY = "chamfer_ratio_model_over_baseline"
 RATIO_METRIC = "unit_chamfer_layers_sym"

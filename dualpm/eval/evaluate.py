@@ -1,6 +1,6 @@
 """Per-sample evaluation of dual point map predictions against a prepared dataset (what dualpm-eval runs).
 
-For each predicted sample (`dualpm.infer.open_predictions`) and its ground truth (`GroundTruthReader`):
+For each predicted sample (`dualpm.predictions.open_predictions`) and its ground truth (`GroundTruthReader`):
 
 * Chamfer distances (Animodel definitions, `metrics.chamfer`) from the kept predicted posed points to
   (a) `layers`: the ground-truth posed points of every stored layer of the render column, and

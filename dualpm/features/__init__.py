@@ -15,7 +15,6 @@ from dualpm.features.base import (
     EXTRACTORS,
     FeatureExtractor,
     FeatureSpec,
-    build_extractor,
     check_basis,
     extract,
     fit_basis,
@@ -29,6 +28,7 @@ from dualpm.features.precomputed import (
     spec_from_packed,
     write_packed,
 )
+from dualpm.features.registry import build_extractor
 
 __all__ = [
     "EXTRACTORS",

@@ -220,7 +220,7 @@ def _check_type(name: str, value: Any, types: type | tuple[type, ...]) -> None:
 
 
 class FeatureExtractor(Protocol):
-    """An image feature extractor (sd-dino, dino, rgb); see `build_extractor`.
+    """An image feature extractor (sd-dino, dino, rgb); built by `registry.build_extractor`.
 
     stages: the PCA stages of its basis, in fitting order, name -> (input channels, kept channels);
             "final" (raw features -> `spec.dim`) is last when present. rgb has none.
@@ -245,31 +245,6 @@ class FeatureExtractor(Protocol):
     ) -> Tensor:
         """Features before the final PCA: (B, raw_channels, *grid) float32 on `device`."""
         ...
-
-
-def build_extractor(spec: FeatureSpec, device: str | torch.device = "cpu") -> FeatureExtractor:
-    """Check the spec's model folders and load the extractor onto `device`.
-
-    Every folder, model class and config is checked before any weights are loaded; problems raise
-    `ConfigError` naming the folder. Weights are read from local paths only (never downloaded).
-    """
-    device = torch.device(device)
-    if spec.extractor == "rgb":
-        from dualpm.features.rgb import RgbExtractor
-
-        return RgbExtractor(spec, device)
-    if spec.extractor == "dino":
-        from dualpm.features.dino import DinoExtractor
-
-        return DinoExtractor(spec, device)
-    if spec.extractor == "sd-dino":
-        from dualpm.features.sd_dino import SdDinoExtractor
-
-        return SdDinoExtractor(spec, device)
-    raise ConfigError(
-        "extractor 'precomputed' has no model to build: its features are read from the dataset's "
-        "features/<id>_feat.png files with dualpm.features.precomputed.read_packed"
-    )
 
 
 # ---------------------------------------------------------------------------------------------
