@@ -256,6 +256,8 @@ def test_animodel_protocol_scores_the_world_frame_points_against_the_posed_mesh(
         assert float(row["animodel_unit_chamfer_sym"]) == expected.unit.symmetric
         # Exact points on the GT surface, but few (32 px, 3 layers, three thin tubes): within 6% of the size.
         assert expected.unit.symmetric < 0.06
+    serial, serial_rows, _ = evaluate(oracle, tmp_path / "serial", "--protocol", "animodel", "--workers", "1", *FEW)
+    assert serial_rows == rows and serial["model"] == summary["model"]  # the worker processes change nothing
     camera, _, _ = evaluate(oracle, tmp_path / "camera", "--protocol", "animodel", "--frame", "camera", *FEW)
     assert camera["model"]["animodel_chamfer_sym"] != summary["model"]["animodel_chamfer_sym"]
 

@@ -169,10 +169,11 @@ def fill_inside(grid: np.ndarray) -> np.ndarray:
     """`grid` (X, Y, Z) bool with every empty voxel that no 6-connected empty path links to the grid's border
     set: the result of `scipy.ndimage.binary_fill_holes(grid)` (what trimesh's `fill` runs), computed from
     one labelling of the empty voxels instead of an iterated dilation (several times faster)."""
-    labels, _ = ndimage.label(~grid)  # default structure: 6-connectivity, as binary_fill_holes
-    border = np.unique(np.concatenate([
-        labels[[0, -1]].ravel(), labels[:, [0, -1]].ravel(), labels[:, :, [0, -1]].ravel()]))
-    return grid | ~np.isin(labels, border)
+    labels, count = ndimage.label(~grid)  # default structure: 6-connectivity, as binary_fill_holes
+    outside = np.zeros(count + 1, dtype=bool)  # label -> touches the border (label 0: the surface itself)
+    outside[labels[[0, -1]]] = outside[labels[:, [0, -1]]] = outside[labels[:, :, [0, -1]]] = True
+    outside[0] = False
+    return grid | ~outside[labels]
 
 
 def voxelise(mesh: trimesh.Trimesh, min_cubes: int, name: str = "mesh") -> tuple[np.ndarray, float, np.ndarray]:

@@ -25,12 +25,16 @@ See `dualpm.eval.evaluate` (dualpm) and `dualpm.eval.animodel` (animodel) for th
 
 from __future__ import annotations
 
+import collections
 import csv
 import dataclasses
 import io
 import math
+import multiprocessing
+import os
 import time
 import zlib
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -205,41 +209,50 @@ def evaluate_store(
     return model_rows, baseline_rows, per_joint, notes
 
 
-def _animodel_row(canonical: np.ndarray, posed: np.ndarray, keep: np.ndarray, target: trimesh.Trimesh,
-                  view: np.ndarray | None, frame: str, yaw: float, options: AnimodelOptions) -> dict[str, float]:
-    """`animodel_*` metrics of one prediction's kept posed points (L, 3, H, W maps, (L, H, W) keep)."""
-    points = np.moveaxis(posed, -3, -1)[keep].astype(np.float64)  # (N, 3)
-    cloud = to_frame(frame, points, np.moveaxis(canonical, -3, -1)[keep].astype(np.float64), view, yaw)
-    metrics = score(cloud, target, options).metrics()
-    return {"points": float(len(points)), **{f"animodel_{k}": v for k, v in metrics.items()}}
+def _cloud(canonical: np.ndarray, posed: np.ndarray, keep: np.ndarray, view: np.ndarray | None, frame: str,
+           yaw: float) -> np.ndarray:
+    """(N, 3) float64 kept posed points of one prediction ((L, 3, H, W) maps, (L, H, W) keep) in `frame`."""
+    points = np.moveaxis(posed, -3, -1)[keep].astype(np.float64)  # (L, H, W, 3)[keep] -> (N, 3)
+    return to_frame(frame, points, np.moveaxis(canonical, -3, -1)[keep].astype(np.float64), view, yaw)
+
+
+def _score_clouds(sample_id: str, clouds: list[np.ndarray], vertices: np.ndarray, faces: np.ndarray,
+                  options: AnimodelOptions) -> list[dict[str, float]]:
+    """`animodel_*` metrics of each cloud against one target mesh (runs in a worker process)."""
+    target = trimesh.Trimesh(vertices, faces, process=False)
+    rows = []
+    for cloud in clouds:
+        try:
+            metrics = score(cloud, target, options).metrics()
+        except EvalError as err:
+            raise EvalError(f"sample {sample_id!r}: {err}") from err
+        rows.append({"points": float(len(cloud)), **{f"animodel_{k}": v for k, v in metrics.items()}})
+    return rows
 
 
 def animodel_store(
     pred: Predictions, options: EvalOptions, animodel: AnimodelOptions, frame: str, yaw: float,
     reader: GroundTruthReader | None, targets: TargetMeshes | None, baseline: ConstantBaseline | None,
+    workers: int = 1,
 ) -> tuple[list[str], list[dict[str, float]], list[dict[str, float]] | None, list[str]]:
     """The Animodel protocol over a predictions store: (ids, model rows, baseline rows or None, notes).
 
     Targets come from `reader` (a prepared dataset: the posed mesh in its world frame, the sample's camera)
     or from `targets` (an Animodel-layout folder, matched by id). Each sample's samples are seeded with
-    `animodel.seed` + crc32(id), so a sample's numbers do not depend on the others.
+    `animodel.seed` + crc32(id), so a sample's numbers do not depend on the others, nor on `workers`
+    (processes scoring samples at once; 1: in this process).
     """
     index = {sid: i for i, sid in enumerate(pred.ids)}
     notes: list[str] = []
 
-    def rows(sample_id: str, target: trimesh.Trimesh, view: np.ndarray | None) -> tuple[dict, dict | None]:
+    def job(sample_id: str, target: trimesh.Trimesh, view: np.ndarray | None) -> tuple:
         maps = pred.sample(index[sample_id])
         keep = keep_mask(maps, options.occupancy_threshold, options.confidence_threshold)
+        clouds = [_cloud(maps.canonical, maps.posed, keep, view, frame, yaw)]
+        if baseline is not None:
+            clouds.append(_cloud(*baseline.predict(maps.mask), view, frame, yaw))
         seeded = dataclasses.replace(animodel, seed=animodel.seed + zlib.crc32(sample_id.encode()))
-        try:
-            model = _animodel_row(maps.canonical, maps.posed, keep, target, view, frame, yaw, seeded)
-            base = None
-            if baseline is not None:
-                canonical, posed, base_keep = baseline.predict(maps.mask)
-                base = _animodel_row(canonical, posed, base_keep, target, view, frame, yaw, seeded)
-        except EvalError as err:
-            raise EvalError(f"sample {sample_id!r}: {err}") from err
-        return model, base
+        return sample_id, clouds, np.asarray(target.vertices), np.asarray(target.faces), seeded
 
     if targets is not None:
         ids, no_target, no_prediction = targets.match(pred.ids)
@@ -258,18 +271,35 @@ def animodel_store(
                   trimesh.Trimesh(gt.world_vertices, gt.faces, process=False), gt.view, gt.note)
                  for gt in reader.read(ids))
         pairs = _with_notes(pairs, notes)
-    model_rows: dict[str, dict[str, float]] = {}
-    baseline_rows: dict[str, dict[str, float]] = {}
-    for sample_id, target, view in tqdm(pairs, total=len(ids), desc="eval animodel", unit="sample",
-                                        dynamic_ncols=True):
-        if target is None:
-            model_rows[sample_id] = {}
-            continue
-        model_rows[sample_id], base = rows(sample_id, target, view)
-        if base is not None:
-            baseline_rows[sample_id] = base
-    return (ids, [model_rows.get(i, {}) for i in ids],
-            None if baseline is None else [baseline_rows.get(i, {}) for i in ids], notes)
+    jobs = (job(*pair) for pair in pairs if pair[1] is not None)
+    scored: dict[str, list[dict[str, float]]] = {}
+    with tqdm(total=len(ids), desc="eval animodel", unit="sample", dynamic_ncols=True) as bar:
+        for sample_id, rows in _run_jobs(jobs, workers):
+            scored[sample_id] = rows
+            bar.update(1)
+    model_rows = [scored[i][0] if i in scored else {} for i in ids]
+    baseline_rows = None if baseline is None else [scored[i][1] if i in scored else {} for i in ids]
+    return ids, model_rows, baseline_rows, notes
+
+
+def _run_jobs(jobs, workers: int):
+    """Yield (sample id, rows) of `_score_clouds(*job)` for every job, in order; `workers` > 1 scores that
+    many samples at once in spawned processes (a fresh interpreter each: no fork of a threaded parent),
+    with at most 2 x `workers` samples' clouds in memory."""
+    if workers <= 1:
+        for args in jobs:
+            yield args[0], _score_clouds(*args)
+        return
+    pending: collections.deque = collections.deque()
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for args in jobs:
+            pending.append((args[0], pool.submit(_score_clouds, *args)))
+            if len(pending) >= 2 * workers:
+                sample_id, future = pending.popleft()
+                yield sample_id, future.result()
+        while pending:
+            sample_id, future = pending.popleft()
+            yield sample_id, future.result()
 
 
 def _with_notes(pairs, notes: list[str]):
@@ -320,6 +350,8 @@ def _with_notes(pairs, notes: list[str]):
               help="animodel: even points per surface for the Chamfer distance.")
 @click.option("--min-cubes", type=click.IntRange(4, 1000), default=100,
               help="animodel: voxel pitch = shortest side of a mesh's box / this (volume and remesh).")
+@click.option("--workers", type=click.IntRange(1, 1024), default=None, show_default="all CPUs, at most 16",
+              help="animodel: samples scored at once, each in its own process (the numbers do not depend on it).")
 @click.option("--occupancy-threshold", type=click.FloatRange(0, 1), default=None,
               show_default="as used by dualpm-infer", help="Keep points with sigmoid(occupancy) above this.")
 @click.option("--confidence-threshold", type=click.FloatRange(1, None), default=None,
@@ -331,7 +363,7 @@ def _with_notes(pairs, notes: list[str]):
 def main(ctx: click.Context, pred: Path | None, protocol: str, data: Path | None, targets: Path | None,
          frame: str, yaw: float, source: Path | None, out: Path | None, baseline: bool, baseline_split: str,
          icp: bool, icp_iterations: int | None, surface_points: int, align_points: int, chamfer_points: int,
-         min_cubes: int,
+         min_cubes: int, workers: int | None,
          occupancy_threshold: float | None, confidence_threshold: float | None, seed: int, dry_run: bool) -> None:
     """Per-sample and summary metrics of the dualpm-infer predictions in --pred, under --protocol.
 
@@ -385,8 +417,9 @@ def main(ctx: click.Context, pred: Path | None, protocol: str, data: Path | None
     if protocol == "dualpm":
         config.update({"icp": icp, "surface_points": surface_points, "skeleton": bool(attrs.get("skeleton"))})
     else:
+        workers = workers or min(16, os.cpu_count() or 1)
         config.update({"frame": frame, "yaw": yaw, "align_points": align_points, "chamfer_points": chamfer_points,
-                       "min_cubes": min_cubes})
+                       "min_cubes": min_cubes, "workers": workers})
     if dry_run:
         show_and_save_config(config, None, "evaluation config (dry run)")
         click.echo(f"{len(predictions)} samples would be evaluated ({protocol} protocol) against {targets or data}")
@@ -411,7 +444,7 @@ def main(ctx: click.Context, pred: Path | None, protocol: str, data: Path | None
             raise ConfigError(f"{reader.source_note}; the animodel protocol scores against the posed meshes")
         ids, model_rows, baseline_rows, notes = animodel_store(
             predictions, options, animodel, frame, yaw, reader, None if targets is None else TargetMeshes(targets),
-            constant)
+            constant, workers)
     seconds = time.perf_counter() - start
     model = mean_metrics(model_rows)
     base = mean_metrics(baseline_rows) if baseline_rows is not None else None
