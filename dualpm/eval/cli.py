@@ -55,7 +55,7 @@ from dualpm.eval.evaluate import (
     skeleton_metrics,
 )
 from dualpm.eval.metrics import EvalError
-from dualpm.eval.pair import ICP_ITERATIONS, PROTOCOL_NAMES, PROTOCOLS, pair
+from dualpm.eval.pair import ICP_ITERATIONS, PROTOCOL_NAMES, PROTOCOLS, animodel_sampling_options, pair
 from dualpm.eval.targets import FRAMES, TargetMeshes, load_target, to_frame
 from dualpm.fileio import atomic_write_json, atomic_write_text
 from dualpm.predictions import SAMPLES, Predictions, keep_mask, open_predictions
@@ -344,12 +344,7 @@ def _with_notes(pairs, notes: list[str]):
               show_default="50 (dualpm), 200 (animodel)", help="ICP iterations per start.")
 @click.option("--surface-points", type=click.IntRange(min=0), default=10000,
               help="dualpm: points sampled on each ground-truth mesh surface (0: skip the surface Chamfer).")
-@click.option("--align-points", type=click.IntRange(3, 1_000_000), default=8000,
-              help="animodel: even points per surface for ICP.")
-@click.option("--chamfer-points", type=click.IntRange(1, 10_000_000), default=60000,
-              help="animodel: even points per surface for the Chamfer distance.")
-@click.option("--min-cubes", type=click.IntRange(4, 1000), default=100,
-              help="animodel: voxel pitch = shortest side of a mesh's box / this (volume and remesh).")
+@animodel_sampling_options
 @click.option("--workers", type=click.IntRange(1, 1024), default=None, show_default="all CPUs, at most 16",
               help="animodel: samples scored at once, each in its own process (the numbers do not depend on it).")
 @click.option("--occupancy-threshold", type=click.FloatRange(0, 1), default=None,

@@ -80,18 +80,31 @@ def describe(metrics: dict[str, float], protocol: str) -> str:
     return "\n".join(lines)
 
 
+# The Animodel sampling options of `dualpm-eval` and `dualpm-eval pair`, defined once.
+_ANIMODEL_SAMPLING = (
+    click.option("--align-points", type=click.IntRange(3, 1_000_000), default=8000,
+                 help="animodel: even points per surface for ICP."),
+    click.option("--chamfer-points", type=click.IntRange(1, 10_000_000), default=60000,
+                 help="animodel: even points per surface for the Chamfer distance."),
+    click.option("--min-cubes", type=click.IntRange(4, 1000), default=100,
+                 help="animodel: voxel pitch = shortest side of a mesh's box / this (volume and remesh)."),
+)
+
+
+def animodel_sampling_options(fn):
+    """Add --align-points, --chamfer-points and --min-cubes (in that order) to a command."""
+    for option in reversed(_ANIMODEL_SAMPLING):
+        fn = option(fn)
+    return fn
+
+
 @click.command("pair", context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.argument("pred", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("target", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--protocol", type=click.Choice(PROTOCOLS), default="animodel", help="Which protocol scores the pair.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as one JSON object.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, help="Seed of every random surface sample.")
-@click.option("--align-points", type=click.IntRange(3, 1_000_000), default=8000,
-              help="animodel: even points per surface for ICP.")
-@click.option("--chamfer-points", type=click.IntRange(1, 10_000_000), default=60000,
-              help="animodel: even points per surface for the Chamfer distance.")
-@click.option("--min-cubes", type=click.IntRange(4, 1000), default=100,
-              help="animodel: voxel pitch = shortest side of a mesh's box / this (volume and remesh).")
+@animodel_sampling_options
 @click.option("--icp-iterations", type=click.IntRange(1, 1000), default=None,
               show_default="200 (animodel), 50 (dualpm)", help="ICP iterations per start.")
 @click.option("--surface-points", type=click.IntRange(min=1), default=10000,
