@@ -71,7 +71,7 @@ from dualpm.loss import split_target
 from dualpm.masks import INSIDE, read_mask, resize_mask
 from dualpm.model import DualPMNet, Prediction, describe
 from dualpm.pointcloud import write_mesh_ply, write_ply
-from dualpm.store import decode_png, load_manifest
+from dualpm.store import StoredSample, load_manifest
 from dualpm.train.checkpoint import FEATURE_BASIS, find_checkpoint, load_checkpoint
 from dualpm.train.config import Config, config_from_dict
 from dualpm.viz import canonical_to_rgb, depth_to_rgb, image_grid
@@ -235,7 +235,7 @@ def open_predictions(path: str | Path) -> Predictions:
 class Batch:
     """B input samples. features: (B, C, H, W) float32 CPU (None for the oracle); mask: (B, H, W) float32
     in {0, 1}; target: (B, H, W, L, 7) ground truth (oracle only); images: (h, w, 3) uint8 inputs for the
-    sheets, or None; meta: per sample, the render column's meta.json (dataset) or {} (images)."""
+    sheets, or None; meta: per sample, the render column's meta (dataset) or {} (images)."""
 
     ids: list[str]
     features: torch.Tensor | None
@@ -281,13 +281,13 @@ def dataset_batches(
     if limit:
         records = itertools.islice(records, limit)
 
-    def decoded(chunk: list[tuple[int, str, dict, np.ndarray]]) -> Batch:
+    def decoded(chunk: list[tuple[int, str, StoredSample, StoredSample]]) -> Batch:
         samples, images, meta = [], [], []
         for shard, sample_id, fields, feats in chunk:
             where = f"{info.root}: shard {shard} sample {sample_id!r}"
             samples.append(decode_sample(fields, feats, layers, resolution, where))
-            images.append(decode_png(fields["rgb.png"]) if "rgb.png" in fields else None)
-            meta.append(fields.get("meta.json") or {})
+            images.append(fields["rgb"] if "rgb" in fields else None)
+            meta.append(fields.get("meta") or {})
         return Batch(
             ids=[r[1] for r in chunk],
             features=torch.stack([s["features"] for s in samples]),

@@ -3,15 +3,19 @@
 Per shard (`render_shard`): group the samples by model, load each mesh once, read the poses, skin
 and render in batches (`--batch`), check each sample (unreadable mesh or pose, mesh outside the view,
 non-finite values: recorded as that sample's failure), encode, and publish the shard atomically.
-Each sample holds:
+Each sample holds (`render_fields`; docs/format.md says how each container stores them):
 
-    dpm         `dualpm.store.encode_dual_pointmap` of the (H, W, L, 7) map (float16 values of hits)
-    mask.png    1-bit PNG at the source's resolution: the source mask decoded by `dualpm.masks` (any
-                encoding; an empty one fails the sample), or without one the rendered layer-1 coverage
-    rgb.png     the source image, byte for byte (only when the source has one)
-    meta.json   source id, model name, focal length (mm), camera pose (Z-up camera-to-world), the
-                view and projection used, resolution, layers, backend, where the mask came from and its
-                IoU with the rendered layer-1 coverage
+    dpm     the (H, W, L, 7) dual point map, stored sparse: hit counts and `--precision` values of the hits
+    mask    0/1 at the source's resolution: the source mask decoded by `dualpm.masks` (any encoding; an
+            empty one fails the sample), or without one the rendered layer-1 coverage
+    rgb     the source image (WebDataset: the file byte for byte; Zarr: (h, w, 3) uint8), when it has one
+    meta    source id, model name, focal length (mm), camera pose (Z-up camera-to-world), the view and
+            projection used, resolution, layers, backend, where the mask came from and its IoU with the
+            rendered layer-1 coverage
+
+A Zarr column holds one typed array per field, so every sample's mask and image must have one size: the
+driver reads it from the first sample with an image or mask (`source_images`), and a sample of another
+size fails with a message saying so (WebDataset columns take any size).
 
 The backend is decided once, in the driver, from the Ray cluster: `cuda` tasks (one GPU each) only
 where the cluster has GPUs; `--backend cuda` without any fails before anything is submitted (a task
@@ -20,6 +24,7 @@ asking for a GPU that does not exist would wait forever).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import socket
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -35,7 +40,7 @@ import torch
 from dualpm import __version__
 from dualpm.camera import projection_from_focal, view_from_camera_pose
 from dualpm.cliutils import handles_user_errors, show_and_save_config
-from dualpm.data.source import SourceDataset, SourceSample
+from dualpm.data.source import Layout, SourceDataset, SourceSample
 from dualpm.errors import BackendUnavailable, DatasetError, DualPMError, GltfError
 from dualpm.gltf import SkinnedMesh, load_skinned_mesh
 from dualpm.images import open_image
@@ -44,15 +49,18 @@ from dualpm.render import cuda_backend_status, render_dual_pointmaps
 from dualpm.skinning import read_pose_file, skin
 from dualpm.store import (
     FORMATS,
+    PRECISION,
+    PRECISIONS,
     SCHEMA_VERSION,
     FieldSpec,
+    Manifest,
     ShardPlan,
     ShardRecord,
     ShardWriter,
     column_dir,
-    encode_dual_pointmap,
-    png_bytes,
 )
+from dualpm.store.encoding import rgb8
+from dualpm.store.shards import PreparedSample, prepare_sample
 from pipeline.cluster import ClusterInfo, concurrent_tasks, ray_session
 from pipeline.runner import (
     Stage,
@@ -80,19 +88,61 @@ class RenderConfig:
     batch: int  # images per render call
     format: str  # 'webdataset' or 'zarr'
     threads: int = 1  # encoding threads per task (GPU tasks encode while the GPU renders)
+    precision: str = "float16"  # of the stored dual point map values
+    image_size: tuple[int, int] | None = None  # zarr: (h, w) of every stored mask and image
+    with_rgb: bool = False  # zarr: the column stores the source images (the source has renders/)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self) | {"schema_version": SCHEMA_VERSION, "tool_version": __version__}
 
 
 def render_fields(config: RenderConfig) -> dict[str, FieldSpec]:
-    """What every sample of the render column holds (checked by `dualpm-prep verify`)."""
-    return {
-        "dpm": FieldSpec(shape=(config.resolution, config.resolution, config.layers, 7)),
-        "mask.png": FieldSpec(),
-        "rgb.png": FieldSpec(required=False),
-        "meta.json": FieldSpec(),
+    """What every sample of the render column holds and what it means (the schema block; checked by
+    `dualpm-prep verify`). Zarr columns fix the mask and image size (`config.image_size`)."""
+    r, layers = config.resolution, config.layers
+    zarr_size = config.image_size if config.format == "zarr" else None
+    fields = {
+        "dpm": FieldSpec("dpm", (r, r, layers, 7), config.precision, about={
+            "channels": ["canonical_x", "canonical_y", "canonical_z", "posed_x", "posed_y", "posed_z", "alpha"],
+            "units": "scene units; alpha 1 where layer l of the pixel hit a surface, else all 7 channels 0",
+            "frames": "canonical: the mesh's rest pose, Y-up; posed: OpenGL camera, z minus view[2, 3]",
+            "resolution": [r, r],
+            "layers": layers,
+            "precision": PRECISION[config.precision],
+        }),
+        "mask": FieldSpec("mask", zarr_size, "uint8", about={
+            "values": "1 inside the object, 0 outside",
+            "resolution": "the source image's (not the dual point map's)" if zarr_size is None else list(zarr_size),
+            "source": "the source mask, or the rendered layer-1 coverage without one (meta.mask says which)",
+        }),
+        "meta": FieldSpec("json", about={
+            "keys": ["source_id", "model_name", "focal_length (mm, 36 mm sensor height)", "camera_pose "
+                     "(4x4 camera-to-world, Blender Z-up world)", "view (4x4 world-to-camera, Y-up)",
+                     "projection (4x4 OpenGL)", "resolution", "layers", "backend", "mask", "mask_iou"],
+        }),
     }
+    if config.format == "webdataset" or config.with_rgb:
+        fields["rgb"] = FieldSpec("image", None if zarr_size is None else (*zarr_size, 3), "uint8",
+                                  required=config.format == "zarr", about={
+            "values": "RGB, 8 bits per channel" if zarr_size else "the source image file, as found",
+            "resolution": "the source image's" if zarr_size is None else list(zarr_size),
+        })
+    return fields
+
+
+def source_images(source: SourceDataset, manifest: Manifest, resolution: int) -> tuple[tuple[int, int], bool]:
+    """((h, w) of the source's images and masks, whether it has images), for a Zarr render column.
+
+    The size is that of the first planned sample with an image or mask file (every sample must match
+    it); without either, masks are the rendered coverage at the render resolution.
+    """
+    with_rgb = (source.root / "renders").is_dir()
+    for sample_id in (i for plan in manifest.plan for i in plan.ids):
+        for path in (source.layout.rgb(sample_id), source.layout.mask(sample_id)):
+            if path.exists():
+                width, height = open_image(path).size
+                return (height, width), with_rgb
+    return (resolution, resolution), with_rgb
 
 
 def stage_for(config: RenderConfig) -> Stage:
@@ -131,10 +181,19 @@ def _read_image_bytes(path: Path) -> bytes:
     return data
 
 
+def _zarr_size(what: str, path: Path, shape: tuple[int, ...], config: RenderConfig) -> str | None:
+    """Why an image or mask of `shape` cannot go into the Zarr column, or None when it can."""
+    if config.format != "zarr" or tuple(shape[:2]) == config.image_size:
+        return None
+    return (f"{path}: {what} is {shape[0]}x{shape[1]}, the Zarr render column stores "
+            f"{config.image_size[0]}x{config.image_size[1]} (the first sample's size); resize the source, or "
+            "render with --format webdataset, which keeps every size")
+
+
 def _sample_fields(
     sample: SourceSample, dpm: np.ndarray, view: np.ndarray, projection: np.ndarray, config: RenderConfig
-) -> dict[str, Any] | str:
-    """The stored fields of one rendered sample, or the reason it failed.
+) -> PreparedSample | str:
+    """The stored fields of one rendered sample, checked and encoded for the column, or why it failed.
 
     Args:
         dpm: (H, W, L, 7) float32 rendered map, CPU. view, projection: (4, 4) used to render it.
@@ -144,8 +203,8 @@ def _sample_fields(
     coverage = dpm[:, :, 0, 6] > 0  # (H, W) layer-1 hits
     if not coverage.any():
         return "mesh outside the view: no pixel covered (check the camera and pose files)"
+    fields: dict[str, Any] = {"dpm": dpm}
     try:
-        fields: dict[str, Any] = {"dpm": encode_dual_pointmap(dpm)}
         mask, iou = coverage, 1.0
         if sample.mask_path:
             mask = read_mask(sample.mask_path) > INSIDE  # (h, w) bool at the source's resolution
@@ -153,12 +212,25 @@ def _sample_fields(
                 return (f"{sample.mask_path}: the mask is empty, but the render covers {int(coverage.sum())} "
                         "pixels of layer 1 (a mask saved with other values than the file's type suggests?)")
             iou = mask_iou(resize_mask(mask, coverage.shape), coverage)
-        fields["mask.png"] = png_bytes(mask)  # 1-bit: one encoding whatever the source used
+            if reason := _zarr_size("the mask", sample.mask_path, mask.shape, config):
+                return reason
+        elif config.format == "zarr" and mask.shape != config.image_size:  # coverage at the column's size
+            mask = resize_mask(mask, config.image_size).numpy() > INSIDE
+        fields["mask"] = mask
         if sample.rgb_path:
-            fields["rgb.png"] = _read_image_bytes(sample.rgb_path)
-    except DualPMError as err:  # EncodingError: values beyond float16, etc.
+            image = _read_image_bytes(sample.rgb_path)
+            if config.format == "zarr":
+                image = rgb8(image, str(sample.rgb_path))  # (h, w, 3) uint8
+                if reason := _zarr_size("the image", sample.rgb_path, image.shape, config):
+                    return reason
+            if config.format == "webdataset" or config.with_rgb:
+                fields["rgb"] = image
+        elif config.format == "zarr" and config.with_rgb:
+            return (f"no image {Layout(Path(config.source)).rgb(sample.id)}: a Zarr render column stores one "
+                    "per sample (add it, or render with --format webdataset)")
+    except DualPMError as err:
         return str(err)
-    fields["meta.json"] = {
+    fields["meta"] = {
         "source_id": sample.id,
         "model_name": sample.model_name,
         "focal_length": sample.focal_length,
@@ -171,7 +243,10 @@ def _sample_fields(
         "mask": "source" if sample.mask_path else "rendered",
         "mask_iou": round(iou, 4),  # source mask (area-resized) vs rendered layer-1 coverage
     }
-    return fields
+    try:  # encodes (compresses) here, in the task's encoding threads
+        return prepare_sample(render_fields(config), config.format, fields, f"sample {sample.id!r}")
+    except DualPMError as err:  # EncodingError: values beyond float16, etc.
+        return str(err)
 
 
 def _render_model(
@@ -180,7 +255,7 @@ def _render_model(
     samples: list[SourceSample],
     config: RenderConfig,
     pool: ThreadPoolExecutor | None,
-    results: dict[str, dict[str, Any] | str | Future],
+    results: dict[str, PreparedSample | str | Future],
 ) -> None:
     """Render the samples of one model into `results` (fields, failure reason, or a pending encode)."""
     try:
@@ -226,7 +301,7 @@ def render_shard(config: RenderConfig, plan: ShardPlan, out_column: str) -> Shar
         if reason is not None:
             raise BackendUnavailable(f"Ray worker on {socket.gethostname()}: {reason}")
     source = SourceDataset(config.source)
-    results: dict[str, dict[str, Any] | str | Future] = {}
+    results: dict[str, PreparedSample | str | Future] = {}
     by_model: dict[str, list[SourceSample]] = {}
     for sample_id in plan.ids:
         try:
@@ -241,7 +316,7 @@ def render_shard(config: RenderConfig, plan: ShardPlan, out_column: str) -> Shar
             _render_model(source, model, samples, config, pool, results)
         # The driver removed any earlier copy of this shard; overwrite covers a retry of this task
         # whose killed predecessor got as far as publishing.
-        with ShardWriter(out_column, plan.index, config.format, overwrite=True) as writer:
+        with ShardWriter(out_column, plan, config.format, render_fields(config), overwrite=True) as writer:
             for sample_id in plan.ids:  # plan order
                 result = results[sample_id]
                 result = result.result() if isinstance(result, Future) else result
@@ -291,6 +366,8 @@ def task_resources(backend: str, cluster: ClusterInfo) -> tuple[dict[str, float]
               help="cuda (nvdiffrast, one GPU per task) where the Ray cluster has GPUs, else cpu (Embree).")
 @click.option("--format", "fmt", type=click.Choice(list(FORMATS)), default="webdataset", show_default=True,
               help="Shard container.")
+@click.option("--precision", type=click.Choice(list(PRECISIONS)), default="float16", show_default=True,
+              help="Stored dual point map values (float16: relative error <= 4.9e-4; docs/format.md).")
 @click.option("--batch", type=click.IntRange(1, 4096), default=32, show_default=True,
               help="Images per render call.")
 @click.option("--workers", type=click.IntRange(min=1), default=None, show_default="all CPUs",
@@ -300,13 +377,15 @@ def task_resources(backend: str, cluster: ClusterInfo) -> tuple[dict[str, float]
 @shard_stage_options
 @handles_user_errors
 def render(src: Path, out: Path, resolution: int, layers: int, shard_size: int | None, backend: str, fmt: str,
-           batch: int, workers: int | None, address: str | None, overwrite: bool, max_failures: int | None,
-           dry_run: bool) -> None:
+           precision: str, batch: int, workers: int | None, address: str | None, overwrite: bool,
+           max_failures: int | None, dry_run: bool) -> None:
     """Render the dual point maps of source dataset SRC into the sharded store OUT (column "render")."""
     source = SourceDataset(src)
     manifest = open_manifest(out, source, shard_size)
     require_samples(manifest, source)
-    config = RenderConfig(str(source.root.resolve()), resolution, layers, backend, batch, fmt)
+    image_size, with_rgb = source_images(source, manifest, resolution) if fmt == "zarr" else (None, False)
+    config = RenderConfig(str(source.root.resolve()), resolution, layers, backend, batch, fmt,
+                          precision=precision, image_size=image_size, with_rgb=with_rgb)
     check_column(out, manifest, stage_for(config), overwrite)  # before Ray starts or anything is written
     if dry_run:
         show_and_save_config(config.to_json() | {"backend": f"{backend} (resolved when Ray starts)"}, None,
@@ -316,7 +395,7 @@ def render(src: Path, out: Path, resolution: int, layers: int, shard_size: int |
     with ray_session(address, None if address else workers) as cluster:
         chosen = choose_backend(backend, cluster)
         resources, threads = task_resources(chosen, cluster)
-        config = RenderConfig(config.source, resolution, layers, chosen, batch, fmt, threads)
+        config = dataclasses.replace(config, backend=chosen, threads=threads)
         stage = stage_for(config)
         out.mkdir(parents=True, exist_ok=True)
         show_and_save_config(config.to_json(), out / "render.config.yaml", "render config")
