@@ -139,23 +139,17 @@ def column_config(config: FeaturesConfig, basis: FeatureBasis | None) -> dict[st
 
 def feature_fields(spec: FeatureSpec) -> dict[str, FieldSpec]:
     """The one field of the features column, and what it means (the schema block)."""
-    return {FIELD: FieldSpec("array", (spec.dim, spec.grid, spec.grid), "float16", about={
-        "channels": f"{spec.dim} {spec.extractor} feature channels (after the PCA basis "
-                    f"{BASIS_NAME} where the extractor has one)",
-        "grid": [spec.grid, spec.grid],
-        "resolution": "the extractor's grid over the whole source image; the trainer upsamples it bilinearly "
-                      "(align_corners=False) to the dual point map's resolution",
-        "precision": "float16 (the extractor's values rounded to nearest)",
-    })}
+    about = {"channels": f"{spec.dim} {spec.extractor} features (through the PCA basis {BASIS_NAME} if any)",
+             "grid": [spec.grid, spec.grid], "precision": "float16, rounded to nearest",
+             "resolution": "the extractor's grid over the source image; the trainer upsamples it bilinearly"}
+    return {FIELD: FieldSpec("array", (spec.dim, spec.grid, spec.grid), "float16", about=about)}
 
 
 def stage_for(config: FeaturesConfig, basis: FeatureBasis | None, fitted: bool = True) -> Stage:
     """The runner's description of the column. `fitted=False`: the basis is not known yet, so its
     hash and the weights' fingerprint are left out of the comparison with a recorded config."""
-    spec = config.spec
-    fields = feature_fields(spec)
     volatile = VOLATILE if fitted else VOLATILE + ("basis_sha256", "model_id")
-    return Stage(COLUMN, config.format, column_config(config, basis), fields, volatile=volatile)
+    return Stage(COLUMN, config.format, column_config(config, basis), feature_fields(config.spec), volatile=volatile)
 
 
 # ---- image loading, overlapped with compute -------------------------------------------------------

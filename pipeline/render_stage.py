@@ -93,7 +93,9 @@ class RenderConfig:
     with_rgb: bool = False  # zarr: the column stores the source images (the source has renders/)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self) | {"schema_version": SCHEMA_VERSION, "tool_version": __version__}
+        size = None if self.image_size is None else list(self.image_size)  # as manifest.json gives it back
+        return asdict(self) | {"image_size": size, "schema_version": SCHEMA_VERSION,
+                               "tool_version": __version__}
 
 
 def render_fields(config: RenderConfig) -> dict[str, FieldSpec]:
@@ -103,7 +105,8 @@ def render_fields(config: RenderConfig) -> dict[str, FieldSpec]:
     zarr_size = config.image_size if config.format == "zarr" else None
     fields = {
         "dpm": FieldSpec("dpm", (r, r, layers, 7), config.precision, about={
-            "channels": ["canonical_x", "canonical_y", "canonical_z", "posed_x", "posed_y", "posed_z", "alpha"],
+            "channels": ["canonical_x", "canonical_y", "canonical_z", "posed_x", "posed_y", "posed_z",
+                         "alpha"],
             "units": "scene units; alpha 1 where layer l of the pixel hit a surface, else all 7 channels 0",
             "frames": "canonical: the mesh's rest pose, Y-up; posed: OpenGL camera, z minus view[2, 3]",
             "resolution": [r, r],
@@ -112,7 +115,7 @@ def render_fields(config: RenderConfig) -> dict[str, FieldSpec]:
         }),
         "mask": FieldSpec("mask", zarr_size, "uint8", about={
             "values": "1 inside the object, 0 outside",
-            "resolution": "the source image's (not the dual point map's)" if zarr_size is None else list(zarr_size),
+            "resolution": list(zarr_size) if zarr_size else "the source image's (not the dual point map's)",
             "source": "the source mask, or the rendered layer-1 coverage without one (meta.mask says which)",
         }),
         "meta": FieldSpec("json", about={
@@ -364,8 +367,9 @@ def task_resources(backend: str, cluster: ClusterInfo) -> tuple[dict[str, float]
               help="Depth layers stored.")
 @click.option("--backend", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
               help="cuda (nvdiffrast, one GPU per task) where the Ray cluster has GPUs, else cpu (Embree).")
-@click.option("--format", "fmt", type=click.Choice(list(FORMATS)), default="webdataset", show_default=True,
-              help="Shard container.")
+@click.option("--format", "fmt", type=click.Choice(list(FORMATS)), default="zarr", show_default=True,
+              help="Shard container: zarr (typed arrays; one image size per column) or webdataset (tar "
+                   "shards; any image size). docs/format.md.")
 @click.option("--precision", type=click.Choice(list(PRECISIONS)), default="float16", show_default=True,
               help="Stored dual point map values (float16: relative error <= 4.9e-4; docs/format.md).")
 @click.option("--batch", type=click.IntRange(1, 4096), default=32, show_default=True,

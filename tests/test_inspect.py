@@ -25,7 +25,8 @@ def rendered(tmp_path_factory, ray_local):
     root = tmp_path_factory.mktemp("inspect")
     ds = make_source_dataset(root / "src", num_samples=6, bad={sample_id(3): "camera_away"})
     out = root / "out"
-    args = [str(ds.root), str(out), "--resolution", str(RES), "--layers", "4", "--shard-size", "2"]
+    args = [str(ds.root), str(out), "--resolution", str(RES), "--layers", "4", "--shard-size", "2",
+            "--format", "webdataset"]
     result = CliRunner().invoke(main, ["render", *args])
     assert result.exit_code == 0, result.output
     return out

@@ -31,10 +31,10 @@ from dualpm.skinning import read_pose_file, skin
 from dualpm.store import (
     FAILURES_NAME,
     check_shard,
-    data_path,
     decode_png,
     load_manifest,
     read_shard,
+    shard_files,
     verify_store,
 )
 from dualpm.store.encoding import read_dpm_npz, rgb8
@@ -153,23 +153,32 @@ def test_published_0_1_masks_are_read_and_an_empty_mask_fails_its_sample(tmp_pat
     assert f"{empty}_mask.png: the mask is empty, but the render covers" in failure["reason"]
 
 
-def test_resume_after_deleting_a_shard_renders_only_that_shard(tmp_path, ray_local):
+def data_files(out: Path) -> dict[str, tuple[int, int]]:
+    """Every file of the render column and its records (relative path -> mtime, inode)."""
+    files = [p for folder in (out / "render", out / "records" / "render") for p in folder.rglob("*") if p.is_file()]
+    return {p.relative_to(out).as_posix(): (p.stat().st_mtime_ns, p.stat().st_ino) for p in files}
+
+
+@pytest.mark.parametrize("fmt", ["webdataset", "zarr"])
+def test_resume_after_deleting_a_shard_renders_only_that_shard(tmp_path, ray_local, fmt):
     ds = make_source_dataset(tmp_path / "src", num_samples=8, models=2)
     out = tmp_path / "out"
-    args = [str(ds.root), str(out), "--resolution", str(RES), "--layers", str(LAYERS), "--shard-size", "2"]
+    args = [str(ds.root), str(out), "--resolution", str(RES), "--layers", str(LAYERS), "--shard-size", "2",
+            "--format", fmt]
     assert render_cli(*args)[0] == 0
-    before = {p.name: (p.stat().st_mtime_ns, p.stat().st_ino) for p in (out / "render").iterdir()}
+    before = data_files(out)
     old_record = load_manifest(out).columns["render"].shards[2]
-    sidecars = {p.name: p.stat().st_mtime_ns for p in (out / "records" / "render").iterdir()}
-    data_path(out / "render", 2).unlink()
+    for _, path in shard_files(out / "render", 2, fmt):
+        path.unlink()
     code, output = render_cli(*args)
     assert code == 0, output
     assert "2 samples written" in output and "1 shards done, 3 already complete" in output
-    after = {p.name: (p.stat().st_mtime_ns, p.stat().st_ino) for p in (out / "render").iterdir()}
+    after = data_files(out)
     changed = sorted(name for name in after if after[name] != before.get(name))
-    assert changed == ["shard-000002.tar"]
-    after = {p.name: p.stat().st_mtime_ns for p in (out / "records" / "render").iterdir()}
-    assert sorted(name for name in after if after[name] != sidecars.get(name)) == ["shard-000002.json"]
+    shard_2 = ["render/shard-000002.tar"] if fmt == "webdataset" else [
+        "render/dpm/counts/c/2/0/0", "render/dpm/values/c/2/0/0", "render/mask/c/2/0/0", "render/meta/c/2",
+        "render/rgb/c/2/0/0/0", "render/valid/c/2"]
+    assert changed == sorted(shard_2 + ["records/render/shard-000002.json"])
     assert load_manifest(out).columns["render"].shards[2] == old_record  # deterministic: same bytes again
     assert verify_store(out) == []
 
@@ -263,7 +272,8 @@ def test_a_zarr_column_takes_one_image_size_and_says_so(tmp_path, ray_local):
     assert "--format webdataset" in failure["reason"]
     assert sorted(stored_samples(out)) == [ds.ids[0], ds.ids[2]]
     # WebDataset keeps every size.
-    code, output = render_cli(str(ds.root), str(tmp_path / "wds"), "--resolution", str(RES), "--layers", "2")
+    code, output = render_cli(str(ds.root), str(tmp_path / "wds"), "--resolution", str(RES), "--layers", "2",
+                              "--format", "webdataset")
     assert code == 0 and "render: 3 samples written, 0 failed" in output
 
 
@@ -285,7 +295,7 @@ def test_sigkill_partway_then_rerun_gives_every_sample_exactly_once(tmp_path):
     ds = make_source_dataset(tmp_path / "src", num_samples=48, models=2, rgb=False, masks=False)
     out = tmp_path / "out"
     args = [sys.executable, "-m", "pipeline.cli", "render", str(ds.root), str(out), "--resolution", "160",
-            "--layers", "8", "--shard-size", "8", "--workers", "1"]
+            "--layers", "8", "--shard-size", "8", "--workers", "1", "--format", "webdataset"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray, not the tests'
     run = subprocess.Popen(args, cwd=REPO, env=env, start_new_session=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

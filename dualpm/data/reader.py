@@ -25,7 +25,8 @@ mask decoded by `dualpm.masks`, resized by area > 0.5, else layer-1 alpha), `id`
 
 Integrity: every shard of both columns is checked against the sha256 of its record before any of its
 samples is yielded (`dualpm.store.read_shard`; the cost is measured in docs/benchmarks.md), and features
-that are not finite or beyond +-`FEATURE_LIMIT` fail their sample, naming it: nothing unverified is trained on.
+that are not finite or beyond +-`FEATURE_LIMIT` fail their sample, naming it: nothing unverified is
+trained on.
 """
 
 from __future__ import annotations
@@ -276,7 +277,8 @@ def _nearest_index(n_out: int, n_in: int) -> np.ndarray:
 
 
 def decode_sample(
-    fields: Mapping[str, Any], features: Mapping[str, Any], layers: int, resolution: tuple[int, int], where: str
+    fields: Mapping[str, Any], features: Mapping[str, Any], layers: int, resolution: tuple[int, int],
+    where: str,
 ) -> dict[str, torch.Tensor]:
     """Decode one joined sample for training.
 

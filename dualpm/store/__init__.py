@@ -66,7 +66,8 @@ __all__ = [
     "ColumnInfo", "EncodingError", "Failure", "FieldSpec", "Manifest", "Problem", "ShardPlan", "ShardRecord",
     "ShardWriter", "StoredSample", "baseline_npz_bytes", "check_sample_id", "check_shard", "column_dir",
     "data_path", "decode_png", "dense_dual_pointmap", "load_manifest", "plan_shards", "png_bytes",
-    "publish_layout", "read_record", "read_records", "read_shard", "remove_shard", "remove_temporaries", "sample_key",
+    "publish_layout", "read_record", "read_records", "read_shard", "remove_shard", "remove_temporaries",
+    "sample_key",
     "save_manifest", "shard_digest", "shard_files", "shard_status", "sparse_dual_pointmap", "verify_store",
     "write_failures", "write_record",
 ]

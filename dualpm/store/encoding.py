@@ -94,9 +94,9 @@ def dense_dual_pointmap(counts: np.ndarray, values: np.ndarray, layers: int) -> 
         EncodingError: counts and values that do not fit together or with `layers`, non-finite values.
     """
     if counts.ndim != 2 or counts.dtype != np.uint8:
-        raise EncodingError(f"dual point map counts must be (H, W) uint8, got {counts.dtype}{list(counts.shape)}")
+        raise EncodingError(f"dual point map counts must be (H, W) uint8, got {counts.dtype}{counts.shape}")
     if values.ndim != 2 or values.shape[1] != 6 or values.dtype.kind != "f":
-        raise EncodingError(f"dual point map values must be (M, 6) float, got {values.dtype}{list(values.shape)}")
+        raise EncodingError(f"dual point map values must be (M, 6) float, got {values.dtype}{values.shape}")
     if int(counts.sum()) != len(values) or counts.max(initial=0) > layers:
         raise EncodingError(
             f"dual point map counts ({int(counts.sum())} hits, up to {counts.max(initial=0)} per pixel) "
@@ -132,9 +132,11 @@ def read_dpm_npz(data: bytes) -> tuple[np.ndarray, np.ndarray, int]:
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             counts, values, shape = npz["counts"], npz["values"], npz["shape"]
-    except (ValueError, OSError, EOFError, KeyError, NotImplementedError, zipfile.BadZipFile, zlib.error) as err:
+    except (ValueError, OSError, EOFError, KeyError, NotImplementedError, zipfile.BadZipFile,
+            zlib.error) as err:
         raise EncodingError(f"dual point map npz does not decode ({err})") from err
-    if shape.shape != (4,) or tuple(shape[:2]) != counts.shape or shape[3] != 7 or not 0 < shape[2] <= MAX_LAYERS:
+    layers_ok = shape.shape == (4,) and 0 < shape[2] <= MAX_LAYERS and shape[3] == 7
+    if not layers_ok or tuple(shape[:2]) != counts.shape:
         raise EncodingError(f"dual point map npz: shape {shape.tolist()} disagrees with counts {counts.shape}")
     return counts, values, int(shape[2])
 

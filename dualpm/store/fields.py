@@ -1,16 +1,16 @@
 """Field kinds: what a writer accepts, what each container stores, what every reader gets back.
 
-| kind  | writer takes                          | WebDataset member     | Zarr array(s) per row        | readers get                       |
-|-------|---------------------------------------|-----------------------|------------------------------|-----------------------------------|
-| dpm   | (H, W, L, 7) float array              | `.npz` counts, values | counts (H, W), values (cap, 6) | (H, W, L, 7) float32            |
-| mask  | (h, w) bool or 0/1 uint8              | `.png` 1-bit          | (h, w) uint8                 | (h, w) float32 0/1 (`dualpm.masks`) |
-| image | image file bytes, or (h, w, 3) uint8  | `.png` (bytes as given) | (h, w, 3) uint8            | (h, w, 3) uint8 RGB               |
-| json  | dict                                  | `.json`               | string (JSON text)           | dict                              |
-| array | numpy array                           | `.npy`                | (*shape) dtype               | the array                         |
+    kind   writer takes                 WebDataset member       Zarr, per row                readers get
+    dpm    (H, W, L, 7) float array     .npz counts, values     counts (H, W), values (c, 6)  (H, W, L, 7) f32
+    mask   (h, w) bool or 0/1 uint8     .png, 1-bit             (h, w) uint8                  (h, w) f32 0/1
+    image  file bytes, or (h, w, 3) u8  .png (bytes as given)   (h, w, 3) uint8               (h, w, 3) uint8
+    json   dict                         .json                   string (JSON text)            dict
+    array  numpy array                  .npy                    (*shape) dtype                the array
 
 `prepare_field` checks and converts a writer's value for one container; `StoredSample` holds a read
 sample's raw fields and decodes each on first access, naming column, shard, sample and field in every
-error (so skipping samples, e.g. when a resumed reader fast-forwards, costs no decoding).
+error (so skipping samples, e.g. when a resumed reader fast-forwards, costs no decoding). Masks decode
+with `dualpm.masks`, images with `dualpm.images` (the one decoders).
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ def _check_shape(name: str, spec: FieldSpec, shape: tuple[int, ...], dtype: Any,
     if spec.shape is not None and tuple(shape) != spec.shape:
         raise DatasetError(f"{where}: field {name!r} has shape {tuple(shape)}, the column holds {spec.shape}")
     if spec.dtype is not None and spec.kind == "array" and np.dtype(dtype) != np.dtype(spec.dtype):
-        raise DatasetError(f"{where}: field {name!r} has dtype {np.dtype(dtype)}, the column holds {spec.dtype}")
+        raise DatasetError(
+            f"{where}: field {name!r} has dtype {np.dtype(dtype)}, the column holds {spec.dtype}")
 
 
 def prepare_field(name: str, spec: FieldSpec, value: Any, format: str, where: str) -> Any:
@@ -78,7 +79,8 @@ def prepare_field(name: str, spec: FieldSpec, value: Any, format: str, where: st
         return png_bytes(value.astype(bool)) if format == "webdataset" else value.astype(np.uint8)
     if kind == "image":
         if value.ndim != 3 or value.shape[2] != 3 or value.dtype != np.uint8:
-            raise DatasetError(f"{where}: field {name!r} must be (h, w, 3) uint8, got {value.dtype}{value.shape}")
+            raise DatasetError(
+                f"{where}: field {name!r} must be (h, w, 3) uint8, got {value.dtype}{value.shape}")
         _check_shape(name, spec, value.shape, None, where)
         return png_bytes(value) if format == "webdataset" else value
     _check_shape(name, spec, value.shape, value.dtype, where)  # array
@@ -124,6 +126,7 @@ def decode_field(name: str, spec: FieldSpec, raw: Any, where: str) -> Any:
 class StoredSample(Mapping[str, Any]):
     """One stored sample's fields, each decoded (`decode_field`) on first access and then kept.
 
+    `raw` maps each field to its stored form, or to a zero-argument loader of it (read on first use).
     `where` names the column, shard and sample in error messages; `raw(name)` gives the stored form.
     """
 
@@ -133,7 +136,7 @@ class StoredSample(Mapping[str, Any]):
 
     def __getitem__(self, name: str) -> Any:
         if name not in self._decoded:
-            self._decoded[name] = decode_field(name, self._specs[name], self._raw[name], self.where)
+            self._decoded[name] = decode_field(name, self._specs[name], self.raw(name), self.where)
         return self._decoded[name]
 
     def __contains__(self, name: object) -> bool:  # without decoding (Mapping's would decode)
@@ -146,4 +149,7 @@ class StoredSample(Mapping[str, Any]):
         return len(self._raw)
 
     def raw(self, name: str) -> Any:
+        """The stored form of field `name` (a reader may hand a loader: a callable, called once here)."""
+        if callable(self._raw[name]):
+            self._raw[name] = self._raw[name]()
         return self._raw[name]

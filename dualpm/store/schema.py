@@ -60,8 +60,8 @@ def _encoding(kind: str, fmt: str, name: str, spec: dict[str, Any]) -> str:
             "array": f"member '<key>.{name}.npy': .npy array {dtype} {shape}",
         }[kind]
     return {
-        "dpm": f"arrays '{name}/counts' (N, H, W) uint8 = hits per pixel and '{name}/values' (N, capacity, 6) "
-               f"{dtype} = canonical xyz, posed xyz; row r's hits are values[r, :counts[r].sum()], "
+        "dpm": f"arrays '{name}/counts' (N, H, W) uint8 = hits per pixel and '{name}/values' (N, capacity, "
+               f"6) {dtype} = canonical xyz, posed xyz; row r's hits are values[r, :counts[r].sum()], "
                "layer-major then raster order (entries beyond are 0 and not stored)",
         "mask": f"array '{name}' (N, h, w) uint8 (1 = inside)",
         "image": f"array '{name}' (N, h, w, 3) uint8 RGB",

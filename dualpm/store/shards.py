@@ -19,6 +19,7 @@ order of their paths (`shard_digest`). `read_shard` checks it before it yields a
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import os
@@ -61,7 +62,8 @@ _KEY_RE = re.compile(r"%(25|2E)")
 
 
 def sample_key(sample_id: str) -> str:
-    """The WebDataset key of a sample id: '%' -> '%25', '.' -> '%2E' (WebDataset cuts names at the first dot)."""
+    """The WebDataset key of a sample id: '%' -> '%25', '.' -> '%2E' (WebDataset cuts names at the first
+    dot)."""
     return "".join(_KEY_ESCAPES.get(c, c) for c in sample_id)
 
 
@@ -149,7 +151,8 @@ def prepare_sample(
     if unknown or missing:
         raise DatasetError(f"{where}: fields {sorted(values)} do not match the column's {sorted(fields)} "
                            f"(unknown {unknown}, missing {missing})")
-    return PreparedSample(format, {n: prepare_field(n, fields[n], v, format, where) for n, v in values.items()})
+    prepared = {n: prepare_field(n, fields[n], v, format, where) for n, v in values.items()}
+    return PreparedSample(format, prepared)
 
 
 class ShardWriter:
@@ -269,7 +272,8 @@ class ShardWriter:
     def _shard_size(self) -> int:
         size = zarr_layout.shard_size(self.column_dir)
         if len(self.plan.ids) > size:
-            raise DatasetError(f"{self.where}: {len(self.plan.ids)} planned samples, the arrays hold {size} per shard")
+            raise DatasetError(
+                f"{self.where}: {len(self.plan.ids)} planned samples, the arrays hold {size} per shard")
         return size
 
     def _blocks(self) -> dict[str, np.ndarray]:
@@ -434,13 +438,14 @@ def _read_tar(path: Path, index: int, fields: dict[str, FieldSpec]) -> Iterator[
     current: str | None = None
     raw: dict[str, bytes] = {}
     specs = dict(fields)
+    where = f"{path.parent} shard {index}"
     try:
         with tarfile.open(path, mode="r:") as tar:
             for member in tar:
                 sample_id, field, ext = _split_member(member, path)
                 if sample_id != current:
                     if current is not None:
-                        yield current, StoredSample(raw, specs, f"{path.parent} shard {index} sample {current!r}")
+                        yield current, StoredSample(raw, specs, f"{where} sample {current!r}")
                     if sample_id in done:
                         raise DatasetError(f"{path}: members of sample {sample_id!r} are not adjacent")
                     done.add(sample_id)
@@ -458,7 +463,7 @@ def _read_tar(path: Path, index: int, fields: dict[str, FieldSpec]) -> Iterator[
     except (tarfile.TarError, EOFError, OSError) as err:
         raise DatasetError(f"{path}: unreadable tar shard ({err})") from err
     if current is not None:
-        yield current, StoredSample(raw, specs, f"{path.parent} shard {index} sample {current!r}")
+        yield current, StoredSample(raw, specs, f"{where} sample {current!r}")
 
 
 class _DamagedChunk(Exception):
@@ -478,63 +483,66 @@ def _read_zarr(out: Path, column: ColumnInfo, index: int) -> Iterator[tuple[str,
         valid = group[VALID][start : start + size]
         row_ids = [str(i) for i in ids[start : start + size]]
         arrays = {spec.path: group[spec.path] for spec in zarr_layout.array_specs(column.fields)}
-        for block_start in range(0, size, ZARR_READ_ROWS):
-            rows = [i for i in range(block_start, min(size, block_start + ZARR_READ_ROWS)) if valid[i]]
-            if not rows:
-                continue
-            # One zarr call per array and block of rows, not per sample: each call has a fixed cost (an
-            # event-loop round trip) that dominates reading small samples. Memory stays bounded by the block.
-            a, b = start + rows[0], start + rows[-1] + 1
-            try:
-                blocks = [(rows, a, _read_block(arrays, column.fields, a, b))]
-            except _DamagedChunk:  # row by row: only the damaged sample's damaged fields fail, when decoded
-                blocks = [([i], start + i, _read_block(arrays, column.fields, start + i, start + i + 1, True))
-                          for i in rows]
-            for block_rows, first, block in blocks:
-                for i in block_rows:
-                    where = f"{folder} shard {index} sample {row_ids[i]!r}"
-                    raw = _row(block, column.fields, start + i - first)
-                    yield row_ids[i], StoredSample(raw, column.fields, where)
-    except (OSError, KeyError, ValueError, TypeError, _DamagedChunk) as err:
+    except (OSError, KeyError, ValueError, TypeError) as err:
         raise DatasetError(f"{folder} shard {index}: unreadable Zarr data ({err})") from err
+    for block_start in range(0, size, ZARR_READ_ROWS):
+        rows = [i for i in range(block_start, min(size, block_start + ZARR_READ_ROWS)) if valid[i]]
+        if not rows:
+            continue
+        where = f"{folder} shard {index}"
+        block = _Block(arrays, column.fields, start + rows[0], start + rows[-1] + 1, where)
+        for i in rows:
+            raw = {name: functools.partial(block.row, name, start + i) for name in column.fields}
+            yield row_ids[i], StoredSample(raw, column.fields, f"{where} sample {row_ids[i]!r}")
 
 
-def _read_block(
-    arrays: dict[str, Any], fields: dict[str, FieldSpec], a: int, b: int, keep_errors: bool = False
-) -> dict[str, Any]:
-    """Rows a..b-1 of every array of a column. A field whose chunks do not decode raises _DamagedChunk,
-    or with `keep_errors` is kept as that exception (decoding the field then raises it)."""
-    block: dict[str, Any] = {}
-    for name, spec in fields.items():
+class _Block:
+    """Rows a..b-1 of a Zarr column. Each field is read for all of them with one zarr call per array, when
+    a sample first needs it: one call per sample would cost more than decoding small samples (an event-loop
+    round trip each), and fields nobody decodes (images, meta while training) are never read."""
+
+    def __init__(self, arrays: dict[str, Any], fields: dict[str, FieldSpec], a: int, b: int, where: str):
+        self.arrays, self.fields, self.a, self.b, self.where = arrays, fields, a, b, where
+        self.values: dict[str, Any] = {}
+
+    def row(self, name: str, r: int) -> Any:
+        """Row r's raw value of field `name` (a copy: a sample never pins its block), or the exception
+        that its damaged chunk raised (decoding the field raises it)."""
+        if name not in self.values:
+            try:
+                self.values[name] = self._read(name, self.a, self.b)
+            except _DamagedChunk:  # row by row, so only the damaged rows fail
+                self.values[name] = [self._read_or_error(name, r) for r in range(self.a, self.b)]
+        value = self.values[name]
+        if isinstance(value, list):
+            value, r = value[r - self.a], 0
+            if isinstance(value, Exception):
+                return value
+        else:
+            r -= self.a
+        kind = self.fields[name].kind
+        if kind == "dpm":
+            counts, values, hits = value
+            return counts[r].copy(), values[r, : hits[r]].copy()
+        return str(value[r]) if kind == "json" else value[r].copy()
+
+    def _read_or_error(self, name: str, r: int) -> Any:
         try:
-            if spec.kind == "dpm":
-                counts = arrays[f"{name}/counts"][a:b]  # (B, H, W)
+            return self._read(name, r, r + 1)
+        except _DamagedChunk as err:
+            return err.cause
+
+    def _read(self, name: str, a: int, b: int) -> Any:
+        try:
+            if self.fields[name].kind == "dpm":
+                counts = self.arrays[f"{name}/counts"][a:b]  # (B, H, W)
                 hits = counts.reshape(len(counts), -1).sum(axis=1, dtype=np.int64)  # (B,)
-                values = arrays[f"{name}/values"]
+                values = self.arrays[f"{name}/values"]
                 chunk = values.chunks[1]
                 most = -(-int(hits.max(initial=0)) // chunk) * chunk  # whole chunks: the rest is not stored
-                block[name] = (counts, values[a:b, :most], hits)
-            else:
-                block[name] = arrays[name][a:b]
+                return counts, values[a:b, :most], hits
+            return self.arrays[name][a:b]
         except (ValueError, RuntimeError) as err:  # zarr: crc32c mismatch; blosc: undecodable chunk
-            if not keep_errors:
-                raise _DamagedChunk(name, err) from err
-            block[name] = err
-    return block
-
-
-def _row(block: dict[str, Any], fields: dict[str, FieldSpec], i: int) -> dict[str, Any]:
-    """Row i of a block as raw field values; copies, so a sample never pins its whole block."""
-    raw = {}
-    for name, spec in fields.items():
-        value = block[name]
-        if isinstance(value, Exception):
-            raw[name] = value
-        elif spec.kind == "dpm":
-            counts, values, hits = value
-            raw[name] = (counts[i].copy(), values[i, : hits[i]].copy())
-        elif spec.kind == "json":
-            raw[name] = str(value[i])
-        else:
-            raw[name] = value[i].copy()
-    return raw
+            raise _DamagedChunk(name, err) from err
+        except (OSError, KeyError, TypeError) as err:
+            raise DatasetError(f"{self.where}: unreadable Zarr data ({err})") from err

@@ -7,10 +7,11 @@ OUT/<column>/zarr.json        column group (Zarr columns only): attrs["dualpm"] 
 OUT/<column>/valid            (N,) bool: row r holds a stored sample of this column
 OUT/<column>/<field...>       one typed array per field (two for a dual point map), see `array_specs`
 ```
-N = plan shards x shard_size; row r = shard * shard_size + position in the plan shard. Every per-sample
-array has one chunk per sample (blosc-zstd, then a crc32c that zarr checks on every read, so damaged bytes
-are caught sample by sample) inside one Zarr shard file per plan shard, key `c/<shard>/0/...`: plan shard
-k of a column is the files `<array>/c/k...` (`shard_keys`), written by exactly one worker.
+N = plan shards x shard_size; row r = shard * shard_size + position in the plan shard. Per-sample arrays
+are chunked by up to 16 samples (`ArraySpec.chunk_rows`; blosc-zstd, then a crc32c that zarr checks on
+every read, so damaged bytes are caught chunk by chunk) inside one Zarr shard file per plan shard, key
+`c/<shard>/0/...`: plan shard k of a column is the files `<array>/c/k...` (`shard_keys`), written by
+exactly one worker.
 
 Only the driver writes metadata (`publish_layout`: arrays are created once with their final shape, so
 adding shards never changes it; it also rewrites the consolidated metadata). A shard writer encodes its
@@ -40,6 +41,11 @@ from dualpm.store.schema import IDS, VALID
 
 ATTRS = "dualpm"
 HIT_CHUNK = 4096  # dual point map values per chunk: a sample's hits span a few chunks, the rest is not stored
+# Rows (samples) per chunk: up to CHUNK_ROWS, dividing the shard size, and about CHUNK_BYTES uncompressed.
+# zarr-python spends ~0.4 ms on every chunk it reads, more than decoding a small sample takes: chunks of
+# one sample made the reader 2x slower on the demo data (docs/benchmarks.md). Large samples (features,
+# images at full size) still get a chunk each.
+CHUNK_ROWS, CHUNK_BYTES = 16, 1 << 18
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,14 @@ class ArraySpec:
     shuffle: str = "shuffle"  # blosc shuffle ("shuffle", "bitshuffle") or "zstd" for plain zstd
     transpose: tuple[int, ...] | None = None  # storage order of the (1, *chunk) chunk before compression
     per_row_chunks: bool = True  # False: one chunk per plan shard (small per-row scalars)
+    dims: tuple[str, ...] = ()  # names of the per-row dimensions (Zarr v3 dimension_names, for xarray)
+
+    def chunk_rows(self, shard_size: int) -> int:
+        """Rows per chunk: the most, up to CHUNK_ROWS, that divide `shard_size` and fit CHUNK_BYTES."""
+        itemsize = 1024 if self.dtype == "str" else np.dtype(self.dtype).itemsize  # JSON text: ~1 kB
+        row_bytes = int(np.prod(self.chunk, dtype=np.int64)) * itemsize
+        fits = [d for d in range(1, CHUNK_ROWS + 1) if shard_size % d == 0 and d * row_bytes <= CHUNK_BYTES]
+        return max(fits, default=1)
 
     def codecs(self) -> dict[str, Any]:
         compressor = ZstdCodec(level=3) if self.shuffle == "zstd" else BloscCodec(
@@ -64,11 +78,12 @@ class ArraySpec:
     def create(self, group: zarr.Group, rows: int, shard_size: int, overwrite: bool = False) -> zarr.Array:
         """The array in `group` with `rows` rows, one Zarr shard per `shard_size` rows."""
         if self.per_row_chunks:
-            layout = {"chunks": (1, *self.chunk), "shards": (shard_size, *self.shape)}
+            rows_per_chunk = self.chunk_rows(shard_size)
+            layout = {"chunks": (rows_per_chunk, *self.chunk), "shards": (shard_size, *self.shape)}
         else:
             layout = {"chunks": (shard_size, *self.chunk)}
         return group.create_array(self.path, shape=(rows, *self.shape), dtype=self.dtype, overwrite=overwrite,
-                                  **layout, **self.codecs())
+                                  dimension_names=("sample", *self.dims), **layout, **self.codecs())
 
 
 def dpm_capacity(shape: Sequence[int]) -> tuple[int, int]:
@@ -90,13 +105,17 @@ def array_specs(fields: dict[str, FieldSpec]) -> list[ArraySpec]:
         if spec.kind == "dpm":
             h, w = spec.shape[:2]
             capacity, chunk = dpm_capacity(spec.shape)
-            specs.append(ArraySpec(f"{name}/counts", (h, w), (h, w), "uint8", 0, "bitshuffle"))
+            specs.append(ArraySpec(f"{name}/counts", (h, w), (h, w), "uint8", 0, "bitshuffle", dims=("row", "col")))
             # Stored channel-planar (6, chunk) per chunk: each coordinate's bytes compress together.
-            specs.append(ArraySpec(f"{name}/values", (capacity, 6), (chunk, 6), spec.dtype, 0, "shuffle", (0, 2, 1)))
+            specs.append(ArraySpec(f"{name}/values", (capacity, 6), (chunk, 6), spec.dtype, 0, "shuffle",
+                                   (0, 2, 1), dims=("hit", "channel")))
         elif spec.kind in ("mask", "image"):
-            specs.append(ArraySpec(name, spec.shape, spec.shape, "uint8", 0, "bitshuffle"))
+            dims = ("image_row", "image_col", "color")[: len(spec.shape)]
+            specs.append(ArraySpec(name, spec.shape, spec.shape, "uint8", 0, "bitshuffle", dims=dims))
         else:
-            specs.append(ArraySpec(name, spec.shape, spec.shape, spec.dtype, 0, "shuffle"))
+            dims = ("channel", "grid_row", "grid_col") if len(spec.shape) == 3 else tuple(
+                f"{name}_{axis}" for axis in range(len(spec.shape)))
+            specs.append(ArraySpec(name, spec.shape, spec.shape, spec.dtype, 0, "shuffle", dims=dims))
     return specs
 
 
