@@ -14,8 +14,8 @@ Each sample holds (`render_fields`; docs/format.md says how each container store
             rendered layer-1 coverage
 
 A Zarr column holds one typed array per field, so every sample's mask and image must have one size: the
-driver reads it from the first sample with an image or mask (`source_images`), and a sample of another
-size fails with a message saying so (WebDataset columns take any size).
+driver reads them from the first sample with a mask and with an image (`source_sizes`), and a sample of
+another size fails with a message saying so (WebDataset columns take any size).
 
 The backend is decided once, in the driver, from the Ray cluster: `cuda` tasks (one GPU each) only
 where the cluster has GPUs; `--backend cuda` without any fails before anything is submitted (a task
@@ -89,20 +89,21 @@ class RenderConfig:
     format: str  # 'webdataset' or 'zarr'
     threads: int = 1  # encoding threads per task (GPU tasks encode while the GPU renders)
     precision: str = "float16"  # of the stored dual point map values
-    image_size: tuple[int, int] | None = None  # zarr: (h, w) of every stored mask and image
-    with_rgb: bool = False  # zarr: the column stores the source images (the source has renders/)
+    mask_size: tuple[int, int] | None = None  # zarr: (h, w) of every stored mask
+    image_size: tuple[int, int] | None = None  # zarr: (h, w) of every stored image; None: no images
 
     def to_json(self) -> dict[str, Any]:
-        size = None if self.image_size is None else list(self.image_size)  # as manifest.json gives it back
-        return asdict(self) | {"image_size": size, "schema_version": SCHEMA_VERSION,
-                               "tool_version": __version__}
+        sizes = {k: None if v is None else list(v)  # as manifest.json gives them back
+                 for k, v in (("mask_size", self.mask_size), ("image_size", self.image_size))}
+        return asdict(self) | sizes | {"schema_version": SCHEMA_VERSION, "tool_version": __version__}
 
 
 def render_fields(config: RenderConfig) -> dict[str, FieldSpec]:
     """What every sample of the render column holds and what it means (the schema block; checked by
-    `dualpm-prep verify`). Zarr columns fix the mask and image size (`config.image_size`)."""
+    `dualpm-prep verify`). Zarr columns fix the mask and image sizes (`config.mask_size`, `image_size`)."""
     r, layers = config.resolution, config.layers
-    zarr_size = config.image_size if config.format == "zarr" else None
+    zarr = config.format == "zarr"
+    mask_size, image_size = (config.mask_size, config.image_size) if zarr else (None, None)
     fields = {
         "dpm": FieldSpec("dpm", (r, r, layers, 7), config.precision, about={
             "channels": ["canonical_x", "canonical_y", "canonical_z", "posed_x", "posed_y", "posed_z",
@@ -113,9 +114,9 @@ def render_fields(config: RenderConfig) -> dict[str, FieldSpec]:
             "layers": layers,
             "precision": PRECISION[config.precision],
         }),
-        "mask": FieldSpec("mask", zarr_size, "uint8", about={
+        "mask": FieldSpec("mask", mask_size, "uint8", about={
             "values": "1 inside the object, 0 outside",
-            "resolution": list(zarr_size) if zarr_size else "the source image's (not the dual point map's)",
+            "resolution": list(mask_size) if mask_size else "the source image's (not the dual point map's)",
             "source": "the source mask, or the rendered layer-1 coverage without one (meta.mask says which)",
         }),
         "meta": FieldSpec("json", about={
@@ -124,28 +125,31 @@ def render_fields(config: RenderConfig) -> dict[str, FieldSpec]:
                      "projection (4x4 OpenGL)", "resolution", "layers", "backend", "mask", "mask_iou"],
         }),
     }
-    if config.format == "webdataset" or config.with_rgb:
-        fields["rgb"] = FieldSpec("image", None if zarr_size is None else (*zarr_size, 3), "uint8",
-                                  required=config.format == "zarr", about={
-            "values": "RGB, 8 bits per channel" if zarr_size else "the source image file, as found",
-            "resolution": "the source image's" if zarr_size is None else list(zarr_size),
+    if not zarr or image_size is not None:
+        fields["rgb"] = FieldSpec("image", (*image_size, 3) if zarr else None, "uint8", required=zarr, about={
+            "values": "RGB, 8 bits per channel" if zarr else "the source image file, as found",
+            "resolution": list(image_size) if zarr else "the source image's",
         })
     return fields
 
 
-def source_images(source: SourceDataset, manifest: Manifest, resolution: int) -> tuple[tuple[int, int], bool]:
-    """((h, w) of the source's images and masks, whether it has images), for a Zarr render column.
-
-    The size is that of the first planned sample with an image or mask file (every sample must match
-    it); without either, masks are the rendered coverage at the render resolution.
-    """
-    with_rgb = (source.root / "renders").is_dir()
+def source_sizes(source: SourceDataset, manifest: Manifest, resolution: int) -> tuple[tuple[int, int],
+                                                                                   tuple[int, int] | None]:
+    """((h, w) of the masks, (h, w) of the images or None without any) for a Zarr render column: those of
+    the first planned sample with a mask file and with an image file (every sample must match them).
+    Without mask files, masks are the rendered coverage at the render resolution."""
+    sizes: dict[str, tuple[int, int]] = {}
+    wanted = {kind: folder for kind, folder in (("mask", "masks"), ("rgb", "renders"))
+              if (source.root / folder).is_dir()}
     for sample_id in (i for plan in manifest.plan for i in plan.ids):
-        for path in (source.layout.rgb(sample_id), source.layout.mask(sample_id)):
+        for kind in [k for k in wanted if k not in sizes]:
+            path = source.layout.mask(sample_id) if kind == "mask" else source.layout.rgb(sample_id)
             if path.exists():
                 width, height = open_image(path).size
-                return (height, width), with_rgb
-    return (resolution, resolution), with_rgb
+                sizes[kind] = (height, width)
+        if len(sizes) == len(wanted):
+            break
+    return sizes.get("mask", (resolution, resolution)), sizes.get("rgb")
 
 
 def stage_for(config: RenderConfig) -> Stage:
@@ -184,13 +188,14 @@ def _read_image_bytes(path: Path) -> bytes:
     return data
 
 
-def _zarr_size(what: str, path: Path, shape: tuple[int, ...], config: RenderConfig) -> str | None:
-    """Why an image or mask of `shape` cannot go into the Zarr column, or None when it can."""
-    if config.format != "zarr" or tuple(shape[:2]) == config.image_size:
+def _zarr_size(what: str, path: Path, shape: tuple[int, ...], size: tuple[int, int] | None,
+               config: RenderConfig) -> str | None:
+    """Why an image or mask of `shape` cannot go into the Zarr column (which stores `size`), or None."""
+    if config.format != "zarr" or tuple(shape[:2]) == size:
         return None
-    return (f"{path}: {what} is {shape[0]}x{shape[1]}, the Zarr render column stores "
-            f"{config.image_size[0]}x{config.image_size[1]} (the first sample's size); resize the source, or "
-            "render with --format webdataset, which keeps every size")
+    return (f"{path}: {what} is {shape[0]}x{shape[1]}, the Zarr render column stores {size[0]}x{size[1]} "
+            "(the first sample's size); resize the source, or render with --format webdataset, which keeps "
+            "every size")
 
 
 def _sample_fields(
@@ -215,20 +220,19 @@ def _sample_fields(
                 return (f"{sample.mask_path}: the mask is empty, but the render covers {int(coverage.sum())} "
                         "pixels of layer 1 (a mask saved with other values than the file's type suggests?)")
             iou = mask_iou(resize_mask(mask, coverage.shape), coverage)
-            if reason := _zarr_size("the mask", sample.mask_path, mask.shape, config):
+            if reason := _zarr_size("the mask", sample.mask_path, mask.shape, config.mask_size, config):
                 return reason
-        elif config.format == "zarr" and mask.shape != config.image_size:  # coverage at the column's size
-            mask = resize_mask(mask, config.image_size).numpy() > INSIDE
+        elif config.format == "zarr" and mask.shape != config.mask_size:  # coverage at the column's size
+            mask = resize_mask(mask, config.mask_size).numpy() > INSIDE
         fields["mask"] = mask
-        if sample.rgb_path:
+        if sample.rgb_path and (config.format == "webdataset" or config.image_size is not None):
             image = _read_image_bytes(sample.rgb_path)
             if config.format == "zarr":
                 image = rgb8(image, str(sample.rgb_path))  # (h, w, 3) uint8
-                if reason := _zarr_size("the image", sample.rgb_path, image.shape, config):
+                if reason := _zarr_size("the image", sample.rgb_path, image.shape, config.image_size, config):
                     return reason
-            if config.format == "webdataset" or config.with_rgb:
-                fields["rgb"] = image
-        elif config.format == "zarr" and config.with_rgb:
+            fields["rgb"] = image
+        elif config.format == "zarr" and config.image_size is not None:
             return (f"no image {Layout(Path(config.source)).rgb(sample.id)}: a Zarr render column stores one "
                     "per sample (add it, or render with --format webdataset)")
     except DualPMError as err:
@@ -387,9 +391,9 @@ def render(src: Path, out: Path, resolution: int, layers: int, shard_size: int |
     source = SourceDataset(src)
     manifest = open_manifest(out, source, shard_size)
     require_samples(manifest, source)
-    image_size, with_rgb = source_images(source, manifest, resolution) if fmt == "zarr" else (None, False)
+    mask_size, image_size = source_sizes(source, manifest, resolution) if fmt == "zarr" else (None, None)
     config = RenderConfig(str(source.root.resolve()), resolution, layers, backend, batch, fmt,
-                          precision=precision, image_size=image_size, with_rgb=with_rgb)
+                          precision=precision, mask_size=mask_size, image_size=image_size)
     check_column(out, manifest, stage_for(config), overwrite)  # before Ray starts or anything is written
     if dry_run:
         show_and_save_config(config.to_json() | {"backend": f"{backend} (resolved when Ray starts)"}, None,

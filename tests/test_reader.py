@@ -421,7 +421,7 @@ def test_reads_the_render_column_of_the_render_stage(tmp_path, render_format):
     root = tmp_path / "out"
     plan = plan_shards({"train": ds.ids[:3], "val": ds.ids[3:]}, 2)
     manifest = Manifest.create(str(ds.root), 2, plan)
-    config = RenderConfig(str(ds.root), 16, 3, "cpu", 4, render_format, image_size=(32, 32), with_rgb=True)
+    config = RenderConfig(str(ds.root), 16, 3, "cpu", 4, render_format, mask_size=(32, 32), image_size=(32, 32))
     render = ColumnInfo("render", render_format, SCHEMA_VERSION, config.to_json(), render_fields(config))
     feature_fields = {"features": FieldSpec("array", (3, 8, 8), "float16")}
     features = ColumnInfo("features", "zarr", SCHEMA_VERSION, {"extractor": "rgb", "dim": 3, "grid": 8},

@@ -271,6 +271,16 @@ def test_a_zarr_column_takes_one_image_size_and_says_so(tmp_path, ray_local):
     assert failure["id"] == odd and "is 24x20, the Zarr render column stores 24x24" in failure["reason"]
     assert "--format webdataset" in failure["reason"]
     assert sorted(stored_samples(out)) == [ds.ids[0], ds.ids[2]]
+    # Masks and images may differ from each other (one size each).
+    for sid in ds.ids:
+        path = ds.root / "renders" / f"{sid}_rgb.png"
+        Image.open(path).resize((40, 32)).save(path)
+    code, output = render_cli(str(ds.root), str(tmp_path / "two"), "--resolution", str(RES), "--layers", "2",
+                              "--format", "zarr")
+    assert "render: 2 samples written, 1 failed" in output
+    stored = stored_samples(tmp_path / "two")
+    assert {f["rgb"].shape for f in stored.values()} == {(32, 40, 3)}
+    assert {f["mask"].shape for f in stored.values()} == {(24, 24)}
     # WebDataset keeps every size.
     code, output = render_cli(str(ds.root), str(tmp_path / "wds"), "--resolution", str(RES), "--layers", "2",
                               "--format", "webdataset")
