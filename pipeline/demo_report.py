@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +23,8 @@ from dualpm.cliutils import describe_machine  # noqa: E402
 from dualpm.errors import DatasetError  # noqa: E402
 from dualpm.eval.cli import RATIO_KEY  # noqa: E402
 from dualpm.fileio import atomic_output, atomic_write_text  # noqa: E402
-from dualpm.masks import read_mask  # noqa: E402
 from dualpm.predictions import keep_mask, open_predictions  # noqa: E402
-from dualpm.store import decode_dual_pointmap, decode_png, load_manifest  # noqa: E402
+from dualpm.store import load_manifest  # noqa: E402
 from dualpm.viz import canonical_to_rgb, image_grid  # noqa: E402
 from pipeline.demo_config import LEARNING_BAR, DemoConfig, Paths  # noqa: E402
 from pipeline.inspect import find_sample  # noqa: E402
@@ -98,11 +98,11 @@ def prediction_sheet(paths: Paths, png: Path, count: int = SHEET_SAMPLES) -> int
         maps = predictions.sample(index)
         keep = keep_mask(maps, occupancy, confidence)  # (L, H, W)
         render = find_sample(paths.data, "render", sample_id)
-        gt = decode_dual_pointmap(render["dpm"])  # (H, W, L_stored, 7)
+        gt = render["dpm"]  # (H, W, L_stored, 7)
         layers = maps.canonical.shape[0]
         gt_canon, gt_alpha = gt[:, :, :layers, 0:3], gt[:, :, :layers, 6] > 0  # (H, W, L, 3), (H, W, L)
         bbox = np.stack([gt_canon[gt_alpha].min(0), gt_canon[gt_alpha].max(0)])
-        image = decode_png(render["rgb.png"]) if "rgb.png" in render else render_mask(render)
+        image = render["rgb"] if "rgb" in render else render_mask(render)
         tiles.append(image[..., :3] if image.ndim == 3 else image)
         labels.append(sample_id)
         for layer in range(layers):
@@ -119,8 +119,8 @@ def prediction_sheet(paths: Paths, png: Path, count: int = SHEET_SAMPLES) -> int
     return rows
 
 
-def render_mask(render: dict[str, Any]) -> np.ndarray:
-    return (read_mask(render["mask.png"], "mask.png") * 255).astype(np.uint8)
+def render_mask(render: Mapping[str, Any]) -> np.ndarray:
+    return (render["mask"] * 255).astype(np.uint8)
 
 
 def _fmt_bytes(n: int) -> str:

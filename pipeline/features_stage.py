@@ -4,7 +4,7 @@
     actors = one per GPU (`num_gpus=1`), else one per CPU slot; each builds its extractor once
     run_shards(...): every shard of the plan goes to an idle actor, which publishes it atomically
 
-Each stored sample holds one field, `features.npy`: a (dim, grid, grid) float16 array at the extractor's
+Each stored sample holds one field, `features`: a (dim, grid, grid) float16 array at the extractor's
 native grid (the trainer upsamples). Shard k holds the samples of plan shard k in plan order, so the
 column joins the render column by sample id whatever ran first: without a manifest in OUT, the plan is
 made here exactly as the render stage makes it (`runner.open_manifest`).
@@ -119,13 +119,19 @@ def column_config(config: FeaturesConfig, basis: FeatureBasis | None) -> dict[st
     }
 
 
+def feature_fields(spec: FeatureSpec) -> dict[str, FieldSpec]:
+    """The one field of the features column, and what it means (the schema block)."""
+    about = {"channels": f"{spec.dim} {spec.extractor} features (through the PCA basis {BASIS_NAME} if any)",
+             "grid": [spec.grid, spec.grid], "precision": "float16, rounded to nearest",
+             "resolution": "the extractor's grid over the source image; the trainer upsamples it bilinearly"}
+    return {FIELD: FieldSpec("array", (spec.dim, spec.grid, spec.grid), "float16", about=about)}
+
+
 def stage_for(config: FeaturesConfig, basis: FeatureBasis | None, fitted: bool = True) -> Stage:
     """The runner's description of the column. `fitted=False`: the basis is not known yet, so its
     hash and the weights' fingerprint are left out of the comparison with a recorded config."""
-    spec = config.spec
-    fields = {FIELD: FieldSpec(shape=(spec.dim, spec.grid, spec.grid), dtype="float16")}
     volatile = VOLATILE if fitted else VOLATILE + ("basis_sha256", "model_id")
-    return Stage(COLUMN, config.format, column_config(config, basis), fields, volatile=volatile)
+    return Stage(COLUMN, config.format, column_config(config, basis), feature_fields(config.spec), volatile=volatile)
 
 
 # ---- image loading, overlapped with compute -------------------------------------------------------
@@ -298,7 +304,7 @@ def extract_shard(
                 half, finite = _half(f)
                 results[sid] = half if finite else bad_values
     # The driver removed any earlier copy; overwrite covers a retry whose dead predecessor published.
-    with ShardWriter(out_column, plan.index, config.format, overwrite=True) as writer:
+    with ShardWriter(out_column, plan, config.format, feature_fields(spec), overwrite=True) as writer:
         for sid in plan.ids:  # plan order
             result = results[sid]
             if isinstance(result, str):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -12,16 +13,7 @@ from PIL import Image
 from dualpm.cliutils import handles_user_errors
 from dualpm.errors import DatasetError
 from dualpm.fileio import atomic_output
-from dualpm.masks import read_mask
-from dualpm.store import (
-    check_shard,
-    column_dir,
-    decode_dual_pointmap,
-    decode_png,
-    load_manifest,
-    read_shard,
-    verify_store,
-)
+from dualpm.store import StoredSample, check_shard, column_dir, load_manifest, read_shard, verify_store
 from dualpm.viz import canonical_to_rgb, depth_to_rgb, image_grid
 
 
@@ -50,8 +42,11 @@ def verify(out: Path, columns: tuple[str, ...], quick: bool) -> None:
     click.echo(f"{out}: OK")
 
 
-def find_sample(out: Path, column: str, sample_id: str) -> dict[str, Any]:
-    """The stored fields of `sample_id` in `column` of the store `out` (DatasetError if not there)."""
+def find_sample(out: Path, column: str, sample_id: str) -> StoredSample:
+    """The stored fields of `sample_id` in `column` of the store `out` (DatasetError if not there).
+
+    The shard's checksum is not checked (so a picture of a sound sample of a damaged shard can be made);
+    each field is checked as it decodes, and its errors name the shard and the sample."""
     manifest = load_manifest(out)
     info = manifest.columns.get(column)
     if info is None:
@@ -65,15 +60,15 @@ def find_sample(out: Path, column: str, sample_id: str) -> dict[str, Any]:
     failure = next((f for f in record.failures if f.sample_id == sample_id), None)
     if failure is not None:
         raise DatasetError(f"{out}: sample {sample_id!r} failed in column {column!r}: {failure.reason}")
-    for stored_id, fields in read_shard(column_dir(out, column), plan.index, info.format):
+    for stored_id, fields in read_shard(out, info, plan.index, verify=False):
         if stored_id == sample_id:
             return fields
     raise DatasetError(f"{out}: sample {sample_id!r} is missing from shard {plan.index} of column {column!r}")
 
 
-def sample_sheet(fields: dict[str, Any], title: str) -> Image.Image:
+def sample_sheet(fields: Mapping[str, Any], title: str) -> Image.Image:
     """Picture of one render sample: RGB and mask, then canonical xyz colours and posed depth per layer."""
-    dpm = decode_dual_pointmap(fields["dpm"])  # (H, W, L, 7)
+    dpm = fields["dpm"]  # (H, W, L, 7) float32
     hit = dpm[..., 6] > 0  # (H, W, L)
     used = max(1, int(hit.any(axis=(0, 1)).nonzero()[0].max(initial=0)) + 1)  # layers up to the last hit
     points = dpm[..., :3][hit]  # (N, 3) every hit of every layer: one colour box for all layers
@@ -82,9 +77,9 @@ def sample_sheet(fields: dict[str, Any], title: str) -> Image.Image:
     limits = (float(depth[hit].min()), float(depth[hit].max())) if hit.any() else None
     columns = max(used, 2)
     blank = np.full(dpm.shape[:2], 255, np.uint8)
-    mask = (read_mask(fields["mask.png"], f"{title}: mask.png") * 255).astype(np.uint8)
-    top = [decode_png(fields["rgb.png"]) if "rgb.png" in fields else blank, mask]
-    top_labels = [f"{title} rgb" if "rgb.png" in fields else f"{title} (no rgb)", "mask"]
+    mask = (fields["mask"] * 255).astype(np.uint8)
+    top = [fields["rgb"] if "rgb" in fields else blank, mask]
+    top_labels = [f"{title} rgb" if "rgb" in fields else f"{title} (no rgb)", "mask"]
     tiles = top + [blank] * (columns - 2)
     labels = top_labels + [""] * (columns - 2)
     for row, label in (("canonical", "canonical"), ("depth", "depth")):
@@ -111,7 +106,7 @@ def sample_sheet(fields: dict[str, Any], title: str) -> Image.Image:
 def show(out: Path, sample_id: str, output: Path, column: str) -> None:
     """Write a picture of one sample of OUT: RGB, mask, and per layer canonical xyz and posed depth."""
     fields = find_sample(out, column, sample_id)
-    missing = [f for f in ("dpm", "mask.png") if f not in fields]
+    missing = [f for f in ("dpm", "mask") if f not in fields]
     if missing:
         raise DatasetError(f"{out}: sample {sample_id!r} of column {column!r} has no {', '.join(missing)}")
     sheet = sample_sheet(fields, sample_id)

@@ -5,21 +5,24 @@ and render in batches (`--batch`), check each sample (unreadable mesh, pose or c
 the view, non-finite values: recorded as that sample's failure), encode, and publish the shard
 atomically. A batch that fails is rendered again sample by sample, so one bad sample never costs
 the others of its shard.
-Each sample holds:
+Each sample holds (`render_fields`; docs/format.md says how each container stores them):
 
-    dpm         `dualpm.store.encode_dual_pointmap` of the (H, W, L, 7) map (float16 values of hits)
-    mask.png    1-bit PNG at the source's resolution: the source mask decoded by `dualpm.masks` (any
-                encoding; an empty one fails the sample), or without one the rendered layer-1 coverage
-    rgb.png     the source image, byte for byte (only when the source has one)
-    meta.json   source id, model name, focal length (mm), camera pose (Z-up camera-to-world), the
-                view and projection used, the clip planes used and the posed mesh's depth range,
-                resolution, layers, backend, where the mask came from and its IoU with the rendered
-                layer-1 coverage
+    dpm     the (H, W, L, 7) dual point map, stored sparse: hit counts and `--precision` values of the hits
+    mask    0/1 at the source's resolution: the source mask decoded by `dualpm.masks` (any encoding; an
+            empty one fails the sample), or without one the rendered layer-1 coverage
+    rgb     the source image (WebDataset: the file byte for byte; Zarr: (h, w, 3) uint8), when it has one
+    meta    source id, model name, focal length (mm), camera pose (Z-up camera-to-world), the view and
+            projection used, the clip planes used and the posed mesh's depth range, resolution, layers,
+            backend, where the mask came from and its IoU with the rendered layer-1 coverage
 
 Clip planes (`--near/--far`): the reference's 0.1 and 30 scene units by default, so published data
 renders exactly as the reference renders it; `auto` fits them to each sample's posed mesh (depth
 range [a, b] in camera space: near = a / 2, far = 2 b), for data in other units (a rig in cm).
 A sample whose mesh covers no pixel fails with a message naming the plane that clipped it.
+
+A Zarr column holds one typed array per field, so every sample's mask and image must have one size: the
+driver reads them from the first sample with a mask and with an image (`source_sizes`), and a sample of
+another size fails with a message saying so (WebDataset columns take any size).
 
 The backend is decided once, in the driver, from the Ray cluster: `cuda` tasks (one GPU each) only
 where the cluster has GPUs; `--backend cuda` without any fails before anything is submitted (a task
@@ -44,7 +47,7 @@ import torch
 from dualpm import __version__
 from dualpm.camera import FAR, NEAR, projection_from_focal, view_from_camera_pose
 from dualpm.cliutils import FloatOrAuto, handles_user_errors, show_and_save_config
-from dualpm.data.source import SourceDataset, SourceSample
+from dualpm.data.source import Layout, SourceDataset, SourceSample
 from dualpm.errors import BackendUnavailable, DatasetError, DualPMError, GltfError
 from dualpm.gltf import SkinnedMesh, load_skinned_mesh
 from dualpm.images import open_image
@@ -53,15 +56,18 @@ from dualpm.render import cuda_backend_status, render_dual_pointmaps
 from dualpm.skinning import read_pose_file, skin
 from dualpm.store import (
     FORMATS,
+    PRECISION,
+    PRECISIONS,
     SCHEMA_VERSION,
     FieldSpec,
+    Manifest,
     ShardPlan,
     ShardRecord,
     ShardWriter,
     column_dir,
-    encode_dual_pointmap,
-    png_bytes,
 )
+from dualpm.store.encoding import rgb8
+from dualpm.store.shards import PreparedSample, prepare_sample
 from pipeline.cluster import ClusterInfo, concurrent_tasks, ray_session
 from pipeline.runner import (
     Stage,
@@ -93,19 +99,68 @@ class RenderConfig:
     threads: int = 1  # encoding threads per task (GPU tasks encode while the GPU renders)
     near: float | str = NEAR  # clip distance, scene units, or "auto" (fitted per sample)
     far: float | str = FAR
+    precision: str = "float16"  # of the stored dual point map values
+    mask_size: tuple[int, int] | None = None  # zarr: (h, w) of every stored mask
+    image_size: tuple[int, int] | None = None  # zarr: (h, w) of every stored image; None: no images
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self) | {"schema_version": SCHEMA_VERSION, "tool_version": __version__}
+        sizes = {k: None if v is None else list(v)  # as manifest.json gives them back
+                 for k, v in (("mask_size", self.mask_size), ("image_size", self.image_size))}
+        return asdict(self) | sizes | {"schema_version": SCHEMA_VERSION, "tool_version": __version__}
 
 
 def render_fields(config: RenderConfig) -> dict[str, FieldSpec]:
-    """What every sample of the render column holds (checked by `dualpm-prep verify`)."""
-    return {
-        "dpm": FieldSpec(shape=(config.resolution, config.resolution, config.layers, 7)),
-        "mask.png": FieldSpec(),
-        "rgb.png": FieldSpec(required=False),
-        "meta.json": FieldSpec(),
+    """What every sample of the render column holds and what it means (the schema block; checked by
+    `dualpm-prep verify`). Zarr columns fix the mask and image sizes (`config.mask_size`, `image_size`)."""
+    r, layers = config.resolution, config.layers
+    zarr = config.format == "zarr"
+    mask_size, image_size = (config.mask_size, config.image_size) if zarr else (None, None)
+    fields = {
+        "dpm": FieldSpec("dpm", (r, r, layers, 7), config.precision, about={
+            "channels": ["canonical_x", "canonical_y", "canonical_z", "posed_x", "posed_y", "posed_z",
+                         "alpha"],
+            "units": "scene units; alpha 1 where layer l of the pixel hit a surface, else all 7 channels 0",
+            "frames": "canonical: the mesh's rest pose, Y-up; posed: OpenGL camera, z minus view[2, 3]",
+            "resolution": [r, r],
+            "layers": layers,
+            "precision": PRECISION[config.precision],
+        }),
+        "mask": FieldSpec("mask", mask_size, "uint8", about={
+            "values": "1 inside the object, 0 outside",
+            "resolution": list(mask_size) if mask_size else "the source image's (not the dual point map's)",
+            "source": "the source mask, or the rendered layer-1 coverage without one (meta.mask says which)",
+        }),
+        "meta": FieldSpec("json", about={
+            "keys": ["source_id", "model_name", "focal_length (mm, 36 mm sensor height)", "camera_pose "
+                     "(4x4 camera-to-world, Blender Z-up world)", "view (4x4 world-to-camera, Y-up)",
+                     "projection (4x4 OpenGL)", "resolution", "layers", "backend", "mask", "mask_iou"],
+        }),
     }
+    if not zarr or image_size is not None:
+        fields["rgb"] = FieldSpec("image", (*image_size, 3) if zarr else None, "uint8", required=zarr, about={
+            "values": "RGB, 8 bits per channel" if zarr else "the source image file, as found",
+            "resolution": list(image_size) if zarr else "the source image's",
+        })
+    return fields
+
+
+def source_sizes(source: SourceDataset, manifest: Manifest, resolution: int) -> tuple[tuple[int, int],
+                                                                                   tuple[int, int] | None]:
+    """((h, w) of the masks, (h, w) of the images or None without any) for a Zarr render column: those of
+    the first planned sample with a mask file and with an image file (every sample must match them).
+    Without mask files, masks are the rendered coverage at the render resolution."""
+    sizes: dict[str, tuple[int, int]] = {}
+    wanted = {kind: folder for kind, folder in (("mask", "masks"), ("rgb", "renders"))
+              if (source.root / folder).is_dir()}
+    for sample_id in (i for plan in manifest.plan for i in plan.ids):
+        for kind in [k for k in wanted if k not in sizes]:
+            path = source.layout.mask(sample_id) if kind == "mask" else source.layout.rgb(sample_id)
+            if path.exists():
+                width, height = open_image(path).size
+                sizes[kind] = (height, width)
+        if len(sizes) == len(wanted):
+            break
+    return sizes.get("mask", (resolution, resolution)), sizes.get("rgb")
 
 
 def stage_for(config: RenderConfig) -> Stage:
@@ -192,11 +247,21 @@ def clip_planes(depth_min: float, depth_max: float, near: float | str, far: floa
     return planes
 
 
+def _zarr_size(what: str, path: Path, shape: tuple[int, ...], size: tuple[int, int] | None,
+               config: RenderConfig) -> str | None:
+    """Why an image or mask of `shape` cannot go into the Zarr column (which stores `size`), or None."""
+    if config.format != "zarr" or tuple(shape[:2]) == size:
+        return None
+    return (f"{path}: {what} is {shape[0]}x{shape[1]}, the Zarr render column stores {size[0]}x{size[1]} "
+            "(the first sample's size); resize the source, or render with --format webdataset, which keeps "
+            "every size")
+
+
 def _sample_fields(
     sample: SourceSample, dpm: np.ndarray, view: np.ndarray, projection: np.ndarray, config: RenderConfig,
     clip: ClipPlanes,
-) -> dict[str, Any] | str:
-    """The stored fields of one rendered sample, or the reason it failed.
+) -> PreparedSample | str:
+    """The stored fields of one rendered sample, checked and encoded for the column, or why it failed.
 
     Args:
         dpm: (H, W, L, 7) float32 rendered map, CPU. view, projection: (4, 4) used to render it.
@@ -209,8 +274,8 @@ def _sample_fields(
     coverage = dpm[:, :, 0, 6] > 0  # (H, W) layer-1 hits
     if not coverage.any():
         return clip.uncovered()
+    fields: dict[str, Any] = {"dpm": dpm}
     try:
-        fields: dict[str, Any] = {"dpm": encode_dual_pointmap(dpm)}
         mask, iou = coverage, 1.0
         if sample.mask_path:
             mask = read_mask(sample.mask_path) > INSIDE  # (h, w) bool at the source's resolution
@@ -218,12 +283,24 @@ def _sample_fields(
                 return (f"{sample.mask_path}: the mask is empty, but the render covers {int(coverage.sum())} "
                         "pixels of layer 1 (a mask saved with other values than the file's type suggests?)")
             iou = mask_iou(resize_mask(mask, coverage.shape), coverage)
-        fields["mask.png"] = png_bytes(mask)  # 1-bit: one encoding whatever the source used
-        if sample.rgb_path:
-            fields["rgb.png"] = _read_image_bytes(sample.rgb_path)
-    except DualPMError as err:  # EncodingError: values beyond float16, etc.
+            if reason := _zarr_size("the mask", sample.mask_path, mask.shape, config.mask_size, config):
+                return reason
+        elif config.format == "zarr" and mask.shape != config.mask_size:  # coverage at the column's size
+            mask = resize_mask(mask, config.mask_size).numpy() > INSIDE
+        fields["mask"] = mask
+        if sample.rgb_path and (config.format == "webdataset" or config.image_size is not None):
+            image = _read_image_bytes(sample.rgb_path)
+            if config.format == "zarr":
+                image = rgb8(image, str(sample.rgb_path))  # (h, w, 3) uint8
+                if reason := _zarr_size("the image", sample.rgb_path, image.shape, config.image_size, config):
+                    return reason
+            fields["rgb"] = image
+        elif config.format == "zarr" and config.image_size is not None:
+            return (f"no image {Layout(Path(config.source)).rgb(sample.id)}: a Zarr render column stores one "
+                    "per sample (add it, or render with --format webdataset)")
+    except DualPMError as err:
         return str(err)
-    fields["meta.json"] = {
+    fields["meta"] = {
         "source_id": sample.id,
         "model_name": sample.model_name,
         "focal_length": sample.focal_length,
@@ -240,7 +317,10 @@ def _sample_fields(
         "mask": "source" if sample.mask_path else "rendered",
         "mask_iou": round(iou, 4),  # source mask (area-resized) vs rendered layer-1 coverage
     }
-    return fields
+    try:  # encodes (compresses) here, in the task's encoding threads
+        return prepare_sample(render_fields(config), config.format, fields, f"sample {sample.id!r}")
+    except DualPMError as err:  # EncodingError: values beyond float16, etc.
+        return str(err)
 
 
 class _ShardResults:
@@ -385,7 +465,7 @@ def render_shard(config: RenderConfig, plan: ShardPlan, out_column: str) -> Shar
                                f"unexpectedly, the first: {shard.unexpected[0]}")
         # The driver removed any earlier copy of this shard; overwrite covers a retry of this task
         # whose killed predecessor got as far as publishing.
-        with ShardWriter(out_column, plan.index, config.format, overwrite=True) as writer:
+        with ShardWriter(out_column, plan, config.format, render_fields(config), overwrite=True) as writer:
             for sample_id in plan.ids:  # plan order
                 result = shard.results[sample_id]
                 if isinstance(result, Future):
@@ -438,8 +518,11 @@ def task_resources(backend: str, cluster: ClusterInfo) -> tuple[dict[str, float]
               help="Depth layers stored.")
 @click.option("--backend", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
               help="cuda (nvdiffrast, one GPU per task) where the Ray cluster has GPUs, else cpu (Embree).")
-@click.option("--format", "fmt", type=click.Choice(list(FORMATS)), default="webdataset", show_default=True,
-              help="Shard container.")
+@click.option("--format", "fmt", type=click.Choice(list(FORMATS)), default="zarr", show_default=True,
+              help="Shard container: zarr (typed arrays; one image size per column) or webdataset (tar "
+                   "shards; any image size). docs/format.md.")
+@click.option("--precision", type=click.Choice(list(PRECISIONS)), default="float16", show_default=True,
+              help="Stored dual point map values (float16: relative error <= 4.9e-4; docs/format.md).")
 @click.option("--batch", type=click.IntRange(1, 4096), default=32, show_default=True,
               help="Images per render call.")
 @click.option("--near", type=FloatOrAuto(), default=NEAR, show_default=True,
@@ -454,16 +537,18 @@ def task_resources(backend: str, cluster: ClusterInfo) -> tuple[dict[str, float]
 @shard_stage_options
 @handles_user_errors
 def render(src: Path, out: Path, resolution: int, layers: int, shard_size: int | None, backend: str, fmt: str,
-           batch: int, near: float | str, far: float | str, workers: int | None, address: str | None,
-           connect_timeout: float, overwrite: bool, max_failures: int | None, dry_run: bool) -> None:
+           precision: str, batch: int, near: float | str, far: float | str, workers: int | None,
+           address: str | None, connect_timeout: float, overwrite: bool, max_failures: int | None,
+           dry_run: bool) -> None:
     """Render the dual point maps of source dataset SRC into the sharded store OUT (column "render")."""
     if isinstance(near, float) and isinstance(far, float) and not near < far:
         raise click.BadParameter(f"--near {near:g} must be below --far {far:g}", param_hint="--near/--far")
     source = SourceDataset(src)
     manifest = open_manifest(out, source, shard_size)
     require_samples(manifest, source)
-    config = RenderConfig(str(source.root.resolve()), resolution, layers, backend, batch, fmt, near=near,
-                          far=far)
+    mask_size, image_size = source_sizes(source, manifest, resolution) if fmt == "zarr" else (None, None)
+    config = RenderConfig(str(source.root.resolve()), resolution, layers, backend, batch, fmt, near=near, far=far,
+                          precision=precision, mask_size=mask_size, image_size=image_size)
     check_column(out, manifest, stage_for(config), overwrite)  # before Ray starts or anything is written
     if dry_run:
         show_and_save_config(config.to_json() | {"backend": f"{backend} (resolved when Ray starts)"}, None,

@@ -34,7 +34,7 @@ import ray
 
 from dualpm.data.source import SKIP_KINDS, SourceDataset, describe_split_rule
 from dualpm.errors import ConfigError, DatasetError, DualPMError
-from dualpm.fileio import atomic_write_text, refuse_nested, remove_stale_temporaries
+from dualpm.fileio import atomic_write_text, refuse_nested
 from dualpm.store import (
     FORMATS,
     MANIFEST_NAME,
@@ -48,7 +48,9 @@ from dualpm.store import (
     column_dir,
     load_manifest,
     plan_shards,
+    publish_layout,
     remove_shard,
+    remove_temporaries,
     save_manifest,
     write_failures,
 )
@@ -152,7 +154,8 @@ def prepare_column(
 
     Checks the recorded config (`check_column`), removes temporaries of killed writers, keeps the
     shards whose sidecar matches their data (sha256) and removes every other shard of the plan (all
-    of them with `overwrite`). Only call this while no other writer of the column runs.
+    of them with `overwrite`), then writes the store's Zarr metadata (`publish_layout`). Only call this
+    while no other writer of the column runs.
     """
     check_column(out, manifest, stage, overwrite)
     folder = column_dir(out, stage.column)
@@ -160,7 +163,7 @@ def prepare_column(
     if old is not None and overwrite and old.format != stage.format:
         for plan in manifest.plan:  # the other format's files would linger otherwise
             remove_shard(folder, plan.index, old.format)
-    remove_stale_temporaries(folder)
+    remove_temporaries(folder)
     records: dict[int, ShardRecord] = {}
     todo = []
     for plan in manifest.plan:
@@ -177,6 +180,7 @@ def prepare_column(
     )
     folder.mkdir(parents=True, exist_ok=True)
     _save_column(out, manifest, stage.column)
+    publish_layout(out, manifest)  # the Zarr root, arrays and consolidated metadata: before any writer
     return todo
 
 

@@ -41,7 +41,7 @@ from dualpm.infer.cli import main as infer_main
 from dualpm.pointcloud import write_ply
 from dualpm.predictions import keep_mask, open_predictions
 from dualpm.skinning import read_pose_file, skin
-from dualpm.store import decode_dual_pointmap, load_manifest
+from dualpm.store import load_manifest
 from dualpm.train import config_from_dict, train
 from pipeline.cli import main as prep_main
 from pipeline.inspect import find_sample
@@ -93,7 +93,7 @@ def evaluate(pred: Path, out: Path, *args) -> tuple[dict, list[dict], str]:
 
 def gt_points(out: Path, sample_id: str) -> np.ndarray:
     """(N, 3) ground-truth posed points of every stored layer, straight from the render column."""
-    dpm = decode_dual_pointmap(find_sample(out, "render", sample_id)["dpm"])
+    dpm = find_sample(out, "render", sample_id)["dpm"]
     return dpm[..., 3:6][dpm[..., 6] > 0.5].astype(np.float64)
 
 
@@ -201,7 +201,7 @@ def test_baseline_is_the_per_pixel_training_mean_and_reports_a_ratio(data, oracl
 
     # The baseline is the per-pixel mean over the train samples occupied there, and the occupancy frequency.
     train = [i for p in load_manifest(data.out).plan if p.split == "train" for i in p.ids]
-    maps = np.stack([decode_dual_pointmap(find_sample(data.out, "render", i)["dpm"]) for i in train])  # (N, H, W, L, 7)
+    maps = np.stack([find_sample(data.out, "render", i)["dpm"] for i in train])  # (N, H, W, L, 7)
     occupied = maps[..., 6] > 0.5
     counts = occupied.sum(0)  # (H, W, L)
     fitted = fit_constant_baseline(data.out, LAYERS, (RESOLUTION, RESOLUTION))
@@ -270,7 +270,7 @@ def test_animodel_targets_folder_with_predictions_from_images(data, tmp_path):
     (category / "meshes").mkdir()
     for sample_id in data.val:
         rgb = np.asarray(Image.open(data.src / "renders" / f"{sample_id}_rgb.png").convert("RGB"))
-        alpha = decode_dual_pointmap(find_sample(data.out, "render", sample_id)["dpm"])[:, :, 0, 6] > 0.5
+        alpha = find_sample(data.out, "render", sample_id)["dpm"][:, :, 0, 6] > 0.5
         rgba = np.dstack([rgb, (alpha * 255).astype(np.uint8)])
         Image.fromarray(rgba, "RGBA").save(category / "images" / f"{sample_id}.png")
         vertices, faces = _gt_posed_vertices(data.src, data.out, sample_id)

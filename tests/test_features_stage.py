@@ -37,11 +37,10 @@ from dualpm.masks import read_mask
 from dualpm.store import (
     FAILURES_NAME,
     Manifest,
-    data_path,
-    decode_dual_pointmap,
     load_manifest,
     plan_shards,
     read_shard,
+    shard_files,
     verify_store,
 )
 from pipeline.cli import main
@@ -74,10 +73,9 @@ def features_cli(*args: str) -> tuple[int, str]:
 def stored(out: Path, column: str = "features") -> dict[str, dict]:
     """Sample id -> fields of every stored sample of `column`, checking each shard holds plan samples."""
     manifest = load_manifest(out)
-    fmt = manifest.columns[column].format
     samples = {}
     for plan in manifest.plan:
-        shard = dict(read_shard(out / column, plan.index, fmt))
+        shard = dict(read_shard(out, manifest.columns[column], plan.index))
         assert list(shard) == [i for i in plan.ids if i in shard]  # plan samples, in plan order
         samples.update(shard)
     return samples
@@ -93,7 +91,9 @@ def direct(extractor, basis, paths: list[Path], masks: list[Path] | None = None)
 
 
 def tree_state(folder: Path) -> dict[str, tuple[int, int]]:
-    return {p.name: (p.stat().st_mtime_ns, p.stat().st_ino) for p in folder.iterdir()}
+    """Every file under `folder` (relative path -> mtime, inode)."""
+    files = (p for p in folder.rglob("*") if p.is_file())
+    return {p.relative_to(folder).as_posix(): (p.stat().st_mtime_ns, p.stat().st_ino) for p in files}
 
 
 @pytest.mark.parametrize("fmt", ["zarr", "webdataset"])
@@ -105,7 +105,7 @@ def test_rgb_end_to_end_equals_direct_extraction(tmp_path, ray_local, fmt):
     assert code == 0, output
     assert "features: 6 samples written, 0 failed" in output
     column = load_manifest(out).columns["features"]
-    assert column.format == fmt and column.fields["features.npy"].shape == (4, 8, 8)
+    assert column.format == fmt and column.fields["features"].shape == (4, 8, 8)
     assert column.config["basis"] is None and column.config["pca_samples"] is None
     spec = spec_from_column(column.config)
     assert spec == FeatureSpec("rgb", grid=8, rgb_mask_channel=True)
@@ -114,7 +114,7 @@ def test_rgb_end_to_end_equals_direct_extraction(tmp_path, ray_local, fmt):
     samples = stored(out)
     assert sorted(samples) == ds.ids
     for sid, fields in samples.items():
-        feats = fields["features.npy"]
+        feats = fields["features"]
         assert feats.dtype == np.float16 and feats.shape == (4, 8, 8)
         want = direct(extractor, basis, [ds.root / "renders" / f"{sid}_rgb.png"],
                       [ds.root / "masks" / f"{sid}_mask.png"])[0]
@@ -150,25 +150,29 @@ def test_sd_dino_basis_fitted_once_reused_by_every_actor_and_rerun(tmp_path, ray
     assert sorted(samples) == ds.ids
     # Every shard (both actors) used the stored basis: each equals a direct extraction with it.
     for sid, fields in samples.items():
-        feats = fields["features.npy"]
+        feats = fields["features"]
         assert feats.dtype == np.float16 and feats.shape == (16, 8, 8)
         want = direct(extractor, basis, [ds.root / "renders" / f"{sid}_rgb.png"])[0]
         np.testing.assert_allclose(feats.astype(np.float32), want.astype(np.float32), rtol=2e-3, atol=2e-3)
-    np.testing.assert_array_equal(samples[sample_id(1)]["features.npy"], samples[sample_id(4)]["features.npy"])
-    assert not np.array_equal(samples[sample_id(0)]["features.npy"], samples[sample_id(1)]["features.npy"])
+    np.testing.assert_array_equal(samples[sample_id(1)]["features"], samples[sample_id(4)]["features"])
+    assert not np.array_equal(samples[sample_id(0)]["features"], samples[sample_id(1)]["features"])
 
     # Resume: only the deleted shard is redone, with the same basis (not refitted), to the same bytes.
     fitted = (basis_path.stat().st_mtime_ns, basis_path.read_bytes())
-    before = tree_state(out / "features")
+    before = tree_state(out)
     old_record = column.shards[1]
-    data_path(out / "features", 1, "zarr").rename(tmp_path / "moved.zarr")
+    for _, path in shard_files(out / "features", 1, "zarr"):  # shard 1's Zarr shard files, one per array
+        path.rename(tmp_path / path.name)
     code, output = features_cli(*args)
     assert code == 0, output
     assert "feature basis: reusing" in output and "feature basis: fitted" not in output
     assert "2 samples written" in output and "1 shards done, 2 already complete" in output
     assert (basis_path.stat().st_mtime_ns, basis_path.read_bytes()) == fitted
-    after = tree_state(out / "features")
-    assert sorted(k for k in after if after[k] != before.get(k)) == ["shard-000001.json", "shard-000001.zarr"]
+    after = tree_state(out)
+    changed = sorted(k for k in after if after[k] != before.get(k) and k.startswith("features/"))
+    assert changed == ["features/features/c/1/0/0/0", "features/valid/c/1"]
+    assert after["records/features/shard-000001.json"] != before["records/features/shard-000001.json"]
+    assert after["zarr.json"] == before["zarr.json"]  # the arrays' metadata were kept, not rewritten
     assert load_manifest(out).columns["features"].shards[1] == old_record
     assert verify_store(out) == []
 
@@ -204,8 +208,8 @@ def test_corrupt_and_missing_images_fail_grayscale_and_odd_sizes_are_extracted(t
     basis = fit_basis(extractor, lambda: [])
     for sid in (gray, odd):
         want = direct(extractor, basis, [renders / f"{sid}_rgb.png"])[0]
-        np.testing.assert_array_equal(samples[sid]["features.npy"], want)
-    gray_feats = samples[gray]["features.npy"].astype(np.float32)
+        np.testing.assert_array_equal(samples[sid]["features"], want)
+    gray_feats = samples[gray]["features"].astype(np.float32)
     # Grayscale became equal RGB channels, so the ImageNet-normalised channels are affine in each other.
     np.testing.assert_allclose((gray_feats[0] * 0.229 + 0.485), (gray_feats[2] * 0.225 + 0.406), atol=2e-3)
     assert verify_store(out) == []
@@ -229,8 +233,8 @@ def test_precomputed_imports_packed_pngs_exactly(tmp_path, ray_local):
         # Independent unpacking: channel c is colour c % 3 of tile c // 3, value v / 127 - 1.
         expected = np.stack([packed[:, (c // 3) * 4 : (c // 3 + 1) * 4, c % 3] for c in range(64)])
         expected = (expected.astype(np.float64) / 127 - 1).astype(np.float16)
-        np.testing.assert_array_equal(fields["features.npy"], expected)
-        np.testing.assert_array_equal(fields["features.npy"],
+        np.testing.assert_array_equal(fields["features"], expected)
+        np.testing.assert_array_equal(fields["features"],
                                       read_packed(ds.root / "features" / f"{sid}_feat.png").numpy().astype(np.float16))
     assert "cannot read packed features" in (out / FAILURES_NAME).read_text()
 
@@ -258,8 +262,8 @@ def test_features_then_render_join_by_sample_id_in_the_reader(tmp_path, ray_loca
         for sample in stream:
             sid = sample["id"]
             seen.append(sid)
-            np.testing.assert_array_equal(sample["features"].numpy(), feats[sid]["features.npy"].astype(np.float32))
-            np.testing.assert_array_equal(sample["target"].numpy(), decode_dual_pointmap(render[sid]["dpm"]))
+            np.testing.assert_array_equal(sample["features"].numpy(), feats[sid]["features"].astype(np.float32))
+            np.testing.assert_array_equal(sample["target"].numpy(), render[sid]["dpm"])
     assert sorted(seen) == [i for i in ds.ids if i != broken]
     assert verify_store(out) == []
 

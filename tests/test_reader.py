@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from dualpm.data.reader import (
+    FEATURE_LIMIT,
     ShardInfo,
     ShardStream,
     consumer_segments,
@@ -26,17 +27,18 @@ from dualpm.data.reader import (
     shuffle_buffer,
 )
 from dualpm.errors import DatasetError
+from dualpm.masks import decode_mask
 from dualpm.store import (
     SCHEMA_VERSION,
     ColumnInfo,
+    FieldSpec,
     Manifest,
     ShardWriter,
     column_dir,
-    decode_dual_pointmap,
-    encode_dual_pointmap,
     plan_shards,
-    png_bytes,
+    publish_layout,
     save_manifest,
+    shard_files,
 )
 
 STORED_LAYERS = 6
@@ -81,6 +83,11 @@ def sample_features(dpm: np.ndarray, channels: int, grid: int, seed: int) -> np.
     return np.concatenate([base, noise])[:channels].astype(np.float16)
 
 
+def as_stored(dpm: np.ndarray) -> np.ndarray:
+    """A dual point map as the store gives it back (float16 values)."""
+    return dpm.astype(np.float16).astype(np.float32)
+
+
 def write_store(
     root: Path,
     n_train: int = 8,
@@ -95,45 +102,58 @@ def write_store(
     fail: dict[str, set[str]] | None = None,
     skip_shards: dict[str, set[int]] | None = None,
     nan_features: frozenset[str] = frozenset(),
+    ids: list[str] | None = None,
+    precision: str = "float16",
+    huge_targets: frozenset[str] = frozenset(),
 ) -> Path:
     """Write a prepared dataset (manifest + columns "render" and "features") to `root`; returns `root`.
 
-    Sample i: `sphere_sample(i, size)`; features `sample_features(..., channels, grid, i)`; mask = layer-1
-    alpha (at `mask_size` if given, nearest-upsampled). `fail[column]`: ids recorded as failed there.
-    `skip_shards[column]`: shards left unwritten (unfinished). `nan_features`: ids whose features are NaN.
+    Sample i (id `ids[i]`, default f"{i:04d}"): `sphere_sample(i, size)`; features `sample_features(...,
+    channels, grid, i)`; mask = layer-1 alpha (at `mask_size` if given, nearest-upsampled).
+    `fail[column]`: ids recorded as failed there. `skip_shards[column]`: shards left unwritten (unfinished).
+    `nan_features`: ids whose features are NaN. `huge_targets`: ids whose dual point map values are 1e30
+    (stored with precision float32).
     """
     fail, skip_shards = fail or {}, skip_shards or {}
-    ids = [f"{i:04d}" for i in range(n_train + n_val)]
+    ids = ids or [f"{i:04d}" for i in range(n_train + n_val)]
+    seeds = {sample_id: i for i, sample_id in enumerate(ids)}
     plan = plan_shards({"train": ids[:n_train], "val": ids[n_train:]}, shard_size)
     manifest = Manifest.create("synthetic spheres", shard_size, plan)
+    side = mask_size or size
+    render_fields = {"dpm": FieldSpec("dpm", (size, size, STORED_LAYERS, 7), precision), "meta": FieldSpec("json")}
+    if with_mask:
+        render_fields["mask"] = FieldSpec("mask", (side, side), "uint8")
+    fields = {"render": render_fields, "features": {"features": FieldSpec("array", (channels, grid, grid), "float16")}}
+    configs = {"render": {"size": size}, "features": {"extractor": "test", "dim": channels, "grid": grid}}
     for name, fmt in zip(("render", "features"), formats, strict=True):
-        config = {"size": size} if name == "render" else {"extractor": "test", "dim": channels, "grid": grid}
-        column = ColumnInfo(name, fmt, SCHEMA_VERSION, config)
+        manifest.columns[name] = ColumnInfo(name, fmt, SCHEMA_VERSION, configs[name], fields[name])
+        column_dir(root, name).mkdir(parents=True, exist_ok=True)
+    publish_layout(root, manifest)
+    for name, column in manifest.columns.items():
         for shard in plan:
             if shard.index in skip_shards.get(name, set()):
                 continue
-            with ShardWriter(column_dir(root, name), shard.index, fmt) as writer:
+            with ShardWriter(column_dir(root, name), shard, column.format, column.fields) as writer:
                 for sample_id in shard.ids:
                     if sample_id in fail.get(name, set()):
                         writer.fail(sample_id, "test failure")
                         continue
-                    seed = int(sample_id)
+                    seed = seeds[sample_id]
                     dpm = sphere_sample(seed, size)
                     if name == "features":
                         feats = sample_features(dpm, channels, grid, seed)
                         if sample_id in nan_features:
                             feats[:] = np.nan
-                        writer.add(sample_id, {"features.npy": feats})
+                        writer.add(sample_id, {"features": feats})
                         continue
-                    fields = {"dpm": encode_dual_pointmap(dpm), "meta.json": {"seed": seed}}
+                    if sample_id in huge_targets:
+                        dpm[..., :6] = np.where(dpm[..., 6:] > 0, 1e30, 0.0)
+                    values = {"dpm": dpm, "meta": {"seed": seed}}
                     if with_mask:
                         mask = dpm[:, :, 0, 6] > 0
-                        if mask_size is not None:
-                            mask = mask.repeat(mask_size // size, 0).repeat(mask_size // size, 1)
-                        fields["mask.png"] = png_bytes(mask)
-                    writer.add(sample_id, fields)
+                        values["mask"] = mask.repeat(side // size, 0).repeat(side // size, 1)
+                    writer.add(sample_id, values)
             column.shards[shard.index] = writer.record
-        manifest.columns[name] = column
     save_manifest(root, manifest)
     return root
 
@@ -171,7 +191,7 @@ def test_decoded_sample_matches_the_stored_data(tmp_path):
     stream = ShardStream(info, "train", 3, (16, 16), seed=0, shuffle=False, infinite=False)
     sample = next(iter(stream))
     assert sample["id"] == "0000" and sample["position"].tolist() == [0, 0, 1]
-    dpm = decode_dual_pointmap(encode_dual_pointmap(sphere_sample(0, 16)))  # float16-rounded like the store
+    dpm = as_stored(sphere_sample(0, 16))  # float16-rounded like the store
     assert sample["target"].dtype == torch.float32 and sample["target"].shape == (16, 16, 3, 7)
     assert torch.equal(sample["target"], torch.from_numpy(dpm[:, :, :3]))
     assert torch.equal(sample["mask"], torch.from_numpy(dpm[:, :, 0, 6]))  # 32x32 mask area-resized back
@@ -185,17 +205,19 @@ def test_decoded_sample_matches_the_stored_data(tmp_path):
 def test_mask_falls_back_to_layer1_alpha_and_resolution_resamples(tmp_path):
     info = open_dataset(write_store(tmp_path, with_mask=False))
     sample = next(iter(ShardStream(info, "train", 2, (8, 8), seed=0, shuffle=False, infinite=False)))
-    dpm = decode_dual_pointmap(encode_dual_pointmap(sphere_sample(0, 16)))
+    dpm = as_stored(sphere_sample(0, 16))
     # 16 -> 8: nearest sampling takes the pixel at odd rows/columns (centre rule), never blends points.
     assert torch.equal(sample["target"], torch.from_numpy(dpm[1::2, 1::2, :2]))
     assert torch.equal(sample["mask"], sample["target"][..., 0, 6])
     assert sample["features"].shape == (5, 8, 8)
 
 
+FEATS = {"features": np.zeros((3, 4, 4), np.float16)}
+
+
 @pytest.mark.parametrize("encoding", ["0/1 uint8", "0/255 uint8", "0/65535 uint16", "RGBA alpha"])
-def test_stored_masks_in_any_encoding_read_the_same(encoding):
-    # Stores written before masks were normalised hold the source's PNG bytes as they were; the published
-    # set's 0/1 masks must not read as empty.
+def test_masks_in_any_encoding_read_the_same(encoding):
+    # decode_sample takes any mask the one decoder (dualpm.masks) reads: 0/1 must not read as empty.
     dpm = sphere_sample(3, 16)
     inside = dpm[:, :, 0, 6] > 0
     stored = {
@@ -204,28 +226,35 @@ def test_stored_masks_in_any_encoding_read_the_same(encoding):
         "0/65535 uint16": inside.astype(np.uint16) * 65535,
         "RGBA alpha": np.dstack([np.full(inside.shape + (3,), 255, np.uint8), inside.astype(np.uint8) * 255]),
     }[encoding]
-    fields = {"dpm": encode_dual_pointmap(dpm), "mask.png": png_bytes(stored)}
-    sample = decode_sample(fields, np.zeros((3, 4, 4), np.float16), 2, (16, 16), "sample '3'")
+    fields = {"dpm": dpm, "mask": decode_mask(stored, "mask")}
+    sample = decode_sample(fields, FEATS, 2, (16, 16), "sample '3'")
     assert torch.equal(sample["mask"], torch.from_numpy(inside.astype(np.float32)))
 
 
 def test_an_empty_stored_mask_with_hits_is_an_error_naming_the_sample():
     dpm = sphere_sample(3, 16)
-    fields = {"dpm": encode_dual_pointmap(dpm), "mask.png": png_bytes(np.zeros((16, 16), np.uint8))}
+    fields = {"dpm": dpm, "mask": np.zeros((16, 16), np.float32)}
     with pytest.raises(DatasetError, match=r"sample '3': the stored mask is empty but the dual point map has hits"):
-        decode_sample(fields, np.zeros((3, 4, 4), np.float16), 2, (16, 16), "sample '3'")
-    fields["mask.png"] = png_bytes(np.array([[0, 9, 70]], np.uint8))
-    with pytest.raises(DatasetError, match=r"sample '3': mask.png: mask values are neither binary"):
-        decode_sample(fields, np.zeros((3, 4, 4), np.float16), 2, (16, 16), "sample '3'")
+        decode_sample(fields, FEATS, 2, (16, 16), "sample '3'")
 
 
 def test_decode_errors_name_the_sample():
-    fields = {"dpm": encode_dual_pointmap(sphere_sample(0, 8, layers=2))}
-    feats = np.zeros((3, 4, 4), np.float16)
+    fields = {"dpm": sphere_sample(0, 8, layers=2)}
     with pytest.raises(DatasetError, match=r"sample '7'.*2 layers, 4 requested"):
-        decode_sample(fields, feats, 4, (8, 8), "sample '7'")
+        decode_sample(fields, FEATS, 4, (8, 8), "sample '7'")
     with pytest.raises(DatasetError, match=r"sample '7': no 'dpm'"):
-        decode_sample({}, feats, 1, (8, 8), "sample '7'")
+        decode_sample({}, FEATS, 1, (8, 8), "sample '7'")
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -1e4, 25536.0])
+def test_damaged_features_are_an_error_naming_the_sample(value):
+    fields = {"dpm": sphere_sample(0, 8, layers=2)}
+    feats = np.zeros((3, 4, 4), np.float16)
+    feats[1, 2, 3] = value
+    with pytest.raises(DatasetError, match=r"sample '7': features are damaged"):
+        decode_sample(fields, {"features": feats}, 2, (8, 8), "sample '7'")
+    feats[1, 2, 3] = -FEATURE_LIMIT  # the bound itself is fine
+    decode_sample(fields, {"features": feats}, 2, (8, 8), "sample '7'")
 
 
 def test_open_dataset_errors(tmp_path):
@@ -379,31 +408,36 @@ def test_restart_from_positions_continues_the_same_stream(tmp_path):
     assert Counter(int(b["position"][-1, 1]) for b in full).keys() >= {0, 1}
 
 
-def test_reads_the_render_column_of_the_render_stage(tmp_path):
+@pytest.mark.parametrize("render_format", ["webdataset", "zarr"])
+def test_reads_the_render_column_of_the_render_stage(tmp_path, render_format):
     # The real producer: tests/datagen.py source layout -> pipeline.render_stage (Embree) -> column "render";
     # a features column (area-downsampled RGB) written beside it in Zarr.
     from datagen import make_source_dataset
-    from pipeline.render_stage import RenderConfig, render_shard
+    from pipeline.render_stage import RenderConfig, render_fields, render_shard
 
-    from dualpm.store import decode_png
+    from dualpm.images import load_image
 
     ds = make_source_dataset(tmp_path / "src", num_samples=4, image_size=32, val=1)
     root = tmp_path / "out"
     plan = plan_shards({"train": ds.ids[:3], "val": ds.ids[3:]}, 2)
     manifest = Manifest.create(str(ds.root), 2, plan)
-    config = RenderConfig(str(ds.root), 16, 3, "cpu", 4, "webdataset")
-    render = ColumnInfo("render", "webdataset", SCHEMA_VERSION, config.to_json())
-    features = ColumnInfo("features", "zarr", SCHEMA_VERSION, {"extractor": "rgb", "dim": 3, "grid": 8})
+    config = RenderConfig(str(ds.root), 16, 3, "cpu", 4, render_format, mask_size=(32, 32), image_size=(32, 32))
+    render = ColumnInfo("render", render_format, SCHEMA_VERSION, config.to_json(), render_fields(config))
+    feature_fields = {"features": FieldSpec("array", (3, 8, 8), "float16")}
+    features = ColumnInfo("features", "zarr", SCHEMA_VERSION, {"extractor": "rgb", "dim": 3, "grid": 8},
+                          feature_fields)
+    manifest.columns.update(render=render, features=features)
+    for name in manifest.columns:
+        column_dir(root, name).mkdir(parents=True)
+    publish_layout(root, manifest)
     for shard in plan:
         render.shards[shard.index] = render_shard(config, shard, str(column_dir(root, "render")))
-        with ShardWriter(column_dir(root, "features"), shard.index, "zarr") as writer:
+        with ShardWriter(column_dir(root, "features"), shard, "zarr", feature_fields) as writer:
             for sample_id in shard.ids:
-                png = (ds.root / "renders" / f"{sample_id}_rgb.png").read_bytes()
-                rgb = torch.from_numpy(np.array(decode_png(png)))  # (H, W, 3) uint8
-                small = F.interpolate(rgb.permute(2, 0, 1)[None].float() / 255, size=(8, 8), mode="area")[0]
-                writer.add(sample_id, {"features.npy": small.numpy().astype(np.float16)})
+                rgb = load_image(ds.root / "renders" / f"{sample_id}_rgb.png")  # (3, H, W) in [0, 1]
+                small = F.interpolate(rgb[None], size=(8, 8), mode="area")[0]
+                writer.add(sample_id, {"features": small.numpy().astype(np.float16)})
         features.shards[shard.index] = writer.record
-    manifest.columns.update(render=render, features=features)
     save_manifest(root, manifest)
 
     info = open_dataset(root)
@@ -453,3 +487,31 @@ def test_the_published_layout_in_every_mask_encoding_and_pose_dtype_reads_back(t
             assert alpha.sum() > 20 and mask_iou(sample["mask"].numpy() > 0, alpha) >= 0.99, sample["id"]
     failures = (out / "failures.jsonl").read_text()
     assert f"{empty}_mask.png: the mask is empty" in failures
+
+
+# --- integrity --------------------------------------------------------------------------------------
+
+
+def flip_bytes(path: Path, count: int = 64) -> None:
+    """Flip `count` bytes in the middle of a file (what a bad disk or a stray write does)."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    for k in range(middle, middle + count):
+        data[k] ^= 0x40  # finite but absurd float16 values (up to ~40,000): the old reader trained on them
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("features_format", ["zarr", "webdataset"])
+def test_corrupt_feature_bytes_are_never_read(tmp_path, features_format):
+    # Issue 18, item 1: 64 flipped bytes inside a features shard used to be trained on (values ~25,000).
+    root = write_store(tmp_path, n_train=4, n_val=0, shard_size=4, formats=("webdataset", features_format))
+    info = open_dataset(root)
+    files = shard_files(root / "features", 0, features_format)
+    flip_bytes(max((p for _, p in files), key=lambda p: p.stat().st_size))
+    stream = ShardStream(info, "train", 2, (16, 16), seed=0, shuffle=False, infinite=False)
+    with pytest.raises(DatasetError) as error:
+        next(iter(stream))
+    message = str(error.value)
+    assert f"{root / 'features'} shard 0: data do not match the sha256 of its record" in message
+    if features_format == "zarr":  # per-chunk checksums name the sample too
+        assert "first damaged sample" in message and "field 'features' does not decode" in message

@@ -36,19 +36,28 @@ from dualpm.render import render_dual_pointmaps
 from dualpm.skinning import read_pose_file, skin
 from dualpm.store import (
     FAILURES_NAME,
+    SCHEMA_VERSION,
+    ColumnInfo,
     ShardPlan,
     check_shard,
-    data_path,
-    decode_dual_pointmap,
     decode_png,
     load_manifest,
     read_shard,
+    shard_files,
     verify_store,
 )
 from pipeline import render_stage
+from dualpm.store.encoding import read_dpm_npz, rgb8
 from pipeline.cli import main
 from pipeline.cluster import ClusterInfo
-from pipeline.render_stage import RenderConfig, _sample_fields, choose_backend, clip_planes, task_resources
+from pipeline.render_stage import (
+    RenderConfig,
+    _sample_fields,
+    choose_backend,
+    clip_planes,
+    render_fields,
+    task_resources,
+)
 
 REPO = Path(__file__).parents[1]
 RES, LAYERS = 32, 4
@@ -64,7 +73,7 @@ def stored_samples(out: Path) -> dict[str, dict]:
     column = manifest.columns["render"]
     samples = {}
     for plan in manifest.plan:
-        for sid, fields in read_shard(out / "render", plan.index, column.format):
+        for sid, fields in read_shard(out, column, plan.index):
             assert sid not in samples
             samples[sid] = fields
     return samples
@@ -82,12 +91,12 @@ def direct_render(root: Path, sid: str, layers: int = LAYERS) -> np.ndarray:
     return out[0].numpy()
 
 
-@pytest.mark.parametrize("fmt", ["webdataset", "zarr"])
-def test_round_trip_equals_direct_rendering_within_float16(tmp_path, ray_local, fmt):
+@pytest.mark.parametrize("fmt, precision", [("webdataset", "float16"), ("zarr", "float16"), ("zarr", "float32")])
+def test_round_trip_equals_direct_rendering_within_the_precision(tmp_path, ray_local, fmt, precision):
     ds = make_source_dataset(tmp_path / "src", num_samples=6, models=2, val=2, image_size=24)
     out = tmp_path / "out"
     code, output = render_cli(str(ds.root), str(out), "--resolution", str(RES), "--layers", str(LAYERS),
-                              "--shard-size", "3", "--format", fmt, "--batch", "2")
+                              "--shard-size", "3", "--format", fmt, "--batch", "2", "--precision", precision)
     assert code == 0, output
     assert "render: 6 samples written, 0 failed" in output
     samples = stored_samples(out)
@@ -95,13 +104,19 @@ def test_round_trip_equals_direct_rendering_within_float16(tmp_path, ray_local, 
     for sid, fields in samples.items():
         expected = direct_render(ds.root, sid)
         assert expected[..., 6].any()
-        got = decode_dual_pointmap(fields["dpm"])
-        np.testing.assert_array_equal(got, expected.astype(np.float16).astype(np.float32))
-        assert fields["rgb.png"] == (ds.root / "renders" / f"{sid}_rgb.png").read_bytes()
-        stored_mask = decode_png(fields["mask.png"])
-        assert stored_mask.dtype == np.bool_  # 1-bit, whatever the source's encoding
-        np.testing.assert_array_equal(stored_mask, read_mask(ds.root / "masks" / f"{sid}_mask.png") > 0.5)
-        meta = fields["meta.json"]
+        # float32: exactly the rendered map; float16: rounded to nearest
+        np.testing.assert_array_equal(fields["dpm"], expected.astype(precision).astype(np.float32))
+        source_rgb = (ds.root / "renders" / f"{sid}_rgb.png").read_bytes()
+        np.testing.assert_array_equal(fields["rgb"], rgb8(source_rgb, "source"))  # (h, w, 3) uint8
+        source_mask = read_mask(ds.root / "masks" / f"{sid}_mask.png") > 0.5
+        np.testing.assert_array_equal(fields["mask"], source_mask)
+        if fmt == "webdataset":
+            assert fields.raw("rgb") == source_rgb  # the file, byte for byte
+            assert decode_png(fields.raw("mask")).dtype == np.bool_  # 1-bit, whatever the source's encoding
+            assert read_dpm_npz(fields.raw("dpm"))[1].dtype == precision
+        else:
+            assert fields.raw("mask").dtype == np.uint8 and fields.raw("dpm")[1].dtype == precision
+        meta = fields["meta"]
         assert 0.5 < meta["mask_iou"] <= 1.0  # a 24 px source mask of a tiny tube, resampled to 32 px
         source = SourceDataset(ds.root).sample(sid)
         assert (meta["source_id"], meta["model_name"], meta["mask"]) == (sid, ds.model_of[sid], "source")
@@ -114,7 +129,9 @@ def test_round_trip_equals_direct_rendering_within_float16(tmp_path, ray_local, 
     column = manifest.columns["render"]
     assert column.format == fmt and column.config["backend"] == "cpu"
     assert (column.config["resolution"], column.config["layers"]) == (RES, LAYERS)
-    assert column.fields["dpm"].shape == (RES, RES, LAYERS, 7)
+    assert column.fields["dpm"].shape == (RES, RES, LAYERS, 7) and column.fields["dpm"].dtype == precision
+    assert column.config["precision"] == precision and column.fields["mask"].shape == (
+        None if fmt == "webdataset" else (24, 24))
     assert [p.split for p in manifest.plan] == ["train", "train", "val"]
     assert (out / "render.config.yaml").exists()
     assert verify_store(out) == []
@@ -125,9 +142,9 @@ def test_without_source_mask_the_rendered_coverage_is_stored(tmp_path, ray_local
     code, output = render_cli(str(ds.root), str(tmp_path / "out"), "--resolution", str(RES), "--layers", "2")
     assert code == 0, output
     for sid, fields in stored_samples(tmp_path / "out").items():
-        coverage = decode_dual_pointmap(fields["dpm"])[:, :, 0, 6] > 0
-        np.testing.assert_array_equal(decode_png(fields["mask.png"]), coverage)
-        assert "rgb.png" not in fields and fields["meta.json"]["mask"] == "rendered"
+        coverage = fields["dpm"][:, :, 0, 6] > 0
+        np.testing.assert_array_equal(fields["mask"], coverage)
+        assert "rgb" not in fields and fields["meta"]["mask"] == "rendered"
 
 
 def test_published_0_1_masks_are_read_and_an_empty_mask_fails_its_sample(tmp_path, ray_local):
@@ -146,8 +163,8 @@ def test_published_0_1_masks_are_read_and_an_empty_mask_fails_its_sample(tmp_pat
     samples = stored_samples(tmp_path / "out")
     assert sorted(samples) == [ds.ids[0], ds.ids[2]]
     for sid, fields in samples.items():
-        np.testing.assert_array_equal(decode_png(fields["mask.png"]), originals[sid])
-        assert fields["meta.json"]["mask_iou"] > 0.9  # same resolution as the render: near-exact agreement
+        np.testing.assert_array_equal(fields["mask"], originals[sid])
+        assert fields["meta"]["mask_iou"] > 0.9  # same resolution as the render: near-exact agreement
     failure = json.loads((tmp_path / "out" / FAILURES_NAME).read_text())
     assert failure["id"] == empty
     assert f"{empty}_mask.png: the mask is empty, but the render covers" in failure["reason"]
@@ -174,20 +191,32 @@ def test_files_no_sample_takes_are_counted_in_the_summary_and_listed(tmp_path, r
     assert "characters ' ', '$' are not allowed" in lines[0]["reason"]
 
 
-def test_resume_after_deleting_a_shard_renders_only_that_shard(tmp_path, ray_local):
+def data_files(out: Path) -> dict[str, tuple[int, int]]:
+    """Every file of the render column and its records (relative path -> mtime, inode)."""
+    files = [p for folder in (out / "render", out / "records" / "render") for p in folder.rglob("*") if p.is_file()]
+    return {p.relative_to(out).as_posix(): (p.stat().st_mtime_ns, p.stat().st_ino) for p in files}
+
+
+@pytest.mark.parametrize("fmt", ["webdataset", "zarr"])
+def test_resume_after_deleting_a_shard_renders_only_that_shard(tmp_path, ray_local, fmt):
     ds = make_source_dataset(tmp_path / "src", num_samples=8, models=2)
     out = tmp_path / "out"
-    args = [str(ds.root), str(out), "--resolution", str(RES), "--layers", str(LAYERS), "--shard-size", "2"]
+    args = [str(ds.root), str(out), "--resolution", str(RES), "--layers", str(LAYERS), "--shard-size", "2",
+            "--format", fmt]
     assert render_cli(*args)[0] == 0
-    before = {p.name: (p.stat().st_mtime_ns, p.stat().st_ino) for p in (out / "render").iterdir()}
+    before = data_files(out)
     old_record = load_manifest(out).columns["render"].shards[2]
-    data_path(out / "render", 2, "webdataset").unlink()
+    for _, path in shard_files(out / "render", 2, fmt):
+        path.unlink()
     code, output = render_cli(*args)
     assert code == 0, output
     assert "2 samples written" in output and "1 shards done, 3 already complete" in output
-    after = {p.name: (p.stat().st_mtime_ns, p.stat().st_ino) for p in (out / "render").iterdir()}
+    after = data_files(out)
     changed = sorted(name for name in after if after[name] != before.get(name))
-    assert changed == ["shard-000002.json", "shard-000002.tar"]
+    shard_2 = ["render/shard-000002.tar"] if fmt == "webdataset" else [
+        "render/dpm/counts/c/2/0/0", "render/dpm/values/c/2/0/0", "render/mask/c/2/0/0", "render/meta/c/2",
+        "render/rgb/c/2/0/0/0", "render/valid/c/2"]
+    assert changed == sorted(shard_2 + ["records/render/shard-000002.json"])
     assert load_manifest(out).columns["render"].shards[2] == old_record  # deterministic: same bytes again
     assert verify_store(out) == []
 
@@ -241,7 +270,7 @@ def test_a_singular_camera_fails_its_sample_and_the_shard_is_written(tmp_path, r
 
 
 def _shard(ds, tmp_path, batch: int) -> tuple[RenderConfig, ShardPlan, Path]:
-    folder = tmp_path / "column"
+    folder = tmp_path / "render"
     folder.mkdir()
     return RenderConfig(str(ds.root), RES, 2, "cpu", batch, "webdataset"), ShardPlan(0, "train", tuple(ds.ids)), folder
 
@@ -266,9 +295,10 @@ def test_an_unexpected_error_in_one_sample_fails_that_sample_only(tmp_path, monk
     assert failure.reason.startswith("unexpected _LinAlgError rendering this sample alone (linalg.inv: (Batch "
                                      "element 1): The diagonal element 3 is zero); pose ")
     assert str(source.layout.camera(sample_id(2))) in failure.reason and "please report it" in failure.reason
-    stored = dict(read_shard(folder, 0, "webdataset"))
+    column = ColumnInfo("render", "webdataset", SCHEMA_VERSION, {}, render_fields(config), {0: record})
+    stored = dict(read_shard(tmp_path, column, 0))
     for sid in record.ids:  # the others as rendered on their own
-        got = decode_dual_pointmap(stored[sid]["dpm"])
+        got = stored[sid]["dpm"]
         np.testing.assert_array_equal(got, direct_render(ds.root, sid, 2).astype(np.float16).astype(np.float32))
 
 
@@ -345,9 +375,10 @@ def test_non_finite_and_empty_maps_are_sample_failures(tmp_path):
     dpm[1, 1, 0] = [1e6, 0, 0, 0, 0, 0, 1]  # beyond float16
     assert "beyond +-65504" in _sample_fields(sample, dpm, np.eye(4), np.eye(4), config, clip)
     dpm[1, 1, 0] = [1, 2, 3, 4, 5, 6, 1]
-    fields = _sample_fields(sample, dpm, np.eye(4), np.eye(4), config, clip)
-    np.testing.assert_array_equal(decode_dual_pointmap(fields["dpm"]), dpm)
-    meta = fields["meta.json"]
+    prepared = _sample_fields(sample, dpm, np.eye(4), np.eye(4), config, clip)
+    counts, values, layers = read_dpm_npz(prepared.values["dpm"])
+    assert layers == 2 and counts[1, 1] == 1 and values.tolist() == [[1, 2, 3, 4, 5, 6]]
+    meta = prepared.values["meta"]
     assert (meta["near"], meta["far"], meta["depth_range"], meta["clipped_by"]) == (0.1, 30.0, [4.0, 5.0], [])
 
 
@@ -385,11 +416,11 @@ def test_a_dataset_in_cm_renders_with_far_auto_as_the_one_in_metres(tmp_path, ra
     got, want = stored_samples(tmp_path / "auto"), stored_samples(tmp_path / "ref")
     assert sorted(got) == sorted(want) == metres.ids
     for sid in metres.ids:
-        a, b = decode_dual_pointmap(got[sid]["dpm"]), decode_dual_pointmap(want[sid]["dpm"])
+        a, b = got[sid]["dpm"], want[sid]["dpm"]
         np.testing.assert_array_equal(a[..., 6], b[..., 6])  # the same pixels and layers
         np.testing.assert_allclose(a[..., :6], 100 * b[..., :6], rtol=2e-3, atol=0.02)  # float16 storage
-        assert got[sid]["mask.png"] == want[sid]["mask.png"]
-        meta = got[sid]["meta.json"]
+        np.testing.assert_array_equal(got[sid]["mask"], want[sid]["mask"])
+        meta = got[sid]["meta"]
         assert meta["near"] == 0.1 and meta["far"] == pytest.approx(2 * meta["depth_range"][1], rel=1e-5)
         assert 300 < meta["depth_range"][0] < meta["depth_range"][1] < 600
 
@@ -421,6 +452,36 @@ def test_auto_clip_planes_give_the_same_maps_in_any_units(tmp_path):
                                    atol=1e-5 * TUBE_LENGTH)
 
 
+def test_a_zarr_column_takes_one_image_size_and_says_so(tmp_path, ray_local):
+    ds = make_source_dataset(tmp_path / "src", num_samples=3, image_size=24)
+    odd = ds.ids[1]
+    for folder, name in (("renders", f"{odd}_rgb.png"), ("masks", f"{odd}_mask.png")):
+        image = Image.open(ds.root / folder / name)
+        image.resize((20, 24)).save(ds.root / folder / name)
+    out = tmp_path / "out"
+    code, output = render_cli(str(ds.root), str(out), "--resolution", str(RES), "--layers", "2", "--format", "zarr")
+    assert code == 0, output
+    assert "render: 2 samples written, 1 failed" in output
+    failure = json.loads((out / FAILURES_NAME).read_text())
+    assert failure["id"] == odd and "is 24x20, the Zarr render column stores 24x24" in failure["reason"]
+    assert "--format webdataset" in failure["reason"]
+    assert sorted(stored_samples(out)) == [ds.ids[0], ds.ids[2]]
+    # Masks and images may differ from each other (one size each).
+    for sid in ds.ids:
+        path = ds.root / "renders" / f"{sid}_rgb.png"
+        Image.open(path).resize((40, 32)).save(path)
+    code, output = render_cli(str(ds.root), str(tmp_path / "two"), "--resolution", str(RES), "--layers", "2",
+                              "--format", "zarr")
+    assert "render: 2 samples written, 1 failed" in output
+    stored = stored_samples(tmp_path / "two")
+    assert {f["rgb"].shape for f in stored.values()} == {(32, 40, 3)}
+    assert {f["mask"].shape for f in stored.values()} == {(24, 24)}
+    # WebDataset keeps every size.
+    code, output = render_cli(str(ds.root), str(tmp_path / "wds"), "--resolution", str(RES), "--layers", "2",
+                              "--format", "webdataset")
+    assert code == 0 and "render: 3 samples written, 0 failed" in output
+
+
 def _session_pids(sid: int) -> list[int]:
     """Processes of session `sid` (the killed run and everything it started, Ray workers included)."""
     pids = []
@@ -439,13 +500,13 @@ def test_sigkill_partway_then_rerun_gives_every_sample_exactly_once(tmp_path):
     ds = make_source_dataset(tmp_path / "src", num_samples=48, models=2, rgb=False, masks=False)
     out = tmp_path / "out"
     args = [sys.executable, "-m", "pipeline.cli", "render", str(ds.root), str(out), "--resolution", "160",
-            "--layers", "8", "--shard-size", "8", "--workers", "1"]
+            "--layers", "8", "--shard-size", "8", "--workers", "1", "--format", "webdataset"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray, not the tests'
     run = subprocess.Popen(args, cwd=REPO, env=env, start_new_session=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     try:
-        while not list(out.glob("render/shard-*.json")):
+        while not list(out.glob("records/render/shard-*.json")):
             assert run.poll() is None, run.stderr.read().decode()[-2000:]
             assert time.monotonic() < deadline, "no shard finished in time"
             time.sleep(0.005)
@@ -458,12 +519,13 @@ def test_sigkill_partway_then_rerun_gives_every_sample_exactly_once(tmp_path):
                 pass
         run.wait()
         run.stderr.close()
-    records = sorted(out.glob("render/shard-*.json"))
+    records = sorted(out.glob("records/render/shard-*.json"))
     assert 1 <= len(records) < 6, "the run must be killed partway"
+    column = load_manifest(out).columns["render"]  # saved before the first task started
     for tar in out.glob("render/shard-*.tar"):  # whatever has a final name is a complete shard
         index = int(tar.stem.split("-")[1])
-        list(read_shard(out / "render", index, "webdataset"))
-        if (out / "render" / f"shard-{index:06d}.json").exists():
+        list(read_shard(out, column, index, verify=False))
+        if (out / "records" / "render" / f"shard-{index:06d}.json").exists():
             assert check_shard(out / "render", index, "webdataset")[1] is None
 
     rerun = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -471,7 +533,7 @@ def test_sigkill_partway_then_rerun_gives_every_sample_exactly_once(tmp_path):
     assert "already complete" in rerun.stdout
     manifest = load_manifest(out)
     stored = [sid for plan in manifest.plan
-              for sid, _ in read_shard(out / "render", plan.index, "webdataset")]
+              for sid, _ in read_shard(out, manifest.columns["render"], plan.index)]
     assert sorted(stored) == ds.ids and len(stored) == len(set(stored)) == 48
     assert verify_store(out) == []
     assert not [p for p in (out / "render").iterdir() if p.name.startswith(".")]  # no temporaries left

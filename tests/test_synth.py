@@ -362,7 +362,7 @@ def test_dry_run_writes_nothing(tmp_path):
 
 
 def test_render_stage_consumes_the_dataset_unchanged(dataset, tmp_path, ray_local):
-    from dualpm.store import decode_dual_pointmap, load_manifest, read_shard, verify_store
+    from dualpm.store import load_manifest, read_shard, verify_store
 
     config, (root, _) = dataset
     out = tmp_path / "store"
@@ -373,8 +373,8 @@ def test_render_stage_consumes_the_dataset_unchanged(dataset, tmp_path, ray_loca
     manifest = load_manifest(out)
     seen = 0
     for plan in manifest.plan:
-        for sample_id, fields in read_shard(out / "render", plan.index, manifest.columns["render"].format):
-            coverage = decode_dual_pointmap(fields["dpm"])[:, :, 0, 6] > 0
+        for sample_id, fields in read_shard(out, manifest.columns["render"], plan.index):
+            coverage = fields["dpm"][:, :, 0, 6] > 0
             mask = np.asarray(Image.open(root / "masks" / f"{sample_id}_mask.png")) > 0
             np.testing.assert_array_equal(coverage, mask)  # its layer-1 alpha is our mask
             seen += 1

@@ -150,8 +150,9 @@ def test_resume_with_another_loader_layout_starts_a_fresh_epoch(tmp_path, capsys
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    # Unshuffled single shard, batch 1: sample 0003 (NaN features) is the 4th batch.
-    root = write_store(tmp_path / "data", n_train=8, shard_size=8, nan_features=frozenset({"0003"}))
+    # Unshuffled single shard, batch 1: sample 0003 (targets of 1e30: their squares overflow) is the 4th batch.
+    root = write_store(tmp_path / "data", n_train=8, shard_size=8, precision="float32",
+                       huge_targets=frozenset({"0003"}))
     raw = tiny_raw(root, tmp_path / "run", steps=10, checkpoint_every=1)
     raw["data"].update(batch_size=1, shuffle_buffer=0)
     with pytest.raises(NonFiniteLossError, match=r"step 4: the loss is not finite.*0003.*step-00000003\.pt"):
@@ -258,6 +259,24 @@ def test_an_unreadable_resume_checkpoint_is_one_clear_line(tmp_path):
         line = result.output.strip()
         assert line.startswith(f"Error: {path}: {reasons[kind]}") and "\n" not in line, (kind, line)
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_damaged_features_stop_training_naming_shard_and_sample(tmp_path):
+    # Issue 18, item 1: flipped bytes in a features chunk were trained on; NaN features gave a NaN loss.
+    root = write_store(tmp_path / "data", n_train=8, shard_size=4, nan_features=frozenset({"0006"}))
+    raw = tiny_raw(root, tmp_path / "run", steps=6)
+    raw["data"].update(batch_size=1, shuffle_buffer=0)
+    with pytest.raises(DatasetError, match=r"shard 1 sample '0006': features are damaged \(not finite"):
+        train(config_from_dict(raw), verbose=False)
+    root = write_store(tmp_path / "data2", n_train=8, shard_size=4)
+    chunks = sorted((root / "features" / "features" / "c" / "1").rglob("*"))
+    data = bytearray(chunks[-1].read_bytes())
+    for k in range(len(data) // 2, len(data) // 2 + 64):  # 64 flipped bytes inside shard 1's features
+        data[k] ^= 0x40  # finite but absurd float16 values (up to ~40,000): the old reader trained on them
+    chunks[-1].write_bytes(bytes(data))
+    raw["data"]["root"] = str(root)
+    with pytest.raises(DatasetError, match=r"features shard 1: data do not match the sha256.*sample '000[4-7]'"):
+        train(config_from_dict(raw), verbose=False)
 
 
 def test_two_process_ddp_reads_every_sample_once_per_epoch(tmp_path):

@@ -22,16 +22,20 @@ with the sample ids they share (a sample missing from either column is skipped).
 Decoded samples: `features` (C, H, W) float32 upsampled bilinearly (align_corners=False) to the training
 resolution, `target` (H, W, L, 7) float32 (first L layers), `mask` (H, W) float32 in {0, 1} (the stored
 mask decoded by `dualpm.masks`, resized by area > 0.5, else layer-1 alpha), `id` and `position` (3,) int64.
+
+Integrity: every shard of both columns is checked against the sha256 of its record before any of its
+samples is yielded (`dualpm.store.read_shard`; the cost is measured in docs/benchmarks.md), and features
+that are not finite or beyond +-`FEATURE_LIMIT` fail their sample, naming it: nothing unverified is
+trained on.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import itertools
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -42,12 +46,15 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dualpm.errors import DatasetError
-from dualpm.masks import INSIDE, read_mask, resize_mask
-from dualpm.store import Manifest, column_dir, decode_dual_pointmap, load_manifest, read_shard
+from dualpm.masks import INSIDE, resize_mask
+from dualpm.store import ColumnInfo, Manifest, StoredSample, load_manifest, read_shard
 
 RENDER = "render"
 FEATURES = "features"
-FEATURE_FIELDS = ("features.npy", "features")  # stored array field ("*.npy"), or raw .npy bytes
+FEATURE_FIELD = "features"  # the features column's (C, h, w) array field
+# Every extractor we ship gives features within a few units (L2-normalised parts through a PCA basis,
+# packed PNGs in [-1, 1]); anything beyond this, or not finite, is damaged data.
+FEATURE_LIMIT = 1000.0
 T = TypeVar("T")
 
 
@@ -86,24 +93,24 @@ class DatasetInfo:
         return sum(len(s.ids) for s in self.shards.get(split, ()))
 
 
-def _feature_array(fields: dict[str, Any], where: str) -> np.ndarray:
-    for name in FEATURE_FIELDS:
-        if name in fields:
-            value = fields[name]
-            if isinstance(value, bytes):  # raw .npy bytes in a field without the suffix
-                value = _load_npy(value, f"{where}: field {name!r}")
-            if not isinstance(value, np.ndarray) or value.ndim != 3 or value.dtype.kind != "f":
-                shape = getattr(value, "shape", type(value).__name__)
-                raise DatasetError(f"{where}: field {name!r} must be a float (C, h, w) array, got {shape}")
-            return value
-    raise DatasetError(f"{where}: no features field (expected one of {FEATURE_FIELDS}), has {sorted(fields)}")
+def feature_array(fields: Mapping[str, Any], where: str) -> np.ndarray:
+    """The stored (C, h, w) float features of a features-column sample, checked for damage.
 
-
-def _load_npy(data: bytes, where: str) -> np.ndarray:
-    try:
-        return np.load(io.BytesIO(data), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as err:
-        raise DatasetError(f"{where}: not a .npy array ({err})") from err
+    Raises DatasetError naming `where` when the field is missing, not a float (C, h, w) array, not finite,
+    or beyond +-`FEATURE_LIMIT` (flipped bytes that still decode)."""
+    if FEATURE_FIELD not in fields:
+        raise DatasetError(f"{where}: no {FEATURE_FIELD!r} field, has {sorted(fields)}")
+    value = fields[FEATURE_FIELD]
+    if not isinstance(value, np.ndarray) or value.ndim != 3 or value.dtype.kind != "f":
+        shape = getattr(value, "shape", type(value).__name__)
+        raise DatasetError(f"{where}: field {FEATURE_FIELD!r} must be a float (C, h, w) array, got {shape}")
+    top = float(np.abs(value).max(initial=0.0))
+    if not np.isfinite(top) or top > FEATURE_LIMIT:
+        raise DatasetError(
+            f"{where}: features are damaged (not finite, or up to {top:.4g}, beyond +-{FEATURE_LIMIT:g}); "
+            "verify the store (`dualpm-prep verify`) and rerun `dualpm-prep features`"
+        )
+    return value
 
 
 def open_dataset(root: str | Path) -> DatasetInfo:
@@ -146,13 +153,12 @@ def open_dataset(root: str | Path) -> DatasetInfo:
     ).hexdigest()
     # Shapes from the first sample: the one source that is right whatever wrote the column configs.
     first = next(iter(shards.values()))[0]
-    with contextlib.closing(_joined(root, render.format, features.format, first, first.ids[:1])) as probe:
-        sample_id, fields, feats = next(probe)
-    try:
-        dpm = decode_dual_pointmap(fields["dpm"])
-    except KeyError as err:
-        where = f"{root}/{RENDER} shard {first.index} sample {sample_id!r}"
-        raise DatasetError(f"{where}: no 'dpm' field") from err
+    with contextlib.closing(_joined(root, render, features, first, first.ids[:1])) as probe:
+        sample_id, fields, feature_fields = next(probe)
+    if "dpm" not in fields:
+        raise DatasetError(f"{fields.where}: no 'dpm' field")
+    dpm = fields["dpm"]
+    feats = feature_array(feature_fields, feature_fields.where)
     return DatasetInfo(
         root=root,
         manifest=manifest,
@@ -178,18 +184,18 @@ def _advance(records: Iterator[tuple[str, dict[str, Any]]], sample_id: str, wher
 
 
 def _joined(
-    root: Path, render_format: str, features_format: str, shard: ShardInfo, wanted: Sequence[str]
-) -> Iterator[tuple[str, dict[str, Any], np.ndarray]]:
-    """Yield (id, render fields, features array) of the `wanted` ids (stored order) of a shard, undecoded."""
-    render_dir, features_dir = column_dir(root, RENDER), column_dir(root, FEATURES)
-    r_iter = read_shard(render_dir, shard.index, render_format)
-    f_iter = read_shard(features_dir, shard.index, features_format)
+    root: Path, render: ColumnInfo, features: ColumnInfo, shard: ShardInfo, wanted: Sequence[str]
+) -> Iterator[tuple[str, StoredSample, StoredSample]]:
+    """Yield (id, render fields, features fields) of the `wanted` ids (stored order) of a shard, undecoded.
+
+    Both columns' shard data are checked against their records' sha256 before the first sample."""
+    r_iter = read_shard(root, render, shard.index)
+    f_iter = read_shard(root, features, shard.index)
     try:
         for sample_id in wanted:
-            r_fields = _advance(r_iter, sample_id, f"{render_dir} shard {shard.index}")
-            f_fields = _advance(f_iter, sample_id, f"{features_dir} shard {shard.index}")
-            where = f"{features_dir} shard {shard.index} sample {sample_id!r}"
-            yield sample_id, r_fields, _feature_array(f_fields, where)
+            r_fields = _advance(r_iter, sample_id, f"{root / RENDER} shard {shard.index}")
+            f_fields = _advance(f_iter, sample_id, f"{root / FEATURES} shard {shard.index}")
+            yield sample_id, r_fields, f_fields
     finally:  # release the open tar / Zarr handles now, not at garbage collection
         r_iter.close()
         f_iter.close()
@@ -271,13 +277,14 @@ def _nearest_index(n_out: int, n_in: int) -> np.ndarray:
 
 
 def decode_sample(
-    fields: dict[str, Any], features: np.ndarray, layers: int, resolution: tuple[int, int], where: str
+    fields: Mapping[str, Any], features: Mapping[str, Any], layers: int, resolution: tuple[int, int],
+    where: str,
 ) -> dict[str, torch.Tensor]:
     """Decode one joined sample for training.
 
     Args:
-        fields: the render column's fields ("dpm", optional "mask.png").
-        features: (C, h, w) float array, the stored features.
+        fields: the render column's fields ("dpm", optional "mask"), e.g. a `dualpm.store.StoredSample`.
+        features: the features column's fields ("features": (C, h, w) float array).
         layers: L, the number of (nearest) layers kept.
         resolution: (H, W) training resolution.
         where: names the sample in error messages.
@@ -286,7 +293,7 @@ def decode_sample(
     """
     if "dpm" not in fields:
         raise DatasetError(f"{where}: no 'dpm' field")
-    dpm = decode_dual_pointmap(fields["dpm"])  # (H0, W0, L0, 7)
+    dpm = fields["dpm"]  # (H0, W0, L0, 7) float32
     if dpm.shape[2] < layers:
         raise DatasetError(f"{where}: holds {dpm.shape[2]} layers, {layers} requested")
     dpm = dpm[:, :, :layers]  # a view: no copy
@@ -294,14 +301,14 @@ def decode_sample(
         # Nearest sampling: point maps must not be blended across depth discontinuities.
         dpm = dpm[_nearest_index(resolution[0], dpm.shape[0])][:, _nearest_index(resolution[1], dpm.shape[1])]
     target = torch.from_numpy(dpm)
-    if "mask.png" in fields:
-        stored = read_mask(fields["mask.png"], f"{where}: mask.png")  # (h, w) in [0, 1]
+    if "mask" in fields:
+        stored = fields["mask"]  # (h, w) float32 in [0, 1] (`dualpm.masks.decode_mask`)
         if not (stored > INSIDE).any() and bool(target[:, :, 0, 6].any()):
             raise DatasetError(f"{where}: the stored mask is empty but the dual point map has hits")
         mask = resize_mask(stored, resolution)
     else:
         mask = target[:, :, 0, 6].clone()
-    feats = torch.from_numpy(features).float()  # (C, h, w)
+    feats = torch.from_numpy(feature_array(features, where)).float()  # (C, h, w)
     if tuple(feats.shape[1:]) != resolution:
         feats = F.interpolate(feats[None], size=resolution, mode="bilinear", align_corners=False)[0]
     return {"features": feats, "target": target, "mask": mask}
@@ -351,7 +358,7 @@ class ShardStream(IterableDataset):
         self.open_shards = open_shards
         self.positions = None if positions is None else np.asarray(positions, np.int64).reshape(-1, 2)
         self.role_offset = role_offset
-        self._formats = (info.manifest.columns[RENDER].format, info.manifest.columns[FEATURES].format)
+        self._columns = (info.manifest.columns[RENDER], info.manifest.columns[FEATURES])
 
     def consumer(self) -> tuple[int, int, int]:
         """(role, consumer index, number of consumers) of the calling process."""
@@ -370,13 +377,14 @@ class ShardStream(IterableDataset):
 
     def records(
         self, epoch: int, consumer: int, consumers: int
-    ) -> Iterator[tuple[int, str, dict, np.ndarray]]:
-        """Undecoded (shard, id, render fields, features) of one consumer's epoch, in yield order."""
+    ) -> Iterator[tuple[int, str, StoredSample, StoredSample]]:
+        """Undecoded (shard, id, render fields, features fields) of one consumer's epoch, in yield order."""
 
         root = self.info.root
 
-        def shard_records(shard: ShardInfo, wanted: list[str]) -> Iterator[tuple[int, str, dict, np.ndarray]]:
-            for sample_id, fields, feats in _joined(root, *self._formats, shard, wanted):
+        def shard_records(shard: ShardInfo, wanted: list[str]) -> Iterator[tuple[int, str, StoredSample,
+                                                                                  StoredSample]]:
+            for sample_id, fields, feats in _joined(root, *self._columns, shard, wanted):
                 yield shard.index, sample_id, fields, feats
 
         parts = []  # (shard, the ids this consumer takes from it), in epoch order

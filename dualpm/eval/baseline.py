@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from dualpm.errors import DatasetError
-from dualpm.store import check_shard, column_dir, decode_dual_pointmap, load_manifest, read_shard
+from dualpm.store import check_shard, column_dir, load_manifest, read_shard
 
 FREQUENCY_THRESHOLD = 0.5
 
@@ -69,20 +69,20 @@ def fit_constant_baseline(
     manifest = load_manifest(root)
     if "render" not in manifest.columns:
         raise DatasetError(f"{root}: no render column: the baseline averages the training targets")
-    fmt = manifest.columns["render"].format
+    column = manifest.columns["render"]
     folder = column_dir(root, "render")
     h, w = resolution
     sums = np.zeros((h, w, layers, 6), np.float64)
     counts = np.zeros((h, w, layers), np.int64)
     samples = 0
     for plan in (p for p in manifest.plan if p.split == split):
-        _, problem = check_shard(folder, plan.index, fmt, check_checksum=False)
-        if problem is not None:
+        _, problem = check_shard(folder, plan.index, column.format, check_checksum=False)
+        if problem is not None or plan.index not in column.shards:
             continue  # an unfinished shard: the reader skips it too
-        for sample_id, fields in read_shard(folder, plan.index, fmt):
+        for sample_id, fields in read_shard(root, column, plan.index):  # sha256 checked first
             if "dpm" not in fields:
                 raise DatasetError(f"{folder}: shard {plan.index} sample {sample_id!r} has no 'dpm' field")
-            dpm = nearest_resample(decode_dual_pointmap(fields["dpm"]), resolution)[:, :, :layers]
+            dpm = nearest_resample(fields["dpm"], resolution)[:, :, :layers]
             occupied = dpm[..., 6] > 0.5  # (H, W, l) with l <= layers stored
             stored = dpm.shape[2]
             sums[:, :, :stored] += np.where(occupied[..., None], dpm[..., :6], 0.0)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,7 +46,7 @@ from dualpm.eval.metrics import (
 from dualpm.eval.skeleton import bind_positions, joint_errors, load_skeleton_json
 from dualpm.gltf import SkinnedMesh, load_skinned_mesh
 from dualpm.skinning import joint_matrices, read_pose_file, skin
-from dualpm.store import check_shard, column_dir, decode_dual_pointmap, load_manifest, read_shard
+from dualpm.store import check_shard, column_dir, load_manifest, read_shard
 
 DIRECTIONS = ("pred_to_gt", "gt_to_pred", "sym")
 
@@ -65,7 +65,7 @@ class EvalOptions:
 class GroundTruth:
     """One sample's ground truth.
 
-    dpm: (H0, W0, L0, 7) float32 stored dual point map (all stored layers). meta: its meta.json.
+    dpm: (H0, W0, L0, 7) float32 stored dual point map (all stored layers). meta: its meta field.
     surface: (S, 3) float64 points on the posed mesh surface (camera space, depth subtracted), or None.
     world_vertices, faces, view: the posed mesh in its world frame and the camera (`world_mesh=True`).
     joints: (J, 4, 4) float64 canonical -> posed (same space) joint transforms, or None.
@@ -90,7 +90,7 @@ class GroundTruth:
 
 
 class GroundTruthReader:
-    """Ground truth of a prepared dataset: render column (dual point maps, meta.json) and, when the source
+    """Ground truth of a prepared dataset: render column (dual point maps, meta) and, when the source
     dataset is reachable, posed mesh surfaces and joint transforms.
 
     Args:
@@ -106,7 +106,8 @@ class GroundTruthReader:
         manifest = load_manifest(self.root)
         if "render" not in manifest.columns:
             raise DatasetError(f"{self.root}: no render column: nothing to evaluate against")
-        self.format = manifest.columns["render"].format
+        self.column = manifest.columns["render"]
+        self.format = self.column.format
         self.folder = column_dir(self.root, "render")
         self.shard_of = {sid: plan.index for plan in manifest.plan for sid in plan.ids}
         self.surface_points, self.seed, self.world_mesh = surface_points, seed, world_mesh
@@ -133,7 +134,7 @@ class GroundTruthReader:
             if problem is not None:
                 raise DatasetError(f"{self.root}: render shard {index} is not usable: {problem}")
             found = set()
-            for sid, fields in read_shard(self.folder, index, self.format):
+            for sid, fields in read_shard(self.root, self.column, index):  # sha256 checked first
                 if sid in wanted[index]:
                     found.add(sid)
                     yield self._ground_truth(sid, fields)
@@ -147,11 +148,11 @@ class GroundTruthReader:
             self.meshes[path] = load_skinned_mesh(path)
         return self.meshes[path]
 
-    def _ground_truth(self, sample_id: str, fields: dict[str, Any]) -> GroundTruth:
+    def _ground_truth(self, sample_id: str, fields: Mapping[str, Any]) -> GroundTruth:
         if "dpm" not in fields:
             raise DatasetError(f"{self.folder}: sample {sample_id!r} has no 'dpm' field")
-        dpm = decode_dual_pointmap(fields["dpm"])
-        meta = fields.get("meta.json") or {}
+        dpm = fields["dpm"]
+        meta = fields.get("meta") or {}
         if self.source is None:
             return GroundTruth(sample_id, dpm, meta, note=self.source_note)
         try:

@@ -14,7 +14,7 @@ from typing import Any
 from dualpm.features.base import FeatureSpec
 
 COLUMN = "features"
-FIELD = "features.npy"  # the reader (dualpm/data/reader.py) looks for exactly this name
+FIELD = "features"  # the reader (dualpm/data/reader.py) looks for exactly this name
 BASIS_NAME = "features.basis.safetensors"  # next to the store's manifest.json
 # Column config keys that are not FeatureSpec fields.
 EXTRA_CONFIG_KEYS = ("basis", "basis_sha256", "model_id", "pca_samples", "batch", "device", "threads",

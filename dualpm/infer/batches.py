@@ -24,7 +24,7 @@ from dualpm.features import FeatureBasis, extract
 from dualpm.images import load_image, stack_images
 from dualpm.infer import InferError
 from dualpm.masks import INSIDE, read_mask, resize_mask
-from dualpm.store import decode_png
+from dualpm.store import StoredSample
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 STEM_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # usable as a folder name; no path separators
@@ -35,7 +35,7 @@ T = TypeVar("T")
 class Batch:
     """B input samples. features: (B, C, H, W) float32 CPU (None for the oracle); mask: (B, H, W) float32
     in {0, 1}; target: (B, H, W, L, 7) ground truth (oracle only); images: (h, w, 3) uint8 inputs for the
-    sheets, or None; meta: per sample, the render column's meta.json (dataset) or {} (images)."""
+    sheets, or None; meta: per sample, the render column's meta (dataset) or {} (images)."""
 
     ids: list[str]
     features: torch.Tensor | None
@@ -81,13 +81,13 @@ def dataset_batches(
     if limit:
         records = itertools.islice(records, limit)
 
-    def decoded(chunk: list[tuple[int, str, dict, np.ndarray]]) -> Batch:
+    def decoded(chunk: list[tuple[int, str, StoredSample, StoredSample]]) -> Batch:
         samples, images, meta = [], [], []
         for shard, sample_id, fields, feats in chunk:
             where = f"{info.root}: shard {shard} sample {sample_id!r}"
             samples.append(decode_sample(fields, feats, layers, resolution, where))
-            images.append(decode_png(fields["rgb.png"]) if "rgb.png" in fields else None)
-            meta.append(fields.get("meta.json") or {})
+            images.append(fields["rgb"] if "rgb" in fields else None)
+            meta.append(fields.get("meta") or {})
         return Batch(
             ids=[r[1] for r in chunk],
             features=torch.stack([s["features"] for s in samples]),

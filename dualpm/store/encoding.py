@@ -1,158 +1,145 @@
-"""Sparse encoding of one dual point map, and PNG helpers for masks and images.
+"""Dual point maps as sparse arrays, and image helpers: the numbers both containers store.
 
-A dense dual point map `(H, W, L, 7)` is mostly empty (background pixels, missing deeper layers), so
-only hits are stored. Layers are depth-peeled, so a pixel's hits are always layers 0..k-1: one
-per-pixel hit count says which entries are hit, and alpha is implied.
+A dense dual point map `(H, W, L, 7)` is mostly empty (background pixels, missing deeper layers), and its
+layers are depth-peeled (a pixel's hits are always layers 0..k-1), so it is stored as two plain arrays:
 
-Byte layout (little endian), version 1::
+    counts  (H, W) uint8                 hits per pixel (alpha is implied: layer l is hit where l < count)
+    values  (M, 6) float16 | float32     canonical xyz, posed xyz of the M = counts.sum() hits, ordered
+                                         layer-major, then raster order (row by row): neighbouring values
+                                         lie on the same surface, which compresses well
 
-    header  "<4sHHHHIIII": magic b"DPMS", version, H, W, L, n_hits, counts_len, values_len,
-            crc32 (of the header before it and the two blocks that follow)
-    counts  Blosc(zstd) of the (H*W,) uint8 hit counts, raster order
-    values  Blosc(zstd, byte shuffle) of the delta-coded uint16 bit patterns of the float16
-            values, as 6 planes (canonical x, y, z, posed x, y, z) of n_hits each; hits are
-            ordered layer-major, then raster order, so neighbouring values lie on the same
-            surface and their deltas are small
+    layer, pixel = np.nonzero(np.arange(L)[:, None] < counts.reshape(-1)[None, :])   # the hits, in order
+    dense = np.zeros((H * W, L, 7)); dense[pixel, layer, :6] = values; dense[pixel, layer, 6] = 1
 
-Measured on analytic renders of 3 overlapping spheres (160x160, 8 layers, 6 hit, ~19k hits): 91 kB,
-15.5% of the reference code's npz (float32 values of all 7 channels + uint8 indices, 585 kB);
-~8 ms to encode (half of it zstd) and ~1.5 ms to decode on one CPU core. The CRC catches any
-flipped byte before decompression runs.
+WebDataset stores them in an npz (`dpm_npz`), Zarr as typed arrays (`zarr_layout.py`); docs/format.md
+has the recipes. Measured on 16 renders of a procedural quadruped (160x160, 8 layers, ~5k hits):
+float16 values take 25.5% of the reference code's npz in Zarr (blosc-zstd) and 34% in the npz (deflate);
+docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import io
-import struct
+import zipfile
 import zlib
 
 import numpy as np
-from numcodecs import Blosc, Delta
 from PIL import Image
 
 from dualpm.errors import DatasetError
-from dualpm.images import image_array, open_image
+from dualpm.images import image_array, open_image, rgb_array
 
-MAGIC = b"DPMS"
-VERSION = 1
+PRECISIONS = ("float16", "float32")
 MAX_LAYERS = 255  # hit counts are uint8
-_HEADER = struct.Struct("<4sHHHHIIII")
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
-# Blosc picks the zstd level from clevel; 5 is the knee of size vs encode time (9 is 12x slower
-# for 7% fewer bytes).
-_BLOSC = Blosc(cname="zstd", clevel=5, shuffle=Blosc.SHUFFLE)
-_DELTA = Delta(dtype="<u2")
+_NPZ_TIME = (1980, 1, 1, 0, 0, 0)  # fixed member times: the same map always gives the same bytes
 
 
 class EncodingError(DatasetError):
-    """A dual point map or image that cannot be encoded, or stored bytes that do not decode."""
+    """A dual point map or image that cannot be stored, or stored data that do not decode."""
 
 
-def _compress(array: np.ndarray) -> bytes:
-    return _BLOSC.encode(array) if array.size else b""
+def hit_order(counts: np.ndarray, layers: int) -> tuple[np.ndarray, np.ndarray]:
+    """(layer, pixel) indices of the hits of `counts` ((H, W) hits per pixel), layer-major then raster."""
+    return np.nonzero(np.arange(layers)[:, None] < counts.reshape(-1)[None, :])
 
 
-def _decompress(block: bytes, dtype: np.dtype, count: int, what: str) -> np.ndarray:
-    out = np.zeros(count, dtype)
-    if count == 0:
-        if block:
-            raise EncodingError(f"dual point map: {what} block has {len(block)} bytes, expected none")
-        return out
-    # Blosc header: nbytes (uncompressed size) at offset 4. Refuse a mismatch before decompressing.
-    if len(block) < 16 or struct.unpack_from("<I", block, 4)[0] != out.nbytes:
-        raise EncodingError(f"dual point map: {what} block does not hold {out.nbytes} bytes")
-    try:
-        _BLOSC.decode(block, out=out)
-    except (RuntimeError, ValueError) as err:
-        raise EncodingError(f"dual point map: {what} block does not decompress ({err})") from err
-    return out
-
-
-def encode_dual_pointmap(dpm: np.ndarray) -> bytes:
-    """Encode one dual point map to compact bytes (float16 values of hits only).
+def sparse_dual_pointmap(dpm: np.ndarray, dtype: str = "float16") -> tuple[np.ndarray, np.ndarray]:
+    """Split a dual point map into hit counts and hit values (see the module docstring).
 
     Args:
-        dpm: (H, W, L, 7) float array, CPU, scene units: canonical xyz, posed xyz, alpha; alpha is
-            0 or 1, layer l hit implies layers < l hit, and every channel of a missed entry is 0.
-            H, W < 65536; L <= 255.
+        dpm: (H, W, L, 7) float array, CPU, scene units: canonical xyz, posed xyz, alpha; alpha is 0 or 1,
+            layer l hit implies layers < l hit, and every channel of a missed entry is 0. L <= 255.
+        dtype: "float16" or "float32", the stored precision of the values.
     Returns:
-        Bytes that `decode_dual_pointmap` turns back into the map, exact up to float16 rounding.
+        counts (H, W) uint8 and values (M, 6) of `dtype`.
     Raises:
-        EncodingError: wrong shape, alpha not 0/1 or not layer-prefix, non-zero channels where alpha
-            is 0, values that are not finite or out of float16 range.
+        EncodingError: wrong shape, alpha not 0/1 or not layer-prefix, non-zero channels where alpha is 0,
+            values that are not finite or beyond the range of `dtype`.
     """
+    if dtype not in PRECISIONS:
+        raise EncodingError(f"dual point map precision must be one of {PRECISIONS}, got {dtype!r}")
     if not isinstance(dpm, np.ndarray) or dpm.ndim != 4 or dpm.shape[3] != 7 or dpm.dtype.kind != "f":
         shape = getattr(dpm, "shape", None)
         raise EncodingError(f"dual point map must be a float (H, W, L, 7) numpy array, got {shape}")
     h, w, layers, _ = dpm.shape
-    if not (0 < h < 65536 and 0 < w < 65536 and 0 < layers <= MAX_LAYERS):
-        raise EncodingError(f"dual point map shape {dpm.shape} out of range (H, W < 65536, L <= 255)")
+    if not (h > 0 and w > 0 and 0 < layers <= MAX_LAYERS):
+        raise EncodingError(f"dual point map shape {dpm.shape} out of range (L <= {MAX_LAYERS})")
     flat = dpm.reshape(h * w, layers, 7)
-    alpha = flat[:, :, 6]  # (H*W, L)
-    counts = np.count_nonzero(alpha, axis=1).astype(np.uint8)  # (H*W,)
+    counts = np.count_nonzero(flat[:, :, 6], axis=1).astype(np.uint8)  # (H*W,)
     hit = np.arange(layers)[None, :] < counts[:, None]  # (H*W, L): the layer prefix the counts imply
-    if not np.array_equal(hit, alpha == 1.0):
+    if not np.array_equal(hit, flat[:, :, 6] == 1.0):
         raise EncodingError(
             "dual point map alpha must be 0 or 1, and a layer hit implies all layers in front hit"
         )
-    layer, pixel = np.nonzero(hit.T)  # layer-major, then raster order
-    values = flat[pixel, layer, :6]  # (N, 6)
-    # Everything non-zero must be a hit's value or alpha, else decoding would not give `dpm` back.
+    layer, pixel = hit_order(counts, layers)
+    values = flat[pixel, layer, :6]  # (M, 6)
+    # Everything non-zero must be a hit's value or alpha, else the sparse form would not give `dpm` back.
     if np.count_nonzero(flat) != np.count_nonzero(values) + len(pixel):
         raise EncodingError("dual point map has non-zero values where alpha is 0")
-    if not np.isfinite(values).all() or np.abs(values).max(initial=0.0) > _FLOAT16_MAX:
-        raise EncodingError(f"dual point map has values that are not finite or beyond +-{_FLOAT16_MAX}")
-    planes = np.ascontiguousarray(values.T.astype(np.float16)).view(np.uint16)  # (6, N)
-    counts_block = _compress(counts)
-    values_block = _compress(_DELTA.encode(planes)) if planes.size else b""
-    header = _HEADER.pack(MAGIC, VERSION, h, w, layers, len(pixel), len(counts_block), len(values_block), 0)
-    return _with_crc(header + counts_block + values_block)
+    limit = _FLOAT16_MAX if dtype == "float16" else np.inf
+    if not np.isfinite(values).all() or np.abs(values).max(initial=0.0) > limit:
+        raise EncodingError(f"dual point map has values that are not finite or beyond +-{limit} ({dtype})")
+    return counts.reshape(h, w), values.astype(dtype)
 
 
-def _crc(data: bytes) -> int:
-    # Everything but the crc field itself (the last 4 bytes of the header).
-    return zlib.crc32(data[_HEADER.size :], zlib.crc32(data[: _HEADER.size - 4]))
+def dense_dual_pointmap(counts: np.ndarray, values: np.ndarray, layers: int) -> np.ndarray:
+    """The dense map of `sparse_dual_pointmap`'s output.
 
-
-def _with_crc(data: bytes) -> bytes:
-    return data[: _HEADER.size - 4] + _crc(data).to_bytes(4, "little") + data[_HEADER.size :]
-
-
-def decode_dual_pointmap(data: bytes) -> np.ndarray:
-    """Decode bytes from `encode_dual_pointmap`.
-
+    Args:
+        counts: (H, W) uint8 hits per pixel; values: (M, 6) float, M = counts.sum(); layers: L.
     Returns:
         (H, W, L, 7) float32 array, CPU: canonical xyz, posed xyz, alpha (1 on hits, else all 0).
     Raises:
-        EncodingError: not a dual point map, a newer version, truncated or corrupt bytes.
+        EncodingError: counts and values that do not fit together or with `layers`, non-finite values.
     """
-    data = bytes(data)
-    if len(data) < _HEADER.size or data[:4] != MAGIC:
-        raise EncodingError("not an encoded dual point map (bad magic or too short)")
-    _, version, h, w, layers, n_hits, counts_len, values_len, crc = _HEADER.unpack_from(data)
-    if version != VERSION:
-        raise EncodingError(f"dual point map encoding version {version} is not supported (this is {VERSION})")
-    if not (h and w and 0 < layers <= MAX_LAYERS) or n_hits > h * w * layers:
-        raise EncodingError(f"dual point map header is corrupt ({h}x{w}x{layers}, {n_hits} hits)")
-    if len(data) != _HEADER.size + counts_len + values_len:
+    if counts.ndim != 2 or counts.dtype != np.uint8:
+        raise EncodingError(f"dual point map counts must be (H, W) uint8, got {counts.dtype}{counts.shape}")
+    if values.ndim != 2 or values.shape[1] != 6 or values.dtype.kind != "f":
+        raise EncodingError(f"dual point map values must be (M, 6) float, got {values.dtype}{values.shape}")
+    if int(counts.sum()) != len(values) or counts.max(initial=0) > layers:
         raise EncodingError(
-            f"dual point map is {len(data)} bytes, header says {_HEADER.size + counts_len + values_len}"
-            " (truncated or corrupt)"
+            f"dual point map counts ({int(counts.sum())} hits, up to {counts.max(initial=0)} per pixel) "
+            f"disagree with its {len(values)} values or {layers} layers"
         )
-    if _crc(data) != crc:
-        raise EncodingError("dual point map checksum mismatch (corrupt bytes)")
-    counts_block = data[_HEADER.size : _HEADER.size + counts_len]
-    values_block = data[_HEADER.size + counts_len :]
-    counts = _decompress(counts_block, np.uint8, h * w, "counts")
-    if counts.max(initial=0) > layers or int(counts.sum()) != n_hits:
-        raise EncodingError("dual point map hit counts disagree with the header")
-    deltas = _decompress(values_block, np.uint16, 6 * n_hits, "values")
-    values = _DELTA.decode(deltas).view(np.float16).reshape(6, n_hits)  # (6, N)
-    layer, pixel = np.nonzero(np.arange(layers)[:, None] < counts[None, :])  # same order as encoding
+    if not np.isfinite(values).all():
+        raise EncodingError("dual point map values are not all finite")
+    h, w = counts.shape
+    layer, pixel = hit_order(counts, layers)
     out = np.zeros((h * w, layers, 7), np.float32)
-    out[pixel, layer, :6] = values.T
+    out[pixel, layer, :6] = values
     out[pixel, layer, 6] = 1.0
     return out.reshape(h, w, layers, 7)
+
+
+def dpm_npz(counts: np.ndarray, values: np.ndarray, layers: int) -> bytes:
+    """An npz (zip, deflate; what `np.load` and WebDataset's default decoder read) of a sparse map:
+    members `counts`, `values` and `shape` = (H, W, L, 7) int64. Same input, same bytes."""
+    buffer = io.BytesIO()
+    arrays = {"counts": counts, "values": values, "shape": np.array([*counts.shape, layers, 7], np.int64)}
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, array in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=_NPZ_TIME)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            with archive.open(info, "w") as member:
+                np.lib.format.write_array(member, np.ascontiguousarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def read_dpm_npz(data: bytes) -> tuple[np.ndarray, np.ndarray, int]:
+    """(counts, values, layers) from `dpm_npz` bytes. EncodingError if they do not decode (zip CRCs
+    catch flipped bytes)."""
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            counts, values, shape = npz["counts"], npz["values"], npz["shape"]
+    except (ValueError, OSError, EOFError, KeyError, NotImplementedError, zipfile.BadZipFile,
+            zlib.error) as err:
+        raise EncodingError(f"dual point map npz does not decode ({err})") from err
+    layers_ok = shape.shape == (4,) and 0 < shape[2] <= MAX_LAYERS and shape[3] == 7
+    if not layers_ok or tuple(shape[:2]) != counts.shape:
+        raise EncodingError(f"dual point map npz: shape {shape.tolist()} disagrees with counts {counts.shape}")
+    return counts, values, int(shape[2])
+
 
 def baseline_npz_bytes(dpm: np.ndarray) -> int:
     """Size of the reference code's encoding of `dpm`, the benchmark's baseline.
@@ -161,7 +148,7 @@ def baseline_npz_bytes(dpm: np.ndarray) -> int:
     indices (uint16 when a dimension reaches 255) and the shape, in an uncompressed npz.
 
     Args:
-        dpm: (H, W, L, 7) float array, CPU (as for `encode_dual_pointmap`).
+        dpm: (H, W, L, 7) float array, CPU (as for `sparse_dual_pointmap`).
     """
     index = np.argwhere(dpm[..., 6] != 0)  # (N, 3) row, col, layer
     index_dtype = np.uint8 if max(dpm.shape[:3]) < 255 else np.uint16
@@ -197,3 +184,10 @@ def decode_png(data: bytes) -> np.ndarray:
         return image_array(open_image(data, "image bytes"))
     except DatasetError as err:
         raise EncodingError(f"image bytes do not decode ({err.__cause__})") from err
+
+
+def rgb8(data: bytes, where: str) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of an image file's bytes: `dualpm.images.rgb_array` (grey repeated, 16-bit
+    scaled, transparency over black) at 8 bits. DatasetError naming `where` if it does not decode."""
+    rgb = rgb_array(open_image(data, where))  # (H, W, 3) float32 in [0, 1]
+    return np.round(rgb * 255.0).astype(np.uint8)

@@ -13,8 +13,14 @@ failed). Each shard is written by one worker, which publishes its sidecar last; 
 killed before it copies the records into manifest.json, so the sidecars on disk are the truth and
 `read_records` rebuilds a column's records from them.
 
-One `SCHEMA_VERSION` covers the layout of the manifest, the sidecars and the shard containers; readers
-refuse newer versions with a clear message.
+One `SCHEMA_VERSION` covers the layout of the manifest, the sidecars and the shard containers
+(docs/format.md); readers refuse other versions with a message saying what to do (older stores: render
+again into a new folder).
+
+Sample ids are file stems: letters and digits of any script (with combining accents), '.', '_' and '-',
+starting with a letter or digit, at most 128 characters; never '/', '\\', whitespace or control
+characters (so never '.' or '..'). Column, split and field names are plainer (`NAME_RE`): they are folder
+and Zarr node names.
 """
 
 from __future__ import annotations
@@ -29,23 +35,35 @@ from typing import Any
 from dualpm import __version__
 from dualpm.errors import ConfigError, DatasetError
 from dualpm.fileio import TMP_PREFIX, atomic_write_json, atomic_write_text
+from dualpm.store.schema import SCHEMA_VERSION, schema_block
 
-SCHEMA_VERSION = 1
 FORMATS = ("webdataset", "zarr")
 MANIFEST_NAME = "manifest.json"
 FAILURES_NAME = "failures.jsonl"
-SAMPLE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")  # no dots: ids are WebDataset keys
-FIELD_RE = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")  # e.g. "dpm", "mask.png", "meta.json"
+RECORDS_NAME = "records"  # OUT/records/<column>/: the sidecars (not a column name)
+# Combining accents (Unicode blocks of combining marks): file names from macOS come decomposed (NFD).
+_MARKS = "\u0300-\u036f\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-\u20ff\ufe20-\ufe2f"
+SAMPLE_ID_RE = re.compile(rf"^[^\W_][\w.{_MARKS}-]{{0,127}}\Z")  # \w: letters and digits of any script, '_'
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*\Z")  # column, split and field names
 _RECORD_RE = re.compile(r"^shard-(\d{6,})\.json$")
+SAMPLE_ID_RULE = (
+    "letters and digits of any script, '.', '_' and '-', starting with a letter or digit, at most 128 "
+    "characters; no '/', '\\', spaces or control characters"
+)
 
 
 def check_sample_id(sample_id: object, where: str) -> str:
     """Return `sample_id` if it is a valid id string, else raise DatasetError naming `where`."""
     if not isinstance(sample_id, str) or not SAMPLE_ID_RE.match(sample_id):
-        raise DatasetError(
-            f"{where}: sample id {sample_id!r} is not valid (letters, digits, '_' and '-', no dots)"
-        )
+        raise DatasetError(f"{where}: sample id {sample_id!r} is not valid ({SAMPLE_ID_RULE})")
     return sample_id
+
+
+def check_name(name: object, what: str, where: str) -> str:
+    """Return `name` if it is a valid column, split or field name, else raise DatasetError."""
+    if not isinstance(name, str) or not NAME_RE.match(name) or name == RECORDS_NAME:
+        raise DatasetError(f"{where}: {what} name {name!r} is not valid (letters, digits, '_' and '-')")
+    return name
 
 
 def shard_name(index: int) -> str:
@@ -103,21 +121,31 @@ class ShardRecord:
         }
 
 
+FIELD_KINDS = ("dpm", "mask", "image", "json", "array")
+
+
 @dataclass(frozen=True)
 class FieldSpec:
-    """A field every sample of a column holds (if `required`), checked by `verify_store`.
+    """A field of every sample of a column: what it holds and how it is stored (docs/format.md).
 
-    `shape` is the decoded shape (a "dpm" field: (H, W, L, 7); a ".png": the image array; a ".npy":
-    the array) and `dtype` the numpy dtype name of a ".npy" array; None means any.
+    kind: "dpm" (dual point map, (H, W, L, 7), stored sparse), "mask" (0/1 object mask, (h, w)),
+        "image" (RGB, (h, w, 3) uint8), "json" (a dict), "array" (any fixed-shape numeric array).
+    shape: the decoded per-sample shape; dtype: the stored numpy dtype name (dpm: of its values; mask,
+        image: uint8). Zarr columns need both (one typed array per field); None means any.
+    required: every stored sample has it. about: what the numbers mean (channels, units, conventions,
+        precision), copied into the schema block of manifest.json and the Zarr attributes.
     """
 
-    required: bool = True
+    kind: str
     shape: tuple[int, ...] | None = None
     dtype: str | None = None
+    required: bool = True
+    about: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         shape = None if self.shape is None else list(self.shape)
-        return {"required": self.required, "shape": shape, "dtype": self.dtype}
+        return {"kind": self.kind, "required": self.required, "shape": shape, "dtype": self.dtype,
+                "about": self.about}
 
 
 @dataclass(frozen=True)
@@ -172,7 +200,18 @@ class Manifest:
             "shard_size": self.shard_size,
             "plan": [{"index": p.index, "split": p.split, "ids": list(p.ids)} for p in self.plan],
             "columns": {k: v.to_json() for k, v in self.columns.items()},
+            "schema": self.schema(),
         } | ({} if self.split_rule is None else {"split_rule": self.split_rule})
+
+    def schema(self) -> dict[str, Any]:
+        """The schema block (what every stored field means and where it is): `schema.schema_block`.
+
+        Written into manifest.json and the Zarr root attributes; derived, so never read back."""
+        splits: dict[str, list[int]] = {}
+        for p in self.plan:
+            splits.setdefault(p.split, [p.index, p.index + 1])[1] = p.index + 1
+        return schema_block(self.shard_size, len(self.plan), splits,
+                            {name: (c.format, c.fields) for name, c in self.columns.items()})
 
 
 def plan_shards(splits: dict[str, list[str]], shard_size: int) -> tuple[ShardPlan, ...]:
@@ -187,8 +226,7 @@ def plan_shards(splits: dict[str, list[str]], shard_size: int) -> tuple[ShardPla
     plan: list[ShardPlan] = []
     seen: set[str] = set()
     for split, ids in splits.items():
-        if not isinstance(split, str) or not SAMPLE_ID_RE.match(split):
-            raise DatasetError(f"split name {split!r} is not valid (letters, digits, '_' and '-')")
+        check_name(split, "split", "shard plan")
         for sample_id in ids:
             check_sample_id(sample_id, f"split {split!r}")
             if sample_id in seen:
@@ -214,6 +252,13 @@ def _get(obj: Any, key: str, kind: type | tuple[type, ...], where: str) -> Any:
 
 
 def _check_version(version: int, where: str) -> int:
+    if 1 <= version < SCHEMA_VERSION:
+        raise DatasetError(
+            f"{where}: written by an older dualpm (store schema version {version}; this one reads version "
+            f"{SCHEMA_VERSION}: typed Zarr arrays, standard WebDataset fields, docs/format.md). Prepare the "
+            "data again into a new folder: `dualpm-prep render SRC NEW_OUT` then `dualpm-prep features SRC "
+            "NEW_OUT` (or `dualpm-demo` for the demo data)"
+        )
     if version > SCHEMA_VERSION:
         raise DatasetError(
             f"{where}: schema version {version} is newer than this dualpm supports ({SCHEMA_VERSION});"
@@ -267,15 +312,19 @@ def _column_from_json(obj: Any, where: str) -> ColumnInfo:
     fields = {}
     for name, spec in _get(obj, "fields", dict, where).items():
         fw = f"{where}.fields.{name}"
-        if not FIELD_RE.match(name):
-            raise DatasetError(f"{fw}: not a valid field name")
+        check_name(name, "field", fw)
         shape = _get(spec, "shape", (list, type(None)), fw)
         if shape is not None and not all(type(s) is int and s >= 0 for s in shape):
             raise DatasetError(f"{fw}.shape: expected a list of non-negative integers")
+        kind = _get(spec, "kind", str, fw)
+        if kind not in FIELD_KINDS:
+            raise DatasetError(f"{fw}.kind: {kind!r} is not one of {FIELD_KINDS}")
         fields[name] = FieldSpec(
-            required=_get(spec, "required", bool, fw),
+            kind=kind,
             shape=None if shape is None else tuple(shape),
             dtype=_get(spec, "dtype", (str, type(None)), fw),
+            required=_get(spec, "required", bool, fw),
+            about=_get(spec, "about", dict, fw),
         )
     shards = {}
     for key, rec in _get(obj, "shards", dict, where).items():
@@ -312,8 +361,7 @@ def manifest_from_json(obj: Any, where: str) -> Manifest:
         raise DatasetError(f"{where}: plan: a sample id appears in more than one shard")
     columns = {}
     for name, col in _get(obj, "columns", dict, where).items():
-        if not SAMPLE_ID_RE.match(name):
-            raise DatasetError(f"{where}: column name {name!r} is not valid (letters, digits, '_' and '-')")
+        check_name(name, "column", where)
         column = _column_from_json(col, f"{where}: columns.{name}")
         if column.name != name:
             raise DatasetError(f"{where}: columns.{name}.name is {column.name!r}")
@@ -356,15 +404,20 @@ def save_manifest(out_dir: str | os.PathLike, manifest: Manifest) -> None:
 
 
 def column_dir(out_dir: str | os.PathLike, name: str) -> Path:
-    """Folder of column `name` (names are like sample ids: no dots or slashes)."""
-    if not SAMPLE_ID_RE.match(name):
-        raise DatasetError(f"column name {name!r} is not valid (letters, digits, '_' and '-')")
-    return Path(out_dir) / name
+    """Folder of column `name` (names are plain: no dots or slashes)."""
+    return Path(out_dir) / check_name(name, "column", str(out_dir))
+
+
+def records_dir(column_dir: str | os.PathLike) -> Path:
+    """Folder of the sidecars of the column in `column_dir`: OUT/records/<column>/ (outside the Zarr
+    hierarchy, so zarr never meets files it does not know)."""
+    folder = Path(column_dir)
+    return folder.parent / RECORDS_NAME / folder.name
 
 
 def record_path(column_dir: str | os.PathLike, index: int) -> Path:
-    """Path of shard `index`'s sidecar in `column_dir`."""
-    return Path(column_dir) / f"{shard_name(index)}.json"
+    """Path of shard `index`'s sidecar for the column in `column_dir`."""
+    return records_dir(column_dir) / f"{shard_name(index)}.json"
 
 
 def write_record(column_dir: str | os.PathLike, record: ShardRecord) -> None:
@@ -384,8 +437,9 @@ def read_record(column_dir: str | os.PathLike, index: int) -> ShardRecord | None
 
 
 def record_indices(column_dir: str | os.PathLike) -> list[int]:
-    """Sorted indices of the sidecars in `column_dir`, from their names (temporaries are ignored)."""
-    folder = Path(column_dir)
+    """Sorted indices of the sidecars of the column in `column_dir`, from their names (temporaries are
+    ignored)."""
+    folder = records_dir(column_dir)
     if not folder.is_dir():
         return []
     names = (p.name for p in folder.iterdir() if not p.name.startswith(TMP_PREFIX))
@@ -393,7 +447,7 @@ def record_indices(column_dir: str | os.PathLike) -> list[int]:
 
 
 def read_records(column_dir: str | os.PathLike) -> dict[int, ShardRecord]:
-    """All sidecars in `column_dir` by shard index: the truth when manifest.json is out of date.
+    """All sidecars of the column in `column_dir` by shard index: the truth when manifest.json is out of date.
 
     This does not check the data against the records: `shards.shard_status` does.
     """

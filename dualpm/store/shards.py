@@ -1,69 +1,75 @@
 """Column shards: written by exactly one worker, published atomically, then described by a sidecar.
 
-A sample is a sample id plus named fields; a field's name says its kind, in both formats:
-`*.json` a dict (stored as JSON), `*.npy` a numpy array (no pickles), anything else raw bytes
-(e.g. "dpm" from `encoding.encode_dual_pointmap`, "rgb.png", "mask.png" copied from the source).
-`read_shard` gives back the same names and kinds whatever the format.
+A sample is a sample id plus named fields of the kinds in `fields.py` (a column's `FieldSpec`s say which);
+`read_shard` gives every consumer the same decoded fields whatever the container (docs/format.md):
 
-WebDataset tar, `OUT/<column>/shard-000042.tar` (streaming; the default for render outputs):
-members `<id>.<field>` in sample order (a sample's fields adjacent, sorted by name), written with
-`webdataset.TarWriter` under a temporary name and renamed. Readers refuse member names that are not
-`<valid id>.<valid field>` (absolute, "/", "..").
+* WebDataset, `OUT/<column>/shard-000042.tar` (streaming): members `<key>.<field>.<ext>` in sample order,
+  key = the sample id with '%' and '.' percent-escaped (`sample_key`), written with `webdataset.TarWriter`
+  under a temporary name and renamed. Readers refuse member names that are not `<valid key>.<field>.<ext>`
+  (absolute, "/", "..").
+* Zarr, the column's typed arrays (`zarr_layout.py`): plan shard k is the Zarr shard files
+  `OUT/<column>/<array>/c/k...`, one per array, each written whole from memory and renamed into place.
 
-Zarr v3, `OUT/<column>/shard-000042.zarr/` (dense arrays; the default for features). The column folder
-is a Zarr group, each shard a child group written in a temporary folder and renamed::
-
-    zarr.json            attributes {"dualpm": {"schema_version", "ids": [...], "fields": [...]}}
-    <name>.npy           array (n, ...) of the per-sample arrays (same shape and dtype in a shard),
-                         one chunk per sample, all chunks in one Zarr shard file, zstd
-    <name>/data          other fields (bytes, JSON text): uint8 (total bytes,), samples concatenated
-    <name>/offsets       int64 (n + 1,): sample i is data[offsets[i]:offsets[i + 1]]
-
-Zarr fields are buffered in memory until the shard closes, so each Zarr shard file is written once,
-whole (partial writes to a Zarr shard file are read-modify-write, and lose data with two writers):
-size shards to fit in a worker's memory.
-
-Both formats: the data is published first, the sidecar (`manifest.ShardRecord`) last, so a shard is
-complete iff its sidecar exists and matches the data; `shard_status` checks that.
+Both: the data is published first, the sidecar (`manifest.ShardRecord`, OUT/records/<column>/) last, so a
+shard is complete iff its sidecar exists and matches the data; `check_shard` checks that. The record's
+sha256 covers exactly what the writer wrote: the tar file's bytes, or for Zarr the shard's files in sorted
+order of their paths (`shard_digest`). `read_shard` checks it before it yields anything.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
-import json
 import os
-import shutil
+import re
 import tarfile
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import webdataset
-import zarr
-from zarr.storage import LocalStore
 
 from dualpm.errors import DatasetError
-from dualpm.fileio import atomic_directory, atomic_output, atomic_write_json
+from dualpm.fileio import TMP_PREFIX, atomic_output, atomic_write_bytes, remove_stale_temporaries
+from dualpm.store import zarr_layout
+from dualpm.store.fields import EXTENSIONS, StoredSample, prepare_field
 from dualpm.store.manifest import (
-    FIELD_RE,
     FORMATS,
+    NAME_RE,
     SCHEMA_VERSION,
+    ColumnInfo,
     Failure,
+    FieldSpec,
+    ShardPlan,
     ShardRecord,
     check_sample_id,
     read_record,
     record_path,
+    records_dir,
     shard_name,
     write_record,
 )
+from dualpm.store.schema import VALID
 
 FieldValue = bytes | np.ndarray | dict
-_SUFFIX = {"webdataset": ".tar", "zarr": ".zarr"}
-_BYTES_CHUNK = 1 << 20  # Zarr chunk of concatenated bytes fields
-_ZARR_GROUP = {"zarr_format": 3, "node_type": "group", "attributes": {}}
+ZARR_READ_ROWS = 32  # rows read per zarr call when streaming a Zarr shard (see `_read_zarr`)
+_KEY_ESCAPES = {"%": "%25", ".": "%2E"}
+_KEY_RE = re.compile(r"%(25|2E)")
+
+
+def sample_key(sample_id: str) -> str:
+    """The WebDataset key of a sample id: '%' -> '%25', '.' -> '%2E' (WebDataset cuts names at the first
+    dot)."""
+    return "".join(_KEY_ESCAPES.get(c, c) for c in sample_id)
+
+
+def key_sample(key: str) -> str:
+    """The sample id of a WebDataset key (inverse of `sample_key`)."""
+    return _KEY_RE.sub(lambda m: "%" if m.group(1) == "25" else ".", key)
 
 
 def _check_format(format: str) -> str:
@@ -72,162 +78,163 @@ def _check_format(format: str) -> str:
     return format
 
 
-def data_path(column_dir: str | os.PathLike, index: int, format: str) -> Path:
-    """Final path of shard `index`'s data: a `.tar` file or a `.zarr` folder."""
-    return Path(column_dir) / f"{shard_name(index)}{_SUFFIX[_check_format(format)]}"
+def data_path(column_dir: str | os.PathLike, index: int) -> Path:
+    """Path of shard `index`'s WebDataset tar file."""
+    return Path(column_dir) / f"{shard_name(index)}.tar"
 
 
-def field_kind(name: str) -> str:
-    """The kind of a field from its name's last suffix: "json", "npy", or else "bytes"."""
-    return {"json": "json", "npy": "npy"}.get(name.rsplit(".", 1)[-1] if "." in name else "", "bytes")
+def shard_files(column_dir: str | os.PathLike, index: int, format: str) -> list[tuple[str, Path]]:
+    """(name relative to the column folder, path) of the data files of shard `index` that exist, sorted.
 
-
-def data_digest(path: str | os.PathLike) -> tuple[str, int]:
-    """(sha256 hex, total bytes) of a shard's data.
-
-    A file: the sha256 of its bytes. A folder: the sha256 over its files in sorted relative-path
-    order of (posix path, NUL, 8-byte little-endian size, contents), so renames, moves and edits all
-    change it. Symlinks and other non-regular entries raise DatasetError.
+    WebDataset: the tar file. Zarr: `<array>/c/<index>...` of every array in the column folder.
     """
-    path = Path(path)
+    folder = Path(column_dir)
+    if _check_format(format) == "webdataset":
+        path = data_path(folder, index)
+        return [(path.name, path)] if path.is_file() or path.is_symlink() else []
+    found = []
+    for meta in sorted(folder.rglob("zarr.json")):
+        shard = meta.parent / "c" / str(index)
+        paths = [shard] if shard.is_file() or shard.is_symlink() else sorted(p for p in shard.rglob("*"))
+        found += [(p.relative_to(folder).as_posix(), p) for p in paths if not p.name.startswith(TMP_PREFIX)
+                  and not p.is_dir()]
+    return sorted(found)
+
+
+def _digest_update(digest: Any, name: str, data: bytes) -> None:
+    digest.update(name.encode() + b"\0" + len(data).to_bytes(8, "little") + data)
+
+
+def shard_digest(column_dir: str | os.PathLike, index: int, format: str) -> tuple[str, int]:
+    """(sha256 hex, total bytes) of shard `index`'s data, as recorded by its writer.
+
+    WebDataset: the sha256 of the tar file (what `sha256sum` prints). Zarr: the sha256 over the shard's
+    files in sorted relative-path order of (posix path, NUL, 8-byte little-endian size, contents).
+    Symlinks and other non-regular files raise DatasetError.
+    """
     digest, total = hashlib.sha256(), 0
-    if path.is_file() and not path.is_symlink():
-        return _hash_file(digest, path).hexdigest(), path.stat().st_size
-    files = []
-    for root, dirs, names in os.walk(path):
-        for name in dirs + names:
-            entry = Path(root) / name
-            if entry.is_symlink() or not (entry.is_dir() or entry.is_file()):
-                raise DatasetError(f"{entry}: unexpected link or special file in shard data")
-        files += [Path(root) / n for n in names]
-    for file in sorted(files, key=lambda f: f.relative_to(path).as_posix()):
-        size = file.stat().st_size
-        digest.update(file.relative_to(path).as_posix().encode() + b"\0" + size.to_bytes(8, "little"))
-        _hash_file(digest, file)
-        total += size
+    for name, path in shard_files(column_dir, index, format):
+        if path.is_symlink() or not path.is_file():
+            raise DatasetError(f"{path}: unexpected link or special file in shard data")
+        if format == "webdataset":
+            with open(path, "rb") as fh:
+                while block := fh.read(1 << 20):
+                    digest.update(block)
+                    total += len(block)
+        else:
+            data = path.read_bytes()
+            _digest_update(digest, name, data)
+            total += len(data)
     return digest.hexdigest(), total
 
 
-def _hash_file(digest: Any, path: Path) -> Any:
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            digest.update(block)
-    return digest
+@dataclass(frozen=True)
+class PreparedSample:
+    """A sample's fields checked and converted for one container (`prepare_sample`)."""
+
+    format: str
+    values: dict[str, Any]
 
 
-def _folder_size(folder: Path) -> int:
-    return sum((Path(root) / n).stat().st_size for root, _, names in os.walk(folder) for n in names)
+def prepare_sample(
+    fields: Mapping[str, FieldSpec], format: str, values: Mapping[str, FieldValue], where: str
+) -> PreparedSample:
+    """Check a sample's field values against the column's `fields` and convert them for `format`.
 
-
-def _encode_field(name: str, value: Any, where: str) -> bytes | np.ndarray:
-    """Check a field's value against its name; JSON fields become UTF-8 bytes, arrays stay arrays."""
-    if not isinstance(name, str) or not FIELD_RE.match(name):
-        raise ValueError(f"{where}: field name {name!r} is not valid (e.g. 'dpm', 'mask.png', 'meta.json')")
-    kind = field_kind(name)
-    if kind == "json":
-        if not isinstance(value, dict):
-            raise TypeError(f"{where}: field {name!r} must be a dict, got {type(value).__name__}")
-        try:
-            return json.dumps(value, sort_keys=True, allow_nan=False).encode("utf-8")
-        except (TypeError, ValueError) as err:
-            raise DatasetError(f"{where}: field {name!r} is not JSON-serialisable ({err})") from err
-    if kind == "npy":
-        if not isinstance(value, np.ndarray) or value.dtype.hasobject:
-            raise TypeError(f"{where}: field {name!r} must be a numpy array of plain dtype")
-        return value
-    if not isinstance(value, (bytes, bytearray, memoryview)):
-        raise TypeError(f"{where}: field {name!r} must be bytes (dicts go in '*.json', arrays in '*.npy')")
-    return bytes(value)
-
-
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    return buffer.getvalue()
+    Pure and thread-safe: stages run it in worker threads (it compresses) and hand the result to
+    `ShardWriter.add`. Raises DatasetError (e.g. EncodingError) for data that cannot be stored, naming
+    `where`; TypeError for values of the wrong type.
+    """
+    unknown = sorted(set(values) - set(fields))
+    # A Zarr row has every array: there, every field is required.
+    missing = sorted(n for n, s in fields.items() if (s.required or format == "zarr") and n not in values)
+    if unknown or missing:
+        raise DatasetError(f"{where}: fields {sorted(values)} do not match the column's {sorted(fields)} "
+                           f"(unknown {unknown}, missing {missing})")
+    prepared = {n: prepare_field(n, fields[n], v, format, where) for n, v in values.items()}
+    return PreparedSample(format, prepared)
 
 
 class ShardWriter:
-    """Write shard `shard_index` of the column in `column_dir`; use as a context manager.
+    """Write shard `plan.index` of the column in `column_dir`; use as a context manager.
 
-    Exactly one worker writes a shard. On a clean exit the data is published atomically under its
-    final name, then the sidecar; `record` then holds the `ShardRecord`. If the block raises, nothing
-    is published (an existing shard stays as it was). An existing shard (data or sidecar) is an error
-    unless `overwrite` is true, in which case its sidecar is removed just before the new data
-    replaces it.
+    Exactly one worker writes a shard; samples are added in plan order. On a clean exit the data is
+    published atomically under its final name(s), then the sidecar; `record` then holds the `ShardRecord`.
+    If the block raises, nothing is published (an existing shard stays as it was). An existing shard is an
+    error unless `overwrite` is true, in which case its sidecar is removed just before the new data
+    replaces it. A Zarr column's arrays must exist (`zarr_layout.publish_layout`, run by the driver).
 
-        with ShardWriter(out / "render", 42, "webdataset") as writer:
-            writer.add("000123", {"dpm": encoded, "mask.png": png, "meta.json": {"focal": 50.0}})
+        with ShardWriter(out / "render", plan, "webdataset", fields) as writer:
+            writer.add("000123", {"dpm": dpm, "mask": mask, "meta": {"focal": 50.0}})
             writer.fail("000124", "mesh has no skin")
     """
 
-    def __init__(self, column_dir: str | os.PathLike, shard_index: int, format: str, overwrite: bool = False):
+    def __init__(self, column_dir: str | os.PathLike, plan: ShardPlan, format: str,
+                 fields: Mapping[str, FieldSpec], overwrite: bool = False):
         self.column_dir = Path(column_dir)
-        self.index = shard_index
+        self.index, self.plan = plan.index, plan
         self.format = _check_format(format)
+        self.fields = dict(fields)
         self.overwrite = overwrite
-        self.path = data_path(column_dir, shard_index, format)
+        self.where = f"{self.column_dir} shard {self.index}"
         self.record: ShardRecord | None = None
         self._ids: list[str] = []
         self._failures: list[Failure] = []
         self._seen: set[str] = set()
+        self._position = {sample_id: i for i, sample_id in enumerate(plan.ids)}
         self._stack = contextlib.ExitStack()
-        self._tmp: Path | None = None
+        self._open = False
         self._tar: webdataset.TarWriter | None = None
         self._stream: io.BufferedWriter | None = None
-        self._columns: dict[str, list[bytes | np.ndarray]] = {}  # zarr: field -> per-sample values
+        self._rows: dict[str, list[tuple[int, Any]]] = {}  # zarr: field -> (position, prepared value)
+        self._specs = zarr_layout.array_specs(self.fields) if self.format == "zarr" else []
 
     def __enter__(self) -> ShardWriter:
-        if not self.overwrite and (self.path.exists() or record_path(self.column_dir, self.index).exists()):
-            raise DatasetError(f"{self.path}: shard exists; remove it or write with overwrite=True")
+        exists = record_path(self.column_dir, self.index).exists() or shard_files(
+            self.column_dir, self.index, self.format)
+        if not self.overwrite and exists:
+            raise DatasetError(f"{self.where}: shard exists; remove it or write with overwrite=True")
+        if self.format == "zarr" and not (self.column_dir / "zarr.json").exists():
+            raise DatasetError(f"{self.column_dir}: not a Zarr column (its arrays are created by the driver)")
         with self._stack:  # closes what was opened if a later step fails
             if self.format == "webdataset":
-                self._tmp = self._stack.enter_context(atomic_output(self.path))
-                self._stream = self._stack.enter_context(open(self._tmp, "wb"))
+                tmp = self._stack.enter_context(atomic_output(data_path(self.column_dir, self.index)))
+                self._stream = self._stack.enter_context(open(tmp, "wb"))
                 # Fixed mtime: the same samples always give the same bytes, hence the same checksum.
                 self._tar = webdataset.TarWriter(self._stream, encoder=False, mtime=0.0)
                 self._stack.callback(self._tar.close)  # before the file closes, also when discarding
-            else:
-                self._tmp = self._stack.enter_context(atomic_directory(self.path, overwrite=self.overwrite))
             self._stack = self._stack.pop_all()
+        self._open = True
         return self
 
     def _claim(self, sample_id: str) -> None:
-        check_sample_id(sample_id, str(self.path))
+        check_sample_id(sample_id, self.where)
         if sample_id in self._seen:
-            raise DatasetError(f"{self.path}: sample {sample_id!r} added twice")
+            raise DatasetError(f"{self.where}: sample {sample_id!r} added twice")
+        if sample_id not in self._position:
+            raise DatasetError(f"{self.where}: sample {sample_id!r} is not in this shard's plan")
         self._seen.add(sample_id)
 
-    def add(self, sample_id: str, fields: Mapping[str, FieldValue]) -> None:
-        """Append one sample. Fields: bytes (as-is), dict (name `*.json`), np.ndarray (name `*.npy`)."""
-        if self._tmp is None:
+    def add(self, sample_id: str, fields: Mapping[str, FieldValue] | PreparedSample) -> None:
+        """Append one sample: a value per field of the column (see `fields.prepare_field`), or the
+        `prepare_sample` of them (for this column's fields and format)."""
+        if not self._open:
             raise RuntimeError("ShardWriter.add outside its `with` block")
-        where = f"{self.path}: sample {sample_id!r}"
-        if not fields:
-            raise ValueError(f"{where}: a sample needs at least one field")
-        encoded = {name: _encode_field(name, value, where) for name, value in fields.items()}
-        if self.format == "zarr":
-            self._check_zarr_fields(encoded, where)
+        if not isinstance(fields, PreparedSample):
+            fields = prepare_sample(self.fields, self.format, fields, f"{self.where}: sample {sample_id!r}")
+        elif fields.format != self.format:
+            raise ValueError(f"{self.where}: sample {sample_id!r} was prepared for {fields.format}")
+        prepared = fields.values
         self._claim(sample_id)
         if self._tar is not None:
-            sample = {k: _npy_bytes(v) if isinstance(v, np.ndarray) else v for k, v in encoded.items()}
-            self._tar.write({"__key__": sample_id} | sample)
+            key = sample_key(sample_id)
+            members = {f"{n}.{EXTENSIONS[self.fields[n].kind]}": v for n, v in sorted(prepared.items())}
+            self._tar.write({"__key__": key} | members)
         else:
-            for name, value in encoded.items():
-                self._columns.setdefault(name, []).append(value)
+            for name, value in prepared.items():
+                self._rows.setdefault(name, []).append((self._position[sample_id], value))
+            self._rows.setdefault(VALID, []).append((self._position[sample_id], True))
         self._ids.append(sample_id)
-
-    def _check_zarr_fields(self, encoded: dict[str, bytes | np.ndarray], where: str) -> None:
-        if self._columns and set(encoded) != set(self._columns):
-            raise DatasetError(
-                f"{where}: fields {sorted(encoded)} differ from this shard's {sorted(self._columns)}"
-            )
-        for name, value in encoded.items():
-            first = self._columns[name][0] if self._columns else value
-            if isinstance(value, np.ndarray) and (value.shape, value.dtype) != (first.shape, first.dtype):
-                raise DatasetError(
-                    f"{where}: field {name!r} is {value.dtype}{list(value.shape)}, "
-                    f"other samples of the shard are {first.dtype}{list(first.shape)}"
-                )
 
     def fail(self, sample_id: str, reason: str) -> None:
         """Record that `sample_id` could not be produced, and why (stored in the sidecar)."""
@@ -235,7 +242,7 @@ class ShardWriter:
         self._failures.append(Failure(sample_id, str(reason)))
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        tmp, self._tmp = self._tmp, None  # the writer cannot be used after its block
+        self._open = False  # the writer cannot be used after its block
         if exc_type is not None:
             self._stack.__exit__(exc_type, exc, tb)  # temporaries are removed, nothing published
             return False
@@ -244,49 +251,66 @@ class ShardWriter:
                 self._tar.close()  # writes the end-of-archive blocks; the file stays open
                 self._stream.close()
             else:
-                _write_zarr_group(tmp, self._ids, self._columns)
-                if not (self.column_dir / "zarr.json").exists():
-                    atomic_write_json(self.column_dir / "zarr.json", _ZARR_GROUP)
-            sha256, nbytes = data_digest(tmp)
+                files = zarr_layout.encode_shard(self._specs, self._shard_size(), self._blocks())
             if self.overwrite:
                 record_path(self.column_dir, self.index).unlink(missing_ok=True)
-            elif self.path.exists():
-                raise DatasetError(f"{self.path}: another writer published this shard")
-        # The data is in place now (the stack's exit renamed it); the sidecar goes last.
+            elif shard_files(self.column_dir, self.index, self.format) and self._tar is None:
+                raise DatasetError(f"{self.where}: another writer published this shard")
+            elif self._tar is not None and data_path(self.column_dir, self.index).exists():
+                raise DatasetError(f"{self.where}: another writer published this shard")
+        # The tar is in place now (the stack's exit renamed it); Zarr files are published here.
+        if self._tar is None:
+            self._publish_zarr(files)
+        sha256, nbytes = shard_digest(self.column_dir, self.index, self.format)
         self.record = ShardRecord(
             self.index, len(self._ids), tuple(self._ids), tuple(self._failures), sha256, nbytes,
             self.format, SCHEMA_VERSION,
         )
-        write_record(self.column_dir, self.record)
+        write_record(self.column_dir, self.record)  # last: the shard is complete now
         return False
 
+    def _shard_size(self) -> int:
+        size = zarr_layout.shard_size(self.column_dir)
+        if len(self.plan.ids) > size:
+            raise DatasetError(
+                f"{self.where}: {len(self.plan.ids)} planned samples, the arrays hold {size} per shard")
+        return size
 
-def _write_zarr_group(folder: Path, ids: list[str], columns: dict[str, list[bytes | np.ndarray]]) -> None:
-    root = zarr.open_group(store=LocalStore(folder), mode="w", zarr_format=3)
-    root.attrs["dualpm"] = {"schema_version": SCHEMA_VERSION, "ids": ids, "fields": sorted(columns)}
-    n = len(ids)
-    for name, values in columns.items():
-        if field_kind(name) == "npy":
-            chunk = (1,) + tuple(max(1, s) for s in values[0].shape)  # one chunk per sample
-            array = root.create_array(
-                name, shape=(n, *values[0].shape), dtype=values[0].dtype, chunks=chunk, shards=(n, *chunk[1:])
-            )
-            array[...] = np.stack(values)
-            continue
-        group = root.create_group(name)
-        offsets = np.zeros(n + 1, np.int64)
-        offsets[1:] = np.cumsum([len(v) for v in values])
-        total = int(offsets[-1])
-        chunk = max(1, min(total, _BYTES_CHUNK))
-        # Binary fields are already compressed (dpm, png); JSON text compresses well.
-        compressors = "auto" if field_kind(name) == "json" else None
-        shard = max(1, -(-total // chunk)) * chunk  # whole chunks covering all the bytes
-        data = group.create_array(
-            "data", shape=(total,), dtype="uint8", chunks=(chunk,), shards=(shard,), compressors=compressors
-        )
-        if total:
-            data[...] = np.frombuffer(b"".join(values), np.uint8)
-        group.create_array("offsets", data=offsets)
+    def _blocks(self) -> dict[str, np.ndarray]:
+        """(shard_size, ...) rows of every array that holds a value in this shard."""
+        size = self._shard_size()
+        blocks: dict[str, np.ndarray] = {}
+        by_path = {spec.path: spec for spec in self._specs}
+        for name, rows in self._rows.items():
+            kind = self.fields[name].kind if name != VALID else "valid"
+            if kind == "dpm":
+                counts, values = f"{name}/counts", f"{name}/values"
+                spec = by_path[values]
+                most = max(len(v) for _, (_, v) in rows)
+                chunk = spec.chunk[0]
+                blocks[counts] = np.zeros((size, *by_path[counts].shape), np.uint8)
+                blocks[values] = np.zeros((size, -(-max(most, 1) // chunk) * chunk, 6), spec.dtype)
+                for position, (c, v) in rows:
+                    blocks[counts][position] = c
+                    blocks[values][position, : len(v)] = v
+                continue
+            spec = by_path[name]
+            if kind == "json":
+                block = np.full(size, "", dtype=object)
+            else:
+                block = np.full((size, *spec.shape), spec.fill, dtype=spec.dtype)
+            for position, value in rows:
+                block[position] = value
+            blocks[name] = block
+        return blocks
+
+    def _publish_zarr(self, files: dict[str, bytes]) -> None:
+        for spec in self._specs:
+            path = self.column_dir / spec.path / zarr_layout.shard_keys(spec, self.index)
+            if spec.path in files:
+                atomic_write_bytes(path, files[spec.path])
+            else:  # all fill now: a file from an earlier write of this shard must not survive
+                path.unlink(missing_ok=True)
 
 
 def check_shard(
@@ -294,33 +318,33 @@ def check_shard(
 ) -> tuple[ShardRecord | None, str | None]:
     """(record, None) if shard `index` is complete, else (record or None, what is wrong).
 
-    Complete means: the sidecar exists and parses, its format is `format`, the data exists under
-    its final name with the recorded size and (if `check_checksum`) sha256. A malformed sidecar
-    counts as an incomplete shard (its message says why). Temporaries of killed writers are ignored.
+    Complete means: the sidecar exists and parses, its format is `format`, the data exists under its
+    final name(s) with the recorded size and (if `check_checksum`) sha256. A malformed sidecar counts as
+    an incomplete shard (its message says why). Temporaries of killed writers are ignored.
     """
     try:
         record = read_record(column_dir, index)
     except DatasetError as err:
         return None, str(err)
-    path = data_path(column_dir, index, format)
+    where = f"{column_dir} shard {index}"
     if record is None:
         return None, f"{record_path(column_dir, index)}: shard record missing (shard unfinished or removed)"
     if record.format != format:
         return record, f"{record_path(column_dir, index)}: format {record.format!r}, column is {format!r}"
-    if not (path.is_file() if format == "webdataset" else path.is_dir()) or path.is_symlink():
-        return record, f"{path}: shard data missing"
+    files = shard_files(column_dir, index, format)
+    if not files and (format == "webdataset" or record.bytes):
+        return record, f"{where}: shard data missing"
     try:
         if check_checksum:
-            sha256, nbytes = data_digest(path)
+            sha256, nbytes = shard_digest(column_dir, index, format)
         else:
-            sha256 = record.sha256
-            nbytes = path.stat().st_size if path.is_file() else _folder_size(path)
+            sha256, nbytes = record.sha256, sum(p.stat().st_size for _, p in files)
     except (DatasetError, OSError) as err:
-        return record, f"{path}: unreadable ({err})"
+        return record, f"{where}: unreadable ({err})"
     if nbytes != record.bytes:
-        return record, f"{path}: {nbytes} bytes, record says {record.bytes} (truncated or changed)"
+        return record, f"{where}: {nbytes} bytes, record says {record.bytes} (truncated or changed)"
     if sha256 != record.sha256:
-        return record, f"{path}: sha256 does not match its record (corrupt or changed)"
+        return record, f"{where}: sha256 does not match its record (corrupt or changed)"
     return record, None
 
 
@@ -332,121 +356,193 @@ def shard_status(
     return record if problem is None else None
 
 
+def remove_temporaries(column_dir: str | os.PathLike) -> int:
+    """Delete the leftovers of killed writers of a column (hidden temporaries anywhere in its folder and
+    its sidecar folder); returns how many. Only while no writer of the column runs."""
+    removed = 0
+    for top in (Path(column_dir), records_dir(column_dir)):
+        for folder, dirs, _ in os.walk(top):
+            removed += remove_stale_temporaries(folder)
+            dirs[:] = [d for d in dirs if not d.startswith(TMP_PREFIX)]
+    return removed
+
+
 def remove_shard(column_dir: str | os.PathLike, index: int, format: str) -> None:
     """Remove shard `index`: the sidecar first (so it reads as unfinished), then the data."""
     record_path(column_dir, index).unlink(missing_ok=True)
-    path = data_path(column_dir, index, format)
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
+    for _, path in shard_files(column_dir, index, format):
         path.unlink(missing_ok=True)
 
 
-def _decode_field(name: str, data: bytes, where: str) -> Any:
-    kind = field_kind(name)
-    try:
-        if kind == "json":
-            value = json.loads(data.decode("utf-8"))
-            if not isinstance(value, dict):
-                raise ValueError("not a JSON object")
-            return value
-        if kind == "npy":
-            return np.load(io.BytesIO(data), allow_pickle=False)
-    except (ValueError, UnicodeDecodeError, EOFError, OSError) as err:
-        raise DatasetError(f"{where}: field {name!r} does not decode ({err})") from err
-    return data
-
-
 def read_shard(
-    column_dir: str | os.PathLike, index: int, format: str
-) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Yield (sample id, fields) of shard `index` in stored order.
+    out_dir: str | os.PathLike, column: ColumnInfo, index: int, verify: bool = True
+) -> Iterator[tuple[str, StoredSample]]:
+    """Yield (sample id, fields) of shard `index` of `column` in stored order.
 
-    `*.json` fields come back as dicts, `*.npy` as numpy arrays, others as bytes. Raises
+    Fields decode on first access (`fields.StoredSample`). With `verify`, the shard's data must match the
+    sha256 of its record in `column.shards` before anything is yielded: a mismatch raises DatasetError
+    naming the column, shard and, where a checksummed part of a sample is damaged, the sample. Raises
     DatasetError naming the shard (and member or sample) for unreadable data or unsafe tar members.
-    This reads the data only: check completeness with `shard_status` first.
     """
-    path = data_path(column_dir, index, format)
-    if format == "webdataset":
-        yield from _read_tar(path)
+    folder = Path(out_dir) / column.name
+    if verify:
+        _verify(folder, column, index)
+    if column.format == "webdataset":
+        yield from _read_tar(data_path(folder, index), index, column.fields)
     else:
-        yield from _read_zarr(path)
+        yield from _read_zarr(Path(out_dir), column, index)
 
 
-def _split_member(member: tarfile.TarInfo, path: Path) -> tuple[str, str]:
+def _verify(folder: Path, column: ColumnInfo, index: int) -> None:
+    record = column.shards.get(index)
+    if record is None:
+        raise DatasetError(f"{folder} shard {index}: no record in manifest.json (shard unfinished)")
+    try:
+        sha256, nbytes = shard_digest(folder, index, column.format)
+    except OSError as err:
+        raise DatasetError(f"{folder} shard {index}: unreadable ({err})") from err
+    if (sha256, nbytes) == (record.sha256, record.bytes):
+        return
+    # Which sample? Decode every field of every sample: zarr's per-chunk crc32c, the npz and PNG CRCs
+    # and the shape checks name the first damaged one.
+    culprit = ""
+    try:
+        for _, sample in read_shard(folder.parent, column, index, verify=False):
+            for name in sample:
+                sample[name]  # noqa: B018 (decoding is the check)
+    except DatasetError as err:
+        culprit = f"; first damaged sample: {err}"
+    raise DatasetError(
+        f"{folder} shard {index}: data do not match the sha256 of its record ({nbytes} bytes, record says "
+        f"{record.bytes}; corrupt or changed){culprit or '; no sample fails its own checks'}. Nothing of "
+        f"this shard was read: rerun the stage that wrote column {column.name!r} (it redoes broken shards)"
+    )
+
+
+def _split_member(member: tarfile.TarInfo, path: Path) -> tuple[str, str, str]:
     name = member.name
-    sample_id, _, field = name.partition(".")
+    key, _, rest = name.partition(".")
+    field, _, ext = rest.rpartition(".")
     unsafe = name.startswith(("/", "\\")) or "/" in name or "\\" in name or ".." in name
-    if unsafe or not member.isfile() or not FIELD_RE.match(field):
-        raise DatasetError(f"{path}: refusing tar member {name!r} (expected a file named '<id>.<field>')")
+    if unsafe or not member.isfile() or not NAME_RE.match(field) or ext not in set(EXTENSIONS.values()):
+        raise DatasetError(f"{path}: refusing tar member {name!r} (expected a file '<key>.<field>.<ext>')")
+    sample_id = key_sample(key)
+    if sample_key(sample_id) != key:
+        raise DatasetError(f"{path}: tar member {name!r}: key {key!r} is not an escaped sample id")
     check_sample_id(sample_id, f"{path}: tar member {name!r}")
-    return sample_id, field
+    return sample_id, field, ext
 
 
-def _read_tar(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+def _read_tar(path: Path, index: int, fields: dict[str, FieldSpec]) -> Iterator[tuple[str, StoredSample]]:
     done: set[str] = set()
     current: str | None = None
-    fields: dict[str, Any] = {}
+    raw: dict[str, bytes] = {}
+    specs = dict(fields)
+    where = f"{path.parent} shard {index}"
     try:
         with tarfile.open(path, mode="r:") as tar:
             for member in tar:
-                sample_id, field = _split_member(member, path)
+                sample_id, field, ext = _split_member(member, path)
                 if sample_id != current:
                     if current is not None:
-                        yield current, fields
+                        yield current, StoredSample(raw, specs, f"{where} sample {current!r}")
                     if sample_id in done:
                         raise DatasetError(f"{path}: members of sample {sample_id!r} are not adjacent")
                     done.add(sample_id)
-                    current, fields = sample_id, {}
-                if field in fields:
+                    current, raw = sample_id, {}
+                if field in raw:
                     raise DatasetError(f"{path}: tar member {member.name!r} appears twice")
-                fields[field] = _decode_field(field, tar.extractfile(member).read(), f"{path}: {member.name}")
+                spec = specs.get(field)
+                if spec is None:  # not in the column's specs: `verify` reports it; decode by extension
+                    kind = {"npz": "dpm", "png": "image", "json": "json", "npy": "array"}[ext]
+                    spec = specs[field] = FieldSpec(kind, required=False)
+                elif EXTENSIONS[spec.kind] != ext:
+                    raise DatasetError(f"{path}: tar member {member.name!r}: a {spec.kind} field is stored "
+                                       f"as .{EXTENSIONS[spec.kind]}")
+                raw[field] = tar.extractfile(member).read()
     except (tarfile.TarError, EOFError, OSError) as err:
         raise DatasetError(f"{path}: unreadable tar shard ({err})") from err
     if current is not None:
-        yield current, fields
+        yield current, StoredSample(raw, specs, f"{where} sample {current!r}")
 
 
-# Samples read per zarr call when streaming a Zarr shard (see `_read_zarr`).
-ZARR_READ_ROWS = 32
+class _DamagedChunk(Exception):
+    """A Zarr chunk of `field` that does not decode (crc32c mismatch, broken compression)."""
+
+    def __init__(self, field: str, cause: Exception):
+        super().__init__(f"field {field!r} does not decode ({cause})")
+        self.cause = cause
 
 
-def _read_zarr(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+def _read_zarr(out: Path, column: ColumnInfo, index: int) -> Iterator[tuple[str, StoredSample]]:
+    folder = out / column.name
     try:
-        root = zarr.open_group(store=LocalStore(path, read_only=True), mode="r")
-        info = root.attrs.get("dualpm")
-        if not isinstance(info, dict) or info.get("schema_version") != SCHEMA_VERSION:
-            raise DatasetError(f"{path}: not a dualpm shard of schema version {SCHEMA_VERSION}")
-        ids, names = info.get("ids"), info.get("fields")
-        if not isinstance(ids, list):
-            raise DatasetError(f"{path}: malformed id list {ids!r:.80}")
-        ids = [check_sample_id(i, str(path)) for i in ids]
-        if not isinstance(names, list) or not all(isinstance(f, str) and FIELD_RE.match(f) for f in names):
-            raise DatasetError(f"{path}: malformed field list {names!r:.80}")
-        arrays, blobs = {}, {}
-        for name in names:
-            if field_kind(name) == "npy":
-                arrays[name] = root[name]
-                if arrays[name].shape[:1] != (len(ids),):
-                    raise DatasetError(f"{path}: array {name!r} does not hold {len(ids)} samples")
-                continue
-            offsets = root[name]["offsets"][...]
-            data = root[name]["data"][...].tobytes()
-            ok = offsets.shape == (len(ids) + 1,) and offsets[0] == 0 and offsets[-1] == len(data)
-            if not ok or np.any(np.diff(offsets) < 0):
-                raise DatasetError(f"{path}: field {name!r} has malformed offsets")
-            blobs[name] = (offsets, data)
-        block: dict[str, np.ndarray] = {}
-        for i, sample_id in enumerate(ids):
-            if i % ZARR_READ_ROWS == 0:
-                # One zarr call per block of rows, not per sample: each call has a fixed cost (an event-loop
-                # round trip) that dominated reading small samples. Memory stays bounded by the block.
-                block = {name: array[i : i + ZARR_READ_ROWS] for name, array in arrays.items()}
-            # copy: a view would keep its whole block alive in the shuffle buffer
-            fields: dict[str, Any] = {name: rows[i % ZARR_READ_ROWS].copy() for name, rows in block.items()}
-            for name, (offsets, data) in blobs.items():
-                value = data[offsets[i] : offsets[i + 1]]
-                fields[name] = _decode_field(name, value, f"{path}: sample {sample_id!r}")
-            yield sample_id, fields
+        ids, group = zarr_layout.open_column(out, column.name)
+        size = group[VALID].chunks[0]
+        start = index * size
+        valid = group[VALID][start : start + size]
+        row_ids = [str(i) for i in ids[start : start + size]]
+        arrays = {spec.path: group[spec.path] for spec in zarr_layout.array_specs(column.fields)}
     except (OSError, KeyError, ValueError, TypeError) as err:
-        raise DatasetError(f"{path}: unreadable Zarr shard ({err})") from err
+        raise DatasetError(f"{folder} shard {index}: unreadable Zarr data ({err})") from err
+    for block_start in range(0, size, ZARR_READ_ROWS):
+        rows = [i for i in range(block_start, min(size, block_start + ZARR_READ_ROWS)) if valid[i]]
+        if not rows:
+            continue
+        where = f"{folder} shard {index}"
+        block = _Block(arrays, column.fields, start + rows[0], start + rows[-1] + 1, where)
+        for i in rows:
+            raw = {name: functools.partial(block.row, name, start + i) for name in column.fields}
+            yield row_ids[i], StoredSample(raw, column.fields, f"{where} sample {row_ids[i]!r}")
+
+
+class _Block:
+    """Rows a..b-1 of a Zarr column. Each field is read for all of them with one zarr call per array, when
+    a sample first needs it: one call per sample would cost more than decoding small samples (an event-loop
+    round trip each), and fields nobody decodes (images, meta while training) are never read."""
+
+    def __init__(self, arrays: dict[str, Any], fields: dict[str, FieldSpec], a: int, b: int, where: str):
+        self.arrays, self.fields, self.a, self.b, self.where = arrays, fields, a, b, where
+        self.values: dict[str, Any] = {}
+
+    def row(self, name: str, r: int) -> Any:
+        """Row r's raw value of field `name` (a copy: a sample never pins its block), or the exception
+        that its damaged chunk raised (decoding the field raises it)."""
+        if name not in self.values:
+            try:
+                self.values[name] = self._read(name, self.a, self.b)
+            except _DamagedChunk:  # row by row, so only the damaged rows fail
+                self.values[name] = [self._read_or_error(name, r) for r in range(self.a, self.b)]
+        value = self.values[name]
+        if isinstance(value, list):
+            value, r = value[r - self.a], 0
+            if isinstance(value, Exception):
+                return value
+        else:
+            r -= self.a
+        kind = self.fields[name].kind
+        if kind == "dpm":
+            counts, values, hits = value
+            return counts[r].copy(), values[r, : hits[r]].copy()
+        return str(value[r]) if kind == "json" else value[r].copy()
+
+    def _read_or_error(self, name: str, r: int) -> Any:
+        try:
+            return self._read(name, r, r + 1)
+        except _DamagedChunk as err:
+            return err.cause
+
+    def _read(self, name: str, a: int, b: int) -> Any:
+        try:
+            if self.fields[name].kind == "dpm":
+                counts = self.arrays[f"{name}/counts"][a:b]  # (B, H, W)
+                hits = counts.reshape(len(counts), -1).sum(axis=1, dtype=np.int64)  # (B,)
+                values = self.arrays[f"{name}/values"]
+                chunk = values.chunks[1]
+                most = -(-int(hits.max(initial=0)) // chunk) * chunk  # whole chunks: the rest is not stored
+                return counts, values[a:b, :most], hits
+            return self.arrays[name][a:b]
+        except (ValueError, RuntimeError) as err:  # zarr: crc32c mismatch; blosc: undecodable chunk
+            raise _DamagedChunk(name, err) from err
+        except (OSError, KeyError, TypeError) as err:
+            raise DatasetError(f"{self.where}: unreadable Zarr data ({err})") from err

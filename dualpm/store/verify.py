@@ -9,14 +9,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import numpy as np
 
 from dualpm.errors import DualPMError
-from dualpm.store.encoding import decode_dual_pointmap, decode_png
+from dualpm.store.fields import StoredSample
 from dualpm.store.manifest import ColumnInfo, ShardPlan, column_dir, load_manifest, record_indices
-from dualpm.store.shards import check_shard, field_kind, read_shard
+from dualpm.store.shards import check_shard, read_shard, shard_files
 
 
 @dataclass(frozen=True)
@@ -35,35 +32,17 @@ class Problem:
         return f"{', '.join(where) or 'store'}: {self.message}"
 
 
-def _decoded_shape(name: str, value: Any) -> tuple[int, ...] | None:
-    """Decode a field far enough to know its shape (raises DualPMError if it does not decode)."""
-    if name == "dpm" or name.endswith(".dpm"):
-        return decode_dual_pointmap(value).shape
-    if name.endswith(".png"):
-        return decode_png(value).shape
-    if field_kind(name) == "npy":
-        return value.shape
-    return None
-
-
-def _check_sample(column: ColumnInfo, fields: dict[str, Any]) -> list[str]:
-    """Messages for one sample's fields against the column's field specs."""
+def _check_sample(column: ColumnInfo, fields: StoredSample) -> list[str]:
+    """Messages for one sample's fields against the column's field specs (decoding each field)."""
     messages = [f"required field {name!r} missing" for name, spec in column.fields.items()
                 if spec.required and name not in fields]
-    for name, value in fields.items():
-        spec = column.fields.get(name)
-        if spec is None and column.fields:
+    for name in fields:
+        if name not in column.fields:
             messages.append(f"unexpected field {name!r}")
         try:
-            shape = _decoded_shape(name, value)
+            fields[name]  # noqa: B018 (decoding checks the data against the column's spec)
         except DualPMError as err:
-            messages.append(f"field {name!r} does not decode ({err})")
-            continue
-        if spec is not None and spec.shape is not None and shape != spec.shape:
-            messages.append(f"field {name!r} has shape {shape}, column expects {spec.shape}")
-        is_array = isinstance(value, np.ndarray)
-        if spec is not None and spec.dtype is not None and is_array and value.dtype != spec.dtype:
-            messages.append(f"field {name!r} has dtype {value.dtype}, column expects {spec.dtype}")
+            messages.append(str(err).removeprefix(f"{fields.where}: "))
     return messages
 
 
@@ -71,7 +50,11 @@ def _verify_shard(folder: Path, column: ColumnInfo, plan: ShardPlan, deep: bool)
     name, index = column.name, plan.index
     record, problem = check_shard(folder, index, column.format, check_checksum=deep)
     if problem is not None:
-        return [Problem(name, index, None, problem)]
+        problems = [Problem(name, index, None, problem)]
+        if deep and record is not None and record.format == column.format and shard_files(
+                folder, index, column.format):  # damaged data: which samples?
+            problems += _sample_problems(folder, column, index)[0]
+        return problems
     problems = []
     listed = column.shards.get(index)
     if listed is None:
@@ -90,17 +73,24 @@ def _verify_shard(folder: Path, column: ColumnInfo, plan: ShardPlan, deep: bool)
         problems.append(Problem(name, index, None, "samples are not in plan order"))
     if not deep:
         return problems
-    stored = []
-    try:
-        for sample_id, fields in read_shard(folder, index, column.format):
-            stored.append(sample_id)
-            problems += [Problem(name, index, sample_id, m) for m in _check_sample(column, fields)]
-    except DualPMError as err:
-        return problems + [Problem(name, index, None, str(err))]
-    if tuple(stored) != record.ids:
+    found, stored = _sample_problems(folder, column, index)
+    problems += found
+    if stored is not None and tuple(stored) != record.ids:
         problems.append(Problem(name, index, None, f"data holds {len(stored)} samples that differ from the "
                                 f"record's {record.count}"))
     return problems
+
+
+def _sample_problems(folder: Path, column: ColumnInfo, index: int) -> tuple[list[Problem], list[str] | None]:
+    """(problems of each sample of a shard, decoding every field; the ids read, or None if unreadable)."""
+    problems, stored = [], []
+    try:
+        for sample_id, fields in read_shard(folder.parent, column, index, verify=False):
+            stored.append(sample_id)
+            problems += [Problem(column.name, index, sample_id, m) for m in _check_sample(column, fields)]
+    except DualPMError as err:
+        return problems + [Problem(column.name, index, None, str(err))], None
+    return problems, stored
 
 
 def verify_store(
@@ -111,8 +101,8 @@ def verify_store(
     Checks: manifest.json readable and valid; for each column (all, or `columns`) every planned shard
     finished, its sidecar matching the data (size; sha256 when `deep`) and the manifest, its samples
     a subset of the plan's shard in plan order; and when `deep`, every sample readable, its fields
-    decodable ("dpm", "*.png", "*.npy", "*.json") with the shapes, dtypes and required fields of the
-    column's `fields` specs. Sidecars of shards beyond the plan are reported too.
+    decodable (Zarr chunk and zip/PNG checksums included) with the shapes, dtypes and required fields of
+    the column's `fields` specs. Sidecars of shards beyond the plan are reported too.
     """
     try:
         manifest = load_manifest(out_dir)
