@@ -170,6 +170,30 @@ def test_published_0_1_masks_are_read_and_an_empty_mask_fails_its_sample(tmp_pat
     assert f"{empty}_mask.png: the mask is empty, but the render covers" in failure["reason"]
 
 
+@pytest.mark.parametrize("fmt", ["zarr", "webdataset"])
+def test_ids_with_dots_and_unicode_are_samples_and_only_unusable_ids_are_reported(tmp_path, ray_local, fmt):
+    # Issue 18, item 2: such files used to vanish from the scan with "0 failed" and nothing listed.
+    ds = make_source_dataset(tmp_path / "src", num_samples=3, image_size=RES)
+    renamed = dict(zip(ds.ids, ["a.b", "ünïcode", "bad id$"], strict=True))
+    for folder in ("poses", "cameras", "metadata", "renders", "masks"):
+        for path in (ds.root / folder).iterdir():
+            old, _, rest = path.name.partition("_")
+            path.rename(path.with_name(f"{renamed[old]}_{rest}"))
+    out = tmp_path / "out"
+    code, output = render_cli(str(ds.root), str(out), "--resolution", str(RES), "--layers", "2", "--format", fmt)
+    assert code == 0 and "render: 2 samples written, 0 failed" in output, output
+    assert "source: 5 files not taken (5 invalid-id)" in output
+    skipped = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
+    assert {(x["id"], x["kind"]) for x in skipped} == {("bad id$", "invalid-id")} and len(skipped) == 5
+    stored = stored_samples(out)
+    assert sorted(stored) == sorted(["a.b", "ünïcode"])
+    for new_id, fields in stored.items():
+        old = next(k for k, v in renamed.items() if v == new_id)
+        np.testing.assert_array_equal(fields["dpm"], direct_render(ds.root, new_id, 2).astype(np.float16).astype(np.float32))
+        assert fields["meta"]["source_id"] == new_id and ds.model_of[old] == fields["meta"]["model_name"]
+    assert verify_store(out) == []
+
+
 def test_files_no_sample_takes_are_counted_in_the_summary_and_listed(tmp_path, ray_local):
     # Files with odd ids used to vanish: "0 failed" and an empty failures.jsonl.
     ds = make_source_dataset(tmp_path / "src", num_samples=3, rgb=False, image_size=RES)
@@ -378,7 +402,7 @@ def test_non_finite_and_empty_maps_are_sample_failures(tmp_path):
     prepared = _sample_fields(sample, dpm, np.eye(4), np.eye(4), config, clip)
     counts, values, layers = read_dpm_npz(prepared.values["dpm"])
     assert layers == 2 and counts[1, 1] == 1 and values.tolist() == [[1, 2, 3, 4, 5, 6]]
-    meta = prepared.values["meta"]
+    meta = json.loads(prepared.values["meta"])  # stored as JSON text
     assert (meta["near"], meta["far"], meta["depth_range"], meta["clipped_by"]) == (0.1, 30.0, [4.0, 5.0], [])
 
 

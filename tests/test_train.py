@@ -274,7 +274,8 @@ def test_damaged_features_stop_training_naming_shard_and_sample(tmp_path):
     for k in range(len(data) // 2, len(data) // 2 + 64):  # 64 flipped bytes inside shard 1's features
         data[k] ^= 0x40  # finite but absurd float16 values (up to ~40,000): the old reader trained on them
     chunks[-1].write_bytes(bytes(data))
-    raw["data"]["root"] = str(root)
+    raw = tiny_raw(root, tmp_path / "run2", steps=6)
+    raw["data"].update(batch_size=1, shuffle_buffer=0)
     with pytest.raises(DatasetError, match=r"features shard 1: data do not match the sha256.*sample '000[4-7]'"):
         train(config_from_dict(raw), verbose=False)
 
