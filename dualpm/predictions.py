@@ -25,7 +25,7 @@ PREDICTIONS = "predictions.zarr"
 STORE_KEY = "dualpm_predictions"  # the store's attributes
 STORE_VERSION = 1
 SAMPLES = "samples"
-OCCUPANCY_THRESHOLD = 0.5  # reference inference rule (DESIGN.md)
+OCCUPANCY_THRESHOLD = 0.5  # the reference inference rule: sigmoid(occupancy) > 0.5 and confidence >= 2
 CONFIDENCE_THRESHOLD = 2.0
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 

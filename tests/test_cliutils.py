@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import subprocess
 
 from dualpm.cliutils import describe_machine, record_benchmark
 
@@ -29,6 +29,11 @@ def test_record_benchmark_keeps_what_is_already_there(tmp_path):
     assert log.read_text() == "# Benchmarks\n\nSome notes.\n\n## Render pipeline\n\n- old\n\n## Render\n\n- new\n"
 
 
-def test_describe_machine_names_the_cores():
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    assert f", {cores} cores" in describe_machine()
+def test_describe_machine_names_the_cpu_and_the_cores():
+    # coreutils' nproc counts the CPUs this process may use (the affinity mask), as a benchmark sees them.
+    cores = int(subprocess.run(["nproc"], capture_output=True, text=True, check=True).stdout)
+    text = describe_machine()
+    assert f", {cores} cores" in text
+    models = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
+    if models:  # Linux on x86 and most ARM servers
+        assert text.startswith(models[0] + ", ")

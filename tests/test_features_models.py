@@ -169,10 +169,21 @@ def test_sd_dino_odd_grayscale_images(sd, sd_basis, tmp_path):
     Image.fromarray(gray).save(tmp_path / "gray.png")
     rgb = np.random.default_rng(1).integers(0, 256, size=(20, 90, 3), dtype=np.uint8)
     Image.fromarray(rgb).save(tmp_path / "wide.png")
+    Image.fromarray(gray).convert("RGB").save(tmp_path / "gray_as_rgb.png")  # PIL's own grey -> RGB
     images = [load_image(tmp_path / "gray.png"), load_image(tmp_path / "wide.png")]
+    # Grey is read as three equal channels in [0, 1], the wide image as it is: exact values.
+    torch.testing.assert_close(images[0], torch.from_numpy(np.repeat(gray[None] / 255.0, 3, 0)).float())
+    torch.testing.assert_close(images[1], torch.from_numpy(rgb / 255.0).permute(2, 0, 1).float())
     batch = stack_images(images, sd.input_size)
+    assert batch.shape == (2, 3, sd.input_size, sd.input_size)
     feats = extract(sd, sd_basis, batch)
     assert feats.shape == (2, 16, 4, 4) and torch.isfinite(feats).all()
+    # The grey file gives the features of the same picture stored as RGB, alone or in a batch of two sizes.
+    as_rgb = extract(sd, sd_basis, stack_images([load_image(tmp_path / "gray_as_rgb.png")], sd.input_size))
+    torch.testing.assert_close(feats[:1], as_rgb, atol=1e-5, rtol=1e-5)
+    alone = extract(sd, sd_basis, stack_images(images[1:], sd.input_size))
+    torch.testing.assert_close(feats[1:], alone, atol=1e-5, rtol=1e-5)
+    assert (feats[0] - feats[1]).abs().max() > 1e-3  # different pictures, different features
 
 
 def test_basis_fitted_once_and_reused(sd, tmp_path):

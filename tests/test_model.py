@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -223,14 +224,42 @@ def test_group_count_clamped():
     assert UNet(3, 2, cfg).norm_out.num_groups == 20
 
 
-def test_attention_heads():
+def _attention_by_hand(block: nn.Module, x: torch.Tensor, heads: int) -> torch.Tensor:
+    """Multi-head self-attention written out head by head in float64 numpy (softmax(q k^T / sqrt(d)) v)."""
+    b, c, h, w = x.shape
+    d = c // heads
+    normed = block.norm(x).detach().double().numpy().reshape(b, c, h * w)  # (B, C, HW)
+    wqkv = block.qkv.weight.detach().double().numpy()[:, :, 0, 0]  # (3C, C)
+    qkv = np.einsum("oc,bcn->bon", wqkv, normed) + block.qkv.bias.detach().double().numpy()[None, :, None]
+    q, k, v = qkv[:, :c], qkv[:, c:2 * c], qkv[:, 2 * c:]  # each (B, C, HW); head j = channels j*d .. (j+1)*d
+    out = np.zeros((b, c, h * w))
+    for j in range(heads):
+        part = slice(j * d, (j + 1) * d)
+        logits = np.einsum("bdn,bdm->bnm", q[:, part], k[:, part]) / math.sqrt(d)  # (B, HW queries, HW keys)
+        weights = np.exp(logits - logits.max(-1, keepdims=True))
+        weights /= weights.sum(-1, keepdims=True)
+        out[:, part] = np.einsum("bnm,bdm->bdn", weights, v[:, part])
+    wp = block.proj.weight.detach().double().numpy()[:, :, 0, 0]
+    projected = np.einsum("oc,bcn->bon", wp, out) + block.proj.bias.detach().double().numpy()[None, :, None]
+    return torch.from_numpy((x.double().numpy() + projected.reshape(b, c, h, w)) / math.sqrt(2.0))
+
+
+@pytest.mark.parametrize("heads", [1, 4])
+def test_attention_heads_split_the_channels(heads):
     cfg = UNetConfig(
         base_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(0, 1), num_groups=8,
-        attention_heads=4,
+        attention_heads=heads,
     )
     torch.manual_seed(0)
     unet = randomise(UNet(3, 2, cfg)).eval()
-    assert torch.isfinite(unet(torch.randn(1, 3, 6, 6))).all()
+    blocks = [m for m in unet.modules() if type(m).__name__ == "Attention"]
+    assert len(blocks) >= 2
+    x = torch.randn(2, blocks[0].qkv.in_channels, 3, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(blocks[0](x).double(), _attention_by_hand(blocks[0], x, heads), atol=1e-5, rtol=1e-5)
+        if heads > 1:  # the same weights read as one head give another answer: heads are not ignored
+            single = _attention_by_hand(blocks[0], x, 1)
+            assert (blocks[0](x).double() - single).abs().max() > 1e-3
     # YAML lists become tuples
     assert UNetConfig(channel_mult=[1, 2], attention_levels=[1]).channel_mult == (1, 2)
 

@@ -60,9 +60,15 @@ def test_image_grid_places_scaled_tiles_with_labels():
     # 2x4 mask scaled to 4x8 (aspect kept), left half black, right half white, below it background
     np.testing.assert_array_equal(pixels[10:14, 1:5], np.zeros((4, 4, 3)))
     np.testing.assert_array_equal(pixels[10:14, 5:9], np.full((4, 4, 3), 255))
-    labelled = np.asarray(image_grid([red, gray], labels=["a", "bb"], cell=8, pad=1))
-    assert labelled.shape[0] > 10  # room for the text row
-    assert (labelled[:, :, 0] < 100).any()  # black text drawn
+    plain = np.asarray(image_grid([red, gray], labels=None, cell=8, pad=1))
+    labelled = np.asarray(image_grid([red, gray], labels=["a", ""], cell=8, pad=1))
+    text_h = labelled.shape[0] - plain.shape[0]  # a text row above the tiles, the same width
+    assert text_h > 0 and labelled.shape[1] == plain.shape[1]
+    np.testing.assert_array_equal(labelled[text_h:], plain)  # the tiles move down by the text row, unchanged
+    band = labelled[1:1 + text_h]
+    inked = np.argwhere(band.min(axis=-1) < 128)
+    assert len(inked) > 0 and inked[:, 1].max() < 1 + 8  # "a" is drawn above its own tile only
+    assert (band[:, 10:] == 255).all()  # the empty label draws nothing
 
 
 def test_image_grid_refuses_bad_tiles():
