@@ -6,9 +6,9 @@
     config = resolve_config(config, open_dataset(config.data.root), explicit_in_channels=explicit)
 
 Values missing from the YAML take the dataclass defaults; the defaults of `TrainConfig` and of the model
-and loss configs are the reference values of the paper (as configs/paper.yaml spells out). Dataset-dependent values are filled
-in by `resolve_config`: `model.in_channels` from the features column, `data.resolution` from the render
-column, `data.layers` from `model.num_layers`.
+and loss configs are the reference values of the paper (configs/paper.yaml spells them out).
+Dataset-dependent values are filled in by `resolve_config`: `model.in_channels` from the features column,
+`data.resolution` from the render column, `data.layers` from `model.num_layers`.
 """
 
 from __future__ import annotations
