@@ -36,6 +36,7 @@ from dualpm.cliutils import describe_machine, record_benchmark
 from dualpm.render import cuda_backend_status, render_dual_pointmaps
 from dualpm.render.embree import default_workers
 from dualpm.skinning import skin
+from dualpm.pointmaps import hits
 from pipeline.synth.cameras import CameraRanges, frame_camera
 from pipeline.synth.poses import PoseSampler
 from pipeline.synth.quadruped import make_quadruped
@@ -86,7 +87,7 @@ def parity(cpu: torch.Tensor, gpu: torch.Tensor, posed: torch.Tensor) -> tuple[f
     all covered or all empty (an edge pixel's coverage depends on sub-pixel rounding of either
     rasteriser). Points are compared where both renders hit.
     """
-    alpha_c, alpha_g = cpu[..., 6] > 0, gpu[..., 6] > 0  # (B, H, W, L)
+    alpha_c, alpha_g = hits(cpu), hits(gpu)  # (B, H, W, L)
     mask = alpha_c[..., 0].float()[:, None]  # (B, 1, H, W)
     inner = -torch.nn.functional.max_pool2d(-mask, 3, 1, 1)[:, 0] > 0
     outer = torch.nn.functional.max_pool2d(mask, 3, 1, 1)[:, 0] == 0

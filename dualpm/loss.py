@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from dualpm.errors import ConfigError, DatasetError
 from dualpm.model.dualpm import Prediction
+from dualpm.pointmaps import DualMaps, to_channel_first
 
 
 DISTANCES = ("squared", "euclidean")
@@ -55,42 +56,7 @@ class LossConfig:
             raise ConfigError(f"LossConfig.distance must be one of {DISTANCES}, got {self.distance!r}")
 
 
-@dataclass(frozen=True)
-class TargetMaps:
-    """Ground truth in the prediction's channel-first layout (float32, same device as the input).
-
-    canonical: (B, L, 3, H, W) scene units. posed: (B, L, 3, H, W) scene units. alpha: (B, L, H, W) in [0, 1].
-    """
-
-    canonical: torch.Tensor
-    posed: torch.Tensor
-    alpha: torch.Tensor
-
-
-def split_target(target: torch.Tensor, num_layers: int | None = None) -> TargetMaps:
-    """Channel-last dual point maps -> channel-first `TargetMaps`.
-
-    Args:
-        target: (B, H, W, L, 7) float (canonical xyz, posed xyz, alpha), any device.
-        num_layers: keep the first (nearest) num_layers layers; None keeps all.
-    """
-    if target.ndim != 5 or target.shape[-1] != 7:
-        raise DatasetError(f"dual point maps must have shape (B, H, W, L, 7), got {tuple(target.shape)}")
-    if num_layers is not None:
-        if num_layers > target.shape[3]:
-            raise ConfigError(f"{num_layers} layers requested but the dual point maps hold {target.shape[3]}")
-        target = target[:, :, :, :num_layers]
-    t = target.float().permute(0, 3, 4, 1, 2)  # (B, L, 7, H, W)
-    return TargetMaps(canonical=t[:, :, 0:3], posed=t[:, :, 3:6], alpha=t[:, :, 6])
-
-
-def merge_target(maps: TargetMaps) -> torch.Tensor:
-    """Inverse of `split_target`: `TargetMaps` -> (B, H, W, L, 7) float32 channel-last."""
-    t = torch.cat([maps.canonical, maps.posed, maps.alpha[:, :, None]], dim=2)  # (B, L, 7, H, W)
-    return t.permute(0, 3, 4, 1, 2).contiguous()  # (B, H, W, L, 7)
-
-
-def _check(pred: Prediction, maps: TargetMaps, mask: torch.Tensor) -> None:
+def _check(pred: Prediction, maps: DualMaps, mask: torch.Tensor) -> None:
     b, num_layers, _, h, w = pred.canonical.shape
     tb, tl, th, tw = maps.alpha.shape
     if maps.canonical.shape != pred.canonical.shape:
@@ -140,7 +106,7 @@ def dualpm_loss(
         target: (B, H, W, L, 7) float32 dual point maps on pred's device (scene units; alpha in [0, 1]).
         mask: (B, H, W) float object mask in {0, 1} on pred's device.
     """
-    maps = split_target(target)
+    maps = to_channel_first(target)
     _check(pred, maps, mask)
     occupied = maps.alpha > 0.5  # (B, L, H, W)
     c = pred.confidence
@@ -176,7 +142,7 @@ def dualpm_metrics(
             (nothing to measure; aggregate batches with nanmean).
         loss/total, loss/canonical, loss/posed, loss/occupancy.
     """
-    maps = split_target(target)
+    maps = to_channel_first(target)
     _check(pred, maps, mask)
     gt = maps.alpha > 0.5  # (B, L, H, W)
     predicted = (torch.sigmoid(pred.occupancy_logit) > occupancy_threshold) & (mask > 0.5)[:, None]

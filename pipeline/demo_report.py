@@ -26,6 +26,7 @@ from dualpm.fileio import atomic_output, atomic_write_text  # noqa: E402
 from dualpm.predictions import keep_mask, open_predictions  # noqa: E402
 from dualpm.store import load_manifest  # noqa: E402
 from dualpm.viz import canonical_to_rgb, image_grid  # noqa: E402
+from dualpm.pointmaps import CANONICAL, hits
 from pipeline.demo_config import LEARNING_BAR, DemoConfig, Paths  # noqa: E402
 from pipeline.inspect import find_sample  # noqa: E402
 
@@ -100,7 +101,7 @@ def prediction_sheet(paths: Paths, png: Path, count: int = SHEET_SAMPLES) -> int
         render = find_sample(paths.data, "render", sample_id)
         gt = render["dpm"]  # (H, W, L_stored, 7)
         layers = maps.canonical.shape[0]
-        gt_canon, gt_alpha = gt[:, :, :layers, 0:3], gt[:, :, :layers, 6] > 0  # (H, W, L, 3), (H, W, L)
+        gt_canon, gt_alpha = gt[:, :, :layers, CANONICAL], hits(gt[:, :, :layers])  # (H, W, L, 3), (H, W, L)
         bbox = np.stack([gt_canon[gt_alpha].min(0), gt_canon[gt_alpha].max(0)])
         image = render["rgb"] if "rgb" in render else render_mask(render)
         tiles.append(image[..., :3] if image.ndim == 3 else image)

@@ -15,6 +15,7 @@ from dualpm.errors import DatasetError
 from dualpm.fileio import atomic_output
 from dualpm.store import StoredSample, check_shard, column_dir, load_manifest, read_shard, verify_store
 from dualpm.viz import canonical_to_rgb, depth_to_rgb, image_grid
+from dualpm.pointmaps import CANONICAL, POSED_Z, hits
 
 
 @click.command()
@@ -69,11 +70,11 @@ def find_sample(out: Path, column: str, sample_id: str) -> StoredSample:
 def sample_sheet(fields: Mapping[str, Any], title: str) -> Image.Image:
     """Picture of one render sample: RGB and mask, then canonical xyz colours and posed depth per layer."""
     dpm = fields["dpm"]  # (H, W, L, 7) float32
-    hit = dpm[..., 6] > 0  # (H, W, L)
+    hit = hits(dpm)  # (H, W, L)
     used = max(1, int(hit.any(axis=(0, 1)).nonzero()[0].max(initial=0)) + 1)  # layers up to the last hit
-    points = dpm[..., :3][hit]  # (N, 3) every hit of every layer: one colour box for all layers
+    points = dpm[..., CANONICAL][hit]  # (N, 3) every hit of every layer: one colour box for all layers
     bbox = np.stack([points.min(0), points.max(0)]) if len(points) else None
-    depth = dpm[..., 5]
+    depth = dpm[..., POSED_Z]
     limits = (float(depth[hit].min()), float(depth[hit].max())) if hit.any() else None
     columns = max(used, 2)
     blank = np.full(dpm.shape[:2], 255, np.uint8)

@@ -68,6 +68,7 @@ from dualpm.store import (
 )
 from dualpm.store.encoding import rgb8
 from dualpm.store.shards import PreparedSample, prepare_sample
+from dualpm.pointmaps import hits
 from pipeline.cluster import ClusterInfo, concurrent_tasks, ray_session
 from pipeline.runner import (
     Stage,
@@ -271,7 +272,7 @@ def _sample_fields(
         return clip.problem
     if not np.isfinite(dpm).all():
         return "non-finite values in the rendered dual point map (degenerate pose or mesh)"
-    coverage = dpm[:, :, 0, 6] > 0  # (H, W) layer-1 hits
+    coverage = hits(dpm[:, :, 0])  # (H, W) layer-1 hits
     if not coverage.any():
         return clip.uncovered()
     fields: dict[str, Any] = {"dpm": dpm}

@@ -10,7 +10,7 @@ import trimesh
 from dualpm.camera import projection_from_focal
 from dualpm.data.augment import mirror_left_right, mirror_prediction
 from dualpm.errors import ConfigError
-from dualpm.loss import split_target
+from dualpm.pointmaps import to_channel_first
 from dualpm.model import Prediction
 from dualpm.render import render_dual_pointmaps
 
@@ -81,9 +81,9 @@ def test_mirror_prediction_undoes_the_mirror_of_the_maps():
     target = torch.randn(2, 6, 5, 3, 7, generator=gen)
     features, mask = torch.zeros(2, 1, 6, 5), torch.ones(2, 6, 5)
     _, mirrored, _ = mirror_left_right(features, target, mask, torch.tensor([True, True]), 2)
-    maps = split_target(mirrored)
+    maps = to_channel_first(mirrored)
     logits, confidence = torch.randn(2, 3, 6, 5, generator=gen), torch.rand(2, 3, 6, 5, generator=gen) + 1
     back = mirror_prediction(Prediction(maps.canonical, maps.posed, logits, confidence), 2)
-    original = split_target(target)
+    original = to_channel_first(target)
     assert torch.equal(back.canonical, original.canonical) and torch.equal(back.posed, original.posed)
     assert torch.equal(back.occupancy_logit, logits.flip(-1)) and torch.equal(back.confidence, confidence.flip(-1))

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from dualpm.errors import ConfigError, DatasetError
-from dualpm.loss import LossConfig, TargetMaps, dualpm_loss, dualpm_metrics, merge_target, split_target
+from dualpm.loss import LossConfig, dualpm_loss, dualpm_metrics
+from dualpm.pointmaps import DualMaps, to_channel_first, to_channel_last
 from dualpm.model import DualPMNet, ModelConfig, Prediction, UNetConfig
 
 LN2, LN3 = math.log(2.0), math.log(3.0)
@@ -29,7 +30,7 @@ def hand_case() -> tuple[Prediction, torch.Tensor, torch.Tensor]:
     target[0, 0, :, :, 3:6] = torch.tensor([[1.0, 2.0, 3.0], [-1.0, 0.0, 0.5], [0.0, 0.0, 0.0]])[:, None]
     target[0, 0, :, 0, 6] = torch.tensor([1.0, 1.0, 0.0])
     target[0, 0, :, 1, 6] = torch.tensor([1.0, 0.0, 0.0])
-    maps = split_target(target)
+    maps = to_channel_first(target)
 
     canonical = maps.canonical.clone()  # (1, 2, 3, 1, 3)
     canonical[0, 0, :, 0, 0] += torch.tensor([1.0, 0.0, 0.0])
@@ -103,7 +104,7 @@ def test_euclidean_gradient_is_finite_at_zero_error():
 
 def test_perfect_prediction_with_unit_confidence_is_zero():
     pred, target, mask = hand_case()
-    maps = split_target(target)
+    maps = to_channel_first(target)
     perfect = Prediction(maps.canonical, maps.posed, pred.occupancy_logit, torch.ones_like(pred.confidence))
     terms = dualpm_loss(perfect, target, mask)
     assert terms.canonical.item() == 0.0 and terms.posed.item() == 0.0
@@ -145,7 +146,7 @@ def test_metrics_known_case():
     target = torch.zeros(1, 1, 4, 2, 7)
     target[0, 0, :, 0, 6] = torch.tensor([1.0, 1.0, 0.0, 0.0])
     target[0, 0, :2, 0, 0:3] = 1.0
-    maps = split_target(target)
+    maps = to_channel_first(target)
     canonical, posed = maps.canonical.clone(), maps.posed.clone()
     canonical[0, 0, :, 0, 0] += torch.tensor([3.0, 4.0, 0.0])  # distance 5
     canonical[0, 0, :, 0, 1] += torch.tensor([0.0, 0.0, 1.0])  # distance 1
@@ -169,17 +170,17 @@ def test_metrics_known_case():
 def test_split_merge_round_trip():
     gen = torch.Generator().manual_seed(0)
     target = torch.randn(2, 5, 6, 3, 7, generator=gen)
-    maps = split_target(target)
+    maps = to_channel_first(target)
     assert maps.canonical.shape == (2, 3, 3, 5, 6) and maps.alpha.shape == (2, 3, 5, 6)
     assert torch.equal(maps.posed[1, 2, :, 4, 5], target[1, 4, 5, 2, 3:6])
-    assert torch.equal(merge_target(maps), target)
-    first = split_target(target, num_layers=2)
-    assert torch.equal(merge_target(first), target[:, :, :, :2])
-    assert isinstance(first, TargetMaps)
+    assert torch.equal(to_channel_last(maps), target)
+    first = to_channel_first(target, num_layers=2)
+    assert torch.equal(to_channel_last(first), target[:, :, :, :2])
+    assert isinstance(first, DualMaps)
     with pytest.raises(ConfigError, match="4 layers requested"):
-        split_target(target, num_layers=4)
+        to_channel_first(target, num_layers=4)
     with pytest.raises(DatasetError, match=r"\(B, H, W, L, 7\)"):
-        split_target(target[..., :6])
+        to_channel_first(target[..., :6])
 
 
 def test_shape_mismatch_errors():

@@ -48,6 +48,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from dualpm.errors import DatasetError
 from dualpm.masks import INSIDE, resize_mask
 from dualpm.store import ColumnInfo, Manifest, StoredSample, load_manifest, read_shard
+from dualpm.pointmaps import ALPHA
 
 RENDER = "render"
 FEATURES = "features"
@@ -303,11 +304,11 @@ def decode_sample(
     target = torch.from_numpy(dpm)
     if "mask" in fields:
         stored = fields["mask"]  # (h, w) float32 in [0, 1] (`dualpm.masks.decode_mask`)
-        if not (stored > INSIDE).any() and bool(target[:, :, 0, 6].any()):
+        if not (stored > INSIDE).any() and bool(target[:, :, 0, ALPHA].any()):
             raise DatasetError(f"{where}: the stored mask is empty but the dual point map has hits")
         mask = resize_mask(stored, resolution)
     else:
-        mask = target[:, :, 0, 6].clone()
+        mask = target[:, :, 0, ALPHA].clone()
     feats = torch.from_numpy(feature_array(features, where)).float()  # (C, h, w)
     if tuple(feats.shape[1:]) != resolution:
         feats = F.interpolate(feats[None], size=resolution, mode="bilinear", align_corners=False)[0]

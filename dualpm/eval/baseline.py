@@ -16,6 +16,7 @@ import numpy as np
 
 from dualpm.errors import DatasetError
 from dualpm.store import check_shard, column_dir, load_manifest, read_shard
+from dualpm.pointmaps import POINTS, hits
 
 FREQUENCY_THRESHOLD = 0.5
 
@@ -83,9 +84,9 @@ def fit_constant_baseline(
             if "dpm" not in fields:
                 raise DatasetError(f"{folder}: shard {plan.index} sample {sample_id!r} has no 'dpm' field")
             dpm = nearest_resample(fields["dpm"], resolution)[:, :, :layers]
-            occupied = dpm[..., 6] > 0.5  # (H, W, l) with l <= layers stored
+            occupied = hits(dpm)  # (H, W, l) with l <= layers stored
             stored = dpm.shape[2]
-            sums[:, :, :stored] += np.where(occupied[..., None], dpm[..., :6], 0.0)
+            sums[:, :, :stored] += np.where(occupied[..., None], dpm[..., POINTS], 0.0)
             counts[:, :, :stored] += occupied
             samples += 1
     if samples == 0:

@@ -47,6 +47,7 @@ from dualpm.eval.skeleton import bind_positions, joint_errors, load_skeleton_jso
 from dualpm.gltf import SkinnedMesh, load_skinned_mesh
 from dualpm.skinning import joint_matrices, read_pose_file, skin
 from dualpm.store import check_shard, column_dir, load_manifest, read_shard
+from dualpm.pointmaps import POSED, hits
 
 DIRECTIONS = ("pred_to_gt", "gt_to_pred", "sym")
 
@@ -86,7 +87,7 @@ class GroundTruth:
 
     def layer_points(self) -> np.ndarray:
         """(N, 3) ground-truth posed points of every stored layer."""
-        return self.dpm[..., 3:6][self.dpm[..., 6] > 0.5]
+        return self.dpm[..., POSED][hits(self.dpm)]
 
 
 class GroundTruthReader:
@@ -213,7 +214,7 @@ def map_metrics(
     dpm = nearest_resample(gt.dpm, (h, w))
     layers = min(num_layers, dpm.shape[2])
     truth = dpm[:, :, :layers]  # (H, W, l, 7)
-    gt_alpha = truth[..., 6] > 0.5
+    gt_alpha = hits(truth)
     valid = np.moveaxis(keep[:layers], 0, -1) & gt_alpha  # (H, W, l): correspondence known
     out: dict[str, float] = {}
     for name, pred, channels in (("canonical", canonical, slice(0, 3)), ("posed", posed, slice(3, 6))):

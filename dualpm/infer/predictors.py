@@ -21,11 +21,11 @@ from dualpm.features import FeatureBasis, FeatureSpec, build_extractor, check_ba
 from dualpm.features.column import VOLATILE
 from dualpm.infer import InferError
 from dualpm.infer.batches import Batch
-from dualpm.loss import split_target
 from dualpm.model import DualPMNet, Prediction
 from dualpm.predictions import FLOAT16_MAX, PredictedMaps
 from dualpm.train.checkpoint import FEATURE_BASIS, find_checkpoint
 from dualpm.train.config import Config, config_from_dict
+from dualpm.pointmaps import to_channel_first
 
 # Features column config keys that say where or how fast features were computed, not what they are:
 # those that may differ between runs of one column, the store's schema version, and the basis file's
@@ -80,7 +80,7 @@ class OraclePredictor:
         self.rng = np.random.default_rng(seed)
 
     def __call__(self, batch: Batch) -> PredictedMaps:
-        maps = split_target(batch.target)  # canonical/posed (B, L, 3, H, W), alpha (B, L, H, W)
+        maps = to_channel_first(batch.target)  # canonical/posed (B, L, 3, H, W), alpha (B, L, H, W)
         canonical, posed = maps.canonical.numpy(), maps.posed.numpy()
         if self.noise > 0:
             canonical = canonical + self.noise * self.rng.standard_normal(canonical.shape, dtype=np.float32)

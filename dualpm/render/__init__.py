@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from dualpm.errors import BackendUnavailable
+from dualpm.pointmaps import ALPHA, POSED_Z
 
 log = logging.getLogger(__name__)
 
@@ -197,5 +198,5 @@ def render_dual_pointmaps(
     out = render_layers(canonical, posed, faces, view, projection, resolution, num_layers, backend, workers)
     # "subtract depth": camera z translation removed from posed z where a surface was hit
     depth = view[:, 2, 3].to(out.device, out.dtype)  # (B,)
-    out[..., 5] -= depth[:, None, None, None] * out[..., 6]
+    out[..., POSED_Z] -= depth[:, None, None, None] * out[..., ALPHA]
     return out

@@ -28,6 +28,7 @@ from PIL import Image
 
 from dualpm.errors import DatasetError
 from dualpm.images import image_array, open_image, rgb_array
+from dualpm.pointmaps import ALPHA, CHANNELS, POINTS
 
 PRECISIONS = ("float16", "float32")
 MAX_LAYERS = 255  # hit counts are uint8
@@ -59,21 +60,21 @@ def sparse_dual_pointmap(dpm: np.ndarray, dtype: str = "float16") -> tuple[np.nd
     """
     if dtype not in PRECISIONS:
         raise EncodingError(f"dual point map precision must be one of {PRECISIONS}, got {dtype!r}")
-    if not isinstance(dpm, np.ndarray) or dpm.ndim != 4 or dpm.shape[3] != 7 or dpm.dtype.kind != "f":
+    if not isinstance(dpm, np.ndarray) or dpm.ndim != 4 or dpm.shape[3] != CHANNELS or dpm.dtype.kind != "f":
         shape = getattr(dpm, "shape", None)
         raise EncodingError(f"dual point map must be a float (H, W, L, 7) numpy array, got {shape}")
     h, w, layers, _ = dpm.shape
     if not (h > 0 and w > 0 and 0 < layers <= MAX_LAYERS):
         raise EncodingError(f"dual point map shape {dpm.shape} out of range (L <= {MAX_LAYERS})")
-    flat = dpm.reshape(h * w, layers, 7)
-    counts = np.count_nonzero(flat[:, :, 6], axis=1).astype(np.uint8)  # (H*W,)
+    flat = dpm.reshape(h * w, layers, CHANNELS)
+    counts = np.count_nonzero(flat[:, :, ALPHA], axis=1).astype(np.uint8)  # (H*W,)
     hit = np.arange(layers)[None, :] < counts[:, None]  # (H*W, L): the layer prefix the counts imply
-    if not np.array_equal(hit, flat[:, :, 6] == 1.0):
+    if not np.array_equal(hit, flat[:, :, ALPHA] == 1.0):
         raise EncodingError(
             "dual point map alpha must be 0 or 1, and a layer hit implies all layers in front hit"
         )
     layer, pixel = hit_order(counts, layers)
-    values = flat[pixel, layer, :6]  # (M, 6)
+    values = flat[pixel, layer, POINTS]  # (M, 6)
     # Everything non-zero must be a hit's value or alpha, else the sparse form would not give `dpm` back.
     if np.count_nonzero(flat) != np.count_nonzero(values) + len(pixel):
         raise EncodingError("dual point map has non-zero values where alpha is 0")
@@ -106,10 +107,10 @@ def dense_dual_pointmap(counts: np.ndarray, values: np.ndarray, layers: int) -> 
         raise EncodingError("dual point map values are not all finite")
     h, w = counts.shape
     layer, pixel = hit_order(counts, layers)
-    out = np.zeros((h * w, layers, 7), np.float32)
-    out[pixel, layer, :6] = values
-    out[pixel, layer, 6] = 1.0
-    return out.reshape(h, w, layers, 7)
+    out = np.zeros((h * w, layers, CHANNELS), np.float32)
+    out[pixel, layer, POINTS] = values
+    out[pixel, layer, ALPHA] = 1.0
+    return out.reshape(h, w, layers, CHANNELS)
 
 
 def dpm_npz(counts: np.ndarray, values: np.ndarray, layers: int) -> bytes:
@@ -150,7 +151,7 @@ def baseline_npz_bytes(dpm: np.ndarray) -> int:
     Args:
         dpm: (H, W, L, 7) float array, CPU (as for `sparse_dual_pointmap`).
     """
-    index = np.argwhere(dpm[..., 6] != 0)  # (N, 3) row, col, layer
+    index = np.argwhere(dpm[..., ALPHA] != 0)  # (N, 3) row, col, layer
     index_dtype = np.uint8 if max(dpm.shape[:3]) < 255 else np.uint16
     buffer = io.BytesIO()
     np.savez(
