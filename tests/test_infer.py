@@ -170,6 +170,24 @@ def test_image_folder_reports_missing_mask_and_unreadable_file_and_processes_the
                                                  "--masks", masks, "--out", tmp_path / "none", exit_code=1)
 
 
+def test_image_folder_takes_ids_in_any_script_as_every_command_does(setup, tmp_path):
+    """One id rule (dualpm.store.manifest): a unicode id with a dot is predicted; a leading '_' is refused."""
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    first, second = setup.ds.ids[:2]
+    for new_id, old_id in [("füchs.ü1", first), ("_hidden", second)]:
+        shutil.copy(setup.src / "renders" / f"{old_id}_rgb.png", images / f"{new_id}.png")
+        shutil.copy(setup.src / "masks" / f"{old_id}_mask.png", masks / f"{new_id}.png")
+    pred = tmp_path / "pred"
+    output = run(infer_main, "--checkpoint", setup.checkpoint, "--images", images, "--masks", masks, "--out", pred,
+                 "--no-ply", "--no-sheets")
+    assert "1 samples predicted, 1 failed (_hidden)" in output
+    assert open_predictions(pred).ids == ["füchs.ü1"]
+    reason = json.loads((pred / "failures.jsonl").read_text())["reason"]
+    assert "not usable as a sample id (letters and digits of any script" in reason
+
+
 def _predict_val(setup, out: Path) -> Path:
     run(infer_main, "--checkpoint", setup.checkpoint, "--data", setup.out, "--out", out, "--no-ply", "--no-sheets")
     return out

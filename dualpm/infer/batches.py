@@ -7,7 +7,6 @@ batch ahead in a background thread (`prefetch`).
 from __future__ import annotations
 
 import itertools
-import re
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,9 +24,9 @@ from dualpm.images import load_image, stack_images
 from dualpm.infer import InferError
 from dualpm.masks import INSIDE, read_mask, resize_mask
 from dualpm.store import StoredSample
+from dualpm.store.manifest import SAMPLE_ID_RE, SAMPLE_ID_RULE
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
-STEM_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # usable as a folder name; no path separators
 T = TypeVar("T")
 
 
@@ -120,9 +119,9 @@ def pair_images(images_dir: Path, masks_dir: Path) -> tuple[list[tuple[str, Path
     pairs, failures = [], []
     for sample_id, paths in sorted(images.items()):
         where = {"id": sample_id, "image": str(paths[0])}
-        if not STEM_RE.match(sample_id):
+        if not SAMPLE_ID_RE.match(sample_id):  # the one id rule of every command (dualpm.store.manifest)
             failures.append(where | {"reason": f"{paths[0].name}: the file name is not usable as a sample id "
-                                               "(letters, digits, '.', '_' and '-' only)"})
+                                               f"({SAMPLE_ID_RULE})"})
         elif len(paths) > 1:
             failures.append(where | {"reason": f"several images for one id: {', '.join(p.name for p in paths)}"})
         elif sample_id not in masks:
