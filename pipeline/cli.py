@@ -15,8 +15,8 @@ COMMANDS = {
     "synth": "pipeline.synth.command:synth",
     "render": "pipeline.render_stage:render",
     "features": "pipeline.features_stage:features",
-    "verify": "pipeline.inspect:verify",
-    "show": "pipeline.inspect:show",
+    "verify": "pipeline.store_commands:verify",
+    "show": "pipeline.store_commands:show",
 }
 
 

@@ -115,8 +115,8 @@ def run_stage(name: str, command: list[str], paths: Paths, state: dict[str, Any]
     save_state(paths, state)
 
 
-def resolve_config(out: Path, train_config: Path, sd_model: str | None, dino_model: str | None,
-                   **settings: Any) -> DemoConfig:
+def demo_config_from_options(out: Path, train_config: Path, sd_model: str | None, dino_model: str | None,
+                             **settings: Any) -> DemoConfig:
     """The demo's settings; sd-dino features exactly when both weight folders are configured."""
     if bool(sd_model) != bool(dino_model):
         missing = "--dino-model (DUALPM_DINO_MODEL)" if sd_model else "--sd-model (DUALPM_SD_MODEL)"
@@ -159,9 +159,9 @@ def main(out: Path, train_config: Path, samples: int, models: int, image_size: i
          dry_run: bool) -> None:
     """Run the whole DualPM pipeline on a small synthetic dataset and write a report (about 10 minutes
     on 2 CPU cores). Reruns reuse finished stages."""
-    config = resolve_config(out.resolve(), train_config.resolve(), sd_model, dino_model, samples=samples,
-                            models=models, image_size=image_size, faces=faces, resolution=resolution,
-                            layers=layers, seed=seed, device=device)
+    config = demo_config_from_options(out.resolve(), train_config.resolve(), sd_model, dino_model, samples=samples,
+                                      models=models, image_size=image_size, faces=faces, resolution=resolution,
+                                      layers=layers, seed=seed, device=device)
     paths = Paths(Path(config.out))
     commands = stage_commands(config)
     show_and_save_config(dataclasses.asdict(config), None, "demo config")

@@ -28,7 +28,7 @@ from dualpm.store import load_manifest  # noqa: E402
 from dualpm.viz import canonical_to_rgb, image_grid  # noqa: E402
 from dualpm.pointmaps import CANONICAL, hits
 from pipeline.demo_config import LEARNING_BAR, DemoConfig, Paths  # noqa: E402
-from pipeline.inspect import find_sample  # noqa: E402
+from pipeline.store_commands import find_sample  # noqa: E402
 
 SHEET_SAMPLES = 6
 

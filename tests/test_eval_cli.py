@@ -44,7 +44,7 @@ from dualpm.skinning import read_pose_file, skin
 from dualpm.store import load_manifest
 from dualpm.train import config_from_dict, train
 from pipeline.cli import main as prep_main
-from pipeline.inspect import find_sample
+from pipeline.store_commands import find_sample
 
 RESOLUTION, LAYERS = 32, 3
 

@@ -22,7 +22,7 @@ RES = 32
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory, ray_local):
     """A webdataset store of 6 samples in 3 shards (sample 000004 failed: camera looking away)."""
-    root = tmp_path_factory.mktemp("inspect")
+    root = tmp_path_factory.mktemp("store_commands")
     ds = make_source_dataset(root / "src", num_samples=6, bad={sample_id(3): "camera_away"})
     out = root / "out"
     args = [str(ds.root), str(out), "--resolution", str(RES), "--layers", "4", "--shard-size", "2",

@@ -13,9 +13,9 @@ from PIL import Image
 from dualpm.cliutils import handles_user_errors
 from dualpm.errors import DatasetError
 from dualpm.fileio import atomic_output
+from dualpm.pointmaps import CANONICAL, POSED_Z, hits
 from dualpm.store import StoredSample, check_shard, column_dir, load_manifest, read_shard, verify_store
 from dualpm.viz import canonical_to_rgb, depth_to_rgb, image_grid
-from dualpm.pointmaps import CANONICAL, POSED_Z, hits
 
 
 @click.command()
