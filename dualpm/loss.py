@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from dualpm.errors import ConfigError, DatasetError
-from dualpm.model.dualpm import Prediction
+from dualpm.model.dualpm import NetworkOutput
 from dualpm.pointmaps import DualMaps, to_channel_first
 
 
@@ -56,7 +56,7 @@ class LossConfig:
             raise ConfigError(f"LossConfig.distance must be one of {DISTANCES}, got {self.distance!r}")
 
 
-def _check(pred: Prediction, maps: DualMaps, mask: torch.Tensor) -> None:
+def _check(pred: NetworkOutput, maps: DualMaps, mask: torch.Tensor) -> None:
     b, num_layers, _, h, w = pred.canonical.shape
     tb, tl, th, tw = maps.alpha.shape
     if maps.canonical.shape != pred.canonical.shape:
@@ -97,7 +97,7 @@ def _distance(diff: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 def dualpm_loss(
-    pred: Prediction, target: torch.Tensor, mask: torch.Tensor, config: LossConfig = LossConfig()
+    pred: NetworkOutput, target: torch.Tensor, mask: torch.Tensor, config: LossConfig = LossConfig()
 ) -> LossTerms:
     """DualPM loss (see the module docstring for exactly how it averages).
 
@@ -126,7 +126,7 @@ def dualpm_loss(
 
 @torch.no_grad()
 def dualpm_metrics(
-    pred: Prediction,
+    pred: NetworkOutput,
     target: torch.Tensor,
     mask: torch.Tensor,
     occupancy_threshold: float = 0.5,

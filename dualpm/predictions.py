@@ -1,6 +1,6 @@
 """The predictions store: what `dualpm-infer` writes and `dualpm-eval` (and the demo report) read.
 
-    OUT/predictions.zarr    every prediction, dense (`PredictionStore` writes it, `open_predictions` reads it)
+    OUT/predictions.zarr    every prediction, dense (`PredictionsWriter` writes it, `open_predictions` reads it)
     OUT/samples/<id>/       per-sample files of dualpm-infer (PLYs, sheet, skeleton.json)
 
 Kept points follow the reference rule (`keep_mask`): sigmoid(occupancy) > 0.5, inside the mask,
@@ -84,7 +84,7 @@ def kept_points(maps: PredictedMaps, keep: np.ndarray) -> tuple[np.ndarray, np.n
     return canonical.astype(np.float32), posed.astype(np.float32)
 
 
-class PredictionStore:
+class PredictionsWriter:
     """Writer of `predictions.zarr` (Zarr v3), one batch at a time.
 
     Arrays (N samples, L layers, H x W pixels; one chunk per sample, zstd):
@@ -124,7 +124,7 @@ class PredictionStore:
 
 
 @dataclass
-class Predictions:
+class PredictionsReader:
     """An opened `predictions.zarr` (see `open_predictions`)."""
 
     path: Path
@@ -140,7 +140,7 @@ class Predictions:
         return PredictedMaps(**{name: self.arrays[name][index] for name in MAP_NAMES})
 
 
-def open_predictions(path: str | Path) -> Predictions:
+def open_predictions(path: str | Path) -> PredictionsReader:
     """Open the predictions written by `dualpm-infer` (the OUT folder or its `predictions.zarr`)."""
     path = Path(path)
     store_path = path if path.name == PREDICTIONS or (path / "zarr.json").exists() else path / PREDICTIONS
@@ -157,4 +157,4 @@ def open_predictions(path: str | Path) -> Predictions:
         raise PredictionsError(f"{store_path}: unreadable predictions store ({err})") from err
     if any(a.shape[0] != len(ids) for a in arrays.values()):
         raise PredictionsError(f"{store_path}: arrays and ids disagree on the number of samples")
-    return Predictions(store_path, ids, attrs, arrays)
+    return PredictionsReader(store_path, ids, attrs, arrays)

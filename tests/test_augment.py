@@ -11,7 +11,7 @@ from dualpm.camera import projection_from_focal
 from dualpm.data.augment import mirror_left_right, mirror_prediction
 from dualpm.errors import ConfigError
 from dualpm.pointmaps import to_channel_first
-from dualpm.model import Prediction
+from dualpm.model import NetworkOutput
 from dualpm.render import render_dual_pointmaps
 
 SIZE = (40, 48)  # (H, W)
@@ -83,7 +83,7 @@ def test_mirror_prediction_undoes_the_mirror_of_the_maps():
     _, mirrored, _ = mirror_left_right(features, target, mask, torch.tensor([True, True]), 2)
     maps = to_channel_first(mirrored)
     logits, confidence = torch.randn(2, 3, 6, 5, generator=gen), torch.rand(2, 3, 6, 5, generator=gen) + 1
-    back = mirror_prediction(Prediction(maps.canonical, maps.posed, logits, confidence), 2)
+    back = mirror_prediction(NetworkOutput(maps.canonical, maps.posed, logits, confidence), 2)
     original = to_channel_first(target)
     assert torch.equal(back.canonical, original.canonical) and torch.equal(back.posed, original.posed)
     assert torch.equal(back.occupancy_logit, logits.flip(-1)) and torch.equal(back.confidence, confidence.flip(-1))

@@ -10,14 +10,14 @@ from scipy.spatial.transform import Rotation
 from dualpm.eval import (
     EvalError,
     chamfer,
-    chamfer_unit_cube,
+    unit_cube_chamfer,
     icp,
     kabsch_umeyama,
     masked_point_error,
-    normalise_to_unit_cube,
+    to_unit_cube,
     occupancy_iou,
     sample_surface,
-    unit_cube_normalisation,
+    unit_cube_transform,
 )
 
 
@@ -95,19 +95,19 @@ def test_chamfer_empty_and_invalid_inputs():
 def test_unit_cube_normalisation_of_a_box_of_known_size():
     corners = np.array([[x, y, z] for x in (0, 2) for y in (0, 4) for z in (0, 1)], dtype=np.float64)
     target = corners + np.array([0.0, 0.0, 2.5])  # box 2 x 4 x 1 centred at (1, 2, 3)
-    centre, scale = unit_cube_normalisation(target)
+    centre, scale = unit_cube_transform(target)
     np.testing.assert_array_equal(centre, [1.0, 2.0, 3.0])
     assert scale == 0.25
     pred = target + np.array([0.4, 0.0, 0.0])
-    pred_n, target_n = normalise_to_unit_cube(pred, target)
+    pred_n, target_n = to_unit_cube(pred, target)
     np.testing.assert_array_equal(target_n.min(axis=0), [-0.25, -0.5, -0.125])
     np.testing.assert_array_equal(target_n.max(axis=0), [0.25, 0.5, 0.125])
-    scaled = chamfer_unit_cube(pred, target)
+    scaled = unit_cube_chamfer(pred, target)
     assert scaled.symmetric == pytest.approx(0.4 * 0.25, abs=1e-12)
     unscaled = chamfer(pred, target).scaled(scale)
     assert scaled.pred_to_target == pytest.approx(unscaled.pred_to_target, abs=1e-12)
     with pytest.raises(EvalError, match="coincide"):
-        unit_cube_normalisation(np.ones((5, 3)))
+        unit_cube_transform(np.ones((5, 3)))
 
 
 # ---------------------------------------------------------------- per-layer metrics

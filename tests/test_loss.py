@@ -10,12 +10,12 @@ import torch
 from dualpm.errors import ConfigError, DatasetError
 from dualpm.loss import LossConfig, dualpm_loss, dualpm_metrics
 from dualpm.pointmaps import DualMaps, to_channel_first, to_channel_last
-from dualpm.model import DualPMNet, ModelConfig, Prediction, UNetConfig
+from dualpm.model import DualPMNet, ModelConfig, NetworkOutput, UNetConfig
 
 LN2, LN3 = math.log(2.0), math.log(3.0)
 
 
-def hand_case() -> tuple[Prediction, torch.Tensor, torch.Tensor]:
+def hand_case() -> tuple[NetworkOutput, torch.Tensor, torch.Tensor]:
     """B=1, H=1, W=3 pixels, L=2 layers.
 
     GT alpha  layer 1: [1, 1, 0]   layer 2: [1, 0, 0]   mask: [1, 1, 0]
@@ -45,7 +45,7 @@ def hand_case() -> tuple[Prediction, torch.Tensor, torch.Tensor]:
     confidence = torch.tensor([[[[2.0, 4.0, 50.0]], [[1.0, 50.0, 50.0]]]])  # (1, 2, 1, 3)
     logits = torch.tensor([[[[0.0, LN3, 50.0]], [[0.0, -LN3, 50.0]]]])
     mask = torch.tensor([[[1.0, 1.0, 0.0]]])
-    return Prediction(canonical, posed, logits, confidence), target, mask
+    return NetworkOutput(canonical, posed, logits, confidence), target, mask
 
 
 def test_hand_computed_loss():
@@ -94,7 +94,7 @@ def test_euclidean_gradient_is_finite_at_zero_error():
     # and the exact point gets no pull.
     pred, target, mask = hand_case()
     posed = pred.posed.clone().requires_grad_(True)
-    pred = Prediction(pred.canonical, posed, pred.occupancy_logit, pred.confidence)
+    pred = NetworkOutput(pred.canonical, posed, pred.occupancy_logit, pred.confidence)
     dualpm_loss(pred, target, mask, LossConfig(distance="euclidean")).total.backward()
     assert torch.isfinite(posed.grad).all()
     assert posed.grad[0, 0, :, 0, 0].abs().max() == 0
@@ -105,7 +105,7 @@ def test_euclidean_gradient_is_finite_at_zero_error():
 def test_perfect_prediction_with_unit_confidence_is_zero():
     pred, target, mask = hand_case()
     maps = to_channel_first(target)
-    perfect = Prediction(maps.canonical, maps.posed, pred.occupancy_logit, torch.ones_like(pred.confidence))
+    perfect = NetworkOutput(maps.canonical, maps.posed, pred.occupancy_logit, torch.ones_like(pred.confidence))
     terms = dualpm_loss(perfect, target, mask)
     assert terms.canonical.item() == 0.0 and terms.posed.item() == 0.0
 
@@ -117,7 +117,7 @@ def test_confidence_gradient_direction():
     canonical = torch.zeros(1, 1, 3, 1, 2)
     canonical[0, 0, 0, 0] = torch.tensor([0.01, 2.0])
     confidence = torch.full((1, 1, 1, 2), 2.0, requires_grad=True)
-    pred = Prediction(canonical, canonical.clone(), torch.zeros(1, 1, 1, 2), confidence)
+    pred = NetworkOutput(canonical, canonical.clone(), torch.zeros(1, 1, 1, 2), confidence)
     dualpm_loss(pred, target, torch.ones(1, 1, 2)).total.backward()
     grad = confidence.grad[0, 0, 0]
     # d total / d c_i = 0.5 * 2 * (e_i - 1/c) / N with N = 2 occupied points.
@@ -155,7 +155,7 @@ def test_metrics_known_case():
     logits = torch.full((1, 2, 1, 4), -5.0)
     logits[0, 0, 0] = torch.tensor([5.0, -5.0, 5.0, 5.0])  # sigmoid(5) = .993, sigmoid(-5) = .007
     mask = torch.tensor([[[1.0, 1.0, 1.0, 0.0]]])
-    pred = Prediction(canonical, posed, logits, torch.full((1, 2, 1, 4), 2.0))
+    pred = NetworkOutput(canonical, posed, logits, torch.full((1, 2, 1, 4), 2.0))
     m = dualpm_metrics(pred, target, mask)
     assert m["iou/l1"] == pytest.approx(1 / 3)  # intersection {0}, union {0, 1, 2}
     assert m["iou/l2"] == 1.0  # both empty

@@ -14,7 +14,7 @@ from dualpm.predictions import (
     STORE_KEY,
     PredictedMaps,
     PredictionsError,
-    PredictionStore,
+    PredictionsWriter,
     keep_mask,
     kept_points,
     open_predictions,
@@ -64,7 +64,7 @@ def test_kept_points_are_float32_layer_by_layer_in_raster_order():
 
 def test_store_round_trip_in_batches(tmp_path):
     first, second = maps_of(2, 3, 5, 4, seed=1), maps_of(1, 3, 5, 4, seed=2)
-    store = PredictionStore(tmp_path / PREDICTIONS, layers=3, resolution=(5, 4))
+    store = PredictionsWriter(tmp_path / PREDICTIONS, layers=3, resolution=(5, 4))
     store.append(["a", "b"], first)
     store.append(["c"], second)
     store.finish({"mode": "oracle", "occupancy_threshold": 0.5})
@@ -83,7 +83,7 @@ def test_store_round_trip_in_batches(tmp_path):
 def test_missing_or_foreign_stores_are_refused_by_name(tmp_path):
     with pytest.raises(PredictionsError, match=f"no {PREDICTIONS} here"):
         open_predictions(tmp_path)
-    store = PredictionStore(tmp_path / PREDICTIONS, layers=1, resolution=(2, 2))
+    store = PredictionsWriter(tmp_path / PREDICTIONS, layers=1, resolution=(2, 2))
     store.append(["a"], maps_of(1, 1, 2, 2))
     store.finish({})
     meta = tmp_path / PREDICTIONS / "zarr.json"

@@ -30,11 +30,11 @@ from dualpm.store.shards import (
     ShardWriter,
     check_shard,
     data_path,
-    key_sample,
+    sample_id_from_key,
     read_shard,
     remove_shard,
     remove_temporaries,
-    sample_key,
+    wds_key,
     shard_files,
     shard_status,
 )
@@ -136,8 +136,8 @@ def test_round_trip_with_odd_ids(tmp_path, format):
 def test_webdataset_keys_escape_dots_and_standard_readers_decode_every_field(tmp_path):
     _, column = make_store(tmp_path, ODD_IDS, format="webdataset")
     _, samples = write_shard(tmp_path, column, ShardPlan(0, "train", tuple(ODD_IDS)))
-    assert [sample_key(i) for i in ("a.b", "x-y_z.1", "a%b")] == ["a%2Eb", "x-y_z%2E1", "a%25b"]
-    assert all(key_sample(sample_key(i)) == i for i in ODD_IDS + ["a%b.c%2E"])
+    assert [wds_key(i) for i in ("a.b", "x-y_z.1", "a%b")] == ["a%2Eb", "x-y_z%2E1", "a%25b"]
+    assert all(sample_id_from_key(wds_key(i)) == i for i in ODD_IDS + ["a%b.c%2E"])
     with tarfile.open(data_path(tmp_path / "col", 0)) as tar:
         names = tar.getnames()
     assert names[:5] == ["000001.dpm.npz", "000001.feat.npy", "000001.mask.png", "000001.meta.json",
@@ -147,7 +147,7 @@ def test_webdataset_keys_escape_dots_and_standard_readers_decode_every_field(tmp
     dataset = webdataset.WebDataset(str(data_path(tmp_path / "col", 0)), shardshuffle=False).decode("rgb8")
     seen = []
     for sample in dataset:
-        sample_id = key_sample(sample["__key__"])
+        sample_id = sample_id_from_key(sample["__key__"])
         seen.append(sample_id)
         expected = samples[sample_id]
         counts, values = sparse_dual_pointmap(expected["dpm"])

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from dualpm.errors import ConfigError
-from dualpm.model.dualpm import Prediction
+from dualpm.model.dualpm import NetworkOutput
 
 def _point_signs(canonical_axis: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(3,) signs that mirror canonical xyz (the lateral axis negated) and posed xyz (camera x negated)."""
@@ -51,7 +51,7 @@ def mirror_left_right(
     return features, target, mask
 
 
-def mirror_prediction(pred: Prediction, canonical_axis: int) -> Prediction:
+def mirror_prediction(pred: NetworkOutput, canonical_axis: int) -> NetworkOutput:
     """The prediction for the mirrored image, mirrored back: what it says about the original image.
 
     Args:
@@ -59,7 +59,7 @@ def mirror_prediction(pred: Prediction, canonical_axis: int) -> Prediction:
             logits, confidence (B, L, H, W)); canonical_axis: as for `mirror_left_right`.
     """
     canonical, posed = _point_signs(canonical_axis, pred.posed)
-    return Prediction(
+    return NetworkOutput(
         canonical=pred.canonical.flip(-1) * canonical[:, None, None],  # (B, L, 3, H, W) * (3, 1, 1)
         posed=pred.posed.flip(-1) * posed[:, None, None],
         occupancy_logit=pred.occupancy_logit.flip(-1),

@@ -58,7 +58,7 @@ from dualpm.eval.metrics import EvalError
 from dualpm.eval.pair import ICP_ITERATIONS, PROTOCOL_NAMES, PROTOCOLS, animodel_sampling_options, pair
 from dualpm.eval.targets import FRAMES, TargetMeshes, load_target, to_frame
 from dualpm.fileio import atomic_write_json, atomic_write_text
-from dualpm.predictions import SAMPLES, Predictions, keep_mask, open_predictions
+from dualpm.predictions import SAMPLES, PredictionsReader, keep_mask, open_predictions
 
 RATIO_KEY = "chamfer_ratio_model_over_baseline"
 RATIO_METRIC = "unit_chamfer_layers_sym"
@@ -176,7 +176,7 @@ def metrics_csv(ids: list[str], model_rows: list[dict[str, float]], baseline_row
 
 
 def evaluate_store(
-    pred: Predictions, reader: GroundTruthReader, options: EvalOptions, baseline: ConstantBaseline | None,
+    pred: PredictionsReader, reader: GroundTruthReader, options: EvalOptions, baseline: ConstantBaseline | None,
     skeletons: bool,
 ) -> tuple[list[dict[str, float]], list[dict[str, float]] | None, dict[str, list[tuple[float, float]]], list[str]]:
     """Evaluate every sample of `pred`: (model rows, baseline rows or None, per-joint errors, notes), rows in
@@ -231,7 +231,7 @@ def _score_clouds(sample_id: str, clouds: list[np.ndarray], vertices: np.ndarray
 
 
 def animodel_store(
-    pred: Predictions, options: EvalOptions, animodel: AnimodelOptions, frame: str, yaw: float,
+    pred: PredictionsReader, options: EvalOptions, animodel: AnimodelOptions, frame: str, yaw: float,
     reader: GroundTruthReader | None, targets: TargetMeshes | None, baseline: ConstantBaseline | None,
     workers: int = 1,
 ) -> tuple[list[str], list[dict[str, float]], list[dict[str, float]] | None, list[str]]:

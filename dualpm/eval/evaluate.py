@@ -41,7 +41,7 @@ from dualpm.eval.metrics import (
     masked_point_error,
     occupancy_iou,
     sample_surface,
-    unit_cube_normalisation,
+    unit_cube_transform,
 )
 from dualpm.eval.skeleton import bind_positions, joint_errors, load_skeleton_json
 from dualpm.gltf import SkinnedMesh, load_skinned_mesh
@@ -184,7 +184,7 @@ class GroundTruthReader:
 
 def chamfer_metrics(name: str, pred: np.ndarray, target: np.ndarray, options: EvalOptions) -> dict[str, float]:
     """`chamfer_<name>_*`, `unit_chamfer_<name>_*` and (with ICP) `icp_...` of pred (N, 3) to target (M, 3)."""
-    _, scale = unit_cube_normalisation(target)
+    _, scale = unit_cube_transform(target)
     results = {"": chamfer(pred, target)}
     if options.icp:
         if len(pred):

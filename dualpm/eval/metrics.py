@@ -78,7 +78,7 @@ def chamfer(pred: ArrayLike, target: ArrayLike) -> ChamferResult:
     return ChamferResult(pred_to_target, target_to_pred, 0.5 * (pred_to_target + target_to_pred))
 
 
-def unit_cube_normalisation(target: ArrayLike) -> tuple[np.ndarray, float]:
+def unit_cube_transform(target: ArrayLike) -> tuple[np.ndarray, float]:
     """Centre and scale that fit `target` into a unit cube: `(p - centre) * scale` lies in [-0.5, 0.5]^3.
 
     Args:
@@ -97,18 +97,18 @@ def unit_cube_normalisation(target: ArrayLike) -> tuple[np.ndarray, float]:
     return 0.5 * (low + high), 1.0 / longest
 
 
-def normalise_to_unit_cube(
+def to_unit_cube(
     pred: ArrayLike, target: ArrayLike
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Apply the target's `unit_cube_normalisation` to both clouds; returns (pred (N,3), target (M,3))."""
+    """Apply the target's `unit_cube_transform` to both clouds; returns (pred (N,3), target (M,3))."""
     pred, target = as_points("prediction", pred), as_points("target", target)
-    centre, scale = unit_cube_normalisation(target)
+    centre, scale = unit_cube_transform(target)
     return (pred - centre) * scale, (target - centre) * scale
 
 
-def chamfer_unit_cube(pred: ArrayLike, target: ArrayLike) -> ChamferResult:
+def unit_cube_chamfer(pred: ArrayLike, target: ArrayLike) -> ChamferResult:
     """`chamfer` after scaling both clouds so the target fits a unit cube (Animodel's "scaled" numbers)."""
-    return chamfer(*normalise_to_unit_cube(pred, target))
+    return chamfer(*to_unit_cube(pred, target))
 
 
 def _as_mask(alpha: ArrayLike) -> np.ndarray:

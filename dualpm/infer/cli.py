@@ -6,7 +6,7 @@
 
 Outputs, in OUT:
 
-    predictions.zarr/               every prediction, dense (what dualpm-eval reads; see `PredictionStore`)
+    predictions.zarr/               every prediction, dense (what dualpm-eval reads; see `PredictionsWriter`)
     samples/<id>/canonical.ply      kept points in canonical space, coloured by their canonical xyz
     samples/<id>/posed.ply          the same points posed (camera space, depth subtracted), same colours
     samples/<id>/sheet.png          input, mask, then per layer: canonical colours, depth, confidence
@@ -63,7 +63,7 @@ from dualpm.predictions import (
     PREDICTIONS,
     SAMPLES,
     PredictedMaps,
-    PredictionStore,
+    PredictionsWriter,
 )
 from dualpm.store import load_manifest
 from dualpm.train.checkpoint import load_checkpoint
@@ -237,7 +237,7 @@ def main(checkpoint: Path | None, oracle: bool, oracle_noise: float, data: Path 
     start = time.perf_counter()
     done = 0
     with atomic_directory(out / PREDICTIONS, overwrite=True) as tmp:
-        store = PredictionStore(tmp, layers, resolution)
+        store = PredictionsWriter(tmp, layers, resolution)
         with tqdm(total=total, desc="infer", unit="sample", dynamic_ncols=True) as bar:
             for inputs in batches:
                 maps = predictor(inputs)

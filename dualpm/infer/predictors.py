@@ -21,7 +21,7 @@ from dualpm.features import FeatureBasis, FeatureSpec, build_extractor, check_ba
 from dualpm.features.column import VOLATILE
 from dualpm.infer import InferError
 from dualpm.infer.batches import Batch
-from dualpm.model import DualPMNet, Prediction
+from dualpm.model import DualPMNet, NetworkOutput
 from dualpm.predictions import FLOAT16_MAX, PredictedMaps
 from dualpm.train.checkpoint import FEATURE_BASIS, find_checkpoint
 from dualpm.train.config import Config, config_from_dict
@@ -46,7 +46,7 @@ class ModelPredictor:
         self.model, self.device, self.bf16 = model.to(device).eval(), device, bf16
         self.mirror_axis = mirror_axis
 
-    def _forward(self, feats: torch.Tensor) -> Prediction:
+    def _forward(self, feats: torch.Tensor) -> NetworkOutput:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             return self.model(feats)
 

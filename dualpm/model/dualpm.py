@@ -41,7 +41,7 @@ class ModelConfig:
 
 
 @dataclass
-class Prediction:
+class NetworkOutput:
     """Network output, all float32 on the model's device, channel-first.
 
     canonical: (B, L, 3, H, W) canonical (rest-pose) xyz, scene units.
@@ -69,13 +69,13 @@ class DualPMNet(nn.Module):
         self.stage1 = UNet(config.in_channels, 3, config.unet)
         self.stage2 = UNet(config.in_channels + 3, 5 + 8 * (num_layers - 1), config.unet)
 
-    def forward(self, features: torch.Tensor) -> Prediction:
+    def forward(self, features: torch.Tensor) -> NetworkOutput:
         """Predict dual point maps.
 
         Args:
             features: (B, C, H, W) float feature image (C = config.in_channels), any device, any H, W.
         Returns:
-            `Prediction`, float32 tensors of spatial size H x W (also under autocast).
+            `NetworkOutput`, float32 tensors of spatial size H x W (also under autocast).
         """
         if features.ndim != 4 or features.shape[1] != self.config.in_channels:
             raise ConfigError(
@@ -88,7 +88,7 @@ class DualPMNet(nn.Module):
         out = self.stage2(torch.cat([features, canon1.detach().to(features.dtype)], dim=1)).float()
         canon1 = canon1.float()
         rest = out[:, 5:].reshape(b, num_layers - 1, 8, h, w)  # layers 2..L, 8 channels each
-        return Prediction(
+        return NetworkOutput(
             canonical=torch.cat([canon1[:, None], rest[:, :, 0:3]], dim=1),
             posed=torch.cat([out[:, None, 0:3], rest[:, :, 3:6]], dim=1),
             occupancy_logit=torch.cat([out[:, 3:4], rest[:, :, 6]], dim=1),

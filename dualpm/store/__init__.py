@@ -53,7 +53,7 @@ from dualpm.store.shards import (
     read_shard,
     remove_shard,
     remove_temporaries,
-    sample_key,
+    wds_key,
     shard_digest,
     shard_files,
     shard_status,
@@ -67,7 +67,7 @@ __all__ = [
     "ShardWriter", "StoredSample", "baseline_npz_bytes", "check_sample_id", "check_shard", "column_dir",
     "data_path", "decode_png", "dense_dual_pointmap", "load_manifest", "plan_shards", "png_bytes",
     "publish_layout", "read_record", "read_records", "read_shard", "remove_shard", "remove_temporaries",
-    "sample_key",
+    "wds_key",
     "save_manifest", "shard_digest", "shard_files", "shard_status", "sparse_dual_pointmap", "verify_store",
     "write_failures", "write_record",
 ]

@@ -4,7 +4,7 @@ A sample is a sample id plus named fields of the kinds in `fields.py` (a column'
 `read_shard` gives every consumer the same decoded fields whatever the container (docs/format.md):
 
 * WebDataset, `OUT/<column>/shard-000042.tar` (streaming): members `<key>.<field>.<ext>` in sample order,
-  key = the sample id with '%' and '.' percent-escaped (`sample_key`), written with `webdataset.TarWriter`
+  key = the sample id with '%' and '.' percent-escaped (`wds_key`), written with `webdataset.TarWriter`
   under a temporary name and renamed. Readers refuse member names that are not `<valid key>.<field>.<ext>`
   (absolute, "/", "..").
 * Zarr, the column's typed arrays (`zarr_layout.py`): plan shard k is the Zarr shard files
@@ -61,14 +61,14 @@ _KEY_ESCAPES = {"%": "%25", ".": "%2E"}
 _KEY_RE = re.compile(r"%(25|2E)")
 
 
-def sample_key(sample_id: str) -> str:
+def wds_key(sample_id: str) -> str:
     """The WebDataset key of a sample id: '%' -> '%25', '.' -> '%2E' (WebDataset cuts names at the first
     dot)."""
     return "".join(_KEY_ESCAPES.get(c, c) for c in sample_id)
 
 
-def key_sample(key: str) -> str:
-    """The sample id of a WebDataset key (inverse of `sample_key`)."""
+def sample_id_from_key(key: str) -> str:
+    """The sample id of a WebDataset key (inverse of `wds_key`)."""
     return _KEY_RE.sub(lambda m: "%" if m.group(1) == "25" else ".", key)
 
 
@@ -227,7 +227,7 @@ class ShardWriter:
         prepared = fields.values
         self._claim(sample_id)
         if self._tar is not None:
-            key = sample_key(sample_id)
+            key = wds_key(sample_id)
             members = {f"{n}.{EXTENSIONS[self.fields[n].kind]}": v for n, v in sorted(prepared.items())}
             self._tar.write({"__key__": key} | members)
         else:
@@ -426,8 +426,8 @@ def _split_member(member: tarfile.TarInfo, path: Path) -> tuple[str, str, str]:
     unsafe = name.startswith(("/", "\\")) or "/" in name or "\\" in name or ".." in name
     if unsafe or not member.isfile() or not NAME_RE.match(field) or ext not in set(EXTENSIONS.values()):
         raise DatasetError(f"{path}: refusing tar member {name!r} (expected a file '<key>.<field>.<ext>')")
-    sample_id = key_sample(key)
-    if sample_key(sample_id) != key:
+    sample_id = sample_id_from_key(key)
+    if wds_key(sample_id) != key:
         raise DatasetError(f"{path}: tar member {name!r}: key {key!r} is not an escaped sample id")
     check_sample_id(sample_id, f"{path}: tar member {name!r}")
     return sample_id, field, ext

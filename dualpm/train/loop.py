@@ -295,7 +295,7 @@ class _Trainer:
         feats, target, mask = self._inputs(batch, augment=True)
         with self._autocast():
             pred = self.model(feats)
-        terms = dualpm_loss(pred, target, mask, self.config.loss)  # float32 Prediction: outside autocast
+        terms = dualpm_loss(pred, target, mask, self.config.loss)  # float32 NetworkOutput: outside autocast
         self.optimizer.zero_grad(set_to_none=True)
         terms.total.backward()
         local = torch.stack([terms.total, terms.canonical, terms.posed, terms.occupancy]).detach()
