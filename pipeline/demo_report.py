@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 
 from dualpm.cliutils import describe_machine  # noqa: E402
 from dualpm.errors import DatasetError  # noqa: E402
-from dualpm.eval.cli import RATIO_KEY  # noqa: E402
+from dualpm.eval.summary import RATIO_KEY  # noqa: E402
 from dualpm.fileio import atomic_output, atomic_write_text  # noqa: E402
 from dualpm.predictions import keep_mask, open_predictions  # noqa: E402
 from dualpm.store import load_manifest  # noqa: E402

@@ -13,7 +13,7 @@ import yaml
 from click.testing import CliRunner
 from PIL import Image
 
-from dualpm.eval.cli import RATIO_KEY
+from dualpm.eval.summary import RATIO_KEY
 from pipeline.demo import main
 from pipeline.demo_config import DEFAULT_CONFIG, LEARNING_BAR, STATE_NAME
 

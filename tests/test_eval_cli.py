@@ -31,7 +31,7 @@ from PIL import Image
 from dualpm.camera import view_from_camera_pose
 from dualpm.data.source import Layout, SourceDataset
 from dualpm.eval.baseline import fit_constant_baseline
-from dualpm.eval.cli import RATIO_KEY
+from dualpm.eval.summary import RATIO_KEY
 from dualpm.eval.cli import main as eval_main
 from dualpm.gltf import SkinnedMesh, load_skinned_mesh, save_skinned_mesh
 from dualpm.infer.cli import main as infer_main

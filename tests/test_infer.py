@@ -26,7 +26,7 @@ from datagen import cli_output as run
 from datagen import make_source_dataset, sample_id
 from dualpm.data.reader import ShardStream, open_dataset
 from dualpm.errors import ConfigError
-from dualpm.eval.cli import RATIO_KEY
+from dualpm.eval.summary import RATIO_KEY
 from dualpm.eval.cli import main as eval_main
 from dualpm.features import FeatureSpec, build_extractor, extract, fit_basis
 from dualpm.features.dino import write_random_dinov2

@@ -17,304 +17,43 @@ Protocols (every summary and table names the one that produced it):
 
 Outputs (in --out, default the predictions folder), each written atomically:
     metrics.csv     one row per sample: every metric of the model (and `baseline_...` with --baseline)
-    summary.json    "protocol", means over samples (see `summary_json`); "chamfer_ratio_model_over_baseline"
+    summary.json    "protocol", means over samples (`dualpm.eval.summary`); "chamfer_ratio_model_over_baseline"
     summary.md      the markdown table printed at the end
     eval.config.yaml
-See `dualpm.eval.evaluate` (dualpm) and `dualpm.eval.animodel` (animodel) for the metrics.
+A protocol is a `dualpm.eval.protocols.Protocol`; `dualpm.eval.evaluate` (dualpm) and `dualpm.eval.animodel`
+(animodel) hold their metrics.
 """
 
 from __future__ import annotations
 
-import collections
-import csv
 import dataclasses
-import io
-import math
-import multiprocessing
 import os
 import time
-import zlib
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import click
 import numpy as np
-import trimesh
-from tqdm import tqdm
 
 from dualpm.cliutils import handles_user_errors, show_and_save_config
 from dualpm.errors import ConfigError
-from dualpm.eval.animodel import AnimodelOptions, score
-from dualpm.eval.baseline import ConstantBaseline, fit_constant_baseline
-from dualpm.eval.evaluate import (
-    EvalOptions,
-    GroundTruthReader,
-    evaluate_prediction,
-    mean_metrics,
-    skeleton_metrics,
-)
-from dualpm.eval.metrics import EvalError
-from dualpm.eval.pair import ICP_ITERATIONS, PROTOCOL_NAMES, PROTOCOLS, animodel_sampling_options, pair
-from dualpm.eval.targets import FRAMES, TargetMeshes, load_target, to_frame
+from dualpm.eval.animodel import AnimodelOptions
+from dualpm.eval.baseline import fit_constant_baseline
+from dualpm.eval.evaluate import EvalOptions, mean_metrics
+from dualpm.eval.pair import animodel_sampling_options, pair
+from dualpm.eval.protocols import PROTOCOLS, StoreJob
+from dualpm.eval.summary import RATIO_KEY, markdown_table, metrics_csv, summary_json
+from dualpm.eval.targets import FRAMES
 from dualpm.fileio import atomic_write_json, atomic_write_text
-from dualpm.predictions import SAMPLES, PredictionsReader, keep_mask, open_predictions
+from dualpm.predictions import open_predictions
 
-RATIO_KEY = "chamfer_ratio_model_over_baseline"
-RATIO_METRIC = "unit_chamfer_layers_sym"
-RATIO_METRICS = {"dualpm": RATIO_METRIC, "animodel": "animodel_unit_chamfer_sym"}
-RATIO_DEFINITIONS = {
-    "dualpm": (f"mean {RATIO_METRIC} of the model / that of the constant baseline: symmetric Chamfer distance "
-               "from the kept posed points to the ground-truth points of all rendered layers, target scaled "
-               "to a unit cube, no ICP; lower is better, null without --baseline"),
-    "animodel": ("mean animodel_unit_chamfer_sym of the model / that of the constant baseline: the Animodel "
-                 "protocol's bidirectional Chamfer distance, unit cube; lower is better, null without --baseline"),
-}
-RATIO_SURFACE_KEY = "chamfer_ratio_model_over_baseline_surface"
-# Rows of the markdown table: (metric key, label). Absent keys (no surface, no ICP, ...) are left out.
-TABLE = [
-    ("unit_chamfer_layers_sym", "Chamfer sym., GT layers, unit cube"),
-    ("unit_chamfer_layers_pred_to_gt", "Chamfer pred->GT, GT layers, unit cube"),
-    ("unit_chamfer_layers_gt_to_pred", "Chamfer GT->pred, GT layers, unit cube"),
-    ("chamfer_layers_sym", "Chamfer sym., GT layers, scene units"),
-    ("unit_chamfer_surface_sym", "Chamfer sym., GT surface, unit cube"),
-    ("unit_chamfer_surface_pred_to_gt", "Chamfer pred->GT, GT surface, unit cube"),
-    ("unit_chamfer_surface_gt_to_pred", "Chamfer GT->pred, GT surface, unit cube"),
-    ("chamfer_surface_sym", "Chamfer sym., GT surface, scene units"),
-    ("icp_unit_chamfer_layers_sym", "ICP + Chamfer sym., GT layers, unit cube"),
-    ("icp_unit_chamfer_surface_sym", "ICP + Chamfer sym., GT surface, unit cube"),
-    ("animodel_unit_chamfer_sym", "Animodel Chamfer bidir., unit cube"),
-    ("animodel_unit_chamfer_pred_to_gt", "Animodel Chamfer reconstruction->target, unit cube"),
-    ("animodel_unit_chamfer_gt_to_pred", "Animodel Chamfer target->reconstruction, unit cube"),
-    ("animodel_chamfer_sym", "Animodel Chamfer bidir., target units"),
-    ("animodel_volume_scale", "Animodel volume rescale factor"),
-    ("animodel_flipped", "fraction kept flipped (180 degrees about Y)"),
-    ("animodel_enclosed", "fraction of clouds meshed closed"),
-    ("canonical_error", "canonical error (known pixels), scene units"),
-    ("posed_error", "posed error (known pixels), scene units"),
-    ("skeleton_rotation_deg", "skeleton rotation error, degrees"),
-    ("skeleton_position_error", "skeleton joint position error, scene units"),
-    ("points", "kept points per sample"),
-]
-
-
-def _finite(value: float) -> float | None:
-    return value if isinstance(value, float) and math.isfinite(value) else None
-
-
-def _ratio(model: dict[str, float], baseline: dict[str, float] | None, key: str) -> float | None:
-    if baseline is None or key not in model or key not in baseline:
-        return None
-    m, b = model[key], baseline[key]
-    return _finite(m / b) if b > 0 and math.isfinite(b) else None
-
-
-def summary_json(
-    model: dict[str, float], baseline: dict[str, float] | None, per_joint: dict[str, dict[str, float]],
-    notes: list[str], info: dict[str, Any], protocol: str = "dualpm",
-) -> dict[str, Any]:
-    """The summary: the protocol and the ratio first, then means over samples (NaN and inf written as null,
-    see notes)."""
-    return {
-        "protocol": protocol,
-        "protocol_definition": PROTOCOL_NAMES[protocol],
-        RATIO_KEY: _ratio(model, baseline, RATIO_METRICS[protocol]),
-        "ratio_definition": RATIO_DEFINITIONS[protocol],
-        RATIO_SURFACE_KEY: _ratio(model, baseline, "unit_chamfer_surface_sym") if protocol == "dualpm" else None,
-        **info,
-        "model": {k: _finite(v) for k, v in model.items()},
-        "baseline": None if baseline is None else {k: _finite(v) for k, v in baseline.items()},
-        "skeleton_per_joint": per_joint,
-        "notes": notes,
-    }
-
-
-def _cell(value: float | None) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    return "inf" if math.isinf(value) else f"{value:.4g}"
-
-
-def markdown_table(summary: dict[str, Any], layers: int) -> str:
-    model, baseline = summary["model"], summary["baseline"]
-    columns = ["metric", "model"] + (["baseline"] if baseline is not None else [])
-    lines = [
-        f"# DualPM evaluation, protocol {summary['protocol']}: {summary['samples']} samples of {summary['data']}",
-        "",
-        f"Protocol: {summary['protocol_definition']}.",
-        "",
-        "| " + " | ".join(columns) + " |",
-        "|---|" + "---:|" * (len(columns) - 1),
-    ]
-    rows = TABLE + [(f"iou_l{k}", f"occupancy IoU, layer {k}") for k in range(1, layers + 1)]
-    for key, label in rows:
-        if key in model:
-            cells = [label, _cell(model[key])] + ([_cell(baseline.get(key))] if baseline is not None else [])
-            lines.append("| " + " | ".join(cells) + " |")
-    ratio = summary[RATIO_KEY]
-    if baseline is not None:
-        what = ("symmetric unit-cube Chamfer to the GT layers" if summary["protocol"] == "dualpm"
-                else "Animodel bidirectional unit-cube Chamfer")
-        lines += ["", f"{RATIO_KEY} = {_cell(ratio)} (model / baseline, {what}; lower is better)"]
-    if summary["notes"]:
-        lines += ["", "Notes:"] + [f"- {note}" for note in summary["notes"]]
-    return "\n".join(lines) + "\n"
-
-
-def metrics_csv(ids: list[str], model_rows: list[dict[str, float]], baseline_rows: list[dict[str, float]] | None) -> str:
-    keys = list(dict.fromkeys(k for row in model_rows for k in row))
-    header = ["id"] + keys + ([f"baseline_{k}" for k in keys] if baseline_rows is not None else [])
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    for i, sample_id in enumerate(ids):
-        row = [sample_id] + [repr(model_rows[i].get(k, math.nan)) for k in keys]
-        if baseline_rows is not None:
-            row += [repr(baseline_rows[i].get(k, math.nan)) for k in keys]
-        writer.writerow(row)
-    return buffer.getvalue()
-
-
-def evaluate_store(
-    pred: PredictionsReader, reader: GroundTruthReader, options: EvalOptions, baseline: ConstantBaseline | None,
-    skeletons: bool,
-) -> tuple[list[dict[str, float]], list[dict[str, float]] | None, dict[str, list[tuple[float, float]]], list[str]]:
-    """Evaluate every sample of `pred`: (model rows, baseline rows or None, per-joint errors, notes), rows in
-    the order of `pred.ids`."""
-    index = {sid: i for i, sid in enumerate(pred.ids)}
-    model_rows: list[dict[str, float]] = [{} for _ in pred.ids]
-    baseline_rows = None if baseline is None else [{} for _ in pred.ids]
-    per_joint: dict[str, list[tuple[float, float]]] = {}
-    notes: list[str] = [reader.source_note] if reader.source_note else []
-    for gt in tqdm(reader.read(pred.ids), total=len(pred), desc="eval", unit="sample", dynamic_ncols=True):
-        i = index[gt.sample_id]
-        maps = pred.sample(i)
-        keep = keep_mask(maps, options.occupancy_threshold, options.confidence_threshold)
-        occupied = (maps.occupancy.astype(np.float32) > options.occupancy_threshold) & (maps.mask[None] > 0)
-        model_rows[i] = evaluate_prediction(maps.canonical, maps.posed, keep, occupied, gt, options)
-        if gt.note and gt.note != reader.source_note:
-            notes.append(gt.note)
-        if skeletons and gt.joints is not None:
-            path = pred.path.parent / SAMPLES / gt.sample_id / "skeleton.json"
-            if not path.exists():
-                notes.append(f"{gt.sample_id}: no skeleton.json (the fit failed at inference)")
-            else:
-                row, joints = skeleton_metrics(path, gt)
-                model_rows[i].update(row)
-                for name, errors in joints.items():
-                    per_joint.setdefault(name, []).append(errors)
-        if baseline is not None:
-            canonical, posed, base_keep = baseline.predict(maps.mask)
-            baseline_rows[i] = evaluate_prediction(canonical, posed, base_keep, base_keep, gt, options)
-    return model_rows, baseline_rows, per_joint, notes
-
-
-def _cloud(canonical: np.ndarray, posed: np.ndarray, keep: np.ndarray, view: np.ndarray | None, frame: str,
-           yaw: float) -> np.ndarray:
-    """(N, 3) float64 kept posed points of one prediction ((L, 3, H, W) maps, (L, H, W) keep) in `frame`."""
-    points = np.moveaxis(posed, -3, -1)[keep].astype(np.float64)  # (L, H, W, 3)[keep] -> (N, 3)
-    return to_frame(frame, points, np.moveaxis(canonical, -3, -1)[keep].astype(np.float64), view, yaw)
-
-
-def _score_clouds(sample_id: str, clouds: list[np.ndarray], vertices: np.ndarray, faces: np.ndarray,
-                  options: AnimodelOptions) -> list[dict[str, float]]:
-    """`animodel_*` metrics of each cloud against one target mesh (runs in a worker process)."""
-    target = trimesh.Trimesh(vertices, faces, process=False)
-    rows = []
-    for cloud in clouds:
-        try:
-            metrics = score(cloud, target, options).metrics()
-        except EvalError as err:
-            raise EvalError(f"sample {sample_id!r}: {err}") from err
-        rows.append({"points": float(len(cloud)), **{f"animodel_{k}": v for k, v in metrics.items()}})
-    return rows
-
-
-def animodel_store(
-    pred: PredictionsReader, options: EvalOptions, animodel: AnimodelOptions, frame: str, yaw: float,
-    reader: GroundTruthReader | None, targets: TargetMeshes | None, baseline: ConstantBaseline | None,
-    workers: int = 1,
-) -> tuple[list[str], list[dict[str, float]], list[dict[str, float]] | None, list[str]]:
-    """The Animodel protocol over a predictions store: (ids, model rows, baseline rows or None, notes).
-
-    Targets come from `reader` (a prepared dataset: the posed mesh in its world frame, the sample's camera)
-    or from `targets` (an Animodel-layout folder, matched by id). Each sample's samples are seeded with
-    `animodel.seed` + crc32(id), so a sample's numbers do not depend on the others, nor on `workers`
-    (processes scoring samples at once; 1: in this process).
-    """
-    index = {sid: i for i, sid in enumerate(pred.ids)}
-    notes: list[str] = []
-
-    def job(sample_id: str, target: trimesh.Trimesh, view: np.ndarray | None) -> tuple:
-        maps = pred.sample(index[sample_id])
-        keep = keep_mask(maps, options.occupancy_threshold, options.confidence_threshold)
-        clouds = [_cloud(maps.canonical, maps.posed, keep, view, frame, yaw)]
-        if baseline is not None:
-            clouds.append(_cloud(*baseline.predict(maps.mask), view, frame, yaw))
-        seeded = dataclasses.replace(animodel, seed=animodel.seed + zlib.crc32(sample_id.encode()))
-        return sample_id, clouds, np.asarray(target.vertices), np.asarray(target.faces), seeded
-
-    if targets is not None:
-        ids, no_target, no_prediction = targets.match(pred.ids)
-        if no_target:
-            notes.append(f"{len(no_target)} predictions have no target mesh in {targets.folder} and are not "
-                         f"scored: {', '.join(no_target[:5])}")
-        if no_prediction:
-            notes.append(f"{len(no_prediction)} target meshes have no prediction (missing from every mean): "
-                         f"{', '.join(no_prediction[:5])}")
-        if not ids:
-            raise EvalError(f"{targets.folder}: no target mesh matches a prediction id ({', '.join(pred.ids[:3])}...)")
-        pairs = ((sid, load_target(targets.paths[sid]), None) for sid in ids)
-    else:
-        ids = list(pred.ids)
-        pairs = ((gt.sample_id, None if gt.world_vertices is None else
-                  trimesh.Trimesh(gt.world_vertices, gt.faces, process=False), gt.view, gt.note)
-                 for gt in reader.read(ids))
-        pairs = _with_notes(pairs, notes)
-    jobs = (job(*pair) for pair in pairs if pair[1] is not None)
-    scored: dict[str, list[dict[str, float]]] = {}
-    with tqdm(total=len(ids), desc="eval animodel", unit="sample", dynamic_ncols=True) as bar:
-        for sample_id, rows in _run_jobs(jobs, workers):
-            scored[sample_id] = rows
-            bar.update(1)
-    model_rows = [scored[i][0] if i in scored else {} for i in ids]
-    baseline_rows = None if baseline is None else [scored[i][1] if i in scored else {} for i in ids]
-    return ids, model_rows, baseline_rows, notes
-
-
-def _run_jobs(jobs, workers: int):
-    """Yield (sample id, rows) of `_score_clouds(*job)` for every job, in order; `workers` > 1 scores that
-    many samples at once in spawned processes (a fresh interpreter each: no fork of a threaded parent),
-    with at most 2 x `workers` samples' clouds in memory."""
-    if workers <= 1:
-        for args in jobs:
-            yield args[0], _score_clouds(*args)
-        return
-    pending: collections.deque = collections.deque()
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for args in jobs:
-            pending.append((args[0], pool.submit(_score_clouds, *args)))
-            if len(pending) >= 2 * workers:
-                sample_id, future = pending.popleft()
-                yield sample_id, future.result()
-        while pending:
-            sample_id, future = pending.popleft()
-            yield sample_id, future.result()
-
-
-def _with_notes(pairs, notes: list[str]):
-    # Samples of a prepared dataset whose source mesh is unreachable: recorded, left out of the means.
-    for sample_id, target, view, note in pairs:
-        if target is None:
-            notes.append(note or f"{sample_id}: no ground-truth mesh")
-        yield sample_id, target, view
+HEADLINES = ", ".join(f"{p.name}: {p.headline}" for p in PROTOCOLS.values())
 
 
 @click.group(invoke_without_command=True,
              context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("--pred", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Output folder of dualpm-infer (holding predictions.zarr). Required without a subcommand.")
-@click.option("--protocol", type=click.Choice(PROTOCOLS), default="dualpm",
+@click.option("--protocol", "protocol_name", type=click.Choice(list(PROTOCOLS)), default="dualpm",
               help="dualpm: our learning check (GT layers and surface, camera space). animodel: the Animodel "
                    "benchmark's protocol, comparable with published numbers (see the module docstring).")
 @click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
@@ -336,8 +75,7 @@ def _with_notes(pairs, notes: list[str]):
 @click.option("--baseline", is_flag=True,
               help="Also evaluate the constant predictor (per-pixel mean of the training targets) on the same "
                    f"samples; summary.json then holds {RATIO_KEY} = model / baseline mean of the protocol's "
-                   f"headline metric (dualpm: {RATIO_METRIC}, symmetric Chamfer to the GT points of all rendered "
-                   "layers, unit cube, no ICP; animodel: animodel_unit_chamfer_sym; lower is better).")
+                   f"headline metric ({HEADLINES}; lower is better).")
 @click.option("--baseline-split", type=str, default="train", help="Split the baseline is averaged over.")
 @click.option("--icp", is_flag=True, help="dualpm: also measure after rigid ICP alignment (with the 180-degree flip).")
 @click.option("--icp-iterations", type=click.IntRange(1, 1000), default=None,
@@ -355,7 +93,7 @@ def _with_notes(pairs, notes: list[str]):
 @click.option("--dry-run", is_flag=True, help="Print the resolved config and the sample count; write nothing.")
 @click.pass_context
 @handles_user_errors
-def main(ctx: click.Context, pred: Path | None, protocol: str, data: Path | None, targets: Path | None,
+def main(ctx: click.Context, pred: Path | None, protocol_name: str, data: Path | None, targets: Path | None,
          frame: str, yaw: float, source: Path | None, out: Path | None, baseline: bool, baseline_split: str,
          icp: bool, icp_iterations: int | None, surface_points: int, align_points: int, chamfer_points: int,
          min_cubes: int, workers: int | None,
@@ -374,10 +112,12 @@ def main(ctx: click.Context, pred: Path | None, protocol: str, data: Path | None
     `dualpm-eval pair PRED TARGET` scores one reconstruction file against one target mesh."""
     if ctx.invoked_subcommand is not None:
         return
+    protocol = PROTOCOLS[protocol_name]
     if pred is None:
         raise ConfigError("give --pred PRED (a dualpm-infer output folder), or a subcommand (pair)")
-    if targets is not None and protocol != "animodel":
-        raise ConfigError("--targets gives target meshes for --protocol animodel only")
+    if targets is not None and not protocol.mesh_targets:
+        with_targets = " or ".join(p.name for p in PROTOCOLS.values() if p.mesh_targets)
+        raise ConfigError(f"--targets gives target meshes for --protocol {with_targets} only")
     if targets is not None and frame == "world":
         raise ConfigError("--frame world needs each sample's camera (a prepared dataset, --data); "
                           "Animodel-layout targets have none: use --frame canonical (the default) or camera")
@@ -390,7 +130,7 @@ def main(ctx: click.Context, pred: Path | None, protocol: str, data: Path | None
                               "ground truth" + (" (the baseline is fitted on it)" if targets is not None else
                                                  ", or --protocol animodel --targets DIR"))
         data = Path(attrs["data"])
-    iterations = icp_iterations or ICP_ITERATIONS[protocol]
+    iterations = icp_iterations or protocol.icp_iterations
     options = EvalOptions(
         occupancy_threshold=attrs["occupancy_threshold"] if occupancy_threshold is None else occupancy_threshold,
         confidence_threshold=attrs["confidence_threshold"] if confidence_threshold is None else confidence_threshold,
@@ -400,24 +140,22 @@ def main(ctx: click.Context, pred: Path | None, protocol: str, data: Path | None
                                chamfer_points=chamfer_points, min_cubes=min_cubes, seed=seed)
     out = pred if out is None else out
     layers = int(predictions.arrays["canonical"].shape[1])
+    job = StoreJob(predictions=predictions, options=options, animodel=animodel, data=data, source=source,
+                   targets=targets, frame=frame, yaw=yaw, workers=workers or min(16, os.cpu_count() or 1),
+                   baseline=None)
     config = {
-        "pred": str(predictions.path), "protocol": protocol, "data": str(data) if data else None,
+        "pred": str(predictions.path), "protocol": protocol.name, "data": str(data) if data else None,
         "targets": str(targets) if targets else None, "source": str(source) if source else None,
         "out": str(out), "samples": len(predictions), "layers": layers, "baseline": baseline,
         "baseline_split": baseline_split if baseline else None, "icp_iterations": iterations,
         "occupancy_threshold": options.occupancy_threshold,
         "confidence_threshold": options.confidence_threshold, "seed": seed,
-        "prediction_mode": attrs.get("mode"),
+        "prediction_mode": attrs.get("mode"), **protocol.store_config(job),
     }
-    if protocol == "dualpm":
-        config.update({"icp": icp, "surface_points": surface_points, "skeleton": bool(attrs.get("skeleton"))})
-    else:
-        workers = workers or min(16, os.cpu_count() or 1)
-        config.update({"frame": frame, "yaw": yaw, "align_points": align_points, "chamfer_points": chamfer_points,
-                       "min_cubes": min_cubes, "workers": workers})
     if dry_run:
         show_and_save_config(config, None, "evaluation config (dry run)")
-        click.echo(f"{len(predictions)} samples would be evaluated ({protocol} protocol) against {targets or data}")
+        click.echo(f"{len(predictions)} samples would be evaluated ({protocol.name} protocol) against "
+                   f"{targets or data}")
         return
     out.mkdir(parents=True, exist_ok=True)
     show_and_save_config(config, out / "eval.config.yaml", "evaluation config")
@@ -427,42 +165,32 @@ def main(ctx: click.Context, pred: Path | None, protocol: str, data: Path | None
         constant = fit_constant_baseline(data, layers, resolution, baseline_split)
         click.echo(f"baseline: mean of {constant.samples} {baseline_split!r} samples")
     start = time.perf_counter()
-    joints: dict[str, list[tuple[float, float]]] = {}
-    ids = predictions.ids
-    if protocol == "dualpm":
-        reader = GroundTruthReader(data, source, surface_points, seed)
-        model_rows, baseline_rows, joints, notes = evaluate_store(
-            predictions, reader, options, constant, bool(attrs.get("skeleton")))
-    else:
-        reader = None if targets is not None else GroundTruthReader(data, source, 0, seed, world_mesh=True)
-        if reader is not None and reader.source is None:
-            raise ConfigError(f"{reader.source_note}; the animodel protocol scores against the posed meshes")
-        ids, model_rows, baseline_rows, notes = animodel_store(
-            predictions, options, animodel, frame, yaw, reader, None if targets is None else TargetMeshes(targets),
-            constant, workers)
+    scores = protocol.score_store(dataclasses.replace(job, baseline=constant))
     seconds = time.perf_counter() - start
-    model = mean_metrics(model_rows)
-    base = mean_metrics(baseline_rows) if baseline_rows is not None else None
-    empty = sum(row.get("points") == 0 for row in model_rows)
+    model = mean_metrics(scores.model)
+    base = mean_metrics(scores.baseline) if scores.baseline is not None else None
+    notes = list(scores.notes)
+    empty = sum(row.get("points") == 0 for row in scores.model)
     if empty:
         notes.append(f"{empty} samples have no kept point: their Chamfer distances are inf, and so are the means")
     per_joint = {
         name: {"rotation_deg": float(np.mean([e[0] for e in errors])),
                "position_error": float(np.mean([e[1] for e in errors])), "samples": len(errors)}
-        for name, errors in joints.items()
+        for name, errors in scores.joints.items()
     }
+    ids = scores.ids
     info = {"samples": len(ids), "data": str(targets or data), "split": attrs.get("split"),
             "predictions": str(predictions.path), "prediction_mode": attrs.get("mode"),
             "checkpoint": attrs.get("checkpoint"), "baseline_samples": constant.samples if constant else None,
             "seconds": seconds, "samples_per_s": len(ids) / seconds if seconds > 0 else None,
             "config": config}
-    summary = summary_json(model, base, per_joint, notes, info, protocol)
-    table = markdown_table(summary, layers)
-    atomic_write_text(out / "metrics.csv", metrics_csv(ids, model_rows, baseline_rows))
+    summary = summary_json(protocol, model, base, per_joint, notes, info)
+    table = markdown_table(protocol, summary, layers)
+    atomic_write_text(out / "metrics.csv", metrics_csv(ids, scores.model, scores.baseline))
     atomic_write_json(out / "summary.json", summary)
     atomic_write_text(out / "summary.md", table)
     click.echo(table)
-    click.echo(f"eval ({protocol} protocol): {len(ids)} samples in {seconds:.1f} s -> {out / 'summary.json'}")
+    click.echo(f"eval ({protocol.name} protocol): {len(ids)} samples in {seconds:.1f} s -> {out / 'summary.json'}")
 
 
 main.add_command(pair)

@@ -19,62 +19,30 @@ the rest. Protocols:
 from __future__ import annotations
 
 import json
-import math
-import zlib
 from pathlib import Path
 
 import click
-import trimesh
 
 from dualpm.cliutils import handles_user_errors
-from dualpm.eval.animodel import AnimodelOptions, score
-from dualpm.eval.evaluate import EvalOptions, chamfer_metrics
-from dualpm.eval.metrics import sample_surface
+from dualpm.eval.animodel import AnimodelOptions
+from dualpm.eval.protocols import PROTOCOLS, Protocol, finite
 from dualpm.eval.targets import load_geometry, load_target
 
-PROTOCOLS = ("dualpm", "animodel")
-ICP_ITERATIONS = {"dualpm": 50, "animodel": 200}
-PROTOCOL_NAMES = {
-    "animodel": "Animodel benchmark protocol (volume rescale, remesh, ICP 8k points x 200 iterations, "
-                "180-degree flip about world Y, Chamfer on 60k even points per surface, unit cube by the "
-                "target mesh's box)",
-    "dualpm": "DualPM protocol (Chamfer from the predicted points to random surface points of the target, "
-              "no rescale; unit cube by the target points' box; icp_: after rigid ICP with a flip)",
-}
 
-
-def _finite(value: float) -> float | None:
-    return value if math.isfinite(value) else None
-
-
-def pair_metrics(pred: Path, target: Path, protocol: str, options: AnimodelOptions, surface_points: int
+def pair_metrics(pred: Path, target: Path, protocol: Protocol, options: AnimodelOptions, surface_points: int
                  ) -> dict[str, float]:
-    """Metrics of one reconstruction file against one target mesh file (module docstring)."""
-    reconstruction, mesh = load_geometry(pred), load_target(target)
-    if protocol == "animodel":
-        return score(reconstruction, mesh, options).metrics()
-    seed = options.seed + zlib.crc32(target.name.encode())
-    truth = sample_surface(mesh.vertices, mesh.faces, surface_points, seed)
-    if isinstance(reconstruction, trimesh.Trimesh):
-        reconstruction = sample_surface(reconstruction.vertices, reconstruction.faces, surface_points, seed + 1)
-    eval_options = EvalOptions(occupancy_threshold=0.5, confidence_threshold=1.0, icp=True,
-                               surface_points=surface_points, seed=options.seed,
-                               icp_iterations=options.icp_iterations)
-    metrics = chamfer_metrics("surface", reconstruction, truth, eval_options)
-    return {key.replace("_surface", ""): value for key, value in metrics.items()}
+    """Metrics of one reconstruction file against one target mesh file, under `protocol`."""
+    return protocol.score_pair(load_geometry(pred), load_target(target), options, surface_points, target.name)
 
 
-def describe(metrics: dict[str, float], protocol: str) -> str:
+def describe(metrics: dict[str, float], protocol: Protocol) -> str:
     """Readable lines for the terminal."""
-    lines = [f"protocol: {protocol} ({PROTOCOL_NAMES[protocol]})"]
-    prefixes = [("", "target units"), ("unit_", "unit cube")]
-    if protocol == "dualpm":
-        prefixes += [("icp_", "after ICP, target units"), ("icp_unit_", "after ICP, unit cube")]
-    for prefix, label in prefixes:
+    lines = [f"protocol: {protocol.name} ({protocol.definition})"]
+    for prefix, label in protocol.pair_frames:
         values = [metrics[f"{prefix}chamfer_{d}"] for d in ("sym", "pred_to_gt", "gt_to_pred")]
         lines.append(f"Chamfer ({label}): bidirectional {values[0]:.6f}, reconstruction->target {values[1]:.6f}, "
                      f"target->reconstruction {values[2]:.6f}")
-    if protocol == "animodel":
+    if "volume_scale" in metrics:
         lines.append(f"volume rescale x{metrics['volume_scale']:.4f}, flipped: {bool(metrics['flipped'])}, "
                      f"closed surface: {bool(metrics['enclosed'])}")
     return "\n".join(lines)
@@ -101,7 +69,8 @@ def animodel_sampling_options(fn):
 @click.command("pair", context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.argument("pred", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("target", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--protocol", type=click.Choice(PROTOCOLS), default="animodel", help="Which protocol scores the pair.")
+@click.option("--protocol", "protocol_name", type=click.Choice(list(PROTOCOLS)), default="animodel",
+              help="Which protocol scores the pair.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as one JSON object.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, help="Seed of every random surface sample.")
 @animodel_sampling_options
@@ -112,19 +81,20 @@ def animodel_sampling_options(fn):
 @click.option("--flip/--no-flip", default=True, help="animodel: also try the 180-degree turn about world Y.")
 @click.option("--rescale/--no-rescale", default=True, help="animodel: volume rescale and remesh before ICP.")
 @handles_user_errors
-def pair(pred: Path, target: Path, protocol: str, as_json: bool, seed: int, align_points: int,
+def pair(pred: Path, target: Path, protocol_name: str, as_json: bool, seed: int, align_points: int,
          chamfer_points: int, min_cubes: int, icp_iterations: int | None, surface_points: int, flip: bool,
          rescale: bool) -> None:
     """Score the reconstruction PRED (points or mesh) against the target mesh TARGET, both in the target's
     frame (+Y up for animodel), and print the metrics. The same files, options and seed give the same
     numbers."""
+    protocol = PROTOCOLS[protocol_name]
     options = AnimodelOptions(align_points=align_points, chamfer_points=chamfer_points, min_cubes=min_cubes,
                               seed=seed, flip=flip,
-                              rescale=rescale, icp_iterations=icp_iterations or ICP_ITERATIONS[protocol])
+                              rescale=rescale, icp_iterations=icp_iterations or protocol.icp_iterations)
     metrics = pair_metrics(pred, target, protocol, options, surface_points)
     if as_json:
-        report = {"protocol": protocol, "protocol_definition": PROTOCOL_NAMES[protocol], "prediction": str(pred),
-                  "target": str(target), "metrics": {k: _finite(v) for k, v in metrics.items()},
+        report = {"protocol": protocol.name, "protocol_definition": protocol.definition, "prediction": str(pred),
+                  "target": str(target), "metrics": {k: finite(v) for k, v in metrics.items()},
                   "options": {"seed": seed, "align_points": align_points, "chamfer_points": chamfer_points,
                               "min_cubes": min_cubes, "icp_iterations": options.icp_iterations, "surface_points": surface_points,
                               "flip": flip, "rescale": rescale}}
