@@ -434,7 +434,7 @@ def check_weights(spec: FeatureSpec) -> None:
         Dinov2Backbone(spec.dino_path, spec.dino_image_size)
 
 
-def choose_device(requested: str, spec: FeatureSpec, cluster: ClusterInfo) -> str:
+def actor_device(requested: str, spec: FeatureSpec, cluster: ClusterInfo) -> str:
     """'cpu' or 'cuda' for the actors. auto: cuda for the model extractors where the cluster has GPUs;
     rgb and precomputed are decoding-bound, one actor per CPU serves them better."""
     if spec.extractor == "precomputed":
@@ -557,7 +557,7 @@ def features(ctx: click.Context, src: Path, out: Path, extractor: str, sd_model:
         click.echo(f"{describe_plan(manifest)}\n{report_skipped(None, source)}")
         return
     with ray_session(address, None if address else workers, connect_timeout) as cluster:
-        chosen = choose_device(device, spec, cluster)
+        chosen = actor_device(device, spec, cluster)
         resources, threads, actors = worker_resources(chosen, cluster, workers)
         config = dataclasses.replace(config, device=chosen, threads=threads)
         click.echo(f"{describe_plan(manifest)}; Ray: {cluster.nodes} nodes, {cluster.cpus} CPUs, "

@@ -45,7 +45,7 @@ from dualpm.store import (
 )
 from pipeline.cli import main
 from pipeline.cluster import ClusterInfo
-from pipeline.features_stage import choose_device, pca_sample_ids, worker_resources
+from pipeline.features_stage import actor_device, pca_sample_ids, worker_resources
 
 # sd-dino on the tiny models: a 8 x 8 grid (SD 128 px, DINOv2 112 px), 3 x 8 block PCAs, 16 channels.
 SD_ARGS = ["--grid", "8", "--sd-pca-dims", "8", "8", "8", "--dim", "16", "--pca-samples", "4"]
@@ -350,10 +350,10 @@ def test_device_choice_and_actor_resources():
     gpus = ClusterInfo("head:6379", cpus=32, gpus=4, nodes=2)
     sd = FeatureSpec("sd-dino", sd_path="/w/sd", dino_path="/w/dino")
     rgb, pre = FeatureSpec("rgb"), FeatureSpec("precomputed", grid=60)
-    assert [choose_device("auto", s, gpus) for s in (sd, rgb, pre)] == ["cuda", "cpu", "cpu"]
-    assert choose_device("auto", sd, cpus) == "cpu" and choose_device("cuda", rgb, gpus) == "cuda"
+    assert [actor_device("auto", s, gpus) for s in (sd, rgb, pre)] == ["cuda", "cpu", "cpu"]
+    assert actor_device("auto", sd, cpus) == "cpu" and actor_device("cuda", rgb, gpus) == "cuda"
     with pytest.raises(BackendUnavailable, match="no GPU in the Ray cluster at head:6379"):
-        choose_device("cuda", sd, ClusterInfo("head:6379", cpus=8, gpus=0, nodes=2))
+        actor_device("cuda", sd, ClusterInfo("head:6379", cpus=8, gpus=0, nodes=2))
     assert worker_resources("cuda", gpus, None) == ({"num_gpus": 1, "num_cpus": 8}, 8, 4)
     assert worker_resources("cuda", gpus, 2) == ({"num_gpus": 1, "num_cpus": 8}, 8, 2)
     assert worker_resources("cpu", cpus, None) == ({"num_cpus": 1}, 1, 8)

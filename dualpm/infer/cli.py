@@ -71,7 +71,8 @@ from dualpm.train.checkpoint import load_checkpoint
 FAILURES = "failures.jsonl"
 
 
-def choose_device(requested: str) -> torch.device:
+def local_device(requested: str) -> torch.device:
+    """The torch device of this process for --device auto|cpu|cuda (auto: cuda where torch sees a GPU)."""
     if requested == "cuda" and not torch.cuda.is_available():
         raise BackendUnavailable("--device cuda: torch sees no CUDA GPU here; use --device cpu (or auto)")
     if requested == "auto":
@@ -162,7 +163,7 @@ def main(checkpoint: Path | None, oracle: bool, oracle_noise: float, data: Path 
     """Predict dual point maps with a trained DualPM model: per sample, point clouds (PLY), a picture sheet
     and (optionally) the skeleton; all dense predictions in OUT/predictions.zarr for dualpm-eval."""
     _check_inputs(checkpoint, oracle, data, images, masks, skeleton, mesh)
-    torch_device = choose_device(device)
+    torch_device = local_device(device)
     state, model_config, where = None, None, None
     if checkpoint is not None:
         where = resolve_checkpoint(checkpoint)
