@@ -411,3 +411,38 @@ def test_a_signal_to_one_ddp_rank_stops_every_rank_after_the_same_step(tmp_path)
     for rank in range(2):  # both ranks took steps 1..k, two samples each, and no more
         taken = [int(line.split()[0]) for line in (run / "ids" / f"rank-{rank}.txt").read_text().splitlines()]
         assert taken == [s for s in range(1, k + 1) for _ in range(2)], rank
+
+
+def test_a_run_folder_never_equals_holds_or_lies_in_a_store_and_overwrite_deletes_only_run_entries(tmp_path):
+    # Issue 22, item 1: `--data STORE --out STORE --overwrite` deleted the store's `ids/` array (a run
+    # folder also has an entry `ids`), and `--out STORE/run` was accepted.
+    root = write_store(tmp_path / "data")
+    snapshot = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+    cases = {root: "is the dataset", root / "run": "is inside the dataset", tmp_path: "holds the dataset"}
+    for out, what in cases.items():
+        config = _write_config(tmp_path / "c.yaml", tiny_raw(root, out, steps=1))
+        for extra in ([], ["--overwrite"], ["--dry-run"], ["--overwrite", "--dry-run"]):
+            result = CliRunner().invoke(main, [str(config), *extra])
+            assert result.exit_code == 1, (out, extra, result.output)
+            assert f"the run folder {what}" in result.output and "--overwrite (deletes" not in result.output
+    assert sorted(str(p.relative_to(root)) for p in root.rglob("*")) == snapshot
+    assert not (root / "run").exists()
+    # Another store (not the one trained on) given as the run folder: never deleted either.
+    other = write_store(tmp_path / "other")
+    other_snapshot = sorted(str(p.relative_to(other)) for p in other.rglob("*"))
+    with pytest.raises(ConfigError, match=r"other: holds a prepared dataset \(manifest.json\)"):
+        train(config_from_dict(tiny_raw(root, other, steps=1)), overwrite=True, verbose=False)
+    assert sorted(str(p.relative_to(other)) for p in other.rglob("*")) == other_snapshot
+    # A folder whose `ids` (or any run entry) is not what a run writes: --overwrite refuses to delete it.
+    run = tmp_path / "runs" / "a"
+    (run / "ids" / "c").mkdir(parents=True)
+    (run / "ids" / "zarr.json").write_text("{}")
+    (run / "config.yaml").write_text("x: 1\n")
+    with pytest.raises(ConfigError, match=r"a[/\\]ids: not what a training run writes \(holds zarr.json\); "
+                       r"--overwrite deletes only a run's own entries"):
+        train(config_from_dict(tiny_raw(root, run, steps=1)), overwrite=True, verbose=False)
+    assert (run / "ids" / "zarr.json").is_file() and (run / "config.yaml").is_file()
+    with pytest.raises(ConfigError) as refused:
+        train(config_from_dict(tiny_raw(root, run, steps=1)), verbose=False)
+    assert "not what a training run writes" in str(refused.value) and "--overwrite (deletes" not in str(
+        refused.value)

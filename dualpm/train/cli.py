@@ -77,12 +77,14 @@ def main(
         raise ConfigError(
             "data.root is not set: give the prepared dataset folder (--data PATH or --set data.root=PATH)"
         )
+    # The run folder is checked before the dataset is read: a refusal must not wait on (or be hidden by)
+    # the dataset's own problems, and --overwrite must never reach a store.
+    problem = run_dir_problem(config.train.out_dir, resume, overwrite, config.data.root)
+    if problem is not None:
+        raise ConfigError(problem)
     info = open_dataset(config.data.root)
     config = resolve_config(config, info, explicit_in_channels="in_channels" in (raw.get("model") or {}))
     if dry_run:
-        problem = run_dir_problem(config.train.out_dir, resume, overwrite)
-        if problem is not None:
-            raise ConfigError(problem)
         if int(os.environ.get("RANK", "0")) == 0:
             show_and_save_config(config_to_dict(config), None, "resolved config")
             click.echo(describe(DualPMNet(config.model)))

@@ -476,7 +476,7 @@ def _train(
     refused = None
     if d.main:  # before any rank reads a checkpoint or writes in the run folder
         try:
-            prepare_run_dir(tc.out_dir, resume, overwrite)
+            prepare_run_dir(tc.out_dir, resume, overwrite, info.root)
         except ConfigError as err:
             refused = str(err)
     refused = _gather(refused, d)[0]  # every rank stops when rank 0 refused the folder
