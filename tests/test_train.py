@@ -446,3 +446,31 @@ def test_a_run_folder_never_equals_holds_or_lies_in_a_store_and_overwrite_delete
         train(config_from_dict(tiny_raw(root, run, steps=1)), verbose=False)
     assert "not what a training run writes" in str(refused.value) and "--overwrite (deletes" not in str(
         refused.value)
+
+
+def test_an_incomplete_store_is_refused_with_the_counts_unless_allowed(tmp_path, capsys):
+    # Issue 22, item 2: a store whose features stage stopped part way trained on what was there, silently.
+    # 12 train samples in shards 0-2, 4 val in shard 3; features of shard 1 and render of shard 3 missing.
+    root = write_store(tmp_path / "data", n_train=12, n_val=4, shard_size=4,
+                       skip_shards={"features": {1}, "render": {3}})
+    raw = tiny_raw(root, tmp_path / "run", steps=1)
+    expected = (r"data: the store is incomplete: column 'render' lacks 1 of 4 shards \(3\), column 'features' "
+                r"lacks 1 of 4 shards \(1\); training would see 8 of 12 'train' samples and 0 of 4 'val' "
+                r"samples\. Complete it by rerunning the stage that stopped \(it resumes\): dualpm-prep render "
+                r"SRC .*data and dualpm-prep features SRC .*data \(SRC: synthetic spheres\), or train on what "
+                r"is there with --allow-incomplete")
+    with pytest.raises(DatasetError, match=expected):
+        train(config_from_dict(raw), verbose=False)
+    assert not (tmp_path / "run").exists()
+    config = _write_config(tmp_path / "c.yaml", raw)
+    for extra in ([], ["--dry-run"]):
+        result = CliRunner().invoke(main, [str(config), *extra])
+        assert result.exit_code == 1 and re.search(expected, result.output), result.output
+    result = CliRunner().invoke(main, [str(config), "--allow-incomplete"])
+    assert result.exit_code == 0, result.output
+    assert re.search(r"note: training on an incomplete store \(--allow-incomplete\): column 'render' lacks "
+                     r"1 of 4 shards \(3\), column 'features' lacks 1 of 4 shards \(1\); training would see 8 "
+                     r"of 12 'train' samples and 0 of 4 'val' samples", result.output), result.output
+    # Failed samples are not missing data: recorded failures of a finished store train without a flag.
+    full = write_store(tmp_path / "full", fail={"features": {"0001"}})
+    assert train(config_from_dict(tiny_raw(full, tmp_path / "run2", steps=1)), verbose=False).step == 1

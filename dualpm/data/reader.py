@@ -1,7 +1,8 @@
 """Streaming reader: joins a prepared dataset's `render` and `features` columns shard by shard.
 
 `open_dataset(root)` reads the manifest once and lists, per split, the shards finished in both columns
-with the sample ids they share (a sample missing from either column is skipped). `ShardStream` is the
+with the sample ids they share (a sample missing from either column is skipped; `DatasetInfo.incomplete`
+says what an unfinished store lacks: the trainer refuses it unless asked to train on it). `ShardStream` is the
 `IterableDataset` the trainer reads:
 
 * **Consumers.** Every (DDP rank, DataLoader worker) pair is one consumer, `rank * workers + worker`.
@@ -91,6 +92,40 @@ class DatasetInfo:
     def count(self, split: str) -> int:
         """Number of samples of `split` the reader yields per epoch."""
         return sum(len(s.ids) for s in self.shards.get(split, ()))
+
+    def incomplete(self, splits: Sequence[str]) -> str | None:
+        """What is missing when shards of the plan are unfinished in a column (None: the store is complete).
+
+        Says, per column, how many of the plan's shards it lacks (and which), and per split in `splits` how
+        many of the planned samples training would see. Failed samples (recorded in finished shards) are
+        not missing data.
+        """
+        if not self.skipped_shards:
+            return None
+        plan = self.manifest.plan
+        parts = []
+        for name in (RENDER, FEATURES):
+            lacking = [p.index for p in plan if p.index not in self.manifest.columns[name].shards]
+            if lacking:
+                shown = ", ".join(map(str, lacking[:8])) + (", ..." if len(lacking) > 8 else "")
+                parts.append(f"column {name!r} lacks {len(lacking)} of {len(plan)} shards ({shown})")
+        seen = [f"{self.count(split)} of {sum(len(p.ids) for p in plan if p.split == split)} {split!r} samples"
+                for split in splits]
+        return f"{', '.join(parts)}; training would see {' and '.join(seen)}"
+
+    def incomplete_refusal(self, splits: Sequence[str]) -> str | None:
+        """The one-line refusal to train on an incomplete store (None: complete): counts and commands."""
+        what = self.incomplete(splits)
+        if what is None:
+            return None
+        stages = [name for name in (RENDER, FEATURES)
+                  if any(p.index not in self.manifest.columns[name].shards for p in self.manifest.plan)]
+        commands = " and ".join(f"dualpm-prep {name} SRC {self.root}" for name in stages)
+        return (
+            f"{self.root}: the store is incomplete: {what}. Complete it by rerunning the stage that stopped "
+            f"(it resumes): {commands} (SRC: {self.manifest.source}), or train on what is there with "
+            "--allow-incomplete"
+        )
 
 
 def feature_array(fields: Mapping[str, Any], where: str) -> np.ndarray:

@@ -431,6 +431,7 @@ def train(
     verbose: bool = True,
     stop_signals: tuple[signal.Signals, ...] = (),
     overwrite: bool = False,
+    allow_incomplete: bool = False,
 ) -> TrainResult:
     """Train as `config` says; under torchrun every rank calls this.
 
@@ -446,6 +447,8 @@ def train(
             handlers are restored on return.
         overwrite: start over in a run folder that holds an earlier run, deleting it; without this
             or `resume`, such a folder is refused (`prepare_run_dir`).
+        allow_incomplete: train on a store whose plan has shards unfinished in a column (rank 0 prints
+            the counts); without it such a store is refused (`DatasetInfo.incomplete_refusal`).
     Raises:
         NonFiniteLossError: the loss became NaN/inf (checkpoints written before are intact).
         ConfigError, DatasetError: bad config, dataset, or a checkpoint that does not fit.
@@ -458,6 +461,7 @@ def train(
     try:
         info = info or open_dataset(config.data.root)
         config = resolve_config(config, info, explicit_in_channels=True)
+        check_complete(info, config, allow_incomplete)
         d = setup_distributed()
         try:
             return _train(config, info, d, resume, overwrite, verbose, stop)
@@ -466,6 +470,18 @@ def train(
                 dist.destroy_process_group()
     finally:
         stop.restore()
+
+
+def check_complete(info: DatasetInfo, config: Config, allow_incomplete: bool) -> None:
+    """Refuse an incomplete store (DatasetError with the counts and the commands that complete it), or
+    with `allow_incomplete` print the counts (rank 0) and go on."""
+    splits = [config.data.train_split, config.data.val_split]
+    if not allow_incomplete:
+        refusal = info.incomplete_refusal(splits)
+        if refusal is not None:
+            raise DatasetError(refusal)
+    elif (what := info.incomplete(splits)) is not None and int(os.environ.get("RANK", "0")) == 0:
+        print(f"note: training on an incomplete store (--allow-incomplete): {what}", flush=True)
 
 
 def _train(
