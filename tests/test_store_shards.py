@@ -521,3 +521,40 @@ def test_verify_reports_a_missing_manifest_and_unknown_columns(tmp_path):
     (tmp_path / "records" / "render" / "shard-000007.json").write_text(json.dumps({}))
     expected = [("render", 7, None, "shard record beyond the plan")]
     assert problems_of(tmp_path, columns=["render"], deep=False) == expected
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_zarr_valid_is_published_after_every_other_field_of_its_rows(tmp_path, monkeypatch, overwrite):
+    # Issue 22, item 3: `valid` marked the rows of a shard killed mid-publish as present while their `meta`
+    # (and other fields) were still empty: a plain-zarr reader following docs/format.md broke.
+    import zarr
+
+    import dualpm.store.shards as shards_module
+
+    _, column = make_store(tmp_path, ["s1", "s2"])
+    plan = ShardPlan(0, "train", ("s1", "s2"))
+    if overwrite:  # an earlier complete write of the shard, rewritten with other samples (s1 failed)
+        write_shard(tmp_path, column, plan)
+    published = []
+    real = shards_module.atomic_write_bytes
+
+    def killed_after_two(path, data):
+        if len(published) == 2:
+            raise KeyboardInterrupt("killed")
+        published.append(Path(path).relative_to(tmp_path / "col").parts[0])
+        real(path, data)
+
+    monkeypatch.setattr(shards_module, "atomic_write_bytes", killed_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        with ShardWriter(tmp_path / "col", plan, "zarr", FIELDS, overwrite=overwrite) as writer:
+            writer.fail("s1", "x")
+            writer.add("s2", sample_fields(np.random.default_rng(5), "s2"))
+    assert "valid" not in published
+    group = zarr.open_group(tmp_path, mode="r")
+    valid, meta = group["col/valid"][:2], group["col/meta"][:2]
+    assert not valid.any(), (published, valid, meta)  # nothing half-written is marked present
+    monkeypatch.setattr(shards_module, "atomic_write_bytes", real)
+    with ShardWriter(tmp_path / "col", plan, "zarr", FIELDS, overwrite=True) as writer:
+        writer.fail("s1", "x")
+        writer.add("s2", sample_fields(np.random.default_rng(5), "s2"))
+    assert group["col/valid"][:2].tolist() == [False, True] and group["col/meta"][1] != ""

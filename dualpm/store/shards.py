@@ -305,7 +305,13 @@ class ShardWriter:
         return blocks
 
     def _publish_zarr(self, files: dict[str, bytes]) -> None:
-        for spec in self._specs:
+        # `valid` goes last, after every other field of its rows (and an earlier write's `valid` goes
+        # first): a reader of the plain Zarr arrays never sees a row marked present whose fields are not
+        # all written, whenever the writer is killed (docs/format.md).
+        specs = sorted(self._specs, key=lambda spec: spec.path == VALID)
+        valid_path = self.column_dir / VALID / zarr_layout.shard_keys(specs[-1], self.index)
+        valid_path.unlink(missing_ok=True)
+        for spec in specs:
             path = self.column_dir / spec.path / zarr_layout.shard_keys(spec, self.index)
             if spec.path in files:
                 atomic_write_bytes(path, files[spec.path])
