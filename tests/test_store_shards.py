@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import re
+import socket
 import subprocess
 import sys
 import tarfile
@@ -14,6 +17,7 @@ import pytest
 import webdataset
 
 from dualpm.errors import DatasetError
+from dualpm.fileio import LockedError
 from dualpm.store.encoding import sparse_dual_pointmap
 from dualpm.store.manifest import (
     SCHEMA_VERSION,
@@ -230,6 +234,9 @@ def test_abandoned_writers_leave_only_temporaries(tmp_path):
         writer.add("s1", sample_fields(np.random.default_rng(0), "s1"))
         assert shard_files(tmp_path / format / "col", 0, format) == []
         assert shard_status(tmp_path / format / "col", 0, format) is None
+        with pytest.raises(LockedError, match="another writer is writing this shard"):  # it still lives
+            write_shard(tmp_path / format, column, plan)
+        writer._claim_held.close()  # its process dies: the kernel releases its claim (a flock), nothing else
         record, _ = write_shard(tmp_path / format, column, plan)  # a rerun is not blocked by the leftover
         assert shard_status(tmp_path / format / "col", 0, format) == record
         assert remove_temporaries(tmp_path / format / "col") == (format == "webdataset")
@@ -251,8 +258,9 @@ with ShardWriter({str(tmp_path / "col")!r}, plan, "webdataset", {{"blob": FieldS
 """
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True)
     assert result.returncode == -9, result.stderr.decode()
-    leftovers = list((tmp_path / "col").iterdir())
-    assert len(leftovers) == 1 and leftovers[0].name.startswith(".tmp-shard-000000.tar")
+    leftovers = sorted((tmp_path / "col").iterdir())
+    assert len(leftovers) == 2 and leftovers[1].name.startswith(".tmp-shard-000000.tar")
+    assert leftovers[0].name == ".claim-shard-000000"  # no longer held: its holder died
     assert leftovers[0].stat().st_size > 0  # it was killed mid-shard, with data written
     assert shard_status(tmp_path / "col", 0, "webdataset") is None
 
@@ -558,3 +566,40 @@ def test_zarr_valid_is_published_after_every_other_field_of_its_rows(tmp_path, m
         writer.fail("s1", "x")
         writer.add("s2", sample_fields(np.random.default_rng(5), "s2"))
     assert group["col/valid"][:2].tolist() == [False, True] and group["col/meta"][1] != ""
+
+
+@pytest.mark.parametrize("format", FORMATS)
+def test_two_writers_of_one_shard_the_second_is_refused_naming_the_first_until_it_dies(tmp_path, format):
+    # Issue 22, item 4: the check meant to stop two writers publishing one shard never fired. A writer in
+    # another process holds shard 0 (a stray worker of a killed run): a second writer is refused at once,
+    # naming it; once it is killed (-9) the shard is written normally and its claim is gone.
+    _, column = make_store(tmp_path, ["s1", "s2"], format=format)
+    script = f"""
+import sys, time
+from dualpm.store import FieldSpec, ShardPlan, ShardWriter
+from test_store_shards import FIELDS
+sys.argv = ["dualpm-prep", "render", "SRC", "OUT"]
+with ShardWriter({str(tmp_path / "col")!r}, ShardPlan(0, "train", ("s1", "s2")), {format!r}, FIELDS):
+    print("writing", flush=True)
+    time.sleep(120)
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+    holder = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "writing\n"
+        plan = ShardPlan(0, "train", ("s1", "s2"))
+        host = socket.gethostname()
+        with pytest.raises(LockedError, match=rf"col shard 0: another writer is writing this shard: held by pid "
+                           rf"{holder.pid} on host {re.escape(host)} since .*Z, command: dualpm-prep render SRC OUT"):
+            write_shard(tmp_path, column, plan)
+        with pytest.raises(LockedError):  # also with overwrite: the claim is not a question of existing data
+            write_shard(tmp_path, column, plan, overwrite=True)
+        assert shard_files(tmp_path / "col", 0, format) == [] and not record_path(tmp_path / "col", 0).exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (tmp_path / "col" / ".claim-shard-000000").exists()  # left by the killed writer: not a lock now
+    record, samples = write_shard(tmp_path, column, plan)
+    assert shard_status(tmp_path / "col", 0, format) == record
+    assert_same_sample(dict(read_shard(tmp_path, column, 0))["s2"], samples["s2"])
+    assert not (tmp_path / "col" / ".claim-shard-000000").exists()
