@@ -603,3 +603,70 @@ with ShardWriter({str(tmp_path / "col")!r}, ShardPlan(0, "train", ("s1", "s2")),
     assert shard_status(tmp_path / "col", 0, format) == record
     assert_same_sample(dict(read_shard(tmp_path, column, 0))["s2"], samples["s2"])
     assert not (tmp_path / "col" / ".claim-shard-000000").exists()
+
+
+def _edit_json(path: Path, edit) -> None:
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def test_verify_reports_what_the_reader_refuses_and_metadata_that_contradicts_the_manifest(tmp_path):
+    # Issue 22, item 5: NaN features (Zarr), out-of-range features (tar), a missing schema block, a root
+    # format_version or a manifest shard_size contradicting the arrays all passed `verify`.
+    from dualpm.store import load_manifest as load
+    from test_reader import write_store
+
+    root = write_store(tmp_path / "nan", nan_features=frozenset({"0001"}))
+    assert problems_of(root) == [
+        ("features", 0, "0001", "field 'features' holds values that are not finite (NaN or inf)")]
+    root = write_store(tmp_path / "huge", formats=("webdataset", "webdataset"))
+    manifest = load(root)
+    column, plan = manifest.columns["features"], manifest.plan[0]
+    with ShardWriter(root / "features", plan, "webdataset", column.fields, overwrite=True) as writer:
+        for sample_id in plan.ids:
+            writer.add(sample_id, {"features": np.full((5, 8, 8), 2048 if sample_id == "0002" else 0.5, np.float16)})
+    column.shards[0] = writer.record
+    save_manifest(root, manifest)
+    assert problems_of(root) == [
+        ("features", 0, "0002", "field 'features' holds values up to 2048, beyond +-1000 (damaged)")]
+
+    root = write_store(tmp_path / "schema")
+    assert problems_of(root) == []
+    _edit_json(root / "manifest.json", lambda m: m.pop("schema"))
+    assert problems_of(root) == [(None, None, None, f"{root / 'manifest.json'}: no schema block ('schema')")]
+    root = write_store(tmp_path / "version")
+    _edit_json(root / "zarr.json", lambda z: z["attributes"]["dualpm"].update(format_version=3))
+    assert {p[3] for p in problems_of(root)} == {
+        f"{root / 'zarr.json'} ({view}): the schema block contradicts manifest.json in format_version"
+        for view in ("consolidated metadata", "metadata")}
+    root = write_store(tmp_path / "size")  # 8 + 4 samples in shards of 4: rows 12, arrays sharded by 4
+    _edit_json(root / "manifest.json", lambda m: m.update(shard_size=8))
+    found = {p[3] for p in problems_of(root)}
+    assert f"{root / 'manifest.json'}: the schema block contradicts the manifest in rows, shard_size" in found
+    assert f"{root / 'zarr.json'} (metadata): array 'ids': shape (12,), the plan gives (24,)" in found
+    assert f"{root / 'zarr.json'} (metadata): array features/features: shape (12, 5, 8, 8), the plan gives " \
+           "(24, 5, 8, 8)" in found
+
+
+def test_an_edited_zarr_row_count_is_one_line_naming_the_array_not_an_index_error(tmp_path):
+    # Issue 22, item 6: `render/dpm/values` with its row count edited made verify and training die with
+    # IndexError in store/shards.py.
+    from dualpm.data.reader import open_dataset
+    from test_reader import write_store
+
+    root = write_store(tmp_path / "data", formats=("zarr", "zarr"))
+
+    def fewer_rows(meta: dict) -> None:
+        meta["shape"][0] = 5
+
+    _edit_json(root / "render" / "dpm" / "values" / "zarr.json", fewer_rows)
+    _edit_json(root / "zarr.json", lambda z: fewer_rows(z["consolidated_metadata"]["metadata"]["render/dpm/values"]))
+    message = f"{root / 'render' / 'dpm' / 'values'}: shape (5, 1536, 6), the plan gives (12, 1536, 6)"
+    with pytest.raises(DatasetError, match=re.escape(message)):
+        open_dataset(root)
+    found = problems_of(root)
+    assert ("render", None, None, f"{root / 'zarr.json'} (metadata): array render/dpm/values: shape (5, 1536, 6), "
+            "the plan gives (12, 1536, 6)") in found
+    assert ("render", 0, None, f"{message} (its Zarr metadata was changed; `dualpm-prep verify` lists every "
+            "problem)") in found

@@ -49,13 +49,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from dualpm.errors import DatasetError
 from dualpm.masks import INSIDE, resize_mask
 from dualpm.store import ColumnInfo, Manifest, StoredSample, load_manifest, read_shard
+from dualpm.store.fields import ARRAY_LIMIT
 
 RENDER = "render"
 FEATURES = "features"
 FEATURE_FIELD = "features"  # the features column's (C, h, w) array field
-# Every extractor we ship gives features within a few units (L2-normalised parts through a PCA basis,
-# packed PNGs in [-1, 1]); anything beyond this, or not finite, is damaged data.
-FEATURE_LIMIT = 1000.0
+# Every extractor we ship gives features within a few units; beyond this, or not finite, is damaged data
+# (the same bound `dualpm-prep verify` applies).
+FEATURE_LIMIT = ARRAY_LIMIT
 T = TypeVar("T")
 
 

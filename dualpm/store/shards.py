@@ -509,7 +509,15 @@ def _read_zarr(out: Path, column: ColumnInfo, index: int) -> Iterator[tuple[str,
         start = index * size
         valid = group[VALID][start : start + size]
         row_ids = [str(i) for i in ids[start : start + size]]
-        arrays = {spec.path: group[spec.path] for spec in zarr_layout.array_specs(column.fields)}
+        specs = zarr_layout.array_specs(column.fields)
+        arrays = {spec.path: group[spec.path] for spec in specs}
+        # Every array laid out as the plan says (rows, chunks, dtype): edited metadata (a row count, a
+        # shard size) would otherwise read the wrong rows or fail deep inside numpy.
+        for spec in specs:
+            problem = zarr_layout.array_problem(arrays[spec.path], spec, ids.shape[0], size)
+            if problem is not None:
+                raise DatasetError(f"{folder / spec.path}: {problem} (its Zarr metadata was changed; "
+                                   "`dualpm-prep verify` lists every problem)")
     except (OSError, KeyError, ValueError, TypeError) as err:
         raise DatasetError(f"{folder} shard {index}: unreadable Zarr data ({err})") from err
     for block_start in range(0, size, ZARR_READ_ROWS):
