@@ -25,7 +25,7 @@ from click.testing import CliRunner
 from dualpm.errors import ConfigError, DatasetError
 from dualpm.fileio import atomic_write_text
 from dualpm.train import NonFiniteLossError, config_from_dict, load_checkpoint, train
-from dualpm.train.checkpoint import FORMAT, LATEST, checkpoint_dir, step_checkpoints
+from dualpm.train.checkpoint import FORMAT, LATEST, CheckpointError, checkpoint_dir, step_checkpoints
 from dualpm.train.cli import main
 from dualpm.train.loop import EXIT_STOPPED
 from test_reader import write_store
@@ -474,3 +474,50 @@ def test_an_incomplete_store_is_refused_with_the_counts_unless_allowed(tmp_path,
     # Failed samples are not missing data: recorded failures of a finished store train without a flag.
     full = write_store(tmp_path / "full", fail={"features": {"0001"}})
     assert train(config_from_dict(tiny_raw(full, tmp_path / "run2", steps=1)), verbose=False).step == 1
+
+
+def test_resume_from_weights_that_do_not_fit_the_config_is_one_line(tmp_path):
+    # Issue 22, item 6: `--resume` with a checkpoint whose weights do not fit its config died with a
+    # load_state_dict traceback.
+    root = write_store(tmp_path / "data")
+    run = tmp_path / "run"
+    train(config_from_dict(tiny_raw(root, run, steps=1)), verbose=False)
+    state = load_checkpoint(checkpoint_dir(run) / LATEST)
+    name = next(k for k, v in state["model"].items() if v.ndim == 4)
+    shape = tuple(state["model"][name].shape)
+    state["model"][name] = torch.zeros(shape[0] + 1, *shape[1:])
+    extra = dict(state, model={**state["model"], "head.extra": torch.zeros(2)})
+    torch.save(extra, tmp_path / "edited.pt")
+    config = _write_config(tmp_path / "c.yaml", tiny_raw(root, run, steps=2))
+    result = CliRunner().invoke(main, [str(config), "--resume", str(tmp_path / "edited.pt")])
+    wrong = (shape[0] + 1, *shape[1:])
+    assert result.exit_code == 1 and result.output == (
+        f"Error: {tmp_path / 'edited.pt'}: its model weights do not fit the model its config describes (1 of "
+        f"another shape, e.g. {name}: {wrong} in the file, {shape} in the model; 1 unexpected, e.g. "
+        "head.extra): the file was changed or written by other code\n"), result.output
+
+
+def test_resume_auto_falls_back_to_the_newest_intact_checkpoint_and_says_so(tmp_path, capsys):
+    # Issue 22: `--resume auto` with a truncated latest checkpoint (a full disk) refused to go on. latest.pt
+    # is a hard link to step 3's file: truncating it truncates both, so step 2 is the newest that reads.
+    root = write_store(tmp_path / "data")
+    full = train(config_from_dict(tiny_raw(root, tmp_path / "full", steps=4, checkpoint_every=1)), verbose=False)
+    run = tmp_path / "run"
+    train(config_from_dict(tiny_raw(root, run, steps=3, checkpoint_every=1)), verbose=False)
+    latest = checkpoint_dir(run) / LATEST
+    data = latest.read_bytes()
+    with open(latest, "r+b") as fh:
+        fh.truncate(len(data) // 2)
+    capsys.readouterr()
+    resumed = train(config_from_dict(tiny_raw(root, run, steps=4, checkpoint_every=1)), resume="auto", verbose=False)
+    out = capsys.readouterr().out
+    assert re.search(rf"note: {re.escape(str(latest))}: not a readable dualpm checkpoint \(.*\); resuming from "
+                     rf"{re.escape(str(checkpoint_dir(run) / 'step-00000002.pt'))} \(step 2\), the newest checkpoint "
+                     r"that reads", out), out
+    a, b = _params(full.checkpoint), _params(resumed.checkpoint)
+    assert all(torch.equal(a[name], b[name]) for name in a)  # steps 3 and 4 redone, bit for bit
+    assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4]
+    # A named checkpoint never falls back.
+    (tmp_path / "t.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"t.pt: not a readable dualpm checkpoint"):
+        train(config_from_dict(tiny_raw(root, run, steps=5)), resume=str(tmp_path / "t.pt"), verbose=False)

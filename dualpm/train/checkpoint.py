@@ -217,6 +217,34 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return state
 
 
+def load_weights(model: torch.nn.Module, weights: Any, where: str | os.PathLike) -> None:
+    """Load `weights` (a checkpoint's "model" entry) into `model`, or raise CheckpointError in one line
+    saying how they do not fit (tensors of other shapes, missing or unexpected names: one example each)."""
+    own = model.state_dict()
+    if not isinstance(weights, dict):
+        raise CheckpointError(f"{where}: its model weights are not a dict of tensors")
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    other = [k for k in own if k in weights and (not isinstance(weights[k], torch.Tensor)
+                                                 or tuple(weights[k].shape) != tuple(own[k].shape))]
+    if missing or unexpected or other:
+        parts = []
+        if other:
+            k = other[0]
+            found = tuple(weights[k].shape) if isinstance(weights[k], torch.Tensor) else type(weights[k]).__name__
+            parts.append(f"{len(other)} of another shape, e.g. {k}: {found} in the file, {tuple(own[k].shape)} "
+                         "in the model")
+        if missing:
+            parts.append(f"{len(missing)} missing, e.g. {missing[0]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected, e.g. {unexpected[0]}")
+        raise CheckpointError(
+            f"{where}: its model weights do not fit the model its config describes ({'; '.join(parts)}): "
+            "the file was changed or written by other code"
+        )
+    model.load_state_dict(weights)
+
+
 def find_checkpoint(run_dir: str | os.PathLike, resume: str) -> Path | None:
     """The checkpoint `--resume` names: 'auto' = `<run>/checkpoints/latest.pt` if any (else None), a path."""
     if resume == "auto":
@@ -226,6 +254,36 @@ def find_checkpoint(run_dir: str | os.PathLike, resume: str) -> Path | None:
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found (give a checkpoint file or 'auto')")
     return path
+
+
+def load_resume_checkpoint(
+    run_dir: str | os.PathLike, resume: str
+) -> tuple[Path | None, dict[str, Any] | None, str | None]:
+    """(path, state, note) of the checkpoint `--resume` names, read (`load_checkpoint`); (None, None, None)
+    for 'auto' in a folder without checkpoints.
+
+    With 'auto', a `latest.pt` that does not read (truncated by a full disk, damaged) falls back to the
+    newest step-numbered checkpoint that does, and `note` says so (None otherwise); when none reads, the
+    latest's error is raised. A named path never falls back.
+    """
+    path = find_checkpoint(run_dir, resume)
+    if path is None:
+        return None, None, None
+    try:
+        return path, load_checkpoint(path), None
+    except CheckpointError as err:
+        if resume != "auto":
+            raise
+        latest_error = err
+    for step, candidate in reversed(step_checkpoints(run_dir)):
+        try:
+            state = load_checkpoint(candidate)
+        except CheckpointError:
+            continue
+        note = (f"note: {latest_error}; resuming from {candidate} (step {step}), the newest checkpoint that "
+                "reads")
+        return candidate, state, note
+    raise latest_error
 
 
 def capture_rng() -> dict[str, Any]:

@@ -53,8 +53,8 @@ from dualpm.train.checkpoint import (
     RESUME_KEYS,
     CheckpointError,
     capture_rng,
-    find_checkpoint,
-    load_checkpoint,
+    load_resume_checkpoint,
+    load_weights,
     prepare_run_dir,
     restore_rng,
     save_checkpoint,
@@ -183,8 +183,9 @@ class _Trainer:
         self.channels_last = tc.channels_last and cuda
         self.roles = max(config.data.workers, 1)  # data consumers per rank
 
-        checkpoint_path = find_checkpoint(self.run_dir, resume) if resume else None
-        state = load_checkpoint(checkpoint_path) if checkpoint_path else None
+        checkpoint_path, state, note = load_resume_checkpoint(self.run_dir, resume) if resume else (None, None, None)
+        if note is not None and d.main:
+            print(note, flush=True)
         if state is not None:
             self._check_resumable(state, checkpoint_path)
 
@@ -229,9 +230,13 @@ class _Trainer:
             )
 
     def _restore(self, state: dict[str, Any]) -> None:
-        self.raw_model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        load_weights(self.raw_model, state["model"], self.checkpoint)
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as err:
+            raise CheckpointError(f"{self.checkpoint}: its optimizer or scheduler state does not fit the model "
+                                  f"({type(err).__name__}: {' '.join(str(err).split())[:200]})") from err
         self.step = int(state["step"])
         data = state["data"]
         same_layout = data["world"] == self.d.world and data["roles"] == self.roles
