@@ -22,7 +22,8 @@ says what an unfinished store lacks: the trainer refuses it unless asked to trai
 
 Decoded samples: `features` (C, H, W) float32 upsampled bilinearly (align_corners=False) to the training
 resolution, `target` (H, W, L, 7) float32 (first L layers), `mask` (H, W) float32 in {0, 1} (the stored
-mask decoded by `dualpm.masks`, resized by area > 0.5, else layer-1 alpha), `id` and `position` (3,) int64.
+mask decoded by `dualpm.masks`, resized by area > 0.5; layer-1 alpha only for a column that declares no
+mask field: a required field missing from a sample is an error), `id` and `position` (3,) int64.
 
 Integrity: every shard of both columns is checked against the sha256 of its record before any of its
 samples is yielded (`dualpm.store.read_shard`; the cost is measured in docs/benchmarks.md), and features
@@ -231,6 +232,13 @@ def _joined(
         for sample_id in wanted:
             r_fields = _advance(r_iter, sample_id, f"{root / RENDER} shard {shard.index}")
             f_fields = _advance(f_iter, sample_id, f"{root / FEATURES} shard {shard.index}")
+            for column, fields in ((render, r_fields), (features, f_fields)):
+                # A field the column declares required is never replaced by something else (a tar
+                # sample without its mask member must not train on the rendered alpha).
+                missing = [n for n, spec in column.fields.items() if spec.required and n not in fields]
+                if missing:
+                    raise DatasetError(f"{fields.where}: required field {missing[0]!r} missing (the column's "
+                                       "fields say every sample has it)")
             yield sample_id, r_fields, f_fields
     finally:  # release the open tar / Zarr handles now, not at garbage collection
         r_iter.close()
