@@ -4,15 +4,21 @@ Every output appears atomically: it is written under a temporary name in the des
 (same filesystem) and renamed into place, so a killed process never leaves a half-written file
 under a final name. Untrusted relative paths (glTF buffer URIs, tar member names) are resolved with
 `safe_join`, which refuses anything that would leave its folder; `refuse_nested` keeps a command's
-output out of its input.
+output out of its input. `exclusive_lock` lets one writer at a time into a store or a shard.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
+import errno
+import fcntl
 import json
 import os
+import shlex
 import shutil
+import socket
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -147,3 +153,63 @@ def refuse_nested(source: str | os.PathLike, out: str | os.PathLike, source_name
         raise ConfigError(f"{out}: OUT is inside {source_name} ({source}); give OUT a folder outside it")
     if src.is_relative_to(dst):
         raise ConfigError(f"{source}: {source_name} is inside OUT ({out}); give OUT a folder of its own")
+
+
+class LockedError(DualPMError):
+    """Another process holds the exclusive lock of a store or shard."""
+
+
+def _holder(fd: int) -> str:
+    try:
+        info = json.loads(os.pread(fd, 4096, 0).decode("utf-8"))
+        return (f"pid {info['pid']} on host {info['host']} since {info['started']}, "
+                f"command: {info['command']}")
+    except (OSError, ValueError, KeyError, TypeError):
+        return "a process that is just starting (it has not written its name yet)"
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (created, then removed on release) while the block runs.
+
+    The lock is a `flock` on the file, which the kernel releases when its holder dies however it dies
+    (kill -9, a lost node's processes end with it): a crashed holder never leaves a lock behind, and a
+    lock file left by one is taken over by the next writer. The holder writes its host, pid, start
+    time (UTC) and command line into the file. Raises `LockedError` ("<what>: ... held by pid P on
+    host H since T, command: C") when another process holds it, and `DualPMError` where the filesystem
+    has no locks (some NFS setups without a lock daemon). The file descriptor is not inherited by
+    child processes.
+    """
+    path = Path(path)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd)
+            os.close(fd)
+            raise LockedError(f"{what}: held by {holder} ({path})") from None
+        except OSError as err:
+            os.close(fd)
+            if err.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise DualPMError(f"{path}: this filesystem does not support file locks ({err.strerror})") from err
+            raise
+        # The previous holder removes the file as it releases it: a lock on a removed (or replaced) file
+        # guards nothing, so take it again on what the path names now.
+        try:
+            current = os.stat(path)
+        except FileNotFoundError:
+            current = None
+        if current is not None and os.path.samestat(os.fstat(fd), current):
+            break
+        os.close(fd)
+    try:
+        started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        command = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv and sys.argv[0] else "python"
+        info = {"host": socket.gethostname(), "pid": os.getpid(), "started": started, "command": command}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(info) + "\n").encode("utf-8"), 0)
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # while still holding it (see above)
+        os.close(fd)

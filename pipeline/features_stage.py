@@ -77,6 +77,7 @@ from pipeline.runner import (
     Stage,
     check_column,
     describe_plan,
+    lock_store,
     open_manifest,
     prepare_column,
     report_skipped,
@@ -545,6 +546,8 @@ def features(ctx: click.Context, src: Path, out: Path, extractor: str, sd_model:
     sd_model = sd_model if extractor == "sd-dino" else None
     dino_model = dino_model if extractor in ("sd-dino", "dino") else None
     source = SourceDataset(src)
+    if not dry_run:
+        lock_store(out, source, "dualpm-prep features")
     manifest = open_manifest(out, source, shard_size)
     require_samples(manifest, source)
     spec = make_spec(source, manifest, extractor, sd_model, dino_model, dim, grid, timestep, sd_pca_dims,

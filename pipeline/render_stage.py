@@ -74,6 +74,7 @@ from pipeline.runner import (
     Stage,
     check_column,
     describe_plan,
+    lock_store,
     open_manifest,
     prepare_column,
     report_skipped,
@@ -545,6 +546,8 @@ def render(src: Path, out: Path, resolution: int, layers: int, shard_size: int |
     if isinstance(near, float) and isinstance(far, float) and not near < far:
         raise click.BadParameter(f"--near {near:g} must be below --far {far:g}", param_hint="--near/--far")
     source = SourceDataset(src)
+    if not dry_run:
+        lock_store(out, source, "dualpm-prep render")
     manifest = open_manifest(out, source, shard_size)
     require_samples(manifest, source)
     mask_size, image_size = source_sizes(source, manifest, resolution) if fmt == "zarr" else (None, None)

@@ -16,7 +16,12 @@ with the stage's resources, or a method call on an actor); that is all a stage s
 Resume: a shard is done when its sidecar matches its data (size and sha256); everything else is
 removed and redone, so a rerun never mixes half-written or corrupt shards with good ones. The driver
 is the only writer of manifest.json; the sidecars are the truth after a crash, and failures.jsonl
-is rebuilt from the records every run (no duplicated lines). One driver per column at a time.
+is rebuilt from the records every run (no duplicated lines).
+
+One writer per store at a time: `lock_store` (taken by render and features before they read the
+manifest, held until they end) refuses a second command on the same OUT, naming the holder; every
+`ShardWriter` also claims its shard, so a stray worker of a killed run and a new one never publish the
+same shard.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import ray
 
 from dualpm.data.source import SKIP_KINDS, SourceDataset, describe_split_rule
 from dualpm.errors import ConfigError, DatasetError, DualPMError
-from dualpm.fileio import atomic_write_text, refuse_nested
+from dualpm.fileio import atomic_write_text, exclusive_lock, refuse_nested
 from dualpm.store import (
     FORMATS,
     MANIFEST_NAME,
@@ -57,6 +62,7 @@ from dualpm.store import (
 from pipeline.cluster import Stopwatch, TaskWindow, connect_timeout_option
 
 DEFAULT_SHARD_SIZE = 256
+STORE_LOCK = ".writer.lock"  # OUT/.writer.lock: held (flock) by the one command writing the store
 SKIPPED_NAME = "skipped.jsonl"  # files of SRC's layout folders that no sample took, and why
 MANIFEST_SAVE_SECONDS = 10.0  # records are on disk anyway; this only keeps manifest.json fresh
 
@@ -86,6 +92,19 @@ class Stage:
         if self.format not in FORMATS:
             raise ConfigError(f"unknown format {self.format!r}; choose one of {', '.join(FORMATS)}")
         column_dir(".", self.column)  # validates the name
+
+
+def lock_store(out: str | os.PathLike, source: SourceDataset, command: str) -> None:
+    """Hold the store `out`'s writer lock until the current click command ends (ConfigError if `out`
+    is the source or nested with it, `fileio.LockedError` naming the holder if another command writes
+    it). Call it before reading the manifest: what another writer is doing would be stale."""
+    refuse_nested(source.root, out, "the source dataset SRC")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    what = (f"{out}: another command is writing this store (two writers would replace each other's "
+            f"output); wait for it to end or stop it ({command} resumes; a writer that died releases the "
+            "lock by itself)")
+    click.get_current_context().with_resource(exclusive_lock(out / STORE_LOCK, what))
 
 
 def open_manifest(out: str | os.PathLike, source: SourceDataset, shard_size: int | None) -> Manifest:

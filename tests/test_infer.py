@@ -8,6 +8,7 @@ and that features are made as the model was trained on them).
 
 from __future__ import annotations
 
+import re
 import json
 import os
 import shutil
@@ -33,7 +34,7 @@ from dualpm.features.dino import write_random_dinov2
 from dualpm.infer import InferError
 from dualpm.infer.batches import Batch
 from dualpm.infer.cli import main as infer_main
-from dualpm.infer.predictors import ModelPredictor, build_image_features
+from dualpm.infer.predictors import ModelPredictor, build_image_features, load_model
 from dualpm.model import DualPMNet, ModelConfig, UNetConfig
 from dualpm.pointcloud import read_ply
 from dualpm.predictions import keep_mask, open_predictions
@@ -302,3 +303,19 @@ def test_an_unreadable_checkpoint_is_one_clear_line(tmp_path):
         output = run(infer_main, "--checkpoint", path, "--data", tmp_path, "--out", tmp_path / "p", exit_code=1)
         assert output.startswith(f"Error: {path}: ") and output.count("\n") == 1, (kind, output)
     assert not (tmp_path / "p").exists()
+
+
+def test_weights_that_do_not_fit_the_checkpoints_config_are_one_short_line(tmp_path):
+    # Issue 22, item 6: said in one line, but 419 lines long (every key of load_state_dict's message).
+    raw = {"model": {"in_channels": 4, "num_layers": 2, "unet": {
+        "base_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_levels": [],
+        "dropout": 0.0, "num_groups": 8}}, "data": {"resolution": [16, 16]}}
+    weights = DualPMNet(config_from_dict(raw).model).state_dict()
+    bigger = {**raw, "model": {**raw["model"], "unet": {**raw["model"]["unet"], "base_channels": 32}}}
+    with pytest.raises(InferError) as err:
+        load_model({"config": bigger, "model": weights}, tmp_path / "c.pt")
+    message = str(err.value)
+    assert message.startswith(f"{tmp_path / 'c.pt'}: its model weights do not fit the model its config describes (")
+    assert "\n" not in message and len(message) < 400, message
+    assert re.search(r"\(\d+ of another shape, e\.g\. \S+: \(\d+, \d+(, \d+)*\) in the file, \(\d+, \d+(, \d+)*\) in "
+                     r"the model(; \d+ missing, e\.g\. \S+)?\): the file was changed", message), message

@@ -515,3 +515,36 @@ def test_corrupt_feature_bytes_are_never_read(tmp_path, features_format):
     assert f"{root / 'features'} shard 0: data do not match the sha256 of its record" in message
     if features_format == "zarr":  # per-chunk checksums name the sample too
         assert "first damaged sample" in message and "field 'features' does not decode" in message
+
+
+def test_a_required_field_missing_from_a_tar_is_an_error_not_replaced_by_the_alpha(tmp_path):
+    # Issue 22, item 7: a tar shard without its `mask` members trained (exit 0) on the rendered alpha.
+    # The shard is rewritten without them and its records updated, so checksums pass: the data lie.
+    import io
+    import tarfile
+
+    from dualpm.data.reader import ShardStream
+    from dualpm.store import load_manifest, shard_digest
+    from dualpm.store.manifest import ShardRecord, write_record
+
+    root = write_store(tmp_path / "data", n_train=8, n_val=0, shard_size=4)
+    manifest = load_manifest(root)
+    render = manifest.columns["render"]
+    path = root / "render" / "shard-000001.tar"
+    kept = io.BytesIO()
+    with tarfile.open(path) as old, tarfile.open(fileobj=kept, mode="w") as new:
+        for member in old:
+            if member.name != "0005.mask.png":
+                new.addfile(member, old.extractfile(member))
+    path.write_bytes(kept.getvalue())
+    sha256, nbytes = shard_digest(root / "render", 1, "webdataset")
+    record = render.shards[1]
+    render.shards[1] = ShardRecord(1, record.count, record.ids, record.failures, sha256, nbytes, "webdataset",
+                                   record.schema_version)
+    write_record(root / "render", render.shards[1])
+    save_manifest(root, manifest)
+    info = open_dataset(root)
+    stream = ShardStream(info, "train", 2, (16, 16), seed=0, shuffle=False, infinite=False)
+    with pytest.raises(DatasetError, match=r"render shard 1 sample '0005': required field 'mask' missing \(the "
+                       r"column's fields say every sample has it\)"):
+        list(stream)

@@ -561,3 +561,45 @@ def test_sigkill_partway_then_rerun_gives_every_sample_exactly_once(tmp_path):
     assert sorted(stored) == ds.ids and len(stored) == len(set(stored)) == 48
     assert verify_store(out) == []
     assert not [p for p in (out / "render").iterdir() if p.name.startswith(".")]  # no temporaries left
+
+
+def test_a_second_writer_of_a_store_is_refused_naming_the_first_and_a_dead_one_holds_nothing(tmp_path, ray_local):
+    # Issue 22, item 4: two `dualpm-prep render` on one OUT with different --resolution both exited 0, the
+    # first run's output silently replaced. The first writer here is a process holding the store's lock as
+    # `dualpm-prep render` does; the second (render or features) is refused naming it, before writing.
+    import re
+    import socket
+
+    ds = make_source_dataset(tmp_path / "src", num_samples=4, models=1)
+    out = tmp_path / "out"
+    out.mkdir()
+    script = f"""
+import sys, time
+from dualpm.fileio import exclusive_lock
+sys.argv = ["dualpm-prep", "render", {str(ds.root)!r}, {str(out)!r}, "--resolution", "16"]
+with exclusive_lock({str(out / ".writer.lock")!r}, "held"):
+    print("writing", flush=True)
+    time.sleep(120)
+"""
+    holder = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    args = [str(ds.root), str(out), "--resolution", str(RES), "--layers", str(LAYERS), "--shard-size", "2"]
+    try:
+        assert holder.stdout.readline() == "writing\n"
+        named = (rf"Error: {re.escape(str(out))}: another command is writing this store \(two writers would "
+                 rf"replace each other's output\); wait for it to end or stop it \(dualpm-prep (render|features) "
+                 rf"resumes; a writer that died releases the lock by itself\): held by pid {holder.pid} on host "
+                 rf"{re.escape(socket.gethostname())} since \S+Z, command: dualpm-prep render {re.escape(str(ds.root))} "
+                 rf"{re.escape(str(out))} --resolution 16 ")
+        code, output = render_cli(*args)
+        assert code == 1 and re.match(named, output), output
+        result = CliRunner().invoke(main, ["features", str(ds.root), str(out), "--extractor", "rgb"])
+        assert result.exit_code == 1 and re.match(named, result.output), result.output
+        assert sorted(p.name for p in out.iterdir()) == [".writer.lock"]  # nothing else written
+        assert render_cli(*args, "--dry-run")[0] == 0  # reading is not writing
+    finally:
+        holder.kill()  # kill -9: its lock file stays, the kernel released the lock
+        holder.wait()
+    code, output = render_cli(*args)
+    assert code == 0 and "4 samples written" in output, output
+    assert not (out / ".writer.lock").exists() and verify_store(out) == []

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import re
+import socket
 import subprocess
 import sys
 import tarfile
@@ -14,6 +17,7 @@ import pytest
 import webdataset
 
 from dualpm.errors import DatasetError
+from dualpm.fileio import LockedError
 from dualpm.store.encoding import sparse_dual_pointmap
 from dualpm.store.manifest import (
     SCHEMA_VERSION,
@@ -230,6 +234,9 @@ def test_abandoned_writers_leave_only_temporaries(tmp_path):
         writer.add("s1", sample_fields(np.random.default_rng(0), "s1"))
         assert shard_files(tmp_path / format / "col", 0, format) == []
         assert shard_status(tmp_path / format / "col", 0, format) is None
+        with pytest.raises(LockedError, match="another writer is writing this shard"):  # it still lives
+            write_shard(tmp_path / format, column, plan)
+        writer._claim_held.close()  # its process dies: the kernel releases its claim (a flock), nothing else
         record, _ = write_shard(tmp_path / format, column, plan)  # a rerun is not blocked by the leftover
         assert shard_status(tmp_path / format / "col", 0, format) == record
         assert remove_temporaries(tmp_path / format / "col") == (format == "webdataset")
@@ -251,8 +258,9 @@ with ShardWriter({str(tmp_path / "col")!r}, plan, "webdataset", {{"blob": FieldS
 """
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True)
     assert result.returncode == -9, result.stderr.decode()
-    leftovers = list((tmp_path / "col").iterdir())
-    assert len(leftovers) == 1 and leftovers[0].name.startswith(".tmp-shard-000000.tar")
+    leftovers = sorted((tmp_path / "col").iterdir())
+    assert len(leftovers) == 2 and leftovers[1].name.startswith(".tmp-shard-000000.tar")
+    assert leftovers[0].name == ".claim-shard-000000"  # no longer held: its holder died
     assert leftovers[0].stat().st_size > 0  # it was killed mid-shard, with data written
     assert shard_status(tmp_path / "col", 0, "webdataset") is None
 
@@ -521,3 +529,144 @@ def test_verify_reports_a_missing_manifest_and_unknown_columns(tmp_path):
     (tmp_path / "records" / "render" / "shard-000007.json").write_text(json.dumps({}))
     expected = [("render", 7, None, "shard record beyond the plan")]
     assert problems_of(tmp_path, columns=["render"], deep=False) == expected
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_zarr_valid_is_published_after_every_other_field_of_its_rows(tmp_path, monkeypatch, overwrite):
+    # Issue 22, item 3: `valid` marked the rows of a shard killed mid-publish as present while their `meta`
+    # (and other fields) were still empty: a plain-zarr reader following docs/format.md broke.
+    import zarr
+
+    import dualpm.store.shards as shards_module
+
+    _, column = make_store(tmp_path, ["s1", "s2"])
+    plan = ShardPlan(0, "train", ("s1", "s2"))
+    if overwrite:  # an earlier complete write of the shard, rewritten with other samples (s1 failed)
+        write_shard(tmp_path, column, plan)
+    published = []
+    real = shards_module.atomic_write_bytes
+
+    def killed_after_two(path, data):
+        if len(published) == 2:
+            raise KeyboardInterrupt("killed")
+        published.append(Path(path).relative_to(tmp_path / "col").parts[0])
+        real(path, data)
+
+    monkeypatch.setattr(shards_module, "atomic_write_bytes", killed_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        with ShardWriter(tmp_path / "col", plan, "zarr", FIELDS, overwrite=overwrite) as writer:
+            writer.fail("s1", "x")
+            writer.add("s2", sample_fields(np.random.default_rng(5), "s2"))
+    assert "valid" not in published
+    group = zarr.open_group(tmp_path, mode="r")
+    valid, meta = group["col/valid"][:2], group["col/meta"][:2]
+    assert not valid.any(), (published, valid, meta)  # nothing half-written is marked present
+    monkeypatch.setattr(shards_module, "atomic_write_bytes", real)
+    with ShardWriter(tmp_path / "col", plan, "zarr", FIELDS, overwrite=True) as writer:
+        writer.fail("s1", "x")
+        writer.add("s2", sample_fields(np.random.default_rng(5), "s2"))
+    assert group["col/valid"][:2].tolist() == [False, True] and group["col/meta"][1] != ""
+
+
+@pytest.mark.parametrize("format", FORMATS)
+def test_two_writers_of_one_shard_the_second_is_refused_naming_the_first_until_it_dies(tmp_path, format):
+    # Issue 22, item 4: the check meant to stop two writers publishing one shard never fired. A writer in
+    # another process holds shard 0 (a stray worker of a killed run): a second writer is refused at once,
+    # naming it; once it is killed (-9) the shard is written normally and its claim is gone.
+    _, column = make_store(tmp_path, ["s1", "s2"], format=format)
+    script = f"""
+import sys, time
+from dualpm.store import FieldSpec, ShardPlan, ShardWriter
+from test_store_shards import FIELDS
+sys.argv = ["dualpm-prep", "render", "SRC", "OUT"]
+with ShardWriter({str(tmp_path / "col")!r}, ShardPlan(0, "train", ("s1", "s2")), {format!r}, FIELDS):
+    print("writing", flush=True)
+    time.sleep(120)
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+    holder = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "writing\n"
+        plan = ShardPlan(0, "train", ("s1", "s2"))
+        host = socket.gethostname()
+        with pytest.raises(LockedError, match=rf"col shard 0: another writer is writing this shard: held by pid "
+                           rf"{holder.pid} on host {re.escape(host)} since .*Z, command: dualpm-prep render SRC OUT"):
+            write_shard(tmp_path, column, plan)
+        with pytest.raises(LockedError):  # also with overwrite: the claim is not a question of existing data
+            write_shard(tmp_path, column, plan, overwrite=True)
+        assert shard_files(tmp_path / "col", 0, format) == [] and not record_path(tmp_path / "col", 0).exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (tmp_path / "col" / ".claim-shard-000000").exists()  # left by the killed writer: not a lock now
+    record, samples = write_shard(tmp_path, column, plan)
+    assert shard_status(tmp_path / "col", 0, format) == record
+    assert_same_sample(dict(read_shard(tmp_path, column, 0))["s2"], samples["s2"])
+    assert not (tmp_path / "col" / ".claim-shard-000000").exists()
+
+
+def _edit_json(path: Path, edit) -> None:
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def test_verify_reports_what_the_reader_refuses_and_metadata_that_contradicts_the_manifest(tmp_path):
+    # Issue 22, item 5: NaN features (Zarr), out-of-range features (tar), a missing schema block, a root
+    # format_version or a manifest shard_size contradicting the arrays all passed `verify`.
+    from dualpm.store import load_manifest as load
+    from test_reader import write_store
+
+    root = write_store(tmp_path / "nan", nan_features=frozenset({"0001"}))
+    assert problems_of(root) == [
+        ("features", 0, "0001", "field 'features' holds values that are not finite (NaN or inf)")]
+    root = write_store(tmp_path / "huge", formats=("webdataset", "webdataset"))
+    manifest = load(root)
+    column, plan = manifest.columns["features"], manifest.plan[0]
+    with ShardWriter(root / "features", plan, "webdataset", column.fields, overwrite=True) as writer:
+        for sample_id in plan.ids:
+            writer.add(sample_id, {"features": np.full((5, 8, 8), 2048 if sample_id == "0002" else 0.5, np.float16)})
+    column.shards[0] = writer.record
+    save_manifest(root, manifest)
+    assert problems_of(root) == [
+        ("features", 0, "0002", "field 'features' holds values up to 2048, beyond +-1000 (damaged)")]
+
+    root = write_store(tmp_path / "schema")
+    assert problems_of(root) == []
+    _edit_json(root / "manifest.json", lambda m: m.pop("schema"))
+    assert problems_of(root) == [(None, None, None, f"{root / 'manifest.json'}: no schema block ('schema')")]
+    root = write_store(tmp_path / "version")
+    _edit_json(root / "zarr.json", lambda z: z["attributes"]["dualpm"].update(format_version=3))
+    assert {p[3] for p in problems_of(root)} == {
+        f"{root / 'zarr.json'} ({view}): the schema block contradicts manifest.json in format_version"
+        for view in ("consolidated metadata", "metadata")}
+    root = write_store(tmp_path / "size")  # 8 + 4 samples in shards of 4: rows 12, arrays sharded by 4
+    _edit_json(root / "manifest.json", lambda m: m.update(shard_size=8))
+    found = {p[3] for p in problems_of(root)}
+    assert f"{root / 'manifest.json'}: the schema block contradicts the manifest in rows, shard_size" in found
+    assert f"{root / 'zarr.json'} (metadata): array 'ids': shape (12,), the plan gives (24,)" in found
+    assert f"{root / 'zarr.json'} (metadata): array features/features: shape (12, 5, 8, 8), the plan gives " \
+           "(24, 5, 8, 8)" in found
+
+
+def test_an_edited_zarr_row_count_is_one_line_naming_the_array_not_an_index_error(tmp_path):
+    # Issue 22, item 6: `render/dpm/values` with its row count edited made verify and training die with
+    # IndexError in store/shards.py.
+    from dualpm.data.reader import open_dataset
+    from test_reader import write_store
+
+    root = write_store(tmp_path / "data", formats=("zarr", "zarr"))
+
+    def fewer_rows(meta: dict) -> None:
+        meta["shape"][0] = 5
+
+    _edit_json(root / "render" / "dpm" / "values" / "zarr.json", fewer_rows)
+    _edit_json(root / "zarr.json", lambda z: fewer_rows(z["consolidated_metadata"]["metadata"]["render/dpm/values"]))
+    message = f"{root / 'render' / 'dpm' / 'values'}: shape (5, 1536, 6), the plan gives (12, 1536, 6)"
+    with pytest.raises(DatasetError, match=re.escape(message)):
+        open_dataset(root)
+    found = problems_of(root)
+    assert ("render", None, None, f"{root / 'zarr.json'} (metadata): array render/dpm/values: shape (5, 1536, 6), "
+            "the plan gives (12, 1536, 6)") in found
+    assert ("render", 0, None, f"{message} (its Zarr metadata was changed; `dualpm-prep verify` lists every "
+            "problem)") in found

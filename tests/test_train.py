@@ -25,7 +25,7 @@ from click.testing import CliRunner
 from dualpm.errors import ConfigError, DatasetError
 from dualpm.fileio import atomic_write_text
 from dualpm.train import NonFiniteLossError, config_from_dict, load_checkpoint, train
-from dualpm.train.checkpoint import FORMAT, LATEST, checkpoint_dir, step_checkpoints
+from dualpm.train.checkpoint import FORMAT, LATEST, CheckpointError, checkpoint_dir, step_checkpoints
 from dualpm.train.cli import main
 from dualpm.train.loop import EXIT_STOPPED
 from test_reader import write_store
@@ -411,3 +411,113 @@ def test_a_signal_to_one_ddp_rank_stops_every_rank_after_the_same_step(tmp_path)
     for rank in range(2):  # both ranks took steps 1..k, two samples each, and no more
         taken = [int(line.split()[0]) for line in (run / "ids" / f"rank-{rank}.txt").read_text().splitlines()]
         assert taken == [s for s in range(1, k + 1) for _ in range(2)], rank
+
+
+def test_a_run_folder_never_equals_holds_or_lies_in_a_store_and_overwrite_deletes_only_run_entries(tmp_path):
+    # Issue 22, item 1: `--data STORE --out STORE --overwrite` deleted the store's `ids/` array (a run
+    # folder also has an entry `ids`), and `--out STORE/run` was accepted.
+    root = write_store(tmp_path / "data")
+    snapshot = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+    cases = {root: "is the dataset", root / "run": "is inside the dataset", tmp_path: "holds the dataset"}
+    for out, what in cases.items():
+        config = _write_config(tmp_path / "c.yaml", tiny_raw(root, out, steps=1))
+        for extra in ([], ["--overwrite"], ["--dry-run"], ["--overwrite", "--dry-run"]):
+            result = CliRunner().invoke(main, [str(config), *extra])
+            assert result.exit_code == 1, (out, extra, result.output)
+            assert f"the run folder {what}" in result.output and "--overwrite (deletes" not in result.output
+    assert sorted(str(p.relative_to(root)) for p in root.rglob("*")) == snapshot
+    assert not (root / "run").exists()
+    # Another store (not the one trained on) given as the run folder: never deleted either.
+    other = write_store(tmp_path / "other")
+    other_snapshot = sorted(str(p.relative_to(other)) for p in other.rglob("*"))
+    with pytest.raises(ConfigError, match=r"other: holds a prepared dataset \(manifest.json\)"):
+        train(config_from_dict(tiny_raw(root, other, steps=1)), overwrite=True, verbose=False)
+    assert sorted(str(p.relative_to(other)) for p in other.rglob("*")) == other_snapshot
+    # A folder whose `ids` (or any run entry) is not what a run writes: --overwrite refuses to delete it.
+    run = tmp_path / "runs" / "a"
+    (run / "ids" / "c").mkdir(parents=True)
+    (run / "ids" / "zarr.json").write_text("{}")
+    (run / "config.yaml").write_text("x: 1\n")
+    with pytest.raises(ConfigError, match=r"a[/\\]ids: not what a training run writes \(holds zarr.json\); "
+                       r"--overwrite deletes only a run's own entries"):
+        train(config_from_dict(tiny_raw(root, run, steps=1)), overwrite=True, verbose=False)
+    assert (run / "ids" / "zarr.json").is_file() and (run / "config.yaml").is_file()
+    with pytest.raises(ConfigError) as refused:
+        train(config_from_dict(tiny_raw(root, run, steps=1)), verbose=False)
+    assert "not what a training run writes" in str(refused.value) and "--overwrite (deletes" not in str(
+        refused.value)
+
+
+def test_an_incomplete_store_is_refused_with_the_counts_unless_allowed(tmp_path, capsys):
+    # Issue 22, item 2: a store whose features stage stopped part way trained on what was there, silently.
+    # 12 train samples in shards 0-2, 4 val in shard 3; features of shard 1 and render of shard 3 missing.
+    root = write_store(tmp_path / "data", n_train=12, n_val=4, shard_size=4,
+                       skip_shards={"features": {1}, "render": {3}})
+    raw = tiny_raw(root, tmp_path / "run", steps=1)
+    expected = (r"data: the store is incomplete: column 'render' lacks 1 of 4 shards \(3\), column 'features' "
+                r"lacks 1 of 4 shards \(1\); training would see 8 of 12 'train' samples and 0 of 4 'val' "
+                r"samples\. Complete it by rerunning the stage that stopped \(it resumes\): dualpm-prep render "
+                r"SRC .*data and dualpm-prep features SRC .*data \(SRC: synthetic spheres\), or train on what "
+                r"is there with --allow-incomplete")
+    with pytest.raises(DatasetError, match=expected):
+        train(config_from_dict(raw), verbose=False)
+    assert not (tmp_path / "run").exists()
+    config = _write_config(tmp_path / "c.yaml", raw)
+    for extra in ([], ["--dry-run"]):
+        result = CliRunner().invoke(main, [str(config), *extra])
+        assert result.exit_code == 1 and re.search(expected, result.output), result.output
+    result = CliRunner().invoke(main, [str(config), "--allow-incomplete"])
+    assert result.exit_code == 0, result.output
+    assert re.search(r"note: training on an incomplete store \(--allow-incomplete\): column 'render' lacks "
+                     r"1 of 4 shards \(3\), column 'features' lacks 1 of 4 shards \(1\); training would see 8 "
+                     r"of 12 'train' samples and 0 of 4 'val' samples", result.output), result.output
+    # Failed samples are not missing data: recorded failures of a finished store train without a flag.
+    full = write_store(tmp_path / "full", fail={"features": {"0001"}})
+    assert train(config_from_dict(tiny_raw(full, tmp_path / "run2", steps=1)), verbose=False).step == 1
+
+
+def test_resume_from_weights_that_do_not_fit_the_config_is_one_line(tmp_path):
+    # Issue 22, item 6: `--resume` with a checkpoint whose weights do not fit its config died with a
+    # load_state_dict traceback.
+    root = write_store(tmp_path / "data")
+    run = tmp_path / "run"
+    train(config_from_dict(tiny_raw(root, run, steps=1)), verbose=False)
+    state = load_checkpoint(checkpoint_dir(run) / LATEST)
+    name = next(k for k, v in state["model"].items() if v.ndim == 4)
+    shape = tuple(state["model"][name].shape)
+    state["model"][name] = torch.zeros(shape[0] + 1, *shape[1:])
+    extra = dict(state, model={**state["model"], "head.extra": torch.zeros(2)})
+    torch.save(extra, tmp_path / "edited.pt")
+    config = _write_config(tmp_path / "c.yaml", tiny_raw(root, run, steps=2))
+    result = CliRunner().invoke(main, [str(config), "--resume", str(tmp_path / "edited.pt")])
+    wrong = (shape[0] + 1, *shape[1:])
+    assert result.exit_code == 1 and result.output == (
+        f"Error: {tmp_path / 'edited.pt'}: its model weights do not fit the model its config describes (1 of "
+        f"another shape, e.g. {name}: {wrong} in the file, {shape} in the model; 1 unexpected, e.g. "
+        "head.extra): the file was changed or written by other code\n"), result.output
+
+
+def test_resume_auto_falls_back_to_the_newest_intact_checkpoint_and_says_so(tmp_path, capsys):
+    # Issue 22: `--resume auto` with a truncated latest checkpoint (a full disk) refused to go on. latest.pt
+    # is a hard link to step 3's file: truncating it truncates both, so step 2 is the newest that reads.
+    root = write_store(tmp_path / "data")
+    full = train(config_from_dict(tiny_raw(root, tmp_path / "full", steps=4, checkpoint_every=1)), verbose=False)
+    run = tmp_path / "run"
+    train(config_from_dict(tiny_raw(root, run, steps=3, checkpoint_every=1)), verbose=False)
+    latest = checkpoint_dir(run) / LATEST
+    data = latest.read_bytes()
+    with open(latest, "r+b") as fh:
+        fh.truncate(len(data) // 2)
+    capsys.readouterr()
+    resumed = train(config_from_dict(tiny_raw(root, run, steps=4, checkpoint_every=1)), resume="auto", verbose=False)
+    out = capsys.readouterr().out
+    assert re.search(rf"note: {re.escape(str(latest))}: not a readable dualpm checkpoint \(.*\); resuming from "
+                     rf"{re.escape(str(checkpoint_dir(run) / 'step-00000002.pt'))} \(step 2\), the newest checkpoint "
+                     r"that reads", out), out
+    a, b = _params(full.checkpoint), _params(resumed.checkpoint)
+    assert all(torch.equal(a[name], b[name]) for name in a)  # steps 3 and 4 redone, bit for bit
+    assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4]
+    # A named checkpoint never falls back.
+    (tmp_path / "t.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"t.pt: not a readable dualpm checkpoint"):
+        train(config_from_dict(tiny_raw(root, run, steps=5)), resume=str(tmp_path / "t.pt"), verbose=False)

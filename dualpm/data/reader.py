@@ -1,7 +1,8 @@
 """Streaming reader: joins a prepared dataset's `render` and `features` columns shard by shard.
 
 `open_dataset(root)` reads the manifest once and lists, per split, the shards finished in both columns
-with the sample ids they share (a sample missing from either column is skipped). `ShardStream` is the
+with the sample ids they share (a sample missing from either column is skipped; `DatasetInfo.incomplete`
+says what an unfinished store lacks: the trainer refuses it unless asked to train on it). `ShardStream` is the
 `IterableDataset` the trainer reads:
 
 * **Consumers.** Every (DDP rank, DataLoader worker) pair is one consumer, `rank * workers + worker`.
@@ -21,7 +22,8 @@ with the sample ids they share (a sample missing from either column is skipped).
 
 Decoded samples: `features` (C, H, W) float32 upsampled bilinearly (align_corners=False) to the training
 resolution, `target` (H, W, L, 7) float32 (first L layers), `mask` (H, W) float32 in {0, 1} (the stored
-mask decoded by `dualpm.masks`, resized by area > 0.5, else layer-1 alpha), `id` and `position` (3,) int64.
+mask decoded by `dualpm.masks`, resized by area > 0.5; layer-1 alpha only for a column that declares no
+mask field: a required field missing from a sample is an error), `id` and `position` (3,) int64.
 
 Integrity: every shard of both columns is checked against the sha256 of its record before any of its
 samples is yielded (`dualpm.store.read_shard`; the cost is measured in docs/benchmarks.md), and features
@@ -49,13 +51,14 @@ from dualpm.errors import DatasetError
 from dualpm.masks import INSIDE, resize_mask
 from dualpm.store import ColumnInfo, Manifest, StoredSample, load_manifest, read_shard
 from dualpm.pointmaps import ALPHA
+from dualpm.store.fields import ARRAY_LIMIT
 
 RENDER = "render"
 FEATURES = "features"
 FEATURE_FIELD = "features"  # the features column's (C, h, w) array field
-# Every extractor we ship gives features within a few units (L2-normalised parts through a PCA basis,
-# packed PNGs in [-1, 1]); anything beyond this, or not finite, is damaged data.
-FEATURE_LIMIT = 1000.0
+# Every extractor we ship gives features within a few units; beyond this, or not finite, is damaged data
+# (the same bound `dualpm-prep verify` applies).
+FEATURE_LIMIT = ARRAY_LIMIT
 T = TypeVar("T")
 
 
@@ -92,6 +95,40 @@ class DatasetInfo:
     def count(self, split: str) -> int:
         """Number of samples of `split` the reader yields per epoch."""
         return sum(len(s.ids) for s in self.shards.get(split, ()))
+
+    def incomplete(self, splits: Sequence[str]) -> str | None:
+        """What is missing when shards of the plan are unfinished in a column (None: the store is complete).
+
+        Says, per column, how many of the plan's shards it lacks (and which), and per split in `splits` how
+        many of the planned samples training would see. Failed samples (recorded in finished shards) are
+        not missing data.
+        """
+        if not self.skipped_shards:
+            return None
+        plan = self.manifest.plan
+        parts = []
+        for name in (RENDER, FEATURES):
+            lacking = [p.index for p in plan if p.index not in self.manifest.columns[name].shards]
+            if lacking:
+                shown = ", ".join(map(str, lacking[:8])) + (", ..." if len(lacking) > 8 else "")
+                parts.append(f"column {name!r} lacks {len(lacking)} of {len(plan)} shards ({shown})")
+        seen = [f"{self.count(split)} of {sum(len(p.ids) for p in plan if p.split == split)} {split!r} samples"
+                for split in splits]
+        return f"{', '.join(parts)}; training would see {' and '.join(seen)}"
+
+    def incomplete_refusal(self, splits: Sequence[str]) -> str | None:
+        """The one-line refusal to train on an incomplete store (None: complete): counts and commands."""
+        what = self.incomplete(splits)
+        if what is None:
+            return None
+        stages = [name for name in (RENDER, FEATURES)
+                  if any(p.index not in self.manifest.columns[name].shards for p in self.manifest.plan)]
+        commands = " and ".join(f"dualpm-prep {name} SRC {self.root}" for name in stages)
+        return (
+            f"{self.root}: the store is incomplete: {what}. Complete it by rerunning the stage that stopped "
+            f"(it resumes): {commands} (SRC: {self.manifest.source}), or train on what is there with "
+            "--allow-incomplete"
+        )
 
 
 def feature_array(fields: Mapping[str, Any], where: str) -> np.ndarray:
@@ -196,6 +233,13 @@ def _joined(
         for sample_id in wanted:
             r_fields = _advance(r_iter, sample_id, f"{root / RENDER} shard {shard.index}")
             f_fields = _advance(f_iter, sample_id, f"{root / FEATURES} shard {shard.index}")
+            for column, fields in ((render, r_fields), (features, f_fields)):
+                # A field the column declares required is never replaced by something else (a tar
+                # sample without its mask member must not train on the rendered alpha).
+                missing = [n for n, spec in column.fields.items() if spec.required and n not in fields]
+                if missing:
+                    raise DatasetError(f"{fields.where}: required field {missing[0]!r} missing (the column's "
+                                       "fields say every sample has it)")
             yield sample_id, r_fields, f_fields
     finally:  # release the open tar / Zarr handles now, not at garbage collection
         r_iter.close()

@@ -23,7 +23,7 @@ from dualpm.infer import InferError
 from dualpm.infer.batches import Batch
 from dualpm.model import DualPMNet, NetworkOutput
 from dualpm.predictions import FLOAT16_MAX, PredictedMaps
-from dualpm.train.checkpoint import FEATURE_BASIS, find_checkpoint
+from dualpm.train.checkpoint import FEATURE_BASIS, CheckpointError, find_checkpoint, load_weights
 from dualpm.train.config import Config, config_from_dict
 from dualpm.pointmaps import to_channel_first
 
@@ -113,9 +113,11 @@ def load_model(state: dict[str, Any], where: Path) -> tuple[DualPMNet, Config]:
     try:
         config = config_from_dict(state["config"])
         model = DualPMNet(config.model)
-        model.load_state_dict(state["model"])
-    except (KeyError, RuntimeError) as err:
-        raise InferError(f"{where}: the checkpoint's model does not load ({err})") from err
+        load_weights(model, state["model"], where)
+    except KeyError as err:
+        raise InferError(f"{where}: the checkpoint's model does not load (no entry {err})") from err
+    except CheckpointError as err:
+        raise InferError(str(err)) from err
     if config.data.resolution is None:
         raise InferError(f"{where}: the checkpoint does not record the training resolution")
     return model, config

@@ -35,6 +35,9 @@ from dualpm.store.encoding import (
 )
 from dualpm.store.manifest import FieldSpec
 
+# Float array fields (features: L2-normalised parts through a PCA basis, packed PNGs in [-1, 1]) hold a
+# few units; anything beyond this, or not finite, is damaged data (the reader and `verify` refuse it).
+ARRAY_LIMIT = 1000.0
 EXTENSIONS = {"dpm": "npz", "mask": "png", "image": "png", "json": "json", "array": "npy"}  # WebDataset
 
 

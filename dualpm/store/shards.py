@@ -34,7 +34,7 @@ import numpy as np
 import webdataset
 
 from dualpm.errors import DatasetError
-from dualpm.fileio import TMP_PREFIX, atomic_output, atomic_write_bytes, remove_stale_temporaries
+from dualpm.fileio import TMP_PREFIX, atomic_output, atomic_write_bytes, LockedError, exclusive_lock, remove_stale_temporaries
 from dualpm.store import zarr_layout
 from dualpm.store.fields import EXTENSIONS, StoredSample, prepare_field
 from dualpm.store.manifest import (
@@ -57,6 +57,7 @@ from dualpm.store.schema import VALID
 
 FieldValue = bytes | np.ndarray | dict
 ZARR_READ_ROWS = 32  # rows read per zarr call when streaming a Zarr shard (see `_read_zarr`)
+CLAIM_PREFIX = ".claim-"  # <column>/.claim-shard-000042: the lock of the shard's one writer
 _KEY_ESCAPES = {"%": "%25", ".": "%2E"}
 _KEY_RE = re.compile(r"%(25|2E)")
 
@@ -183,6 +184,7 @@ class ShardWriter:
         self._seen: set[str] = set()
         self._position = {sample_id: i for i, sample_id in enumerate(plan.ids)}
         self._stack = contextlib.ExitStack()
+        self._claim_held = contextlib.ExitStack()
         self._open = False
         self._tar: webdataset.TarWriter | None = None
         self._stream: io.BufferedWriter | None = None
@@ -190,12 +192,25 @@ class ShardWriter:
         self._specs = zarr_layout.array_specs(self.fields) if self.format == "zarr" else []
 
     def __enter__(self) -> ShardWriter:
-        exists = record_path(self.column_dir, self.index).exists() or shard_files(
-            self.column_dir, self.index, self.format)
-        if not self.overwrite and exists:
-            raise DatasetError(f"{self.where}: shard exists; remove it or write with overwrite=True")
-        if self.format == "zarr" and not (self.column_dir / "zarr.json").exists():
-            raise DatasetError(f"{self.column_dir}: not a Zarr column (its arrays are created by the driver)")
+        # The shard's claim, held until its sidecar is published: a second writer of the same shard (a
+        # stray worker of a killed run, another command) is refused here, naming the holder; a writer
+        # that dies releases it (`fileio.exclusive_lock`).
+        claim = self.column_dir / f"{CLAIM_PREFIX}{shard_name(self.index)}"  # hidden: Zarr and listings skip it
+        claim.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.ExitStack() as held:
+            held.enter_context(exclusive_lock(claim, f"{self.where}: another writer is writing this shard"))
+            exists = record_path(self.column_dir, self.index).exists() or shard_files(
+                self.column_dir, self.index, self.format)
+            if not self.overwrite and exists:
+                raise DatasetError(f"{self.where}: shard exists; remove it or write with overwrite=True")
+            if self.format == "zarr" and not (self.column_dir / "zarr.json").exists():
+                raise DatasetError(f"{self.column_dir}: not a Zarr column (its arrays are created by the driver)")
+            self._open_data()
+            self._claim_held = held.pop_all()
+        self._open = True
+        return self
+
+    def _open_data(self) -> None:
         with self._stack:  # closes what was opened if a later step fails
             if self.format == "webdataset":
                 tmp = self._stack.enter_context(atomic_output(data_path(self.column_dir, self.index)))
@@ -204,8 +219,6 @@ class ShardWriter:
                 self._tar = webdataset.TarWriter(self._stream, encoder=False, mtime=0.0)
                 self._stack.callback(self._tar.close)  # before the file closes, also when discarding
             self._stack = self._stack.pop_all()
-        self._open = True
-        return self
 
     def _claim(self, sample_id: str) -> None:
         check_sample_id(sample_id, self.where)
@@ -243,6 +256,10 @@ class ShardWriter:
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         self._open = False  # the writer cannot be used after its block
+        with self._claim_held:  # released last, after the sidecar (or after discarding everything)
+            return self._finish(exc_type, exc, tb)
+
+    def _finish(self, exc_type, exc, tb) -> bool:
         if exc_type is not None:
             self._stack.__exit__(exc_type, exc, tb)  # temporaries are removed, nothing published
             return False
@@ -305,7 +322,13 @@ class ShardWriter:
         return blocks
 
     def _publish_zarr(self, files: dict[str, bytes]) -> None:
-        for spec in self._specs:
+        # `valid` goes last, after every other field of its rows (and an earlier write's `valid` goes
+        # first): a reader of the plain Zarr arrays never sees a row marked present whose fields are not
+        # all written, whenever the writer is killed (docs/format.md).
+        specs = sorted(self._specs, key=lambda spec: spec.path == VALID)
+        valid_path = self.column_dir / VALID / zarr_layout.shard_keys(specs[-1], self.index)
+        valid_path.unlink(missing_ok=True)
+        for spec in specs:
             path = self.column_dir / spec.path / zarr_layout.shard_keys(spec, self.index)
             if spec.path in files:
                 atomic_write_bytes(path, files[spec.path])
@@ -358,8 +381,12 @@ def shard_status(
 
 def remove_temporaries(column_dir: str | os.PathLike) -> int:
     """Delete the leftovers of killed writers of a column (hidden temporaries anywhere in its folder and
-    its sidecar folder); returns how many. Only while no writer of the column runs."""
+    its sidecar folder, shard claims no live writer holds); returns how many. Only while no writer of the
+    column runs."""
     removed = 0
+    for claim in Path(column_dir).glob(f"{CLAIM_PREFIX}*"):  # a dead writer's claim: not held, removed
+        with contextlib.suppress(LockedError), exclusive_lock(claim, str(claim)):
+            removed += 1
     for top in (Path(column_dir), records_dir(column_dir)):
         for folder, dirs, _ in os.walk(top):
             removed += remove_stale_temporaries(folder)
@@ -482,7 +509,15 @@ def _read_zarr(out: Path, column: ColumnInfo, index: int) -> Iterator[tuple[str,
         start = index * size
         valid = group[VALID][start : start + size]
         row_ids = [str(i) for i in ids[start : start + size]]
-        arrays = {spec.path: group[spec.path] for spec in zarr_layout.array_specs(column.fields)}
+        specs = zarr_layout.array_specs(column.fields)
+        arrays = {spec.path: group[spec.path] for spec in specs}
+        # Every array laid out as the plan says (rows, chunks, dtype): edited metadata (a row count, a
+        # shard size) would otherwise read the wrong rows or fail deep inside numpy.
+        for spec in specs:
+            problem = zarr_layout.array_problem(arrays[spec.path], spec, ids.shape[0], size)
+            if problem is not None:
+                raise DatasetError(f"{folder / spec.path}: {problem} (its Zarr metadata was changed; "
+                                   "`dualpm-prep verify` lists every problem)")
     except (OSError, KeyError, ValueError, TypeError) as err:
         raise DatasetError(f"{folder} shard {index}: unreadable Zarr data ({err})") from err
     for block_start in range(0, size, ZARR_READ_ROWS):

@@ -6,14 +6,26 @@ for a broken store, so `dualpm-prep verify` can print them all.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from dualpm.errors import DualPMError
-from dualpm.store.fields import StoredSample
-from dualpm.store.manifest import ColumnInfo, ShardPlan, column_dir, load_manifest, record_indices
+from dualpm.store.fields import ARRAY_LIMIT, StoredSample
+from dualpm.store.manifest import (
+    MANIFEST_NAME,
+    ColumnInfo,
+    Manifest,
+    ShardPlan,
+    column_dir,
+    load_manifest,
+    record_indices,
+)
 from dualpm.store.shards import check_shard, read_shard, shard_files
+from dualpm.store.zarr_layout import layout_problems
 
 
 @dataclass(frozen=True)
@@ -33,17 +45,45 @@ class Problem:
 
 
 def _check_sample(column: ColumnInfo, fields: StoredSample) -> list[str]:
-    """Messages for one sample's fields against the column's field specs (decoding each field)."""
+    """Messages for one sample's fields against the column's field specs (decoding each field), and for
+    float values the reader refuses: not finite, or float arrays beyond +-`ARRAY_LIMIT`."""
     messages = [f"required field {name!r} missing" for name, spec in column.fields.items()
                 if spec.required and name not in fields]
     for name in fields:
         if name not in column.fields:
             messages.append(f"unexpected field {name!r}")
         try:
-            fields[name]  # noqa: B018 (decoding checks the data against the column's spec)
+            value = fields[name]  # decoding checks the data against the column's spec
         except DualPMError as err:
             messages.append(str(err).removeprefix(f"{fields.where}: "))
+            continue
+        if isinstance(value, np.ndarray) and value.dtype.kind == "f" and value.size:
+            top = float(np.abs(value).max())
+            if not np.isfinite(top):
+                messages.append(f"field {name!r} holds values that are not finite (NaN or inf)")
+            elif name in column.fields and column.fields[name].kind == "array" and top > ARRAY_LIMIT:
+                messages.append(f"field {name!r} holds values up to {top:.4g}, beyond +-{ARRAY_LIMIT:g} (damaged)")
     return messages
+
+
+def _metadata_problems(out_dir: str | os.PathLike, manifest: Manifest) -> list[Problem]:
+    """manifest.json's own schema block, and the Zarr metadata, against the manifest."""
+    problems = []
+    path = Path(out_dir) / MANIFEST_NAME
+    raw = json.loads(path.read_text(encoding="utf-8"))  # load_manifest read it already
+    expected = json.loads(json.dumps(manifest.schema()))
+    if not isinstance(raw.get("schema"), dict):
+        problems.append(Problem(None, None, None, f"{path}: no schema block ('schema')"))
+    elif raw["schema"] != expected:
+        keys = sorted(k for k in set(raw["schema"]) | set(expected) if raw["schema"].get(k) != expected.get(k))
+        problems.append(Problem(None, None, None, f"{path}: the schema block contradicts the manifest in "
+                                f"{', '.join(keys)}"))
+    too_long = [p.index for p in manifest.plan if len(p.ids) > manifest.shard_size]
+    if too_long:
+        problems.append(Problem(None, too_long[0], None, f"{path}: plan shard {too_long[0]} holds more samples "
+                                f"than shard_size {manifest.shard_size}"))
+    problems += [Problem(column, None, None, message) for column, message in layout_problems(out_dir, manifest)]
+    return problems
 
 
 def _verify_shard(folder: Path, column: ColumnInfo, plan: ShardPlan, deep: bool) -> list[Problem]:
@@ -98,18 +138,20 @@ def verify_store(
 ) -> list[Problem]:
     """Every problem found in the store at `out_dir` (empty when it is complete and sound).
 
-    Checks: manifest.json readable and valid; for each column (all, or `columns`) every planned shard
+    Checks: manifest.json readable and valid, its schema block and the Zarr metadata (root schema block,
+    `ids`, every array's layout) agreeing with it; for each column (all, or `columns`) every planned shard
     finished, its sidecar matching the data (size; sha256 when `deep`) and the manifest, its samples
     a subset of the plan's shard in plan order; and when `deep`, every sample readable, its fields
     decodable (Zarr chunk and zip/PNG checksums included) with the shapes, dtypes and required fields of
-    the column's `fields` specs. Sidecars of shards beyond the plan are reported too.
+    the column's `fields` specs, float values finite and float arrays within +-`ARRAY_LIMIT` (what the
+    reader refuses). Sidecars of shards beyond the plan are reported too.
     """
     try:
         manifest = load_manifest(out_dir)
     except DualPMError as err:
         return [Problem(None, None, None, str(err))]
     names = list(manifest.columns) if columns is None else columns
-    problems = []
+    problems = _metadata_problems(out_dir, manifest)
     for name in names:
         column = manifest.columns.get(name)
         if column is None:

@@ -131,9 +131,72 @@ def _open_root(out_dir: Path, mode: str) -> zarr.Group:
 
 
 def _same_layout(array: Any, spec: ArraySpec, rows: int, shard_size: int) -> bool:
+    return array_problem(array, spec, rows, shard_size) is None
+
+
+def array_problem(array: Any, spec: ArraySpec, rows: int, shard_size: int) -> str | None:
+    """How `array` differs from the layout `spec` gives it for `rows` rows in shards of `shard_size`
+    (None: the same shape, chunks, shards, dtype, fill value and codecs)."""
+    if not isinstance(array, zarr.Array):
+        return "not a Zarr array"
     want = spec.create(zarr.group(store=MemoryStore()), rows, shard_size).metadata.to_dict()
-    have = array.metadata.to_dict() if isinstance(array, zarr.Array) else None
-    return have is not None and {**have, "attributes": {}} == {**want, "attributes": {}}
+    have = array.metadata.to_dict()
+    if tuple(have.get("shape", ())) != tuple(want["shape"]):
+        return f"shape {tuple(have.get('shape', ()))}, the plan gives {tuple(want['shape'])}"
+    differ = sorted(k for k in set(have) | set(want) if k != "attributes" and have.get(k) != want.get(k))
+    return f"its {', '.join(differ)} differ from the store's layout" if differ else None
+
+
+def layout_problems(out_dir: str | os.PathLike, manifest: Manifest) -> list[tuple[str | None, str]]:
+    """(column or None, message) for every way the store's Zarr metadata contradicts `manifest`.
+
+    Checked in both views a reader may take (the consolidated metadata in OUT/zarr.json, and the nodes'
+    own zarr.json files): the root's schema block equals the manifest's (format_version, shard_size,
+    rows, fields...), the `ids` array holds the plan, and every Zarr column's group and arrays exist with
+    the layout of `manifest.shard_size` x plan shards.
+    """
+    out = Path(out_dir)
+    zarr_columns = [name for name, column in manifest.columns.items() if column.format == "zarr"]
+    if not (out / "zarr.json").exists():
+        return [(None, f"{out / 'zarr.json'}: missing (the Zarr root of the store)")] if zarr_columns else []
+    rows, size = len(manifest.plan) * manifest.shard_size, manifest.shard_size
+    schema = json.loads(json.dumps(manifest.schema()))
+    problems: list[tuple[str | None, str]] = []
+    for view, consolidated in (("consolidated metadata", True), ("metadata", False)):
+        where = f"{out / 'zarr.json'} ({view})"
+        try:
+            root = zarr.open_group(store=LocalStore(out, read_only=True), mode="r", zarr_format=3,
+                                   use_consolidated=consolidated)
+            found = root.attrs.get(ATTRS)
+            if not isinstance(found, dict):
+                problems.append((None, f"{where}: no schema block (attributes[{ATTRS!r}])"))
+            elif found != schema:
+                keys = sorted(k for k in set(found) | set(schema) if found.get(k) != schema.get(k))
+                problems.append((None, f"{where}: the schema block contradicts manifest.json in {', '.join(keys)}"))
+            ids_spec = ArraySpec(IDS, (), (), "str", "", "zstd", per_row_chunks=False)
+            if IDS not in root or (problem := array_problem(root[IDS], ids_spec, rows, size)) is not None:
+                problems.append((None, f"{where}: array {IDS!r}: {'missing' if IDS not in root else problem}"))
+            else:
+                planned = np.full(rows, "", dtype=object)
+                for plan in manifest.plan:
+                    planned[plan.index * size : plan.index * size + len(plan.ids)] = plan.ids
+                if [str(i) for i in root[IDS][...]] != list(planned):
+                    problems.append((None, f"{where}: array {IDS!r} does not hold the plan's sample ids"))
+            for name in zarr_columns:
+                if name not in root:
+                    problems.append((name, f"{where}: no group {name!r}"))
+                    continue
+                group = root[name]
+                if group.attrs.get(ATTRS) != schema["columns"][name]:
+                    problems.append((name, f"{where}: group {name!r}: its schema block contradicts manifest.json"))
+                for spec in array_specs(manifest.columns[name].fields):
+                    array = group[spec.path] if spec.path in group else None
+                    problem = "missing" if array is None else array_problem(array, spec, rows, size)
+                    if problem is not None:
+                        problems.append((name, f"{where}: array {name}/{spec.path}: {problem}"))
+        except Exception as err:  # noqa: BLE001 (zarr raises many kinds on edited metadata: reported, not hidden)
+            problems.append((None, f"{where}: unreadable ({type(err).__name__}: {err})"))
+    return problems
 
 
 def publish_layout(out_dir: str | os.PathLike, manifest: Manifest) -> None:

@@ -86,18 +86,59 @@ def save_checkpoint(run_dir: str | os.PathLike, state: dict[str, Any], step: int
 
 # What a training run writes in its folder (loop.py); anything else there is left alone.
 RUN_ENTRIES = (CHECKPOINTS, "metrics.jsonl", "config.yaml", "tb", "ids")
+_RANK_IDS_RE = re.compile(r"^rank-\d+\.txt$")
+STORE_MANIFEST = "manifest.json"  # what marks a prepared dataset (dualpm.store.MANIFEST_NAME)
 
 
-def run_dir_problem(run_dir: str | os.PathLike, resume: str | None, overwrite: bool) -> str | None:
+def _foreign_content(path: Path, name: str) -> str | None:
+    """Why `path` (run entry `name`) is not what a training run writes there (None: it is)."""
+    if path.is_symlink():
+        return "a symbolic link"
+    if name in ("metrics.jsonl", "config.yaml"):
+        return None if path.is_file() else "not a file"
+    if not path.is_dir():
+        return "not a folder"
+    if name == "tb":  # TensorBoard event files (in subfolders for other tags)
+        bad = [p for p in path.rglob("*") if p.is_file() and not p.name.startswith("events.out.tfevents.")]
+    elif name == "ids":
+        bad = [p for p in path.iterdir() if not (_RANK_IDS_RE.match(p.name) and p.is_file())]
+    else:  # checkpoints
+        bad = [p for p in path.iterdir() if not (
+            p.is_file() and (_STEP_RE.match(p.name) or p.name == LATEST or p.name.startswith(TMP_PREFIX)))]
+    return f"holds {bad[0].relative_to(path)}" if bad else None
+
+
+def run_dir_problem(
+    run_dir: str | os.PathLike, resume: str | None, overwrite: bool, data_root: str | os.PathLike | None = None
+) -> str | None:
     """Why training may not start in `run_dir` as asked (None: it may).
 
-    A folder holding an earlier run (any of `RUN_ENTRIES`) needs `resume` (continue it) or
-    `overwrite` (start over); asking for both is a contradiction.
+    A run folder is never the dataset `data_root`, inside it, or above it, and never a prepared dataset
+    (it holds `manifest.json`): `--overwrite` there would delete the store's own entries (its `ids`
+    array). A folder holding an earlier run (any of `RUN_ENTRIES`) needs `resume` (continue it) or
+    `overwrite` (start over), and `overwrite` deletes only entries that are recognisably a run's own
+    (checkpoint files, rank id lists, event files, the log and the config). Asking for both is a
+    contradiction.
     """
     if resume is not None and overwrite:
         return "--overwrite starts a run over and --resume continues one: give only one of them"
     run_dir = Path(run_dir)
-    held = [name for name in RUN_ENTRIES if (run_dir / name).exists()]
+    if data_root is not None:
+        out, data = run_dir.resolve(), Path(data_root).resolve()
+        what = ("is the dataset" if out == data else "is inside the dataset" if out.is_relative_to(data)
+                else "holds the dataset" if data.is_relative_to(out) else None)
+        if what is not None:
+            return (f"{run_dir}: the run folder {what} {data_root}; a run and a prepared dataset never share "
+                    "a folder: give --out a folder outside the dataset")
+    if (run_dir / STORE_MANIFEST).exists():
+        return (f"{run_dir}: holds a prepared dataset ({STORE_MANIFEST}); a run folder is never a store: "
+                "give --out a folder of its own")
+    held = [name for name in RUN_ENTRIES if (run_dir / name).exists() or (run_dir / name).is_symlink()]
+    for name in held:
+        why = _foreign_content(run_dir / name, name)
+        if why is not None:
+            return (f"{run_dir / name}: not what a training run writes ({why}); --overwrite deletes only a "
+                    "run's own entries: give --out a folder of its own")
     if not held or resume is not None or overwrite:
         return None
     steps = step_checkpoints(run_dir)
@@ -108,21 +149,24 @@ def run_dir_problem(run_dir: str | os.PathLike, resume: str | None, overwrite: b
     )
 
 
-def prepare_run_dir(run_dir: str | os.PathLike, resume: str | None, overwrite: bool) -> None:
+def prepare_run_dir(
+    run_dir: str | os.PathLike, resume: str | None, overwrite: bool, data_root: str | os.PathLike | None = None
+) -> None:
     """Make `run_dir` ready for a run (one process only, before anything writes there).
 
-    Removes temporaries of checkpoint and log writes that were killed mid-write; raises `ConfigError`
-    for a `run_dir_problem`; with `overwrite`, deletes the earlier run's entries. They are first moved
+    Raises `ConfigError` for a `run_dir_problem` (checked before anything is touched); removes
+    temporaries of checkpoint and log writes that were killed mid-write; with `overwrite`, deletes the
+    earlier run's entries. They are first moved
     into a temporary folder, checkpoints first, so a kill part way leaves a folder that either still
     holds the run or holds no checkpoint (a run that stopped before its first one, which `--resume auto`
     starts over), and never a half-deleted checkpoint; the temporary folder goes at the next start.
     """
     run_dir = Path(run_dir)
-    remove_stale_temporaries(run_dir)
-    remove_stale_temporaries(checkpoint_dir(run_dir))
-    problem = run_dir_problem(run_dir, resume, overwrite)
+    problem = run_dir_problem(run_dir, resume, overwrite, data_root)
     if problem is not None:
         raise ConfigError(problem)
+    remove_stale_temporaries(run_dir)
+    remove_stale_temporaries(checkpoint_dir(run_dir))
     held = [name for name in RUN_ENTRIES if (run_dir / name).exists()]
     if overwrite and held:
         trash = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}overwritten.", dir=run_dir))
@@ -173,6 +217,34 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return state
 
 
+def load_weights(model: torch.nn.Module, weights: Any, where: str | os.PathLike) -> None:
+    """Load `weights` (a checkpoint's "model" entry) into `model`, or raise CheckpointError in one line
+    saying how they do not fit (tensors of other shapes, missing or unexpected names: one example each)."""
+    own = model.state_dict()
+    if not isinstance(weights, dict):
+        raise CheckpointError(f"{where}: its model weights are not a dict of tensors")
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    other = [k for k in own if k in weights and (not isinstance(weights[k], torch.Tensor)
+                                                 or tuple(weights[k].shape) != tuple(own[k].shape))]
+    if missing or unexpected or other:
+        parts = []
+        if other:
+            k = other[0]
+            found = tuple(weights[k].shape) if isinstance(weights[k], torch.Tensor) else type(weights[k]).__name__
+            parts.append(f"{len(other)} of another shape, e.g. {k}: {found} in the file, {tuple(own[k].shape)} "
+                         "in the model")
+        if missing:
+            parts.append(f"{len(missing)} missing, e.g. {missing[0]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected, e.g. {unexpected[0]}")
+        raise CheckpointError(
+            f"{where}: its model weights do not fit the model its config describes ({'; '.join(parts)}): "
+            "the file was changed or written by other code"
+        )
+    model.load_state_dict(weights)
+
+
 def find_checkpoint(run_dir: str | os.PathLike, resume: str) -> Path | None:
     """The checkpoint `--resume` names: 'auto' = `<run>/checkpoints/latest.pt` if any (else None), a path."""
     if resume == "auto":
@@ -182,6 +254,36 @@ def find_checkpoint(run_dir: str | os.PathLike, resume: str) -> Path | None:
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found (give a checkpoint file or 'auto')")
     return path
+
+
+def load_resume_checkpoint(
+    run_dir: str | os.PathLike, resume: str
+) -> tuple[Path | None, dict[str, Any] | None, str | None]:
+    """(path, state, note) of the checkpoint `--resume` names, read (`load_checkpoint`); (None, None, None)
+    for 'auto' in a folder without checkpoints.
+
+    With 'auto', a `latest.pt` that does not read (truncated by a full disk, damaged) falls back to the
+    newest step-numbered checkpoint that does, and `note` says so (None otherwise); when none reads, the
+    latest's error is raised. A named path never falls back.
+    """
+    path = find_checkpoint(run_dir, resume)
+    if path is None:
+        return None, None, None
+    try:
+        return path, load_checkpoint(path), None
+    except CheckpointError as err:
+        if resume != "auto":
+            raise
+        latest_error = err
+    for step, candidate in reversed(step_checkpoints(run_dir)):
+        try:
+            state = load_checkpoint(candidate)
+        except CheckpointError:
+            continue
+        note = (f"note: {latest_error}; resuming from {candidate} (step {step}), the newest checkpoint that "
+                "reads")
+        return candidate, state, note
+    raise latest_error
 
 
 def capture_rng() -> dict[str, Any]:

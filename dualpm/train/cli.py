@@ -27,7 +27,7 @@ from dualpm.train.config import (
     resolve_config,
     set_value,
 )
-from dualpm.train.loop import EXIT_STOPPED, STOP_SIGNALS, train
+from dualpm.train.loop import EXIT_STOPPED, STOP_SIGNALS, check_complete, train
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -48,20 +48,26 @@ from dualpm.train.loop import EXIT_STOPPED, STOP_SIGNALS, train
     help="Start over in a run folder that holds an earlier run, deleting its checkpoints and logs.",
 )
 @click.option(
+    "--allow-incomplete", is_flag=True,
+    help="Train on a store whose render or features stage did not finish every shard (prints the counts); "
+    "without it such a store is refused.",
+)
+@click.option(
     "--dry-run", is_flag=True,
     help="Print the resolved config and the model size, check the dataset and the run folder, stop.",
 )
 @handles_user_errors
 def main(
     config_file: str | None, data_root: str | None, out_dir: str | None, overrides: tuple[str, ...],
-    resume: str | None, overwrite: bool, dry_run: bool,
+    resume: str | None, overwrite: bool, allow_incomplete: bool, dry_run: bool,
 ) -> None:
     """Train the two-stage DualPM network on CONFIG_FILE (YAML; omitted: the paper's reference values).
 
     Under torchrun every rank runs this command; rank 0 prints, logs and writes checkpoints.
 
     A run folder that holds an earlier run is refused unless --resume continues it or --overwrite
-    deletes it first.
+    deletes it first; a run folder is never the dataset, inside it or above it. A store whose render or
+    features stage left shards unfinished is refused (with the counts) unless --allow-incomplete.
 
     On SIGUSR1 or SIGTERM every rank finishes the current step, rank 0 writes a checkpoint, and the
     command exits with status 75 (0 once train.steps are done); rerun with --resume auto to continue.
@@ -77,12 +83,15 @@ def main(
         raise ConfigError(
             "data.root is not set: give the prepared dataset folder (--data PATH or --set data.root=PATH)"
         )
+    # The run folder is checked before the dataset is read: a refusal must not wait on (or be hidden by)
+    # the dataset's own problems, and --overwrite must never reach a store.
+    problem = run_dir_problem(config.train.out_dir, resume, overwrite, config.data.root)
+    if problem is not None:
+        raise ConfigError(problem)
     info = open_dataset(config.data.root)
     config = resolve_config(config, info, explicit_in_channels="in_channels" in (raw.get("model") or {}))
     if dry_run:
-        problem = run_dir_problem(config.train.out_dir, resume, overwrite)
-        if problem is not None:
-            raise ConfigError(problem)
+        check_complete(info, config, allow_incomplete)
         if int(os.environ.get("RANK", "0")) == 0:
             show_and_save_config(config_to_dict(config), None, "resolved config")
             click.echo(describe(DualPMNet(config.model)))
@@ -94,7 +103,10 @@ def main(
                 f"features {info.feature_channels} x {gh}x{gw}"
             )
         return
-    result = train(config, info, resume=resume, stop_signals=STOP_SIGNALS, overwrite=overwrite)
+    result = train(
+        config, info, resume=resume, stop_signals=STOP_SIGNALS, overwrite=overwrite,
+        allow_incomplete=allow_incomplete,
+    )
     if result.stopped_by is not None:  # the loop printed where it stopped
         click.get_current_context().exit(EXIT_STOPPED)
     if int(os.environ.get("RANK", "0")) == 0:

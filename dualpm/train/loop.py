@@ -53,8 +53,8 @@ from dualpm.train.checkpoint import (
     RESUME_KEYS,
     CheckpointError,
     capture_rng,
-    find_checkpoint,
-    load_checkpoint,
+    load_resume_checkpoint,
+    load_weights,
     prepare_run_dir,
     restore_rng,
     save_checkpoint,
@@ -183,8 +183,9 @@ class _Trainer:
         self.channels_last = tc.channels_last and cuda
         self.roles = max(config.data.workers, 1)  # data consumers per rank
 
-        checkpoint_path = find_checkpoint(self.run_dir, resume) if resume else None
-        state = load_checkpoint(checkpoint_path) if checkpoint_path else None
+        checkpoint_path, state, note = load_resume_checkpoint(self.run_dir, resume) if resume else (None, None, None)
+        if note is not None and d.main:
+            print(note, flush=True)
         if state is not None:
             self._check_resumable(state, checkpoint_path)
 
@@ -229,9 +230,13 @@ class _Trainer:
             )
 
     def _restore(self, state: dict[str, Any]) -> None:
-        self.raw_model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        load_weights(self.raw_model, state["model"], self.checkpoint)
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as err:
+            raise CheckpointError(f"{self.checkpoint}: its optimizer or scheduler state does not fit the model "
+                                  f"({type(err).__name__}: {' '.join(str(err).split())[:200]})") from err
         self.step = int(state["step"])
         data = state["data"]
         same_layout = data["world"] == self.d.world and data["roles"] == self.roles
@@ -431,6 +436,7 @@ def train(
     verbose: bool = True,
     stop_signals: tuple[signal.Signals, ...] = (),
     overwrite: bool = False,
+    allow_incomplete: bool = False,
 ) -> TrainResult:
     """Train as `config` says; under torchrun every rank calls this.
 
@@ -446,6 +452,8 @@ def train(
             handlers are restored on return.
         overwrite: start over in a run folder that holds an earlier run, deleting it; without this
             or `resume`, such a folder is refused (`prepare_run_dir`).
+        allow_incomplete: train on a store whose plan has shards unfinished in a column (rank 0 prints
+            the counts); without it such a store is refused (`DatasetInfo.incomplete_refusal`).
     Raises:
         NonFiniteLossError: the loss became NaN/inf (checkpoints written before are intact).
         ConfigError, DatasetError: bad config, dataset, or a checkpoint that does not fit.
@@ -458,6 +466,7 @@ def train(
     try:
         info = info or open_dataset(config.data.root)
         config = resolve_config(config, info, explicit_in_channels=True)
+        check_complete(info, config, allow_incomplete)
         d = setup_distributed()
         try:
             return _train(config, info, d, resume, overwrite, verbose, stop)
@@ -468,6 +477,18 @@ def train(
         stop.restore()
 
 
+def check_complete(info: DatasetInfo, config: Config, allow_incomplete: bool) -> None:
+    """Refuse an incomplete store (DatasetError with the counts and the commands that complete it), or
+    with `allow_incomplete` print the counts (rank 0) and go on."""
+    splits = [config.data.train_split, config.data.val_split]
+    if not allow_incomplete:
+        refusal = info.incomplete_refusal(splits)
+        if refusal is not None:
+            raise DatasetError(refusal)
+    elif (what := info.incomplete(splits)) is not None and int(os.environ.get("RANK", "0")) == 0:
+        print(f"note: training on an incomplete store (--allow-incomplete): {what}", flush=True)
+
+
 def _train(
     config: Config, info: DatasetInfo, d: Distributed, resume: str | None, overwrite: bool, verbose: bool,
     stop: _StopSignals,
@@ -476,7 +497,7 @@ def _train(
     refused = None
     if d.main:  # before any rank reads a checkpoint or writes in the run folder
         try:
-            prepare_run_dir(tc.out_dir, resume, overwrite)
+            prepare_run_dir(tc.out_dir, resume, overwrite, info.root)
         except ConfigError as err:
             refused = str(err)
     refused = _gather(refused, d)[0]  # every rank stops when rank 0 refused the folder
