@@ -334,7 +334,7 @@ def _interpolate_frozen(tree: RigTree, poses: np.ndarray, frozen: np.ndarray) ->
 
 
 def fit_sequence(
-    rig: SkinnedMesh, frames: Sequence[FrameObservation], *, method: str = "lbs", min_points: int = 10,
+    rig: SkinnedMesh, frames: Sequence[FrameObservation], *, method: str = "lbs", min_points: int = 3,
     max_points: int = 2000,
 ) -> SequenceFit:
     """Fit the rig's node-local pose to every frame's point pairs (see the module doc for the methods).

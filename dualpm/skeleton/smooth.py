@@ -30,8 +30,8 @@ from dualpm.skeleton.rigid import SkeletonError
 SMOOTH_METHODS = ("none", "oneeuro", "savgol")
 SAVGOL_SECONDS = 0.3  # window length
 SAVGOL_ORDER = 2
-ONE_EURO_MIN_CUTOFF = 1.5  # Hz, the cut-off at rest
-ONE_EURO_BETA = 0.3  # cut-off increase per unit of speed (rad/s; translations: rig sizes per second)
+ONE_EURO_MIN_CUTOFF = 5.0  # Hz, the cut-off at rest
+ONE_EURO_BETA = 1.0  # cut-off increase per unit of speed (rad/s; translations: rig sizes per second)
 ONE_EURO_DERIVATIVE_CUTOFF = 1.0  # Hz
 
 
