@@ -19,6 +19,7 @@ from dualpm.eval import (
     sample_surface,
     unit_cube_transform,
 )
+from dualpm.skeleton.rigid import SkeletonError
 
 
 def grid(spacing: float = 1.0) -> np.ndarray:
@@ -235,7 +236,7 @@ def test_kabsch_umeyama_batched_equals_one_by_one():
             np.testing.assert_allclose(r[i, j], r1, atol=1e-12, rtol=0)
             np.testing.assert_allclose(t[i, j], t1, atol=1e-12, rtol=0)
             assert s[i, j] == pytest.approx(s1, abs=1e-12)
-    with pytest.raises(EvalError, match="sum to zero"):
+    with pytest.raises(SkeletonError, match="sum to zero"):
         kabsch_umeyama(src[0, 0], dst[0, 0], np.zeros(20))
 
 

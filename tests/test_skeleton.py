@@ -8,17 +8,18 @@ import torch
 from scipy.spatial.transform import Rotation
 
 from dualpm import skinning
-from dualpm.eval import (
-    EvalError,
+from dualpm.skeleton.joints import (
     bind_positions,
+    dense_skin_weights,
     estimate_joint_transforms,
     joint_errors,
     joint_parents,
     repose_vertices,
     save_skeleton_json,
+    load_skeleton_json,
     skin_weights_at,
 )
-from dualpm.eval.skeleton import dense_skin_weights, load_skeleton_json
+from dualpm.skeleton.rigid import SkeletonError
 from dualpm.gltf import SkinnedMesh
 
 
@@ -158,9 +159,9 @@ def test_weight_threshold_and_collinear_support():
     line[joint == 2, 1:] = 0.0  # joint 2's points on a line: rotation about it is undetermined
     fit = estimate_joint_transforms(line, pose(line, joint, TRUE_TRANSFORMS), weights)
     np.testing.assert_array_equal(fit.valid, [True, True, False])
-    with pytest.raises(EvalError, match="min_points >= 3"):
+    with pytest.raises(SkeletonError, match="min_points >= 3"):
         estimate_joint_transforms(canonical, posed, weights, min_points=2)
-    with pytest.raises(EvalError, match="weights"):
+    with pytest.raises(SkeletonError, match="weights"):
         estimate_joint_transforms(canonical, posed, weights[:-1])
 
 
@@ -183,7 +184,7 @@ def test_skin_weights_nearest_blend_and_outliers():
     clipped = skin_weights_at(points, template, max_distance=1.0)
     np.testing.assert_array_equal(clipped[3], 0.0)
     np.testing.assert_array_equal(clipped[:3], nearest[:3])
-    with pytest.raises(EvalError, match="joint indices"):
+    with pytest.raises(SkeletonError, match="joint indices"):
         dense_skin_weights(template.joints, template.weights, 2)
 
 
@@ -207,7 +208,7 @@ def test_repose_vertices_is_linear_blend_skinning():
         pairs = zip(joints[v], weights[v], strict=True)
         expected = sum(w * apply(TRUE_TRANSFORMS[j], vertices[v]) for j, w in pairs)
         np.testing.assert_allclose(out[v], expected, rtol=0, atol=1e-12)
-    with pytest.raises(EvalError):
+    with pytest.raises(SkeletonError):
         repose_vertices(vertices, joints + 1, weights, TRUE_TRANSFORMS)
 
 
@@ -241,10 +242,10 @@ def test_skeleton_json_round_trip(tmp_path):
     np.testing.assert_array_equal(loaded_valid, valid)
     assert names == ["hip", "knee", "toe"]
     assert [p.name for p in path.parent.iterdir()] == ["skeleton.json"]  # no temporary left behind
-    with pytest.raises(EvalError, match="3 joint names"):
+    with pytest.raises(SkeletonError, match="3 joint names"):
         save_skeleton_json(path, TRUE_TRANSFORMS[:2], valid, ["hip", "knee", "toe"])
     (tmp_path / "bad.json").write_text('{"format": "something-else"}')
-    with pytest.raises(EvalError, match="bad.json"):
+    with pytest.raises(SkeletonError, match="bad.json"):
         load_skeleton_json(tmp_path / "bad.json")
 
 

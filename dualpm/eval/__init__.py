@@ -2,7 +2,7 @@
 
 - `metrics`: Chamfer distance, unit-cube scaling, occupancy IoU, masked point error, surface sampling.
 - `align`: weighted Kabsch-Umeyama, ICP with the benchmark's 180-degree flip.
-- `skeleton`: skin weights of predicted canonical points, per-joint transform fits, reposing, errors.
+- skeleton fitting lives in `dualpm.skeleton` (below eval); its per-joint names are re-exported here.
 """
 
 from dualpm.eval.align import IcpResult, icp, kabsch_umeyama
@@ -17,7 +17,7 @@ from dualpm.eval.metrics import (
     sample_surface,
     unit_cube_transform,
 )
-from dualpm.eval.skeleton import (
+from dualpm.skeleton.joints import (
     JointFit,
     bind_positions,
     estimate_joint_transforms,

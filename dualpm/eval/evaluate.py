@@ -43,7 +43,8 @@ from dualpm.eval.metrics import (
     sample_surface,
     unit_cube_transform,
 )
-from dualpm.eval.skeleton import bind_positions, joint_errors, load_skeleton_json
+from dualpm.skeleton.joints import bind_positions, joint_errors, load_skeleton_json
+from dualpm.skeleton.rigid import SkeletonError
 from dualpm.gltf import SkinnedMesh, load_skinned_mesh
 from dualpm.skinning import joint_matrices, read_pose_file, skin
 from dualpm.store import check_shard, column_dir, load_manifest, read_shard
@@ -261,7 +262,10 @@ def skeleton_metrics(path: Path, gt: GroundTruth) -> tuple[dict[str, float], dic
         ({"skeleton_rotation_deg", "skeleton_position_error"}: means over joints (degrees, scene units),
         {joint name: (rotation error deg, position error)}).
     """
-    transforms, _valid, names = load_skeleton_json(path)
+    try:
+        transforms, _valid, names = load_skeleton_json(path)
+    except SkeletonError as err:
+        raise EvalError(str(err)) from err
     if gt.joints is None:
         raise EvalError(f"{path}: no ground-truth joints for sample {gt.sample_id!r}")
     if tuple(names) != gt.joint_names:

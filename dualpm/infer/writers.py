@@ -14,7 +14,7 @@ import numpy as np
 
 from dualpm.data.source import Layout
 from dualpm.errors import DualPMError
-from dualpm.eval.skeleton import (
+from dualpm.skeleton.joints import (
     JointFit,
     estimate_joint_transforms,
     joint_parents,

@@ -117,7 +117,7 @@ def frame_camera(
     distance = max(radius / np.sin(min(fill * half_fov, 0.5 * np.pi)), 1e-6)
     for _ in range(ranges.attempts):
         view = look_at(centre + distance * direction, centre).numpy()
-        camera = _through_file(view, focal)
+        camera = camera_through_file(view, focal)
         if in_frame(points, camera.view, focal, size, ranges.margin):
             return camera
         distance *= ranges.step
@@ -129,7 +129,8 @@ def frame_camera(
     )
 
 
-def _through_file(view: np.ndarray, focal: float) -> SampledCamera:
+def camera_through_file(view: np.ndarray, focal: float) -> SampledCamera:
+    """The camera of a (4, 4) view as written to and read back from its file (float64 text round trip)."""
     text = format_camera_txt(camera_pose_from_view(torch.from_numpy(view)).numpy())
     pose = parse_camera_text(text)
     return SampledCamera(

@@ -49,6 +49,9 @@ PREVIEW_DEFAULT = "OUT/preview.png"
 @click.option("--mesh-scale", type=FloatOrAuto(), default="auto", show_default=True,
               help="Factor applied to every --mesh rig (vertices, bones, poses, cameras), e.g. 0.01 for a "
                    "rig in cm; auto: its rest mesh's longest side becomes 2.4 (the procedural animals').")
+@click.option("--sequence", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Frames per sequence: consecutive ids of one model move smoothly (key poses splined on the "
+                   "rotation manifold, orbiting camera); whole sequences are held out. 0: independent samples.")
 @click.option("--yaw/--no-yaw", default=True, show_default=True, help="Random whole-body yaw about +Y.")
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
               help="Renderer: cuda (nvdiffrast) where Ray has GPUs, else cpu (Embree).")
@@ -69,7 +72,7 @@ PREVIEW_DEFAULT = "OUT/preview.png"
 @handles_user_errors
 def synth(ctx: click.Context, out: Path, num_samples: int, num_models: int, seed: int, image_size: int,
           faces: int, val_fraction: float, heldout_models: int, meshes: tuple[Path, ...],
-          mesh_scale: float | str, yaw: bool, backend: str, address: str | None, connect_timeout: float,
+          mesh_scale: float | str, sequence: int, yaw: bool, backend: str, address: str | None, connect_timeout: float,
           workers: int | None, chunk_size: int, overwrite: bool, preview: Path | None, dry_run: bool) -> None:
     """Generate a synthetic dataset of rigged quadrupeds in OUT, in the published DualPM layout.
 
@@ -88,7 +91,7 @@ def synth(ctx: click.Context, out: Path, num_samples: int, num_models: int, seed
     config = SynthConfig(
         num_samples=num_samples, num_models=num_models, seed=seed, image_size=image_size, faces=faces,
         val_fraction=val_fraction, heldout_models=heldout_models, meshes=tuple(meshes), mesh_scale=mesh_scale,
-        yaw=yaw, backend=backend, chunk_size=chunk_size,
+        yaw=yaw, backend=backend, chunk_size=chunk_size, sequence=sequence,
     )
     shown = config.record() | {"backend": backend, "chunk_size": chunk_size, "workers": workers or "all",
                                "address": address or "local", "out": str(out)}

@@ -38,6 +38,7 @@ from pipeline.synth.appearance import Appearance, sample_appearance, sample_ligh
 from pipeline.synth.cameras import CameraRanges, frame_camera
 from pipeline.synth.poses import PoseSampler
 from pipeline.synth.quadruped import make_quadruped
+from pipeline.synth.sequence import SequenceFrames, make_sequence
 
 SYNTH_VERSION = 2  # bump when the same config would produce different data (2: float64 poses, 1-bit masks)
 CONFIG_NAME = "synth.json"
@@ -49,7 +50,7 @@ FORWARD = (0.0, 0.0, 1.0)  # procedural animals face +Z (Y up, +X their left)
 AUTO_MESH_SIZE = 2.4
 
 # Purpose codes of the random streams: rng([seed, PURPOSE, model index or sample number]).
-SHAPE, APPEARANCE, POSE, CAMERA, LIGHT, SPLIT, HELDOUT = 1, 2, 3, 4, 5, 6, 7
+SHAPE, APPEARANCE, POSE, CAMERA, LIGHT, SPLIT, HELDOUT, SEQUENCE = 1, 2, 3, 4, 5, 6, 7, 8
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,7 @@ class SynthConfig:
     backend: str = "auto"
     chunk_size: int = 16  # samples per Ray task (all of one model)
     cameras: CameraRanges = field(default_factory=CameraRanges)
+    sequence: int = 0  # frames per sequence (ordered smooth motion, pipeline/synth/sequence.py); 0: none
 
     def __post_init__(self):
         checks = [
@@ -83,6 +85,7 @@ class SynthConfig:
             (0.0 <= self.val_fraction < 1.0, "val_fraction must be in [0, 1)"),
             (0 <= self.heldout_models < self.num_models, "heldout_models must be below the number of models"),
             (self.chunk_size >= 1, "chunk_size must be at least 1"),
+            (self.sequence == 0 or self.sequence >= 2, "sequence must be 0 (none) or at least 2 frames"),
             (self.backend in BACKENDS, f"backend must be one of {', '.join(BACKENDS)}"),
             (not self.meshes or len(self.meshes) == self.num_models, "num_models must equal the mesh count"),
             (self.mesh_scale == "auto" or isinstance(self.mesh_scale, float) and 0 < self.mesh_scale < np.inf,
@@ -101,7 +104,7 @@ class SynthConfig:
             "meshes": [{"file": p.name, "sha256": _sha256(p)} for p in self.meshes],
             "mesh_scale": self.mesh_scale,
             "cameras": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.cameras).items()},
-        }
+        } | ({"sequence": self.sequence} if self.sequence else {})
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,8 @@ class SampleSpec:
     id: str  # zero-padded number, e.g. "000123"
     number: int
     model: int
+    sequence: int = -1  # with --sequence: the sequence's index and this sample's frame in it
+    frame: int = -1
 
 
 @dataclass(frozen=True)
@@ -169,6 +174,11 @@ def rng(seed: int, purpose: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, purpose, index])
 
 
+def sequence_rng(seed: int, purpose: int, sequence: int) -> np.random.Generator:
+    """The random stream of one purpose of a sequence (`--sequence`)."""
+    return np.random.default_rng([seed, SEQUENCE, purpose, sequence])
+
+
 def sample_number(k: int) -> int:
     """Integer id of the k-th sample (0-based): 1, 2, ..., skipping multiples of 5000 (4999 per block)."""
     return k + 1 + k // 4999
@@ -199,15 +209,18 @@ def make_plan(config: SynthConfig) -> Plan:
     models = tuple(ModelSpec(i, n, config.meshes[i], user[i][1]) if user else ModelSpec(i, n, None)
                    for i, n in enumerate(names))
     n, m = config.num_samples, config.num_models
+    length = config.sequence or 1  # a sequence's frames are consecutive samples of one model
+    units = -(-n // length)
     samples = []
     for k in range(n):
         number = sample_number(k)  # never a multiple of 5000 (tested), so `is_skipped_id` never drops one
-        samples.append(SampleSpec(f"{number:06d}", number, k * m // n))
+        seq, frame = (k // length, k % length) if config.sequence else (-1, -1)
+        samples.append(SampleSpec(f"{number:06d}", number, (k // length) * m // units, seq, frame))
     heldout = set(rng(config.seed, HELDOUT, 0).choice(m, config.heldout_models, replace=False).tolist())
-    pool = [s for s in samples if s.model not in heldout]
+    pool = sorted({k // length for k, s in enumerate(samples) if s.model not in heldout})  # samples or sequences
     count = int(round(config.val_fraction * len(pool)))
-    chosen = rng(config.seed, SPLIT, 0).choice(len(pool), count, replace=False)
-    val = {pool[i].id for i in chosen} | {s.id for s in samples if s.model in heldout}
+    chosen = {pool[i] for i in rng(config.seed, SPLIT, 0).choice(len(pool), count, replace=False)}
+    val = {s.id for k, s in enumerate(samples) if k // length in chosen or s.model in heldout}
     plan = Plan(
         models=models, samples=tuple(samples), val_ids=tuple(s.id for s in samples if s.id in val),
         val_models=tuple(names[i] for i in sorted(heldout)),
@@ -300,14 +313,21 @@ def _model_state(root: Path, config: SynthConfig, model: ModelSpec) -> _ModelSta
 
 
 def make_sample(root: Path, config: SynthConfig, model: ModelSpec, state: _ModelState, spec: SampleSpec,
-                backend: str) -> None:
-    """Pose, frame, render and write one sample (metadata last)."""
+                backend: str, sequence: SequenceFrames | None = None) -> None:
+    """Pose, frame, render and write one sample (metadata last); a sequence's frame takes its pose and
+    camera from `sequence` and the sequence's light."""
     layout = Layout(root)
-    pose = state.sampler.sample(rng(config.seed, POSE, spec.number))
-    posed = skin(state.mesh, pose)[0]  # (V, 3) world; one sample per call, as a reader skins it
-    camera = frame_camera(posed, rng(config.seed, CAMERA, spec.number), config.image_size, config.cameras,
-                          where=f"sample {spec.id} (model {model.name})")
-    light = sample_lighting(rng(config.seed, LIGHT, spec.number))
+    where = f"sample {spec.id} (model {model.name})"
+    if sequence is None:
+        pose = state.sampler.sample(rng(config.seed, POSE, spec.number))
+        posed = skin(state.mesh, pose)[0]  # (V, 3) world; one sample per call, as a reader skins it
+        camera = frame_camera(posed, rng(config.seed, CAMERA, spec.number), config.image_size, config.cameras,
+                              where=where)
+        light = sample_lighting(rng(config.seed, LIGHT, spec.number))
+    else:
+        pose, camera = sequence.poses[spec.frame], sequence.cameras[spec.frame]
+        posed = skin(state.mesh, pose)[0]
+        light = sample_lighting(sequence_rng(config.seed, LIGHT, spec.sequence))
     view = torch.from_numpy(camera.view)
     # float64 focal and view, as `dualpm-prep render` reads them, so its layer-1 alpha is our mask
     projection = projection_from_focal(torch.tensor([camera.focal_mm], dtype=torch.float64))
@@ -339,9 +359,15 @@ def run_chunk(root: Path, config: SynthConfig, model: ModelSpec, specs: list[Sam
     if not todo:
         return results
     state = _model_state(root, config, model)
+    sequences: dict[int, SequenceFrames] = {}
     for spec in todo:
         try:
-            make_sample(root, config, model, state, spec, backend)
+            if config.sequence and spec.sequence not in sequences:
+                sequences[spec.sequence] = make_sequence(
+                    state.mesh, state.sampler, sequence_rng(config.seed, POSE, spec.sequence),
+                    sequence_rng(config.seed, CAMERA, spec.sequence), config.sequence, config.image_size,
+                    config.cameras, where=f"sequence {spec.sequence} (model {model.name})")
+            make_sample(root, config, model, state, spec, backend, sequences.get(spec.sequence))
             results.append(SampleResult(spec.id, "written"))
         except DualPMError as err:
             results.append(SampleResult(spec.id, "failed", str(err)))
@@ -417,6 +443,9 @@ def chunks(
     for model in plan.models:
         specs = [s for s in plan.samples
                  if s.model == model.index and (overwrite or not sample_done(layout, s.id))]
+        if config.sequence:  # one task per sequence: its poses and cameras are made once
+            out += [(model, [s for s in specs if s.sequence == q]) for q in sorted({s.sequence for s in specs})]
+            continue
         out += [(model, specs[i : i + config.chunk_size]) for i in range(0, len(specs), config.chunk_size)]
     return out
 

@@ -21,9 +21,8 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy.spatial import cKDTree
 
-from dualpm.eval.align import kabsch_umeyama, similarity_matrix, umeyama_from_moments
-from dualpm.eval.metrics import EvalError, as_points
 from dualpm.fileio import atomic_write_json
+from dualpm.skeleton.rigid import SkeletonError, as_points, kabsch_umeyama, similarity_matrix, umeyama_from_moments
 
 if TYPE_CHECKING:
     from dualpm.gltf import SkinnedMesh
@@ -35,11 +34,11 @@ SKELETON_VERSION = 1
 def _checked_skin(joints: ArrayLike, weights: ArrayLike, num_joints: int) -> tuple[np.ndarray, np.ndarray]:
     joints, weights = np.asarray(joints), np.asarray(weights, dtype=np.float64)
     if joints.ndim != 2 or joints.shape != weights.shape or not np.issubdtype(joints.dtype, np.integer):
-        raise EvalError(
+        raise SkeletonError(
             f"skin: joints {joints.dtype} {joints.shape} and weights {weights.shape} must be (V, K) int/float"
         )
     if joints.size and (joints.min() < 0 or joints.max() >= num_joints):
-        raise EvalError(
+        raise SkeletonError(
             f"skin: joint indices must lie in [0, {num_joints}), got {joints.min()}..{joints.max()}"
         )
     return joints, weights
@@ -81,9 +80,9 @@ def skin_weights_at(
     vertices = as_points("template vertices", np.asarray(mesh.vertices))
     dense = dense_skin_weights(np.asarray(mesh.joints), np.asarray(mesh.weights), len(mesh.joint_nodes))
     if len(dense) != len(vertices):
-        raise EvalError(f"skin: {len(dense)} skinned vertices but {len(vertices)} vertex positions")
+        raise SkeletonError(f"skin: {len(dense)} skinned vertices but {len(vertices)} vertex positions")
     if k < 1 or k > len(vertices):
-        raise EvalError(f"skin_weights_at: k must lie in [1, {len(vertices)}], got {k}")
+        raise SkeletonError(f"skin_weights_at: k must lie in [1, {len(vertices)}], got {k}")
     distance, index = cKDTree(vertices).query(points, k=k)
     if k == 1:
         out = dense[index]
@@ -123,7 +122,7 @@ def joint_parents(mesh: SkinnedMesh) -> np.ndarray:
         pending &= ~found
         current = np.where(pending, parents[np.maximum(current, 0)], current)
         pending &= current >= 0
-    raise EvalError("skeleton: the node hierarchy has a cycle")
+    raise SkeletonError("skeleton: the node hierarchy has a cycle")
 
 
 @dataclass(frozen=True, eq=False)
@@ -166,18 +165,18 @@ def estimate_joint_transforms(
     canonical, posed = as_points("canonical points", canonical), as_points("posed points", posed)
     skin = np.asarray(weights, dtype=np.float64)
     if len(canonical) != len(posed) or skin.ndim != 2 or skin.shape[0] != len(canonical):
-        raise EvalError(
+        raise SkeletonError(
             f"estimate_joint_transforms: expected canonical (P, 3), posed (P, 3) and weights (P, J), "
             f"got {canonical.shape}, {posed.shape}, {skin.shape}"
         )
     if min_points < 3 or not min_weight > 0:
-        raise EvalError(
+        raise SkeletonError(
             "estimate_joint_transforms: need min_points >= 3 and min_weight > 0, "
             f"got {min_points} and {min_weight}"
         )
     num_joints = skin.shape[1]
     if len(canonical) < 3:
-        raise EvalError(f"estimate_joint_transforms: {len(canonical)} point pairs cannot fix a rotation")
+        raise SkeletonError(f"estimate_joint_transforms: {len(canonical)} point pairs cannot fix a rotation")
 
     # Centre both clouds first so the moment sums below do not lose precision far from the origin.
     src_origin, dst_origin = canonical.mean(axis=0), posed.mean(axis=0)
@@ -208,7 +207,7 @@ def estimate_joint_transforms(
 
     joint_parent = np.full(num_joints, -1) if parents is None else np.asarray(parents, dtype=np.int64)
     if joint_parent.shape != (num_joints,) or (joint_parent >= num_joints).any():
-        raise EvalError(f"estimate_joint_transforms: parents must be ({num_joints},) joint indices or -1")
+        raise SkeletonError(f"estimate_joint_transforms: parents must be ({num_joints},) joint indices or -1")
     source = np.where(valid, np.arange(num_joints), joint_parent)
     for _ in range(num_joints + 1):  # climb one level per pass until a valid ancestor (or none) is reached
         climbing = (source >= 0) & ~valid[np.maximum(source, 0)]
@@ -216,7 +215,7 @@ def estimate_joint_transforms(
             break
         source[climbing] = joint_parent[source[climbing]]
     else:
-        raise EvalError("estimate_joint_transforms: the joint parents form a cycle")
+        raise SkeletonError("estimate_joint_transforms: the joint parents form a cycle")
 
     rot, trans, s = kabsch_umeyama(canonical, posed, with_scale=with_scale)
     global_fit = similarity_matrix(rot, trans, s)
@@ -239,10 +238,10 @@ def repose_vertices(
     vertices = as_points("template vertices", vertices)
     transforms = np.asarray(transforms, dtype=np.float64)
     if transforms.ndim != 3 or transforms.shape[1:] != (4, 4):
-        raise EvalError(f"repose_vertices: transforms must be (J, 4, 4), got {transforms.shape}")
+        raise SkeletonError(f"repose_vertices: transforms must be (J, 4, 4), got {transforms.shape}")
     joints, weights = _checked_skin(joints, weights, len(transforms))
     if len(joints) != len(vertices):
-        raise EvalError(f"repose_vertices: {len(joints)} skinned vertices but {len(vertices)} positions")
+        raise SkeletonError(f"repose_vertices: {len(joints)} skinned vertices but {len(vertices)} positions")
     blended = np.einsum("vk,vkab->vab", weights, transforms[joints])  # (V, 4, 4)
     return np.einsum("vab,vb->va", blended[:, :3, :3], vertices) + blended[:, :3, 3]
 
@@ -280,7 +279,7 @@ def joint_errors(
     """
     estimated, truth = np.asarray(estimated, dtype=np.float64), np.asarray(truth, dtype=np.float64)
     if estimated.shape != truth.shape or estimated.ndim != 3 or estimated.shape[1:] != (4, 4):
-        raise EvalError(f"joint_errors: expected two (J, 4, 4) arrays, got {estimated.shape}, {truth.shape}")
+        raise SkeletonError(f"joint_errors: expected two (J, 4, 4) arrays, got {estimated.shape}, {truth.shape}")
     relative = _rotation_part(estimated).transpose(0, 2, 1) @ _rotation_part(truth)
     # atan2(sin, cos) is accurate at both 0 and 180 degrees, unlike arccos of the trace.
     cos = 0.5 * (np.trace(relative, axis1=1, axis2=2) - 1.0)
@@ -288,7 +287,7 @@ def joint_errors(
     rotation_deg = np.degrees(np.arctan2(sin, cos))
     where = np.zeros((len(truth), 3)) if positions is None else np.asarray(positions, dtype=np.float64)
     if where.shape != (len(truth), 3):
-        raise EvalError(f"joint_errors: positions must be ({len(truth)}, 3), got {where.shape}")
+        raise SkeletonError(f"joint_errors: positions must be ({len(truth)}, 3), got {where.shape}")
     moved_est = np.einsum("jab,jb->ja", estimated[:, :3, :3], where) + estimated[:, :3, 3]
     moved_true = np.einsum("jab,jb->ja", truth[:, :3, :3], where) + truth[:, :3, 3]
     return rotation_deg, np.linalg.norm(moved_est - moved_true, axis=1)
@@ -312,7 +311,7 @@ def save_skeleton_json(
     num = len(joint_names)
     res = np.full(num, np.nan) if residual is None else np.asarray(residual, dtype=np.float64)
     if transforms.shape != (num, 4, 4) or valid.shape != (num,) or res.shape != (num,):
-        raise EvalError(
+        raise SkeletonError(
             f"save_skeleton_json: {num} joint names need transforms ({num}, 4, 4), valid ({num},) and "
             f"residual ({num},); got {transforms.shape}, {valid.shape}, {res.shape}"
         )
@@ -333,10 +332,10 @@ def load_skeleton_json(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray,
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
-        raise EvalError(f"{path}: cannot read skeleton JSON ({error})") from error
+        raise SkeletonError(f"{path}: cannot read skeleton JSON ({error})") from error
     header = (data.get("format"), data.get("version")) if isinstance(data, dict) else None
     if header != (SKELETON_FORMAT, SKELETON_VERSION):
-        raise EvalError(f"{path}: not a {SKELETON_FORMAT} version {SKELETON_VERSION} file")
+        raise SkeletonError(f"{path}: not a {SKELETON_FORMAT} version {SKELETON_VERSION} file")
     joints = data.get("joints")
     try:
         names = [str(joint["name"]) for joint in joints]
@@ -344,5 +343,5 @@ def load_skeleton_json(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray,
         matrices = np.array([joint["matrix"] for joint in joints], dtype=np.float64)
         transforms = matrices.reshape(len(names), 4, 4)
     except (TypeError, KeyError, ValueError) as error:
-        raise EvalError(f"{path}: malformed joint entry ({error!r})") from error
+        raise SkeletonError(f"{path}: malformed joint entry ({error!r})") from error
     return transforms, valid, names
