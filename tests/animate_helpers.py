@@ -197,7 +197,8 @@ def bvh_positions(joints: list[dict], values: np.ndarray) -> np.ndarray:
     return out
 
 
-def write_predictions(folder: Path, rig: SkinnedMesh, poses: np.ndarray, focal: float = 50.0, size: int = 48,
+def write_predictions(folder: Path, rig: SkinnedMesh, poses: np.ndarray, focal: float | np.ndarray = 50.0,
+                      size: int = 48,
                       distance: float = 5.0, layers: int = 2, ids: list[str] | None = None,
                       attrs: dict | None = None) -> tuple[np.ndarray, list[str]]:
     """A predictions store holding the exact dual point maps of `rig` in `poses` (an oracle), seen by cameras
@@ -209,7 +210,7 @@ def write_predictions(folder: Path, rig: SkinnedMesh, poses: np.ndarray, focal: 
                                  distance * np.cos(angle)], 1))
     view = look_at(eye, torch.zeros_like(eye))
     posed = skin(rig, poses, dtype=torch.float64)
-    projection = projection_from_focal(torch.full((frames,), focal, dtype=torch.float64))
+    projection = projection_from_focal(torch.as_tensor(np.broadcast_to(focal, (frames,)).copy(), dtype=torch.float64))
     out = render_dual_pointmaps(torch.tensor(rig.vertices, dtype=torch.float64), posed, torch.tensor(rig.faces),
                                 view, projection, size, layers, backend="cpu", workers=1).numpy()
     alpha = out[..., 6]  # (F, H, W, L)

@@ -49,7 +49,7 @@ def test_glb_round_trip_reproduces_the_posed_vertices_in_the_rigs_own_units(tmp_
     fitted = scaled_mesh(user, factor)
     poses = known_poses(fitted, FRAMES)
     poses[2:, 1, :4] *= -1  # the same rotations with a sign flip in the middle: the file must not flip
-    camera = CameraTrack(50.0, 1.5, -np.linspace(4.0, 5.0, FRAMES))
+    camera = CameraTrack(np.full(FRAMES, 50.0), 1.5, -np.linspace(4.0, 5.0, FRAMES))
     summary = export_glb(rig_path, tmp_path / "a.glb", poses, fps=12, scale=factor, camera=camera)
     assert summary["embedded_images"] == 1 and summary["animated_nodes"] == 3
     validate_glb(tmp_path / "a.glb")
@@ -175,7 +175,7 @@ def test_the_command_fits_exports_and_writes_the_layout(oracle_sequence):
     assert [j["joint"] for j in first] == ["bone0", "bone1", "bone2"]
     assert all(j["status"] == "fitted" and j["points"] > 10 and j["residual"] < 0.02 * body_size(rig)
                for j in first)  # per-bone rigid fits of blended (LBS) points: not exact
-    assert report["camera"]["focal_length_mm"] == pytest.approx(50.0, rel=0.01)
+    np.testing.assert_allclose(report["camera"]["focal_length_mm"], 50.0, rtol=0.01)  # shared: one for all
     np.testing.assert_allclose(report["camera"]["view_z"], views[truth_index, 2, 3], rtol=0.01)
     validate_glb(out / "animation.glb")
     # The fitted poses skin to the predictions' frame: camera space minus view[2, 3].
@@ -197,6 +197,33 @@ def test_the_command_fits_exports_and_writes_the_layout(oracle_sequence):
     joints, values, _ = parse_bvh((out / "animation.bvh").read_text())
     assert len(values) == 5 and "Frame Time: 0.1" in (out / "animation.bvh").read_text()
     assert (out / "animate.config.yaml").is_file()
+
+
+def test_per_frame_focal_lengths_are_recovered_and_the_glb_camera_keeps_the_image_size(tmp_path):
+    rig = tube_mesh("tube")
+    save_skinned_mesh(rig, tmp_path / "tube.glb")
+    focal = np.array([35.0, 50.0, 80.0])
+    views, ids = write_predictions(tmp_path / "preds", rig, known_poses(rig, 3), focal=focal)
+    code, output = animate("--pred", tmp_path / "preds", "--out", tmp_path / "anim", "--rig", tmp_path / "tube.glb",
+                           "--focal-length", "per-frame")
+    assert code == 0, output
+    camera = json.loads((tmp_path / "anim" / "fit.json").read_text())["camera"]
+    np.testing.assert_allclose(camera["focal_length_mm"], focal, rtol=0.01)
+    np.testing.assert_allclose(camera["view_z"], views[:, 2, 3], rtol=0.01)
+    assert [float(f.read_text().split("focal_length: ")[1].split()[0]) for f in
+            sorted((tmp_path / "anim" / "metadata").iterdir())] == pytest.approx(camera["focal_length_mm"])
+    _, channels, doc = read_glb_animation(tmp_path / "anim" / "animation.glb", rig.num_nodes)
+    node = next(i for i, n in enumerate(doc.nodes) if n.camera is not None)
+    assert doc.cameras[0].perspective.yfov == pytest.approx(2 * np.arctan(18 / camera["focal_length_mm"][1]))
+    # One field of view (the median focal length, 50 mm): frame k seen from distance d_k * 50 / f_k.
+    expected = -np.array(camera["view_z"]) * camera["focal_length_mm"][1] / np.array(camera["focal_length_mm"])
+    np.testing.assert_allclose(channels[(node, "translation")][1][:, 2], expected, rtol=1e-6)
+    code, output = animate("--pred", tmp_path / "preds", "--out", tmp_path / "fixed", "--rig", tmp_path / "tube.glb",
+                           "--focal-length", "50")
+    assert code == 0, output
+    camera = json.loads((tmp_path / "fixed" / "fit.json").read_text())["camera"]
+    assert camera["focal_length_mm"] == [50.0, 50.0, 50.0]
+    np.testing.assert_allclose(camera["view_z"][1], views[1, 2, 3], rtol=0.01)
 
 
 def test_the_fitted_layout_renders_the_predicted_silhouettes(oracle_sequence, ray_local):

@@ -27,7 +27,7 @@ from dualpm.animate.bvh import write_bvh
 from dualpm.animate.dataset import write_dataset
 from dualpm.animate.fit import FIT_METHOD, estimate_cameras, fit_frames
 from dualpm.animate.glb import export_glb
-from dualpm.animate.inputs import find_template, frame_order, image_aspect, read_frames
+from dualpm.animate.inputs import dataset_focal_lengths, find_template, frame_order, image_aspect, read_frames
 from dualpm.cliutils import FloatOrAuto, handles_user_errors, show_and_save_config
 from dualpm.errors import ConfigError, DatasetError, DualPMError
 from dualpm.fileio import atomic_write_json
@@ -40,6 +40,24 @@ OUTPUTS = ("animation.glb", "animation.bvh", "fit.json", "poses", "cameras", "me
 
 class AnimateError(DualPMError):
     """Inputs of dualpm-animate that do not fit together."""
+
+
+class FocalLength(click.ParamType):
+    """A focal length in mm (> 0) or one of the words auto, shared, per-frame."""
+
+    name = "mm|auto|shared|per-frame"
+    words = ("auto", "shared", "per-frame")
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, float) or value in self.words:
+            return value
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is neither a number nor one of {', '.join(self.words)}", param, ctx)
+        if not (0 < number < float("inf")):
+            self.fail(f"{value!r} must be a positive focal length in mm", param, ctx)
+        return number
 
 
 def _model_name(path: Path) -> str:
@@ -72,8 +90,10 @@ def _optional(module: str, option: str):
               help="Text file listing the frame ids in order, one per line (default: natural sort of the ids).")
 @click.option("--fps", type=click.FloatRange(min=0, min_open=True), default=24.0, show_default=True,
               help="Frames per second of the animation.")
-@click.option("--focal-length", type=FloatOrAuto(), default="auto", show_default=True,
-              help="Focal length of the frames in mm (36 mm sensor height); auto: estimated from the predictions.")
+@click.option("--focal-length", type=FocalLength(), default="auto", show_default=True,
+              help="Focal length of the frames in mm (36 mm sensor height), or: shared (one for all frames, "
+                   "estimated from the predictions), per-frame (estimated for each), auto (the dataset's "
+                   "metadata when the predictions come from --data, else shared).")
 @click.option("--min-points", type=click.IntRange(min=3), default=3, show_default=True,
               help="Fewest points for a joint's own fit; joints with fewer inherit their parent's motion.")
 @click.option("--smooth", type=click.Choice(SMOOTHERS), default="none", show_default=True,
@@ -134,8 +154,11 @@ def main(pred: Path, out: Path, rig: Path | None, mesh_scale: float | str, order
         before = smoothing.jitter(fit_rig, poses, fps)
         poses = smoothing.smooth_poses(fit_rig, poses, fps, smooth)
         report["jitter"] = {"before": before, "after": smoothing.jitter(fit_rig, poses, fps)}
-    camera = estimate_cameras(frames, image_aspect(preds, ids),
-                              focal_length if isinstance(focal_length, float) else None)
+    focal = focal_length
+    if focal == "auto":
+        known = dataset_focal_lengths(preds, ids)
+        focal = "shared" if known is None else known
+    camera = estimate_cameras(frames, image_aspect(preds, ids), focal)
     export_path, export_rig, scale, track = rig_path, fit_rig, factor, camera
     if target_rig is not None:
         retarget = _optional("dualpm.skeleton.retarget", "--target-rig")
@@ -152,12 +175,12 @@ def main(pred: Path, out: Path, rig: Path | None, mesh_scale: float | str, order
     if track is not None:
         write_dataset(out, export_rig, model, ids, poses, track)
     report |= {"ids": list(ids), "fps": fps, "mesh_scale": factor,
-               "camera": None if track is None else {"focal_length_mm": track.focal_mm, "aspect": track.aspect,
+               "camera": None if track is None else {"focal_length_mm": track.focal_mm.tolist(), "aspect": track.aspect,
                                                      "view_z": track.depth.tolist()}}
     atomic_write_json(out / "fit.json", report)
     fitted_share = np.mean([j["status"] == "fitted" for frame in fitted.joints for j in frame])
     click.echo(f"animated {len(ids)} frames ({summary['animated_nodes']} nodes, {fitted_share:.0%} of joints fitted, "
-               f"focal {camera.focal_mm:.1f} mm) in {time.perf_counter() - start:.1f} s -> {out / 'animation.glb'}")
+               f"focal {np.median(camera.focal_mm):.1f} mm) in {time.perf_counter() - start:.1f} s -> {out / 'animation.glb'}")
 
 
 def _read_joint_map(path: Path) -> dict[str, str]:

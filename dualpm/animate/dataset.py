@@ -49,9 +49,8 @@ def write_dataset(out: Path, rig: SkinnedMesh, model: str, ids: Sequence[str], p
     shape.parent.mkdir(parents=True, exist_ok=True)
     save_skinned_mesh(rig, shape)
     world = camera_pose_from_view(torch.from_numpy(view_matrices(camera.depth))).numpy()
-    meta = format_metadata(SampleMetadata(model, camera.focal_mm))
-    for sample_id, pose, camera_pose in zip(ids, poses, world, strict=True):
+    for sample_id, pose, camera_pose, focal in zip(ids, poses, world, camera.focal_mm, strict=True):
         write_pose_file(layout.pose(sample_id), pose)
         atomic_write_text(layout.camera(sample_id), format_camera_txt(camera_pose))
-        atomic_write_text(layout.metadata(sample_id), meta)
+        atomic_write_text(layout.metadata(sample_id), format_metadata(SampleMetadata(model, float(focal))))
     return layout

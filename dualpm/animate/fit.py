@@ -135,21 +135,29 @@ def _trs(translation: np.ndarray, rotation_wxyz: np.ndarray, scale: np.ndarray) 
 
 @dataclass(frozen=True)
 class CameraTrack:
-    """The cameras of F frames: `focal_mm` (36 mm sensor height), `aspect` (width / height) and `depth`
-    (F,) float64 = `view[2, 3]` of each frame (negative: the object lies in front of the camera), scene
-    units of the fitted rig. The camera looks down -Z from (0, 0, -depth) in the posed points' frame."""
+    """The cameras of F frames: `focal_mm` (F,) float64 focal lengths (36 mm sensor height), `aspect` (width /
+    height) and `depth` (F,) float64 = `view[2, 3]` of each frame (negative: the object lies in front of the
+    camera), scene units of the fitted rig. Camera f looks down -Z from (0, 0, -depth[f]) in the posed
+    points' frame."""
 
-    focal_mm: float
+    focal_mm: np.ndarray
     aspect: float
     depth: np.ndarray
 
 
-def estimate_cameras(frames: Sequence[Observation], aspect: float, focal_mm: float | None = None) -> CameraTrack:
-    """Focal length (unless given) and per-frame camera distance from where the posed points project.
+def estimate_cameras(frames: Sequence[Observation], aspect: float,
+                     focal_mm: float | Sequence[float] | str = "shared") -> CameraTrack:
+    """Focal lengths (unless given) and per-frame camera distance from where the posed points project.
 
     A kept point (x, y, z') of pixel (u, v) (NDC) satisfies, with c = cot(fov_y / 2) and d = view[2, 3]:
-    `-u z' = c x / aspect + u d` and `v z' = c y - v d`; both are linear in (c, d_1 .. d_F), solved by
-    least squares (normal equations, O(points) memory).
+    `-u z' = c x / aspect + u d` and `v z' = c y - v d`; both are linear in c and d, solved by least squares
+    (normal equations, O(points) memory).
+
+    Args:
+        frames: F observations with `pixels`.
+        aspect: image width / height.
+        focal_mm: "shared" (one focal length for all frames, a video's), "per-frame" (one each), a number
+            or F numbers (known focal lengths: only the distances are solved).
     """
     rows = []
     for index, frame in enumerate(frames):
@@ -164,19 +172,22 @@ def estimate_cameras(frames: Sequence[Observation], aspect: float, focal_mm: flo
     sbb, sbc, scc, sba, sca = (np.array(x) for x in zip(*rows, strict=True))
     if (scc <= 0).any():
         raise DatasetError("cannot place the camera: a frame has no points off the image centre")
-    if focal_mm is None:
-        # Normal equations of (c, d): eliminate each d_f = (sca - c sbc) / scc.
-        num = sba.sum() - (sbc * sca / scc).sum()
-        den = sbb.sum() - (sbc**2 / scc).sum()
-        if not den > 0:
-            raise DatasetError("cannot estimate the focal length from the predictions; pass --focal-length")
-        cot = num / den
-        focal_mm = cot * SENSOR_HEIGHT_MM / 2.0
-    cot = 2.0 * focal_mm / SENSOR_HEIGHT_MM
+    if isinstance(focal_mm, str):
+        if focal_mm == "shared":  # eliminate each d_f = (sca - c sbc) / scc, then solve for the one c
+            cot = np.full(len(frames), (sba.sum() - (sbc * sca / scc).sum()) / (sbb.sum() - (sbc**2 / scc).sum()))
+        elif focal_mm == "per-frame":
+            cot = (sba * scc - sbc * sca) / (sbb * scc - sbc**2)
+        else:
+            raise ValueError(f"focal_mm: unknown mode {focal_mm!r}")
+        focal = cot * SENSOR_HEIGHT_MM / 2.0
+    else:
+        focal = np.broadcast_to(np.asarray(focal_mm, dtype=np.float64), (len(frames),)).copy()
+        cot = 2.0 * focal / SENSOR_HEIGHT_MM
     depth = (sca - cot * sbc) / scc
-    if not (np.isfinite(focal_mm) and focal_mm > 0 and (depth < 0).all()):
+    if not (np.isfinite(focal).all() and (focal > 0).all() and np.isfinite(depth).all() and (depth < 0).all()):
         raise DatasetError(
-            f"cannot place the camera: the predictions give focal length {focal_mm:.4g} mm and camera depths "
-            f"{depth.min():.4g}..{depth.max():.4g} (expected > 0 and < 0); pass --focal-length"
+            f"cannot place the camera: the predictions give focal lengths {np.nanmin(focal):.4g}..{np.nanmax(focal):.4g}"
+            f" mm and camera depths {np.nanmin(depth):.4g}..{np.nanmax(depth):.4g} (expected > 0 and < 0); "
+            "pass --focal-length"
         )
-    return CameraTrack(float(focal_mm), float(aspect), depth)
+    return CameraTrack(focal, float(aspect), depth)

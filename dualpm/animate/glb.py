@@ -11,7 +11,8 @@ stay as they are. What changes, and why:
 - one animation: per animated node a translation, rotation and scale channel, LINEAR samplers, one key per
   frame at `fps`; quaternions (glTF order x, y, z, w) kept in one hemisphere from key to key;
 - one perspective camera and its node `dualpm_camera` (added to the scene's roots), whose translation is
-  animated so that viewing through it reproduces each input view (see `dualpm.animate.fit.CameraTrack`).
+  animated so that viewing through it reproduces each input view (see `dualpm.animate.fit.CameraTrack`;
+  frames of different focal lengths: see `_add_camera`).
 """
 
 from __future__ import annotations
@@ -182,8 +183,12 @@ def _add_camera(doc, camera: CameraTrack, frames: int, scale: float, add, time_a
                 samplers: list, channels: list) -> int:
     if len(camera.depth) != frames:
         raise GltfError(f"camera track has {len(camera.depth)} frames, the poses {frames}")
-    distance = -np.asarray(camera.depth, dtype=np.float64) / scale
-    yfov = 2.0 * np.arctan(SENSOR_HEIGHT_MM / (2.0 * camera.focal_mm))
+    # One glTF camera has one field of view: the median focal length f. A frame of another focal length f_k
+    # is seen from distance d_k f / f_k instead, which keeps the object's size in the image (exact when
+    # all frames share one focal length, as a video does).
+    focal = float(np.median(camera.focal_mm))
+    distance = -np.asarray(camera.depth, dtype=np.float64) / scale * focal / np.asarray(camera.focal_mm)
+    yfov = 2.0 * np.arctan(SENSOR_HEIGHT_MM / (2.0 * focal))
     doc.cameras.append(pygltflib.Camera(
         type="perspective", name=CAMERA_NAME,
         perspective=pygltflib.Perspective(aspectRatio=float(camera.aspect), yfov=float(yfov),

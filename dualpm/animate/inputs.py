@@ -101,6 +101,18 @@ def image_aspect(preds: Predictions, ids: Sequence[str]) -> float:
     return width / height
 
 
+def dataset_focal_lengths(preds: Predictions, ids: Sequence[str]) -> np.ndarray | None:
+    """(F,) focal lengths (mm) from the source dataset's metadata of the frames, or None where the
+    predictions were not made from a dataset (--images) or a frame has no metadata file."""
+    source = _source_of(preds) if preds.attrs.get("data") else None
+    if source is None:
+        return None
+    files = [Layout(source).metadata(i) for i in ids]
+    if not all(f.is_file() for f in files):
+        return None
+    return np.array([read_metadata(f).focal_length for f in files], dtype=np.float64)
+
+
 @dataclass(frozen=True)
 class Template:
     """The rig the model was trained for: its file (in the model's units), model name and the
