@@ -197,6 +197,24 @@ def test_the_command_fits_exports_and_writes_the_layout(oracle_sequence):
     joints, values, _ = parse_bvh((out / "animation.bvh").read_text())
     assert len(values) == 5 and "Frame Time: 0.1" in (out / "animation.bvh").read_text()
     assert (out / "animate.config.yaml").is_file()
+    with Image.open(out / "preview.png") as preview:  # inputs unknown (no image folder): the renders only
+        assert preview.size[0] > 4 * preview.size[1]  # one row of 5 frames
+
+
+def test_the_preview_renders_match_the_predicted_silhouettes(oracle_sequence):
+    from dualpm.animate.fit import estimate_cameras, fit_frames
+    from dualpm.animate.inputs import read_frames
+    from dualpm.animate.preview import shaded_renders
+    from dualpm.predictions import open_predictions
+
+    tmp_path, rig, _, _, _ = oracle_sequence
+    preds = open_predictions(tmp_path / "preds")
+    frames = read_frames(preds, preds.ids)
+    renders = shaded_renders(rig, fit_frames(rig, frames).poses, estimate_cameras(frames, 1.0), 48)
+    for row, image in enumerate(renders):
+        predicted = preds.sample(row).mask > 0
+        drawn = (image < 250).any(axis=-1)  # not the white background
+        assert (predicted & drawn).sum() / (predicted | drawn).sum() > 0.95
 
 
 def test_per_frame_focal_lengths_are_recovered_and_the_glb_camera_keeps_the_image_size(tmp_path):

@@ -10,6 +10,7 @@ writes into OUT:
     animation.bvh            skeleton-only motion (dualpm.animate.bvh)
     shapes/ poses/ cameras/ metadata/   the fitted poses in the published layout (dualpm.animate.dataset)
     fit.json                 per frame and joint: points used, residual, fitted / inherited; the cameras
+    preview.png              up to 8 input frames above the fitted rig rendered through their cameras
     animate.config.yaml      the resolved configuration
 """
 
@@ -27,7 +28,15 @@ from dualpm.animate.bvh import write_bvh
 from dualpm.animate.dataset import write_dataset
 from dualpm.animate.fit import FIT_METHOD, estimate_cameras, fit_frames
 from dualpm.animate.glb import export_glb
-from dualpm.animate.inputs import dataset_focal_lengths, find_template, frame_order, image_aspect, read_frames
+from dualpm.animate.inputs import (
+    dataset_focal_lengths,
+    find_template,
+    frame_order,
+    image_aspect,
+    input_images,
+    read_frames,
+)
+from dualpm.animate.preview import write_preview
 from dualpm.cliutils import FloatOrAuto, handles_user_errors, show_and_save_config
 from dualpm.errors import ConfigError, DatasetError, DualPMError
 from dualpm.fileio import atomic_write_json
@@ -35,7 +44,7 @@ from dualpm.gltf import load_skinned_mesh, scaled_mesh
 from dualpm.predictions import open_predictions
 
 SMOOTHERS = ("none", "oneeuro", "savgol")
-OUTPUTS = ("animation.glb", "animation.bvh", "fit.json", "poses", "cameras", "metadata", "shapes")
+OUTPUTS = ("animation.glb", "animation.bvh", "fit.json", "poses", "cameras", "metadata", "shapes", "preview.png")
 
 
 class AnimateError(DualPMError):
@@ -174,6 +183,7 @@ def main(pred: Path, out: Path, rig: Path | None, mesh_scale: float | str, order
     write_bvh(out / "animation.bvh", export_rig, poses, fps, scale)
     if track is not None:
         write_dataset(out, export_rig, model, ids, poses, track)
+        write_preview(out / "preview.png", ids, input_images(preds, ids), export_rig, poses, track)
     report |= {"ids": list(ids), "fps": fps, "mesh_scale": factor,
                "camera": None if track is None else {"focal_length_mm": track.focal_mm.tolist(), "aspect": track.aspect,
                                                      "view_z": track.depth.tolist()}}

@@ -72,27 +72,38 @@ def read_frames(preds: Predictions, ids: Sequence[str]) -> list[Observation]:
     return frames
 
 
-def image_aspect(preds: Predictions, ids: Sequence[str]) -> float:
-    """Width / height of the input images (all frames must share one size); 1 where unknown."""
-    sizes: dict[str, tuple[int, int]] = {}
+def input_images(preds: Predictions, ids: Sequence[str]) -> dict[str, Path]:
+    """The input image file of each frame that has one: `<id>.png` / `<id>_rgb.png` (any image suffix) in the
+    --images folder, or the source dataset's renders/ for predictions made from --data."""
+    found: dict[str, Path] = {}
     folder = preds.attrs.get("images")
     if folder and Path(folder).is_dir():
         wanted = set(ids)
         for path in sorted(Path(folder).iterdir()):
             stem = path.stem[:-4] if path.stem.endswith("_rgb") else path.stem
             if path.suffix.lower() in IMAGE_SUFFIXES and stem in wanted:
-                with Image.open(path) as image:
-                    sizes[stem] = image.size
-    else:
-        source = _source_of(preds)
-        for sample_id in ids if source is not None else ():
-            path = Layout(source).rgb(sample_id)
-            if path.is_file():
-                with Image.open(path) as image:
-                    sizes[sample_id] = image.size
+                found[stem] = path
+        return found
+    source = _source_of(preds)
+    for sample_id in ids if source is not None else ():
+        path = Layout(source).rgb(sample_id)
+        if path.is_file():
+            found[sample_id] = path
+    return found
+
+
+def image_aspect(preds: Predictions, ids: Sequence[str]) -> float:
+    """Width / height of the input images (all frames must share one size); 1 where unknown."""
+    sizes: dict[str, tuple[int, int]] = {}
+    for sample_id, path in input_images(preds, ids).items():
+        try:
+            with Image.open(path) as image:
+                sizes[sample_id] = image.size
+        except OSError as err:
+            raise DatasetError(f"{path}: cannot read the image ({err})") from err
     if len(set(sizes.values())) > 1:
-        (a, size_a), (b, size_b) = next(iter(sizes.items())), next(
-            (k, v) for k, v in sizes.items() if v != next(iter(sizes.values())))
+        (a, size_a) = next(iter(sizes.items()))
+        b, size_b = next((k, v) for k, v in sizes.items() if v != size_a)
         raise DatasetError(f"frames of different sizes: {a} is {size_a[0]}x{size_a[1]}, {b} is "
                            f"{size_b[0]}x{size_b[1]}; one camera cannot show both (animate one size at a time)")
     if not sizes:
