@@ -329,6 +329,33 @@ def test_predictions_and_rig_with_different_joint_counts_is_one_clear_line(tmp_p
     assert "two.gltf: has 2 joints but the predictions were made for" in one_line_error(output)
 
 
+def test_a_rig_in_other_units_than_the_predictions_is_one_clear_line(oracle_sequence):
+    tmp_path = oracle_sequence[0]
+    code, output = animate("--pred", tmp_path / "preds", "--out", tmp_path / "anim", "--rig", tmp_path / "tube.glb",
+                           "--mesh-scale", "0.1")
+    assert code == 1
+    assert "frame frame1: 100% of the predicted canonical points lie farther than 20%" in one_line_error(output)
+
+
+def test_a_joint_without_points_inherits_its_parents_motion_and_says_so():
+    from dualpm.animate.fit import Observation, fit_frames
+
+    rig = tube_mesh("tube")
+    poses = known_poses(rig, 2, seed=4)
+    # Joint 2 (node 3, the tip) gets no points.
+    keep = np.flatnonzero(rig.vertices[:, 0] < 0.3)  # vertices whose dominant bone is bone0 or bone1
+    posed = skin(rig, poses, dtype=torch.float64).numpy()
+    frames = [Observation(rig.vertices[keep], p[keep], np.ones(len(keep))) for p in posed]
+    fit = fit_frames(rig, frames, ids=["a", "b"])
+    assert [j["status"] for j in fit.joints[0]] == ["fitted", "fitted", "inherited"]
+    assert fit.joints[0][2]["points"] == 0 and fit.joints[0][2]["residual"] is None
+    assert fit.to_json(["a", "b"])["frames"][1]["id"] == "b"
+    # The tip moves rigidly with bone1: its local rotation is the rest one, its skinning matrix bone1's.
+    np.testing.assert_allclose(np.abs(fit.poses[:, 3, 0]), 1.0, atol=1e-9)
+    matrices = joint_matrices(rig, torch.from_numpy(fit.poses)).numpy()
+    np.testing.assert_allclose(matrices[:, 2], matrices[:, 1], atol=1e-9)
+
+
 def test_frames_of_different_sizes_are_one_clear_line(tmp_path):
     rig = tube_mesh("tube")
     save_skinned_mesh(rig, tmp_path / "tube.glb")

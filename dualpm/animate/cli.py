@@ -155,7 +155,7 @@ def main(pred: Path, out: Path, rig: Path | None, mesh_scale: float | str, order
         raise AnimateError(f"{out}: holds {', '.join(taken)} of an earlier run; pass --overwrite or another --out")
     start = time.perf_counter()
     frames = read_frames(preds, ids)
-    fitted = fit_frames(fit_rig, frames, min_points=min_points)
+    fitted = fit_frames(fit_rig, frames, min_points=min_points, ids=ids)
     poses = fitted.poses
     report = fitted.to_json(ids)
     if smooth != "none":

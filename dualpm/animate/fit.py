@@ -55,13 +55,15 @@ class FrameFit:
         return {"method": FIT_METHOD, "frames": frames}
 
 
-def fit_frames(rig: SkinnedMesh, frames: Sequence[Observation], min_points: int = 3) -> FrameFit:
+def fit_frames(rig: SkinnedMesh, frames: Sequence[Observation], min_points: int = 3,
+               ids: Sequence[str] | None = None) -> FrameFit:
     """Fit every frame's pose (per-bone Kabsch converted to local TRS; see the module docstring).
 
     Args:
         rig: the skinned mesh the predictions' canonical coordinates belong to (scene units).
         frames: F observations.
         min_points: fewest points (skin weight >= 0.5) for a joint's own fit; others inherit.
+        ids: frame names for messages (default: their indices).
     Returns:
         `FrameFit`; joint status "fitted" or "inherited" (nearest fitted ancestor, or the global fit).
     """
@@ -69,9 +71,17 @@ def fit_frames(rig: SkinnedMesh, frames: Sequence[Observation], min_points: int 
     parents = joint_parents(rig)
     transforms, joints = [], []
     for index, frame in enumerate(frames):
+        name = ids[index] if ids is not None else str(index)
         if len(frame.canonical) < 3:
-            raise DatasetError(f"frame {index}: {len(frame.canonical)} kept points, too few to fit a pose")
+            raise DatasetError(f"frame {name}: {len(frame.canonical)} kept points, too few to fit a pose")
         weights = skin_weights_at(frame.canonical, rig, max_distance=MAX_DISTANCE * size)
+        off = float((weights.sum(axis=1) == 0).mean())
+        if off > 0.5:
+            raise DatasetError(
+                f"frame {name}: {off:.0%} of the predicted canonical points lie farther than {MAX_DISTANCE:.0%} of "
+                f"the rig's size from {rig.source or rig.name}: not the rig (or the units) the model predicts for; "
+                "check --rig and --mesh-scale"
+            )
         fit = estimate_joint_transforms(frame.canonical, frame.posed, weights, min_points=min_points,
                                         parents=parents)
         counts = (weights >= 0.5).sum(axis=0)
