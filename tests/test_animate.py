@@ -164,7 +164,7 @@ def oracle_sequence(tmp_path):
 def test_the_command_fits_exports_and_writes_the_layout(oracle_sequence):
     tmp_path, rig, poses, views, _ = oracle_sequence
     code, output = animate("--pred", tmp_path / "preds", "--out", tmp_path / "anim", "--rig", tmp_path / "tube.glb",
-                           "--fps", 10)
+                           "--fps", 10, "--focal-length", "shared")
     assert code == 0, output
     out = tmp_path / "anim"
     report = json.loads((out / "fit.json").read_text())
@@ -176,6 +176,7 @@ def test_the_command_fits_exports_and_writes_the_layout(oracle_sequence):
     assert all(j["status"] == "fitted" and j["points"] > 10 and j["residual"] < 0.02 * body_size(rig)
                for j in first)  # per-bone rigid fits of blended (LBS) points: not exact
     np.testing.assert_allclose(report["camera"]["focal_length_mm"], 50.0, rtol=0.01)  # shared: one for all
+    assert report["camera"]["focal_source"] == "estimated (shared) from the predicted points"
     np.testing.assert_allclose(report["camera"]["view_z"], views[truth_index, 2, 3], rtol=0.01)
     validate_glb(out / "animation.glb")
     # The fitted poses skin to the predictions' frame: camera space minus view[2, 3].
@@ -266,6 +267,15 @@ def test_the_fitted_layout_renders_the_predicted_silhouettes(oracle_sequence, ra
         mask = rendered[sample_id] > 0
         iou = (predicted & mask).sum() / (predicted | mask).sum()
         assert iou > 0.97, (sample_id, iou)
+
+
+def test_without_dataset_or_option_the_focal_length_is_the_default(oracle_sequence):
+    tmp_path, _, _, views, _ = oracle_sequence
+    code, output = animate("--pred", tmp_path / "preds", "--out", tmp_path / "anim", "--rig", tmp_path / "tube.glb")
+    assert code == 0, output
+    camera = json.loads((tmp_path / "anim" / "fit.json").read_text())["camera"]
+    assert camera["focal_length_mm"] == [50.0] * 5 and camera["focal_source"] == "the default"
+    np.testing.assert_allclose(sorted(camera["view_z"]), sorted(views[:, 2, 3]), rtol=0.01)  # focal 50 is right
 
 
 def test_dry_run_resolves_and_writes_nothing(oracle_sequence):

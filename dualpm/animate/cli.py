@@ -35,6 +35,7 @@ from dualpm.animate.inputs import (
     image_aspect,
     input_images,
     read_frames,
+    training_focal_length,
 )
 from dualpm.animate.preview import write_preview
 from dualpm.cliutils import FloatOrAuto, handles_user_errors, show_and_save_config
@@ -44,6 +45,7 @@ from dualpm.gltf import load_skinned_mesh, scaled_mesh
 from dualpm.predictions import open_predictions
 
 SMOOTHERS = ("none", "oneeuro", "savgol")
+DEFAULT_FOCAL_MM = 50.0  # where neither the frames nor the training data say
 OUTPUTS = ("animation.glb", "animation.bvh", "fit.json", "poses", "cameras", "metadata", "shapes", "preview.png")
 
 
@@ -100,9 +102,10 @@ def _optional(module: str, option: str):
 @click.option("--fps", type=click.FloatRange(min=0, min_open=True), default=24.0, show_default=True,
               help="Frames per second of the animation.")
 @click.option("--focal-length", type=FocalLength(), default="auto", show_default=True,
-              help="Focal length of the frames in mm (36 mm sensor height), or: shared (one for all frames, "
-                   "estimated from the predictions), per-frame (estimated for each), auto (the dataset's "
-                   "metadata when the predictions come from --data, else shared).")
+              help="Focal length of the frames in mm (36 mm sensor height), or: auto (the dataset's metadata of "
+                   "the frames for --data predictions, else the training data's median, else 50), shared (one "
+                   "for all frames, estimated from the predicted points' perspective), per-frame (one each; the "
+                   "estimates need accurate predicted depth).")
 @click.option("--min-points", type=click.IntRange(min=3), default=3, show_default=True,
               help="Fewest points for a joint's own fit; joints with fewer inherit their parent's motion.")
 @click.option("--smooth", type=click.Choice(SMOOTHERS), default="none", show_default=True,
@@ -163,10 +166,15 @@ def main(pred: Path, out: Path, rig: Path | None, mesh_scale: float | str, order
         before = smoothing.jitter(fit_rig, poses, fps)
         poses = smoothing.smooth_poses(fit_rig, poses, fps, smooth)
         report["jitter"] = {"before": before, "after": smoothing.jitter(fit_rig, poses, fps)}
-    focal = focal_length
+    focal, focal_source = focal_length, "--focal-length"
     if focal == "auto":
-        known = dataset_focal_lengths(preds, ids)
-        focal = "shared" if known is None else known
+        focal, focal_source = dataset_focal_lengths(preds, ids), "the dataset's metadata of the frames"
+        if focal is None:
+            focal, focal_source = training_focal_length(preds), "the median of the training dataset's"
+        if focal is None:
+            focal, focal_source = DEFAULT_FOCAL_MM, "the default"
+    elif focal in ("shared", "per-frame"):
+        focal_source = f"estimated ({focal}) from the predicted points"
     camera = estimate_cameras(frames, image_aspect(preds, ids), focal)
     export_path, export_rig, scale, track = rig_path, fit_rig, factor, camera
     if target_rig is not None:
@@ -185,12 +193,13 @@ def main(pred: Path, out: Path, rig: Path | None, mesh_scale: float | str, order
         write_dataset(out, export_rig, model, ids, poses, track)
         write_preview(out / "preview.png", ids, input_images(preds, ids), export_rig, poses, track)
     report |= {"ids": list(ids), "fps": fps, "mesh_scale": factor,
-               "camera": None if track is None else {"focal_length_mm": track.focal_mm.tolist(), "aspect": track.aspect,
+               "camera": None if track is None else {"focal_length_mm": track.focal_mm.tolist(), "focal_source": focal_source,
+                                                     "aspect": track.aspect,
                                                      "view_z": track.depth.tolist()}}
     atomic_write_json(out / "fit.json", report)
     fitted_share = np.mean([j["status"] == "fitted" for frame in fitted.joints for j in frame])
     click.echo(f"animated {len(ids)} frames ({summary['animated_nodes']} nodes, {fitted_share:.0%} of joints fitted, "
-               f"focal {np.median(camera.focal_mm):.1f} mm) in {time.perf_counter() - start:.1f} s -> {out / 'animation.glb'}")
+               f"focal {np.median(camera.focal_mm):.1f} mm: {focal_source}) in {time.perf_counter() - start:.1f} s -> {out / 'animation.glb'}")
 
 
 def _read_joint_map(path: Path) -> dict[str, str]:

@@ -124,6 +124,17 @@ def dataset_focal_lengths(preds: Predictions, ids: Sequence[str]) -> np.ndarray 
     return np.array([read_metadata(f).focal_length for f in files], dtype=np.float64)
 
 
+def training_focal_length(preds: Predictions, limit: int = 200) -> float | None:
+    """Median focal length (mm) of the dataset behind the predictions (at most `limit` metadata files, in
+    name order), or None where it cannot be found."""
+    source = _source_of(preds)
+    folder = source / "metadata" if source is not None else None
+    if folder is None or not folder.is_dir():
+        return None
+    files = sorted(folder.glob("*_metadata.txt"))[:limit]
+    return float(np.median([read_metadata(f).focal_length for f in files])) if files else None
+
+
 @dataclass(frozen=True)
 class Template:
     """The rig the model was trained for: its file (in the model's units), model name and the
