@@ -149,6 +149,16 @@ def test_bvh_joints_land_where_skinning_puts_them_in_the_rigs_units():
     np.testing.assert_allclose(got, world, atol=1e-6 * body_size(user))
 
 
+def test_bvh_refuses_a_skin_with_two_root_joints_in_one_line():
+    from dataclasses import replace
+
+    from dualpm.errors import GltfError
+
+    rig = replace(tube_mesh("tube"), parents=np.array([-1, -1, -1, 2]))  # bone1 detached from bone0
+    with pytest.raises(GltfError, match=r"BVH needs one root joint, the skin has 2 \(bone0, bone1\)"):
+        bvh_text(rig, known_poses(rig, 2), fps=24)
+
+
 @pytest.fixture
 def oracle_sequence(tmp_path):
     """A rig file, oracle predictions of a known 5-frame sequence and what made them."""

@@ -39,7 +39,7 @@ from dualpm.animate.inputs import (
 )
 from dualpm.animate.preview import write_preview
 from dualpm.cliutils import FloatOrAuto, handles_user_errors, show_and_save_config
-from dualpm.errors import ConfigError, DatasetError, DualPMError
+from dualpm.errors import ConfigError, DatasetError, DualPMError, GltfError
 from dualpm.fileio import atomic_write_json
 from dualpm.gltf import load_skinned_mesh, scaled_mesh
 from dualpm.predictions import open_predictions
@@ -188,7 +188,12 @@ def main(pred: Path, out: Path, rig: Path | None, mesh_scale: float | str, order
     out.mkdir(parents=True, exist_ok=True)
     show_and_save_config(config, out / "animate.config.yaml", "animate config")
     summary = export_glb(export_path, out / "animation.glb", poses, fps, scale, track)
-    write_bvh(out / "animation.bvh", export_rig, poses, fps, scale)
+    try:
+        write_bvh(out / "animation.bvh", export_rig, poses, fps, scale)
+    except GltfError as err:  # a skeleton BVH cannot hold (several root joints): the rest is still useful
+        (out / "animation.bvh").unlink(missing_ok=True)
+        report["bvh"] = str(err)
+        click.echo(f"animation.bvh not written: {err}")
     if track is not None:
         write_dataset(out, export_rig, model, ids, poses, track)
         write_preview(out / "preview.png", ids, input_images(preds, ids), export_rig, poses, track)
