@@ -45,6 +45,7 @@ from dualpm.gltf import load_skinned_mesh, scaled_mesh
 from dualpm.predictions import open_predictions
 
 SMOOTHERS = ("none", "oneeuro", "savgol")
+FIT_METHODS = ("kabsch", "lbs")
 DEFAULT_FOCAL_MM = 50.0  # where neither the frames nor the training data say
 OUTPUTS = ("animation.glb", "animation.bvh", "fit.json", "poses", "cameras", "metadata", "shapes", "preview.png")
 
@@ -108,6 +109,9 @@ def _optional(module: str, option: str):
                    "estimates need accurate predicted depth).")
 @click.option("--min-points", type=click.IntRange(min=3), default=3, show_default=True,
               help="Fewest points for a joint's own fit; joints with fewer inherit their parent's motion.")
+@click.option("--fit", type=click.Choice(FIT_METHODS), default=FIT_METHOD, show_default=True,
+              help="Pose fit: kabsch (the reference's per-bone fit) or lbs (rigid skeleton against the full "
+                   "skinning residual; needs dualpm.skeleton.fit).")
 @click.option("--smooth", type=click.Choice(SMOOTHERS), default="none", show_default=True,
               help="Filter the poses over time on the rotation manifold (needs dualpm.skeleton.smooth).")
 @click.option("--target-rig", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
@@ -118,7 +122,7 @@ def _optional(module: str, option: str):
 @click.option("--dry-run", is_flag=True, help="Resolve inputs and print the configuration; write nothing.")
 @handles_user_errors
 def main(pred: Path, out: Path, rig: Path | None, mesh_scale: float | str, order_file: Path | None, fps: float,
-         focal_length: float | str, min_points: int, smooth: str, target_rig: Path | None,
+         focal_length: float | str, min_points: int, fit: str, smooth: str, target_rig: Path | None,
          joint_map: Path | None, overwrite: bool, dry_run: bool) -> None:
     """Animate a rig with the poses fitted to dualpm-infer's predictions of a sequence of frames."""
     if joint_map is not None and target_rig is None:
@@ -146,7 +150,7 @@ def main(pred: Path, out: Path, rig: Path | None, mesh_scale: float | str, order
         "order": str(order_file) if order_file else "natural sort of the ids",
         "rig": str(rig_path), "template": str(template.path) if template else None, "model": model,
         "mesh_scale": factor, "fps": fps, "focal_length": focal_length, "min_points": min_points,
-        "fit": FIT_METHOD, "smooth": smooth, "target_rig": str(target_rig) if target_rig else None,
+        "fit": fit, "smooth": smooth, "target_rig": str(target_rig) if target_rig else None,
         "joint_map": str(joint_map) if joint_map else None,
     }
     if dry_run:
@@ -158,7 +162,7 @@ def main(pred: Path, out: Path, rig: Path | None, mesh_scale: float | str, order
         raise AnimateError(f"{out}: holds {', '.join(taken)} of an earlier run; pass --overwrite or another --out")
     start = time.perf_counter()
     frames = read_frames(preds, ids)
-    fitted = fit_frames(fit_rig, frames, min_points=min_points, ids=ids)
+    fitted = fit_frames(fit_rig, frames, min_points=min_points, ids=ids, method=fit)
     poses = fitted.poses
     report = fitted.to_json(ids)
     if smooth != "none":

@@ -1,9 +1,9 @@
 """Poses and cameras from predicted point pairs, for the exporters (numpy).
 
-`fit_frames` is the ONE place where `dualpm-animate` turns predictions into poses. Until the skeleton
-package (`dualpm.skeleton.fit.fit_sequence`, issue 23) is merged it runs the per-bone Kabsch fit of
-`dualpm.eval.skeleton` on each frame and converts the joint transforms (canonical -> posed, i.e.
-`global @ inverse_bind`) into node-local TRS poses; afterwards it delegates to `fit_sequence`.
+`fit_frames` is the ONE place where `dualpm-animate` turns predictions into poses. Method "kabsch" runs
+the per-bone Kabsch fit of `dualpm.eval.skeleton` on each frame and converts the joint transforms
+(canonical -> posed, i.e. `global @ inverse_bind`) into node-local TRS poses; any other method is handed
+to `dualpm.skeleton.fit.fit_sequence` (issue 23's skeleton package, imported only then).
 
 `estimate_cameras` recovers what the depth-subtracted posed points do not say directly: the focal length
 (shared by all frames) and each frame's camera distance `view[2, 3]`, by linear least squares on the
@@ -19,7 +19,7 @@ import numpy as np
 from scipy.spatial.transform import Rotation
 
 from dualpm.camera import SENSOR_HEIGHT_MM
-from dualpm.errors import DatasetError
+from dualpm.errors import ConfigError, DatasetError
 from dualpm.eval.skeleton import estimate_joint_transforms, joint_parents, skin_weights_at
 from dualpm.gltf import SkinnedMesh, node_depths
 
@@ -49,42 +49,51 @@ class FrameFit:
 
     poses: np.ndarray
     joints: tuple[tuple[dict, ...], ...]
+    method: str = "kabsch"
 
     def to_json(self, ids: Sequence[str]) -> dict:
         frames = [{"id": i, "joints": list(j)} for i, j in zip(ids, self.joints, strict=True)]
-        return {"method": FIT_METHOD, "frames": frames}
+        return {"method": self.method, "frames": frames}
 
 
 def fit_frames(rig: SkinnedMesh, frames: Sequence[Observation], min_points: int = 3,
-               ids: Sequence[str] | None = None) -> FrameFit:
-    """Fit every frame's pose (per-bone Kabsch converted to local TRS; see the module docstring).
+               ids: Sequence[str] | None = None, method: str = FIT_METHOD) -> FrameFit:
+    """Fit every frame's pose.
 
     Args:
         rig: the skinned mesh the predictions' canonical coordinates belong to (scene units).
         frames: F observations.
         min_points: fewest points (skin weight >= 0.5) for a joint's own fit; others inherit.
         ids: frame names for messages (default: their indices).
+        method: "kabsch" (per-bone Kabsch of `dualpm.eval.skeleton` converted to local TRS, here), or a
+            method of `dualpm.skeleton.fit.fit_sequence` ("lbs": the rigid-skeleton fit of issue 23), which
+            is imported only then.
     Returns:
-        `FrameFit`; joint status "fitted" or "inherited" (nearest fitted ancestor, or the global fit).
+        `FrameFit`; joint status "fitted" or "inherited" (nearest fitted ancestor, or the global fit), or
+        as `fit_sequence` reports it.
     """
     size = float(np.ptp(rig.vertices, axis=0).max())
-    parents = joint_parents(rig)
-    transforms, joints = [], []
+    weights = []
     for index, frame in enumerate(frames):
         name = ids[index] if ids is not None else str(index)
         if len(frame.canonical) < 3:
             raise DatasetError(f"frame {name}: {len(frame.canonical)} kept points, too few to fit a pose")
-        weights = skin_weights_at(frame.canonical, rig, max_distance=MAX_DISTANCE * size)
-        off = float((weights.sum(axis=1) == 0).mean())
+        weights.append(skin_weights_at(frame.canonical, rig, max_distance=MAX_DISTANCE * size))
+        off = float((weights[-1].sum(axis=1) == 0).mean())
         if off > 0.5:
             raise DatasetError(
                 f"frame {name}: {off:.0%} of the predicted canonical points lie farther than {MAX_DISTANCE:.0%} of "
                 f"the rig's size from {rig.source or rig.name}: not the rig (or the units) the model predicts for; "
                 "check --rig and --mesh-scale"
             )
-        fit = estimate_joint_transforms(frame.canonical, frame.posed, weights, min_points=min_points,
+    if method != FIT_METHOD:
+        return _fit_sequence(rig, frames, min_points, method)
+    parents = joint_parents(rig)
+    transforms, joints = [], []
+    for frame, frame_weights in zip(frames, weights, strict=True):
+        fit = estimate_joint_transforms(frame.canonical, frame.posed, frame_weights, min_points=min_points,
                                         parents=parents)
-        counts = (weights >= 0.5).sum(axis=0)
+        counts = (frame_weights >= 0.5).sum(axis=0)
         transforms.append(fit.transforms)
         joints.append(tuple(
             {"joint": rig.node_names[node] or f"node{node}", "points": int(n),
@@ -92,6 +101,24 @@ def fit_frames(rig: SkinnedMesh, frames: Sequence[Observation], min_points: int 
             for node, n, r, ok in zip(rig.joint_nodes, counts, fit.residual, fit.valid, strict=True)
         ))
     return FrameFit(poses_from_joint_transforms(rig, np.stack(transforms)), tuple(joints))
+
+
+def _fit_sequence(rig: SkinnedMesh, frames: Sequence[Observation], min_points: int, method: str) -> FrameFit:
+    """`dualpm.skeleton.fit.fit_sequence` (issue 23's skeleton package) as a `FrameFit`."""
+    try:
+        from dualpm.skeleton.fit import FrameObservation, fit_sequence
+    except ImportError as err:
+        raise ConfigError(f"fit method {method!r} needs dualpm.skeleton.fit, which this installation lacks "
+                          f"({err}); use {FIT_METHOD!r}") from err
+    observed = [FrameObservation(f.canonical, f.posed, f.confidence) for f in frames]
+    fit = fit_sequence(rig, observed, method=method, min_points=min_points)
+    joints = tuple(
+        tuple({"joint": r.joint, "points": int(r.points),
+               "residual": float(r.residual) if np.isfinite(r.residual) else None, "status": r.status}
+              for r in frame)
+        for frame in fit.joints
+    )
+    return FrameFit(np.asarray(fit.poses, dtype=np.float64), joints, method)
 
 
 def poses_from_joint_transforms(rig: SkinnedMesh, transforms: np.ndarray) -> np.ndarray:
