@@ -437,3 +437,38 @@ def test_glb_document_is_readable_by_pygltflib_as_a_whole(tmp_path):
     doc = pygltflib.GLTF2().load(str(tmp_path / "a.glb"))
     assert len(doc.buffers) == 1 and doc.buffers[0].uri is None and not doc.cameras
     validate_glb(tmp_path / "a.glb")
+
+
+def test_the_template_its_scale_and_focal_lengths_are_found_through_the_dataset(tmp_path):
+    from datagen import make_source_dataset
+    from dualpm.data.source import read_metadata
+    from dualpm.store.manifest import Manifest, plan_shards, save_manifest
+
+    ds = make_source_dataset(tmp_path / "src", num_samples=3, rgb=False, masks=False)
+    model = ds.model_of[ds.ids[0]]
+    template_path = ds.root / "shapes" / model / f"{model}_shape.gltf"
+    template = load_skinned_mesh(template_path)
+    save_skinned_mesh(scaled_mesh(template, 0.5), tmp_path / "original.glb")  # the user's rig, before synth
+    (ds.root / "synth.json").write_text(json.dumps({"mesh_scales": {model: 2.0}}))
+    save_manifest(tmp_path / "prep", Manifest.create(str(ds.root), 4, plan_shards({"train": ds.ids}, 4)))
+    poses = known_poses(template, 3, seed=5)
+    write_predictions(tmp_path / "preds", template, poses, ids=ds.ids, attrs={"data": str(tmp_path / "prep")})
+
+    code, output = animate("--pred", tmp_path / "preds", "--out", tmp_path / "a")
+    assert code == 0, output
+    config = (tmp_path / "a" / "animate.config.yaml").read_text()
+    assert f"rig: {template_path}" in config and "mesh_scale: 1.0" in config
+    camera = json.loads((tmp_path / "a" / "fit.json").read_text())["camera"]
+    assert camera["focal_source"] == "the dataset's metadata of the frames"
+    assert camera["focal_length_mm"] == [read_metadata(ds.root / "metadata" / f"{i}_metadata.txt").focal_length
+                                         for i in ds.ids]
+
+    code, output = animate("--pred", tmp_path / "preds", "--out", tmp_path / "b", "--rig", tmp_path / "original.glb")
+    assert code == 0, output
+    validate_glb(tmp_path / "b" / "animation.glb")
+    exported = load_skinned_mesh(tmp_path / "b" / "animation.glb")
+    back, _, _ = read_glb_animation(tmp_path / "b" / "animation.glb", exported.num_nodes)
+    in_rig_units = skin(exported, back, dtype=torch.float64).numpy()  # the user's units: half the model's
+    fitted = np.stack([read_pose_file(tmp_path / "b" / "poses" / f"{i}_pose.npz") for i in ds.ids])
+    in_model_units = skin(template, fitted, dtype=torch.float64).numpy()
+    np.testing.assert_allclose(2.0 * in_rig_units, in_model_units, atol=1e-5 * body_size(template))
