@@ -174,7 +174,7 @@ def main(pred: Path, out: Path, rig: Path | None, mesh_scale: float | str, order
     if focal == "auto":
         focal, focal_source = dataset_focal_lengths(preds, ids), "the dataset's metadata of the frames"
         if focal is None:
-            focal, focal_source = training_focal_length(preds), "the median of the training dataset's"
+            focal, focal_source = training_focal_length(preds), "the training dataset's median"
         if focal is None:
             focal, focal_source = DEFAULT_FOCAL_MM, "the default"
     elif focal in ("shared", "per-frame"):
