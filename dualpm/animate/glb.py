@@ -34,7 +34,8 @@ from dualpm.gltf import load_skinned_mesh, read_gltf_document
 ANIMATION_NAME = "dualpm"
 CAMERA_NAME = "dualpm_camera"
 _FLOAT = 5126
-_IMAGE_TYPES = {b"\x89PNG": "image/png", b"\xff\xd8\xff": "image/jpeg"}
+_IMAGE_TYPES = {b"\x89PNG": "image/png", b"\xff\xd8\xff": "image/jpeg", b"\xabKTX 20": "image/ktx2"}
+_IMAGE_MIMES = ("image/png", "image/jpeg", "image/webp", "image/ktx2")  # core glTF + EXT_texture_webp, KHR_texture_basisu
 
 
 def continuous_quaternions(quat: np.ndarray) -> np.ndarray:
@@ -168,9 +169,12 @@ def _embed_images(doc: pygltflib.GLTF2, rig_path: Path, blob: bytearray) -> int:
             raise GltfError(f"{rig_path}: image {index} file {image.uri!r} not found")
         data = file.read_bytes()
         mime = next((m for magic, m in _IMAGE_TYPES.items() if data.startswith(magic)), None)
+        if mime is None and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+            mime = "image/webp"
         mime = mime or image.mimeType or mimetypes.guess_type(file.name)[0]
-        if mime not in ("image/png", "image/jpeg"):
-            raise GltfError(f"{rig_path}: image {index} {image.uri!r} is neither PNG nor JPEG ({mime})")
+        if mime not in _IMAGE_MIMES:
+            raise GltfError(f"{rig_path}: image {index} {image.uri!r} is not PNG, JPEG, WebP or KTX2 ({mime}); "
+                            "a GLB can only embed those")
         doc.bufferViews.append(pygltflib.BufferView(buffer=0, byteOffset=len(blob), byteLength=len(data)))
         blob.extend(data)
         blob.extend(b"\0" * (-len(blob) % 4))
