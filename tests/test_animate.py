@@ -428,6 +428,14 @@ def test_an_earlier_run_is_not_overwritten_silently(oracle_sequence, path):
     (tmp_path / "anim" / path).write_bytes(b"")
     code, output = animate("--pred", tmp_path / "preds", "--out", tmp_path / "anim", "--rig", tmp_path / "tube.glb")
     assert code == 1 and "--overwrite" in one_line_error(output)
+    (tmp_path / "anim" / "poses").mkdir()
+    (tmp_path / "anim" / "poses" / "old_pose.npz").write_bytes(b"")  # a frame of the earlier run
+    code, output = animate("--pred", tmp_path / "preds", "--out", tmp_path / "anim", "--rig", tmp_path / "tube.glb",
+                           "--overwrite")
+    assert code == 0, output
+    assert sorted(p.name for p in (tmp_path / "anim" / "poses").iterdir()) == [
+        f"frame{i}_pose.npz" for i in (1, 10, 2, 3, 4)]
+    validate_glb(tmp_path / "anim" / "animation.glb")
 
 
 def test_glb_document_is_readable_by_pygltflib_as_a_whole(tmp_path):

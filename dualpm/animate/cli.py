@@ -17,6 +17,7 @@ writes into OUT:
 from __future__ import annotations
 
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -189,6 +190,8 @@ def main(pred: Path, out: Path, rig: Path | None, mesh_scale: float | str, order
         export_path, scale, track, model = target_rig, 1.0, None, _model_name(target_rig)
         report["unmatched_target_joints"] = list(unmatched)
         click.echo(f"retargeted to {target_rig}; joints left at rest: {', '.join(unmatched) or 'none'}")
+    for name in taken:  # --overwrite: no stale frames of the earlier run may stay in poses/ etc.
+        (shutil.rmtree if (out / name).is_dir() else Path.unlink)(out / name)
     out.mkdir(parents=True, exist_ok=True)
     show_and_save_config(config, out / "animate.config.yaml", "animate config")
     summary = export_glb(export_path, out / "animation.glb", poses, fps, scale, track)
