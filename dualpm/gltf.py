@@ -247,6 +247,15 @@ def load_skinned_mesh(path: str | os.PathLike) -> SkinnedMesh:
     )
 
 
+def read_gltf_document(path: str | os.PathLike) -> tuple[pygltflib.GLTF2, list[bytes]]:
+    """The parsed document of a .gltf/.glb and the bytes of each of its buffers (validated like
+    `load_skinned_mesh`: GLB header, JSON, buffer URIs inside the file's folder or data: URIs).
+    For writers that add to a user's document rather than rebuild it (`dualpm.animate`)."""
+    path = Path(path)
+    doc, blob = _read_document(path)
+    return doc, [_buffer_bytes(doc, i, blob, path) for i in range(len(doc.buffers))]
+
+
 def _read_document(path: Path) -> tuple[pygltflib.GLTF2, bytes | None]:
     """Parse the JSON part (and, for .glb, find the binary chunk)."""
     if not path.is_file():
