@@ -46,9 +46,16 @@ class AssetLook:
         return MASK_LAYERS if self.surface.alpha_masked else 1
 
 
-def _layer_colour(look: AssetLook | None, coat: Callable[[Tensor], Tensor] | None, layer: np.ndarray,
+def layer_albedo(look: AssetLook | None, coat: Callable[[Tensor], Tensor] | None, layer: np.ndarray,
                   hit: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(H, W, 3) linear albedo and (H, W) bool opaque of one peeled layer (channels after 6 normals)."""
+    """Albedo of the surface seen in one peeled layer.
+
+    Args:
+        layer: (H, W, C + 4) float32 numpy, one layer of `render_layers` (attributes as `shade_look`).
+        hit: (H, W) bool pixels to colour.
+    Returns:
+        (H, W, 3) float32 linear albedo (0 elsewhere) and (H, W) bool: hit and not cut by alpha MASK.
+    """
     h, w = hit.shape
     albedo = np.zeros((h, w, 3), dtype=np.float32)
     opaque = hit.copy()
@@ -100,7 +107,7 @@ def shade_look(layers: Tensor, look: AssetLook | None, coat: Callable[[Tensor], 
         hit = (data[:, :, index, -1] > 0) & (chosen < 0)
         if not hit.any():
             continue
-        colour, opaque = _layer_colour(look, coat, data[:, :, index], hit)
+        colour, opaque = layer_albedo(look, coat, data[:, :, index], hit)
         take = hit & opaque
         chosen[take] = index
         albedo[take] = colour[take]
