@@ -124,10 +124,21 @@ def textured_tube(path: Path, image: np.ndarray | None = None, clip: bool = True
     """`datagen.tube_mesh` saved as .gltf + .bin with TEXCOORD_0 (u along the tube, v around it), a
     material whose base colour texture is `image` (default `checker()`, a file `tube.png` beside it)
     and, with `clip`, an animation "Bend" turning bone1 by up to 40 degrees about z (LINEAR)."""
-    from dualpm.gltf import save_skinned_mesh
     from tests.datagen import tube_mesh
 
     mesh = tube_mesh("tube")
+    v = mesh.vertices
+    uv = np.stack([(v[:, 0] - v[:, 0].min()) / np.ptp(v[:, 0]),
+                   (np.arctan2(v[:, 2], v[:, 1]) / (2 * np.pi)) % 1.0], axis=1)
+    return texture_rig(path, mesh, uv, checker() if image is None else image, 2 if clip else None)
+
+
+def texture_rig(path: Path, mesh, uv: np.ndarray, image: np.ndarray, clip_node: int | None) -> Path:
+    """Save `mesh` as .gltf + .bin with TEXCOORD_0 = `uv` (V, 2), a material textured by `image`
+    (`<stem>.png` beside it) and, for `clip_node`, a LINEAR clip "Bend" turning that node 0 -> 40 degrees
+    about z over one second."""
+    from dualpm.gltf import save_skinned_mesh
+
     save_skinned_mesh(mesh, path)
     gltf = pygltflib.GLTF2().load(str(path))
     bin_path = path.with_name(gltf.buffers[0].uri)
@@ -141,25 +152,22 @@ def textured_tube(path: Path, image: np.ndarray | None = None, clip: bool = True
                                                  count=len(array), type=kind))
         return len(gltf.accessors) - 1
 
-    v = mesh.vertices
-    uv = np.stack([(v[:, 0] - v[:, 0].min()) / np.ptp(v[:, 0]),
-                   (np.arctan2(v[:, 2], v[:, 1]) / (2 * np.pi)) % 1.0], axis=1)
     gltf.meshes[0].primitives[0].attributes.TEXCOORD_0 = add(uv, "VEC2")
     gltf.meshes[0].primitives[0].material = 0
-    (path.parent / "tube.png").write_bytes(png_bytes(checker() if image is None else image))
-    gltf.images = [pygltflib.Image(uri="tube.png")]
+    (path.parent / f"{path.stem}.png").write_bytes(png_bytes(image))
+    gltf.images = [pygltflib.Image(uri=f"{path.stem}.png")]
     gltf.samplers = [pygltflib.Sampler()]
     gltf.textures = [pygltflib.Texture(source=0, sampler=0)]
     gltf.materials = [pygltflib.Material(name="coat", pbrMetallicRoughness=pygltflib.PbrMetallicRoughness(
         baseColorTexture=pygltflib.TextureInfo(index=0)))]
-    if clip:
+    if clip_node is not None:
         s = np.sin(np.radians(20.0))
         times = add(np.array([0.0, 1.0]), "SCALAR")
         values = add(np.array([[0, 0, 0, 1], [0, 0, s, np.sqrt(1 - s * s)]]), "VEC4")
         gltf.animations = [pygltflib.Animation(
             name="Bend", samplers=[pygltflib.AnimationSampler(input=times, output=values)],
             channels=[pygltflib.AnimationChannel(sampler=0, target=pygltflib.AnimationChannelTarget(
-                node=2, path="rotation"))])]
+                node=clip_node, path="rotation"))])]
     gltf.buffers[0].byteLength = len(blob)
     bin_path.write_bytes(bytes(blob))
     path.write_text(gltf.gltf_to_json())
