@@ -138,7 +138,7 @@ def main(samples: int, image_size: int, faces: int, picture: str, append_to: str
 
 HEADER = "dualpm-prep synth with the rig's own look (samples/s on one core; target 20 at 256 px)"
 COLUMNS = ("`bench/synth_appearance.py`: one core in process, a textured 20k-face rig; in brackets the ratio "
-           "to the procedural coat of the same run. Shadows: Embree occlusion rays to every light.\n\n"
+           "to the procedural coat of the same run. Shadows: Embree occlusion rays towards the key light.\n\n"
            "| date | cpu | size | procedural | asset | asset + HDRI | asset + photos | load avg |\n"
            "|---|---|---|---:|---:|---:|---:|---|\n")
 

@@ -155,17 +155,15 @@ def uv_footprint(uv: np.ndarray, valid: np.ndarray, texels: tuple[int, int]) -> 
     texel_uv = uv.astype(np.float64) * scale  # (H, W, 2) texel units
     lengths = []
     for axis in (0, 1):
-        step = np.full(uv.shape[:2], np.inf)
-        diff = np.diff(texel_uv, axis=axis)  # between pixel i and i + 1 along the axis
-        both = np.logical_and(np.take(valid, range(valid.shape[axis] - 1), axis=axis),
-                              np.take(valid, range(1, valid.shape[axis]), axis=axis))
-        norm = np.where(both, np.abs(diff).max(axis=-1), np.inf)  # (.., ..) per pair
-        pad_front = [(0, 0), (0, 0)]
-        pad_front[axis] = (1, 0)
-        pad_back = [(0, 0), (0, 0)]
-        pad_back[axis] = (0, 1)
-        backward = np.pad(norm, pad_front, constant_values=np.inf)  # pair (i - 1, i)
-        forward = np.pad(norm, pad_back, constant_values=np.inf)  # pair (i, i + 1)
-        step = np.minimum(np.minimum(step, backward), forward)
+        diff = np.abs(np.diff(texel_uv, axis=axis)).max(axis=-1)  # pair (i, i + 1) along the axis
+        if axis == 0:
+            both = valid[:-1] & valid[1:]
+        else:
+            both = valid[:, :-1] & valid[:, 1:]
+        pair = np.where(both, diff, np.inf)
+        pad_front = [(1, 0), (0, 0)] if axis == 0 else [(0, 0), (1, 0)]
+        pad_back = [(0, 1), (0, 0)] if axis == 0 else [(0, 0), (0, 1)]
+        step = np.minimum(np.pad(pair, pad_front, constant_values=np.inf),  # pair (i - 1, i)
+                          np.pad(pair, pad_back, constant_values=np.inf))  # pair (i, i + 1)
         lengths.append(np.where(np.isfinite(step), step, 0.0))
     return np.maximum(lengths[0], lengths[1]).astype(np.float32)

@@ -126,11 +126,13 @@ def shade_look(layers: Tensor, look: AssetLook | None, coat: Callable[[Tensor], 
     else:
         up = 0.5 * (1 + world_normals[:, 1:2])
         ambient = light.ground * (1 - up) + light.sky * up
-    shadow = occluded(posed_cam, faces, points, normals, light.directions)
-    lambert = np.clip(normals @ light.directions.T, 0, None) * ~shadow  # (n, k)
+    lambert = np.clip(normals @ light.directions.T, 0, None)  # (n, k)
+    lambert[:, 0] *= ~occluded(posed_cam, faces, points, normals, light.directions[:1])[:, 0]  # key light
     radiance = albedo[visible] * (ambient + lambert @ light.colours)
-    _, directions, _ = pixel_rays(projection, h, w)
-    rays_world = directions.reshape(-1, 3).numpy() @ rot  # camera -> world directions
+    rays_world = None
+    if light.environment is not None:  # the camera sees the environment behind the animal
+        _, directions, _ = pixel_rays(projection, h, w)
+        rays_world = directions.reshape(-1, 3).numpy() @ rot  # camera -> world directions
     image = background_image(light, rays_world, h, lambda: procedural_background().numpy())
     image[visible] = radiance
     display = np.clip(image, 0, 1) ** (1 / 2.2)

@@ -388,7 +388,8 @@ def make_sample(root: Path, config: SynthConfig, model: ModelSpec, state: _Model
                                asset.layers if asset else 1, backend=backend, workers=1)[0].cpu()
         scene = sample_scene_light(rng(config.seed, SCENE, spec.number), camera.view, state.hdris, state.photos,
                                    light)
-        posed_cam = (posed.double() @ view[:3, :3].T + view[:3, 3]).numpy()
+        rot32 = view.to(torch.float32)  # camera space exactly as the renderer computes it (its scene is reused)
+        posed_cam = (posed.float() @ rot32[:3, :3].T + rot32[:3, 3]).numpy()
         rgb = shade_look(layers, asset, lambda c: albedo(state.appearance, c), scene, camera.view, projection[0],
                          posed_cam, state.faces.numpy(),
                          lambda: background(light, config.image_size, config.image_size))

@@ -2,8 +2,9 @@
 
 Per sample (`sample_scene_light`, all draws from the sample's LIGHT stream):
 - two or three directional lights (key, fill, rim) around the camera's side of the animal, random
-  colour temperature and intensity; shadows by occlusion rays cast with Embree from every lit
-  point towards every light (the posed mesh is the only occluder);
+  colour temperature and intensity; the key light casts shadows: occlusion rays cast with Embree
+  from every lit point towards it (the posed mesh is the only occluder). Fill and rim lights are
+  unshadowed, as in studio practice, which keeps the shadow cost to one ray per visible pixel;
 - ambient light from a sky colour above and a ground colour below (hemisphere light on the normal);
 - with `--hdri DIR`: a random equirectangular image of DIR, turned about +Y, lights the animal
   diffusely (its order-2 spherical-harmonic irradiance, Ramamoorthi and Hanrahan 2001) plus a key
@@ -26,6 +27,7 @@ from PIL import Image
 
 from dualpm.errors import ConfigError
 from dualpm.images import open_image, rgb_array
+from dualpm.render.embree import triangle_scene
 from dualpm.texture import srgb_to_linear
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp")
@@ -174,7 +176,7 @@ def background_image(light: SceneLight, rays_world: np.ndarray, size: int, proce
     """(H, W, 3) float32 linear background: the environment, a photo crop, or `procedural()`.
 
     Args:
-        rays_world: (H * W, 3) unit world directions of the pixel rays (used with an environment).
+        rays_world: (H * W, 3) unit world directions of the pixel rays (needed with an environment only).
     """
     if light.environment is not None:
         return light.environment.lookup(rays_world).reshape(size, size, 3)
@@ -205,15 +207,10 @@ def occluded(verts_cam: np.ndarray, faces: np.ndarray, points: np.ndarray, norma
     Returns:
         (n, k) bool.
     """
-    from embreex.mesh_construction import TriangleMesh
-    from embreex.rtcore_scene import EmbreeScene
-
     out = np.zeros((len(points), len(directions)), dtype=bool)
     if len(points) == 0:
         return out
-    scene = EmbreeScene()
-    TriangleMesh(scene, np.ascontiguousarray(verts_cam, dtype=np.float32),
-                 np.ascontiguousarray(faces, dtype=np.int32))
+    scene = triangle_scene(verts_cam, faces)  # the renderer's own scene when it just cast this mesh
     for k, d in enumerate(directions):
         facing = normals @ d > 0  # points facing away are unlit anyway: no ray needed
         if not facing.any():
