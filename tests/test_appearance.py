@@ -8,11 +8,12 @@ import torch
 
 from dualpm.camera import projection_from_focal
 from dualpm.errors import GltfError
-from dualpm.gltf import load_skinned_mesh
+from dualpm.gltf import load_skinned_mesh, save_skinned_mesh
 from dualpm.gltf_material import load_surface, transformed_uv
 from dualpm.render import render_layers
 from dualpm.texture import CLAMP_TO_EDGE, MIRRORED_REPEAT, NEAREST, REPEAT, Texture, sample, srgb_to_linear
 from pipeline.synth.asset_look import AssetLook, layer_albedo
+from tests import reference_reader
 from tests.rigs import SQUARES, checker, quad_rig
 
 SIZE = 64
@@ -102,6 +103,19 @@ def test_several_primitives_and_materials(tmp_path):
     want = srgb_to_linear(image[row * TEXELS, col * TEXELS] / 255.0)
     np.testing.assert_allclose(albedo[top], want[top], atol=1e-5)
     np.testing.assert_allclose(albedo[bottom], np.broadcast_to([0.5, 0.25, 1.0], albedo[bottom].shape), atol=1e-6)
+
+
+def test_several_primitives_become_one_the_reference_reader_loads(tmp_path):
+    """The reference reader refuses a rig with 2 primitives; the shape synth writes from it has one."""
+    path = quad_rig(tmp_path / "quad.gltf", checker(), embed="data", primitives=2)
+    (tmp_path / "user" / "shapes" / "quad").mkdir(parents=True)
+    (tmp_path / "user" / "shapes" / "quad" / "quad_shape.gltf").write_bytes(path.read_bytes())
+    with pytest.raises(reference_reader.ReferenceRefusal, match="one primitive"):
+        reference_reader.shapes(tmp_path / "user")
+    mesh = load_skinned_mesh(path)
+    (tmp_path / "data" / "shapes" / "quad").mkdir(parents=True)
+    save_skinned_mesh(mesh, tmp_path / "data" / "shapes" / "quad" / "quad_shape.gltf")
+    np.testing.assert_array_equal(reference_reader.shapes(tmp_path / "data")["quad"], mesh.vertices)
 
 
 def test_embedded_and_external_textures_agree(tmp_path):

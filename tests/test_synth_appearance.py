@@ -6,7 +6,6 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
-import pygltflib
 import pytest
 import torch
 import yaml
@@ -16,6 +15,7 @@ from dualpm.data.source import Layout
 from dualpm.gltf import load_skinned_mesh
 from dualpm.gltf_material import load_surface
 from pipeline.synth.generate import SynthConfig, _model_state, build_model, make_plan, make_sample, prepare_output
+from tests import reference_reader
 from tests.rigs import png_bytes, textured_tube
 
 
@@ -65,14 +65,10 @@ def test_rig_as_given_is_kept_and_the_reference_reader_loads_the_shape(tmp_path,
     assert _digest(folder / "asset" / "tube.gltf") == _digest(rig)
     assert _digest(folder / "asset" / "tube.png") == _digest(rig.parent / "tube.png")
     assert load_surface(folder / "asset" / "tube.gltf").has_material
-    # what the reference reader (DualPM_Paper src/dualpm_paper/skin.py) requires of <model>_shape.gltf:
-    # one mesh, one skin, one primitive of mode 4 with indices, JOINTS_0/WEIGHTS_0, inverse binds
-    shape = pygltflib.GLTF2().load(str(folder / "tube_shape.gltf"))
-    assert len(shape.meshes) == 1 and len(shape.skins) == 1 and len(shape.meshes[0].primitives) == 1
-    prim = shape.meshes[0].primitives[0]
-    assert prim.mode == 4 and prim.indices is not None and prim.attributes.JOINTS_0 is not None
-    assert shape.skins[0].inverseBindMatrices is not None
-    assert load_skinned_mesh(folder / "tube_shape.gltf").num_vertices == load_skinned_mesh(rig).num_vertices
+    # the reference reader (tests/reference_reader.py) loads <model>_shape.gltf and ignores asset/
+    positions = reference_reader.shapes(tmp_path / "out")
+    np.testing.assert_array_equal(positions["tube"], load_skinned_mesh(folder / "tube_shape.gltf").vertices)
+    assert reference_reader.metadata(lay.metadata("000001"), tmp_path / "out")["model_name"] == "tube"
     assert lay.rgb("000001").exists()
 
 
