@@ -101,8 +101,14 @@ def shade_look(layers: Tensor, look: AssetLook | None, coat: Callable[[Tensor], 
     """
     data = layers.numpy()
     h, w = data.shape[:2]
-    chosen = np.full((h, w), -1, dtype=np.int64)
-    albedo = np.zeros((h, w, 3), dtype=np.float32)
+    # Work inside the bounding box of the first layer's hits (deeper layers lie within it, so no
+    # pixel loses a neighbour that the footprint would use).
+    rows_hit, cols_hit = np.nonzero(data[:, :, 0, -1] > 0)
+    r0, c0 = (rows_hit.min(), cols_hit.min()) if rows_hit.size else (0, 0)
+    r1, c1 = (rows_hit.max() + 1, cols_hit.max() + 1) if rows_hit.size else (0, 0)
+    data = data[r0:r1, c0:c1]
+    chosen = np.full(data.shape[:2], -1, dtype=np.int64)
+    albedo = np.zeros((*data.shape[:2], 3), dtype=np.float32)
     for index in range(data.shape[2]):
         hit = (data[:, :, index, -1] > 0) & (chosen < 0)
         if not hit.any():
@@ -134,7 +140,7 @@ def shade_look(layers: Tensor, look: AssetLook | None, coat: Callable[[Tensor], 
         _, directions, _ = pixel_rays(projection, h, w)
         rays_world = directions.reshape(-1, 3).numpy() @ rot  # camera -> world directions
     image = background_image(light, rays_world, h, lambda: procedural_background().numpy())
-    image[visible] = radiance
+    image[r0:r1, c0:c1][visible] = radiance
     display = np.clip(image, 0, 1) ** (1 / 2.2)
     display = jitter_colours(display, light.jitter)
     return (display * 255 + 0.5).astype(np.uint8)
