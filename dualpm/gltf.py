@@ -3,8 +3,12 @@
 The reference dataset stores every animal as a glTF with exactly one mesh, one primitive of
 triangles and one skin (JOINTS_0 / WEIGHTS_0). `load_skinned_mesh` reads such a file with
 `pygltflib` (the JSON) and NumPy (the binary buffers, decoded with strides, never element by
-element), validates everything a broken export can get wrong, and returns a `SkinnedMesh`.
-`save_skinned_mesh` writes the same structure (the synthetic data generator uses it).
+element), validates everything a broken export can get wrong, and returns a `SkinnedMesh`. Users'
+rigs often split the skinned mesh into one primitive per material: those are concatenated in file
+order (`mesh_primitives`); materials and textures are read by `dualpm.gltf_material`, animation
+clips by `dualpm.animation`, the low-level parts (document, buffers, accessors) by `dualpm.gltf_io`.
+`save_skinned_mesh` writes one primitive (the synthetic data generator uses it; the reference reader
+accepts exactly one).
 
 Conventions: quaternions are real-first `[w, x, y, z]` (glTF stores `[x, y, z, w]`); glTF matrices
 are column-major in the file; node transforms compose as `T @ R @ S`. The bind-pose POSITION values
@@ -13,34 +17,31 @@ are the canonical coordinates of the dual point maps.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 import os
-import re
-import struct
 import urllib.parse
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pygltflib
-import torch
 
 from dualpm.errors import GltfError
-from dualpm.fileio import UnsafePathError, atomic_write_bytes, atomic_write_text, safe_join
-from dualpm.geometry import matrix_to_quaternion
+from dualpm.fileio import atomic_write_bytes, atomic_write_text
+from dualpm.gltf_io import (
+    ARRAY_BUFFER,
+    ELEMENT_ARRAY_BUFFER,
+    FLOAT,
+    TRIANGLES,
+    UBYTE,
+    UINT,
+    USHORT,
+    buffer_bytes,
+    decompose,
+    read_accessor,
+    read_document,
+)
 
-# glTF componentType -> little-endian NumPy dtype; accessor type -> number of components.
-_COMPONENT_DTYPES = {
-    5120: np.dtype("<i1"), 5121: np.dtype("<u1"), 5122: np.dtype("<i2"),
-    5123: np.dtype("<u2"), 5125: np.dtype("<u4"), 5126: np.dtype("<f4"),
-}
-_TYPE_SIZES = {"SCALAR": 1, "VEC2": 2, "VEC3": 3, "VEC4": 4, "MAT4": 16}
-_UBYTE, _USHORT, _UINT, _FLOAT = 5121, 5123, 5125, 5126
-_TRIANGLES = 4
 _WEIGHT_SUM_TOLERANCE = 1e-2
-_ARRAY_BUFFER, _ELEMENT_ARRAY_BUFFER = 34962, 34963
 
 
 @dataclass(frozen=True, eq=False)
@@ -155,48 +156,42 @@ def scaled_mesh(mesh: SkinnedMesh, factor: float) -> SkinnedMesh:
 def load_skinned_mesh(path: str | os.PathLike) -> SkinnedMesh:
     """Load and validate the single skinned triangle mesh of a .gltf or .glb file.
 
-    Raises `GltfError` naming the file for anything that is not exactly one mesh with one
-    triangle primitive and one skin with valid joints, weights and inverse bind matrices.
+    Raises `GltfError` naming the file for anything that is not exactly one mesh of triangle
+    primitives (concatenated in file order) and one skin with valid joints, weights and inverse
+    bind matrices.
     """
     path = Path(path)
-    doc, blob = _read_document(path)
-    buffers = [_buffer_bytes(doc, i, blob, path) for i in range(len(doc.buffers))]
+    doc, blob = read_document(path)
+    buffers = [buffer_bytes(doc, i, blob, path) for i in range(len(doc.buffers))]
 
     def accessor(index: int | None, what: str, allowed: dict[str, set[int]]) -> np.ndarray:
-        return _read_accessor(doc, buffers, index, what, allowed, path)
+        return read_accessor(doc, buffers, index, what, allowed, path)
 
-    if not doc.meshes:
-        raise GltfError(f"{path}: the file has no mesh")
-    if len(doc.meshes) > 1:
-        raise GltfError(f"{path}: the file has {len(doc.meshes)} meshes; exactly one mesh is supported")
-    mesh = doc.meshes[0]
-    if len(mesh.primitives) != 1:
-        raise GltfError(f"{path}: the mesh has {len(mesh.primitives)} primitives; exactly one is supported")
-    prim = mesh.primitives[0]
-    if prim.mode not in (None, _TRIANGLES):
-        raise GltfError(f"{path}: primitive mode {prim.mode} is not TRIANGLES (4); only triangles supported")
+    prims = mesh_primitives(doc, path)
     if not doc.skins:
         raise GltfError(f"{path}: the file has no skin; a skinned mesh is required")
     if len(doc.skins) > 1:
         raise GltfError(f"{path}: the file has {len(doc.skins)} skins; exactly one skin is supported")
-
-    attrs = prim.attributes
-    vertices = accessor(attrs.POSITION, "POSITION", {"VEC3": {_FLOAT}})
-    _require_finite(vertices, "POSITION", path)
-    num_vertices = len(vertices)
-    joints, weights = _read_influences(attrs, accessor, num_vertices, path)
-
-    if prim.indices is None:
-        if num_vertices % 3:
-            raise GltfError(f"{path}: non-indexed primitive has {num_vertices} vertices, not a multiple of 3")
-        indices = np.arange(num_vertices, dtype=np.int64)
-    else:
-        indices = accessor(prim.indices, "indices", {"SCALAR": {_UBYTE, _USHORT, _UINT}})
-        indices = indices[:, 0].astype(np.int64)
-        if len(indices) % 3:
-            raise GltfError(f"{path}: {len(indices)} indices is not a multiple of 3 (triangles)")
-        if len(indices) and indices.max() >= num_vertices:
-            raise GltfError(f"{path}: index {indices.max()} out of range for {num_vertices} vertices")
+    mesh = doc.meshes[0]
+    # Several primitives (one per material, as exporters write them) are concatenated in file order:
+    # vertices of primitive p follow those of p - 1 and its indices are offset to match.
+    parts_v, parts_j, parts_w, parts_f, offset = [], [], [], [], 0
+    for p, prim in enumerate(prims):
+        where = f"primitive {p}: " if len(prims) > 1 else ""
+        attrs = prim.attributes
+        v = accessor(attrs.POSITION, f"{where}POSITION", {"VEC3": {FLOAT}})
+        _require_finite(v, "POSITION", path)
+        j, w = _read_influences(attrs, accessor, len(v), path, where)
+        parts_v.append(v)
+        parts_j.append(j)
+        parts_w.append(w)
+        parts_f.append(_read_indices(prim, accessor, len(v), path, where) + offset)
+        offset += len(v)
+    vertices = np.concatenate(parts_v)
+    width = max(j.shape[1] for j in parts_j)  # pad primitives with fewer JOINTS_n sets with zero weights
+    joints = np.concatenate([np.pad(j, ((0, 0), (0, width - j.shape[1]))) for j in parts_j])
+    weights = np.concatenate([np.pad(w, ((0, 0), (0, width - w.shape[1]))) for w in parts_w])
+    indices = np.concatenate(parts_f)
     if len(indices) == 0:
         raise GltfError(f"{path}: the mesh has no triangles")
 
@@ -217,7 +212,7 @@ def load_skinned_mesh(path: str | os.PathLike) -> SkinnedMesh:
     if skin.inverseBindMatrices is None:
         inverse_bind = np.broadcast_to(np.eye(4, dtype=np.float32), (len(joint_nodes), 4, 4))
     else:
-        flat = accessor(skin.inverseBindMatrices, "inverseBindMatrices", {"MAT4": {_FLOAT}})
+        flat = accessor(skin.inverseBindMatrices, "inverseBindMatrices", {"MAT4": {FLOAT}})
         if len(flat) != len(joint_nodes):
             raise GltfError(f"{path}: {len(flat)} inverse bind matrices for {len(joint_nodes)} skin joints")
         _require_finite(flat, "inverse bind matrices", path)
@@ -232,7 +227,7 @@ def load_skinned_mesh(path: str | os.PathLike) -> SkinnedMesh:
     return SkinnedMesh(
         name=mesh.name or path.stem,
         vertices=vertices,
-        faces=indices.reshape(-1, 3),  # (F*3,) -> (F, 3)
+        faces=indices,
         joints=joints,
         weights=weights,
         joint_nodes=joint_nodes,
@@ -247,143 +242,44 @@ def load_skinned_mesh(path: str | os.PathLike) -> SkinnedMesh:
     )
 
 
-def read_gltf_document(path: str | os.PathLike) -> tuple[pygltflib.GLTF2, list[bytes]]:
-    """The parsed document of a .gltf/.glb and the bytes of each of its buffers (validated like
-    `load_skinned_mesh`: GLB header, JSON, buffer URIs inside the file's folder or data: URIs).
-    For writers that add to a user's document rather than rebuild it (`dualpm.animate`)."""
-    path = Path(path)
-    doc, blob = _read_document(path)
-    return doc, [_buffer_bytes(doc, i, blob, path) for i in range(len(doc.buffers))]
+def mesh_primitives(doc: pygltflib.GLTF2, path: Path) -> list[pygltflib.Primitive]:
+    """The primitives that make the skinned mesh: all of the file's single mesh, each of triangles.
 
-
-def _read_document(path: Path) -> tuple[pygltflib.GLTF2, bytes | None]:
-    """Parse the JSON part (and, for .glb, find the binary chunk)."""
-    if not path.is_file():
-        raise GltfError(f"{path}: file not found")
-    suffix = path.suffix.lower()
-    if suffix not in (".gltf", ".glb"):
-        raise GltfError(f"{path}: not a glTF file (expected suffix .gltf or .glb)")
-    data = path.read_bytes()
-    if suffix == ".glb":
-        if len(data) < 20 or data[:4] != b"glTF":
-            raise GltfError(f"{path}: not a glTF binary file (bad GLB header)")
-        version, length = struct.unpack("<II", data[4:12])
-        json_length, json_type = struct.unpack("<I4s", data[12:20])
-        if version != 2 or length > len(data) or json_type != b"JSON" or 20 + json_length > length:
-            raise GltfError(f"{path}: not a glTF 2.0 binary file (bad GLB header or truncated file)")
-        text, rest = data[20 : 20 + json_length], data[20 + json_length : length]
-        blob = None
-        if len(rest) >= 8:  # optional BIN chunk right after the JSON chunk
-            bin_length, bin_type = struct.unpack("<I4s", rest[:8])
-            if bin_type == b"BIN\x00":
-                if 8 + bin_length > len(rest):
-                    raise GltfError(f"{path}: GLB binary chunk is truncated")
-                blob = rest[8 : 8 + bin_length]
-    else:
-        text, blob = data, None
-    try:
-        raw = json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise GltfError(f"{path}: not a glTF file (invalid JSON: {err})") from err
-    if not isinstance(raw, dict) or not isinstance(raw.get("asset"), dict):
-        raise GltfError(f"{path}: not a glTF file (no 'asset' object)")
-    if not str(raw["asset"].get("version", "")).startswith("2."):
-        raise GltfError(f"{path}: glTF version {raw['asset'].get('version')!r} is not supported (need 2.x)")
-    try:
-        doc = pygltflib.GLTF2.gltf_from_json(json.dumps(raw))
-    except (KeyError, TypeError, ValueError, AttributeError) as err:
-        raise GltfError(f"{path}: malformed glTF JSON ({type(err).__name__}: {err})") from err
-    return doc, blob
-
-
-_SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*):")
-
-
-def _buffer_bytes(doc: pygltflib.GLTF2, index: int, blob: bytes | None, path: Path) -> bytes:
-    """Bytes of buffer `index`: the GLB chunk, a base64 data: URI, or a file beside the glTF."""
-    buffer = doc.buffers[index]
-    uri = buffer.uri
-    if uri is None:
-        if blob is None or index != 0:
-            raise GltfError(f"{path}: buffer {index} has no uri and there is no GLB binary chunk for it")
-        data = blob
-    elif uri.startswith("data:"):
-        header, sep, payload = uri.partition(",")
-        if not sep or not header.endswith(";base64"):
-            raise GltfError(f"{path}: buffer {index} data: URI is not base64-encoded")
-        try:
-            data = base64.b64decode(payload, validate=True)
-        except binascii.Error as err:
-            raise GltfError(f"{path}: buffer {index} data: URI has invalid base64 ({err})") from err
-    else:
-        scheme = _SCHEME_RE.match(uri)
-        if scheme and len(scheme.group(1)) > 1:  # one letter is a Windows drive: refused by safe_join
-            raise GltfError(f"{path}: buffer {index} uri {uri[:60]!r} uses URL scheme {scheme.group(1)!r}; "
-                            "only relative file paths and data: URIs are supported")
-        try:
-            file = safe_join(path.parent, urllib.parse.unquote(uri))
-        except UnsafePathError as err:
-            raise GltfError(f"{path}: buffer {index}: {err}") from err
-        if not file.is_file():
-            raise GltfError(f"{path}: buffer {index} file {uri!r} not found")
-        data = file.read_bytes()
-    if buffer.byteLength is None or len(data) < buffer.byteLength:
-        raise GltfError(
-            f"{path}: buffer {index} holds {len(data)} bytes, less than its byteLength {buffer.byteLength}"
-        )
-    return data
-
-
-def _read_accessor(
-    doc: pygltflib.GLTF2,
-    buffers: list[bytes],
-    index: int | None,
-    what: str,
-    allowed: dict[str, set[int]],
-    path: Path,
-) -> np.ndarray:
-    """Decode accessor `index` to a (count, components) array of its stored dtype.
-
-    Normalised integer accessors are converted to float32 in [0, 1]. `allowed` maps accessor
-    types to the component types accepted for this use.
+    `dualpm.gltf_material` reads per-vertex appearance from the same list in the same order.
     """
-    if index is None or not 0 <= index < len(doc.accessors):
-        raise GltfError(f"{path}: {what} accessor {index} does not exist")
-    acc = doc.accessors[index]
-    if acc.type not in allowed or acc.componentType not in allowed[acc.type]:
-        raise GltfError(
-            f"{path}: {what} accessor has type {acc.type} / componentType {acc.componentType}; "
-            f"expected one of {({t: sorted(c) for t, c in allowed.items()})}"
-        )
-    if acc.sparse is not None:
-        raise GltfError(f"{path}: {what} accessor is sparse; sparse accessors are not supported")
-    dtype, comps, count = _COMPONENT_DTYPES[acc.componentType], _TYPE_SIZES[acc.type], acc.count or 0
-    if acc.bufferView is None:  # glTF: an accessor without a bufferView is all zeros
-        values = np.zeros((count, comps), dtype=dtype)
+    if not doc.meshes:
+        raise GltfError(f"{path}: the file has no mesh")
+    if len(doc.meshes) > 1:
+        raise GltfError(f"{path}: the file has {len(doc.meshes)} meshes; exactly one mesh is supported")
+    prims = doc.meshes[0].primitives or []
+    if not prims:
+        raise GltfError(f"{path}: the mesh has no primitives")
+    for p, prim in enumerate(prims):
+        if prim.mode not in (None, TRIANGLES):
+            raise GltfError(f"{path}: primitive {p} mode {prim.mode} is not TRIANGLES (4); "
+                            "only triangles supported")
+    return prims
+
+
+def _read_indices(prim, accessor, num_vertices: int, path: Path, where: str) -> np.ndarray:
+    """(F, 3) int64 triangle vertex indices of one primitive (local to it)."""
+    if prim.indices is None:
+        if num_vertices % 3:
+            raise GltfError(f"{path}: {where}non-indexed primitive has {num_vertices} vertices, "
+                            "not a multiple of 3")
+        indices = np.arange(num_vertices, dtype=np.int64)
     else:
-        if not 0 <= acc.bufferView < len(doc.bufferViews):
-            raise GltfError(f"{path}: {what} accessor refers to missing bufferView {acc.bufferView}")
-        view = doc.bufferViews[acc.bufferView]
-        if view.buffer is None or not 0 <= view.buffer < len(buffers):
-            raise GltfError(f"{path}: bufferView {acc.bufferView} refers to missing buffer {view.buffer}")
-        data = buffers[view.buffer]
-        element = dtype.itemsize * comps
-        stride = view.byteStride or element
-        view_start, view_length = view.byteOffset or 0, view.byteLength or 0
-        start = view_start + (acc.byteOffset or 0)
-        end = start + stride * (count - 1) + element if count else start
-        bad_offsets = min(view_start, acc.byteOffset or 0) < 0 or stride < element
-        if bad_offsets or view_start + view_length > len(data) or end > view_start + view_length:
-            raise GltfError(f"{path}: {what} accessor reads outside its bufferView/buffer (bad offsets)")
-        # One strided view over the raw bytes (works for interleaved and unaligned data), then copy.
-        strides = (stride, dtype.itemsize)
-        values = np.ndarray((count, comps), dtype=dtype, buffer=data, offset=start, strides=strides).copy()
-    if acc.normalized and dtype.kind == "u":
-        values = values.astype(np.float32) / np.float32(np.iinfo(dtype).max)
-    return values
+        indices = accessor(prim.indices, f"{where}indices", {"SCALAR": {UBYTE, USHORT, UINT}})
+        indices = indices[:, 0].astype(np.int64)
+        if len(indices) % 3:
+            raise GltfError(f"{path}: {where}{len(indices)} indices is not a multiple of 3 (triangles)")
+        if len(indices) and indices.max() >= num_vertices:
+            raise GltfError(f"{path}: {where}index {indices.max()} out of range for {num_vertices} vertices")
+    return indices.reshape(-1, 3)
 
 
-def _read_influences(attrs, accessor, num_vertices: int, path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _read_influences(attrs, accessor, num_vertices: int, path: Path,
+                     where: str = "") -> tuple[np.ndarray, np.ndarray]:
     """JOINTS_n / WEIGHTS_n sets concatenated to (V, 4 * sets) arrays; weights renormalised."""
     joint_sets, weight_sets = [], []
     for n in range(64):  # glTF has no upper bound; 64 sets (256 influences) is far beyond real data
@@ -392,15 +288,15 @@ def _read_influences(attrs, accessor, num_vertices: int, path: Path) -> tuple[np
             break
         if j_index is None or w_index is None:
             missing = "JOINTS" if j_index is None else "WEIGHTS"
-            raise GltfError(f"{path}: the primitive has no {missing}_{n} attribute; "
+            raise GltfError(f"{path}: {where}the primitive has no {missing}_{n} attribute; "
                             f"JOINTS_{n} and WEIGHTS_{n} must come in pairs")
-        joint_sets.append(accessor(j_index, f"JOINTS_{n}", {"VEC4": {_UBYTE, _USHORT}}).astype(np.int64))
-        weights = accessor(w_index, f"WEIGHTS_{n}", {"VEC4": {_FLOAT, _UBYTE, _USHORT}})
+        joint_sets.append(accessor(j_index, f"JOINTS_{n}", {"VEC4": {UBYTE, USHORT}}).astype(np.int64))
+        weights = accessor(w_index, f"WEIGHTS_{n}", {"VEC4": {FLOAT, UBYTE, USHORT}})
         if weights.dtype != np.float32:
             raise GltfError(f"{path}: WEIGHTS_{n} has integer components but is not normalized")
         weight_sets.append(weights)
     if not joint_sets:
-        raise GltfError(f"{path}: the primitive has no JOINTS_0/WEIGHTS_0 attributes (not skinned)")
+        raise GltfError(f"{path}: {where}the primitive has no JOINTS_0/WEIGHTS_0 attributes (not skinned)")
     for n, (j, w) in enumerate(zip(joint_sets, weight_sets, strict=True)):
         if len(j) != num_vertices or len(w) != num_vertices:
             raise GltfError(
@@ -446,7 +342,7 @@ def _read_nodes(doc: pygltflib.GLTF2, path: Path) -> tuple[np.ndarray, ...]:
         if node.matrix is not None:
             if has_trs:
                 raise GltfError(f"{path}: node {i} has both a matrix and translation/rotation/scale")
-            translation[i], rotation[i], scale[i] = _decompose(node.matrix, f"{path}: node {i} matrix")
+            translation[i], rotation[i], scale[i] = decompose(node.matrix, f"{path}: node {i} matrix")
         else:
             for value, out, size, key in (
                 (node.translation, translation, 3, "translation"),
@@ -470,26 +366,6 @@ def _read_nodes(doc: pygltflib.GLTF2, path: Path) -> tuple[np.ndarray, ...]:
     except ValueError as err:
         raise GltfError(f"{path}: {err}") from err
     return parents, translation.astype(np.float32), rotation.astype(np.float32), scale.astype(np.float32)
-
-
-def _decompose(values: list[float], where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Split a column-major affine 4x4 into translation, wxyz rotation and positive scale."""
-    if len(values) != 16:
-        raise GltfError(f"{where}: has {len(values)} values, expected 16")
-    m = np.asarray(values, dtype=np.float64).reshape(4, 4).T  # column-major -> rows
-    if not np.isfinite(m).all():
-        raise GltfError(f"{where}: has NaN or infinite values")
-    if not np.allclose(m[3], [0, 0, 0, 1], atol=1e-6):
-        raise GltfError(f"{where}: last row {m[3].tolist()} is not [0 0 0 1] (not affine)")
-    linear = m[:3, :3]
-    if np.linalg.det(linear) <= 0:
-        raise GltfError(f"{where}: has a negative (or zero) determinant; mirrored nodes are not supported")
-    scale = np.linalg.norm(linear, axis=0)  # columns of R @ diag(s) have lengths s
-    rot = linear / scale
-    if not np.allclose(rot.T @ rot, np.eye(3), atol=1e-4):
-        raise GltfError(f"{where}: has shear; only translation, rotation and scale are supported")
-    quat = matrix_to_quaternion(torch.from_numpy(rot)).numpy()
-    return m[:3, 3], quat, scale
 
 
 # ---------------------------------------------------------------------------------------------
@@ -535,20 +411,20 @@ def save_skinned_mesh(mesh: SkinnedMesh, path: str | os.PathLike) -> None:
 
     v = mesh.vertices.astype("<f4")
     attributes = {
-        "POSITION": add(v, "VEC3", _FLOAT, _ARRAY_BUFFER,
+        "POSITION": add(v, "VEC3", FLOAT, ARRAY_BUFFER,
                         min=v.min(axis=0).tolist(), max=v.max(axis=0).tolist()),
     }
     for s in range(sets):
-        attributes[f"JOINTS_{s}"] = add(joints[:, 4 * s : 4 * s + 4], "VEC4", _USHORT, _ARRAY_BUFFER)
-        attributes[f"WEIGHTS_{s}"] = add(weights[:, 4 * s : 4 * s + 4], "VEC4", _FLOAT, _ARRAY_BUFFER)
-    indices = add(mesh.faces.reshape(-1).astype("<u4"), "SCALAR", _UINT, _ELEMENT_ARRAY_BUFFER)
+        attributes[f"JOINTS_{s}"] = add(joints[:, 4 * s : 4 * s + 4], "VEC4", USHORT, ARRAY_BUFFER)
+        attributes[f"WEIGHTS_{s}"] = add(weights[:, 4 * s : 4 * s + 4], "VEC4", FLOAT, ARRAY_BUFFER)
+    indices = add(mesh.faces.reshape(-1).astype("<u4"), "SCALAR", UINT, ELEMENT_ARRAY_BUFFER)
     # (J, 4, 4) rows -> column-major (J, 16)
-    ibm = add(mesh.inverse_bind.transpose(0, 2, 1).reshape(-1, 16).astype("<f4"), "MAT4", _FLOAT, None)
+    ibm = add(mesh.inverse_bind.transpose(0, 2, 1).reshape(-1, 16).astype("<f4"), "MAT4", FLOAT, None)
 
     gltf.meshes.append(pygltflib.Mesh(
         name=mesh.name,
         primitives=[pygltflib.Primitive(attributes=pygltflib.Attributes(**attributes), indices=indices,
-                                        mode=_TRIANGLES)],
+                                        mode=TRIANGLES)],
     ))
     gltf.skins.append(pygltflib.Skin(inverseBindMatrices=ibm, joints=mesh.joint_nodes.tolist()))
     for i in range(mesh.num_nodes):

@@ -332,8 +332,8 @@ def _second_mesh(g):
     g.meshes.append(g.meshes[0])
 
 
-def _second_primitive(g):
-    g.meshes[0].primitives.append(g.meshes[0].primitives[0])
+def _second_primitive_lines(g):
+    g.meshes[0].primitives.append(pygltflib.Primitive(attributes=g.meshes[0].primitives[0].attributes, mode=1))
 
 
 def _sparse(g):
@@ -347,7 +347,7 @@ def _sparse(g):
         (lambda g: (_set(g, skins=[]), _set(g.nodes[0], skin=None)), "no skin"),
         (lambda g: _set(g, meshes=[]), "no mesh"),
         (_second_mesh, "2 meshes"),
-        (_second_primitive, "2 primitives"),
+        (_second_primitive_lines, "primitive 1 mode 1"),
         (lambda g: _set(g.meshes[0].primitives[0], mode=1), "not TRIANGLES"),
         (lambda g: _set(g.meshes[0].primitives[0].attributes, JOINTS_0=None), "no JOINTS_0"),
         (lambda g: _set(g.meshes[0].primitives[0].attributes, WEIGHTS_0=None), "no WEIGHTS_0"),

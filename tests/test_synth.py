@@ -294,7 +294,7 @@ def test_user_mesh_goes_through_the_cli(tmp_path, ray_local):
     "kind,message",
     [
         (dict(skinned=False), "no skin"),
-        (dict(primitives=2), "2 primitives"),
+        (dict(primitives=0), "no primitives"),  # several primitives are one skinned mesh (test_appearance)
         (dict(joints=False), "no joints"),
         (dict(nan=True), "NaN"),
         (dict(offset=1e6), "cannot frame"),
@@ -334,14 +334,16 @@ def test_a_rig_in_cm_gives_the_dataset_of_the_rig_in_metres(tmp_path):
         datasets.append(written)
     metres, cm = datasets
     assert sorted(metres) == sorted(cm) and len(metres) > 15
-    assert [k for k in metres if metres[k] != cm[k]] == ["synth.json"]  # its mesh hash and factor differ
+    # synth.json: its mesh hash and factor differ; shapes/<model>/asset/: the user's files as given
+    assert [k for k in metres if metres[k] != cm[k]] == ["shapes/critter/asset/critter.glb", "synth.json"]
     # An explicit factor gives the rig in metres, unscaled: cm * 0.01 == m * 1 (the same files again).
     explicit = []
     for unit, factor in ((1.0, 1.0), (100.0, 0.01)):
         config = SynthConfig(num_samples=1, num_models=1, image_size=48, mesh_scale=factor,
                              meshes=(tmp_path / f"unit{unit:g}" / "critter.glb",))
         explicit.append(synth_here(tmp_path / f"explicit{unit:g}", config)[1])
-    assert [k for k in explicit[0] if explicit[0][k] != explicit[1][k]] == ["synth.json"]
+    assert [k for k in explicit[0] if explicit[0][k] != explicit[1][k]] == ["shapes/critter/asset/critter.glb",
+                                                                          "synth.json"]
     mesh = load_skinned_mesh(tmp_path / "explicit1" / "shapes" / "critter" / "critter_shape.gltf")
     assert np.ptp(mesh.vertices[:, 2]) == pytest.approx(1.5)  # its own size, metres
 

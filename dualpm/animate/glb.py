@@ -29,7 +29,8 @@ from dualpm.animate.fit import CameraTrack
 from dualpm.camera import SENSOR_HEIGHT_MM
 from dualpm.errors import GltfError
 from dualpm.fileio import UnsafePathError, atomic_write_bytes, safe_join
-from dualpm.gltf import load_skinned_mesh, read_gltf_document
+from dualpm.gltf import load_skinned_mesh
+from dualpm.gltf_io import read_gltf_document
 
 ANIMATION_NAME = "dualpm"
 CAMERA_NAME = "dualpm_camera"

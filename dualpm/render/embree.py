@@ -14,6 +14,7 @@ builds and casts, so threads would not help).
 from __future__ import annotations
 
 import atexit
+import hashlib
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -78,9 +79,6 @@ def cast_layers(
         projection: (4, 4) projection matrix (float64 preferred).
         height, width, num_layers: output size.
     """
-    from embreex.mesh_construction import TriangleMesh
-    from embreex.rtcore_scene import EmbreeScene
-
     empty = Hits(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 2), np.float32))
     if faces.shape[0] == 0:
         return empty
@@ -91,9 +89,7 @@ def cast_layers(
         t.numpy() for t in pixel_rays(torch.from_numpy(projection), height, width, torch.from_numpy(pixels))
     )  # (n, 3), (n, 3), (n,) float64 for the candidate pixels only
 
-    # robust=True: watertight intersection, so a ray through a shared edge cannot slip between triangles
-    scene = EmbreeScene(robust=True)
-    TriangleMesh(scene, np.ascontiguousarray(verts_cam, dtype=np.float32), np.ascontiguousarray(faces, dtype=np.int32))
+    scene = triangle_scene(verts_cam, faces)
 
     t_start = np.zeros(pixels.size)
     dir32 = direction.astype(np.float32)
@@ -123,6 +119,34 @@ def cast_layers(
         return empty
     return Hits(np.concatenate(out_pixel), np.concatenate(out_layer), np.concatenate(out_tri),
                 np.concatenate(out_uv).astype(np.float32))
+
+
+_LAST_SCENE: tuple[bytes, object] | None = None
+
+
+def triangle_scene(verts: np.ndarray, faces: np.ndarray):
+    """A robust Embree scene of one triangle mesh; the last one built in this process is reused.
+
+    robust=True: watertight intersection, so a ray through a shared edge cannot slip between
+    triangles. The one-entry cache (keyed by a digest of the float32 vertices and int32 faces) lets a
+    second caster of the same mesh, e.g. the synth's shadow rays after the layers, skip the BVH build.
+
+    Args:
+        verts: (V, 3) float vertices (cast to float32); faces: (F, 3) int triangles.
+    """
+    from embreex.mesh_construction import TriangleMesh
+    from embreex.rtcore_scene import EmbreeScene
+
+    global _LAST_SCENE
+    verts = np.ascontiguousarray(verts, dtype=np.float32)
+    faces = np.ascontiguousarray(faces, dtype=np.int32)
+    key = hashlib.blake2b(verts.tobytes() + faces.tobytes(), digest_size=16).digest()
+    if _LAST_SCENE is not None and _LAST_SCENE[0] == key:
+        return _LAST_SCENE[1]
+    scene = EmbreeScene(robust=True)
+    TriangleMesh(scene, verts, faces)
+    _LAST_SCENE = (key, scene)
+    return scene
 
 
 _POOL: ProcessPoolExecutor | None = None

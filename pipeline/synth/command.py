@@ -21,8 +21,9 @@ from pipeline.synth.generate import (
     mesh_path,
     prepare_output,
     sample_done,
-    write_preview,
 )
+from pipeline.synth.preview import write_preview
+from pipeline.synth.rig_assets import APPEARANCES, POSE_SOURCES
 
 PREVIEW_DEFAULT = "OUT/preview.png"
 
@@ -52,6 +53,16 @@ PREVIEW_DEFAULT = "OUT/preview.png"
 @click.option("--sequence", type=click.IntRange(min=0), default=0, show_default=True,
               help="Frames per sequence: consecutive ids of one model move smoothly (key poses splined on the "
                    "rotation manifold, orbiting camera); whole sequences are held out. 0: independent samples.")
+@click.option("--appearance", type=click.Choice(APPEARANCES), default="auto", show_default=True,
+              help="asset: a --mesh rig's own glTF material (base colour texture, factor, vertex colours); "
+                   "procedural: the fur coat; mixed: half each; auto: asset for rigs with a material.")
+@click.option("--poses", "pose_source", type=click.Choice(POSE_SOURCES), default="auto", show_default=True,
+              help="random: joint perturbations; clips: a random time of a random animation clip of the rig; "
+                   "mixed: half each; auto: mixed for rigs with clips, else random.")
+@click.option("--hdri", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
+              help="Folder of equirectangular images: light the animal and are seen behind it.")
+@click.option("--backgrounds", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
+              help="Folder of photos put behind the animal (random crop, scale, flip).")
 @click.option("--yaw/--no-yaw", default=True, show_default=True, help="Random whole-body yaw about +Y.")
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
               help="Renderer: cuda (nvdiffrast) where Ray has GPUs, else cpu (Embree).")
@@ -72,7 +83,8 @@ PREVIEW_DEFAULT = "OUT/preview.png"
 @handles_user_errors
 def synth(ctx: click.Context, out: Path, num_samples: int, num_models: int, seed: int, image_size: int,
           faces: int, val_fraction: float, heldout_models: int, meshes: tuple[Path, ...],
-          mesh_scale: float | str, sequence: int, yaw: bool, backend: str, address: str | None, connect_timeout: float,
+          mesh_scale: float | str, sequence: int, appearance: str, pose_source: str, hdri: Path | None,
+          backgrounds: Path | None, yaw: bool, backend: str, address: str | None, connect_timeout: float,
           workers: int | None, chunk_size: int, overwrite: bool, preview: Path | None, dry_run: bool) -> None:
     """Generate a synthetic dataset of rigged quadrupeds in OUT, in the published DualPM layout.
 
@@ -91,7 +103,8 @@ def synth(ctx: click.Context, out: Path, num_samples: int, num_models: int, seed
     config = SynthConfig(
         num_samples=num_samples, num_models=num_models, seed=seed, image_size=image_size, faces=faces,
         val_fraction=val_fraction, heldout_models=heldout_models, meshes=tuple(meshes), mesh_scale=mesh_scale,
-        yaw=yaw, backend=backend, chunk_size=chunk_size, sequence=sequence,
+        yaw=yaw, backend=backend, chunk_size=chunk_size, sequence=sequence, appearance=appearance, poses=pose_source,
+        hdri=hdri, backgrounds=backgrounds,
     )
     shown = config.record() | {"backend": backend, "chunk_size": chunk_size, "workers": workers or "all",
                                "address": address or "local", "out": str(out)}

@@ -26,18 +26,36 @@ from PIL import Image
 
 from dualpm import __version__ as dualpm_version
 from dualpm.camera import projection_from_focal
-from dualpm.data.source import Layout, SampleMetadata, SourceDataset, format_metadata
+from dualpm.data.source import Layout, SampleMetadata, format_metadata
 from dualpm.errors import BackendUnavailable, ConfigError, DatasetError, DualPMError, GltfError
 from dualpm.fileio import atomic_output, atomic_write_json, atomic_write_text, remove_stale_temporaries
 from dualpm.gltf import SkinnedMesh, load_skinned_mesh, save_skinned_mesh, scaled_mesh
-from dualpm.masks import read_mask
 from dualpm.render import BACKENDS, render_layers
 from dualpm.skinning import rest_pose, skin, write_pose_file
-from dualpm.viz import image_grid
-from pipeline.synth.appearance import Appearance, sample_appearance, sample_lighting, shade, vertex_normals
+from dualpm.animation import load_clips, scale_clip
+from dualpm.gltf_material import load_surface
+from pipeline.synth.appearance import (
+    Appearance,
+    albedo,
+    background,
+    sample_appearance,
+    sample_lighting,
+    shade,
+    vertex_normals,
+)
+from pipeline.synth.asset_look import AssetLook, shade_look
 from pipeline.synth.cameras import CameraRanges, frame_camera
 from pipeline.synth.poses import PoseSampler
+from pipeline.synth.lighting import list_images, sample_scene_light
 from pipeline.synth.quadruped import make_quadruped
+from pipeline.synth.rig_assets import (
+    APPEARANCES,
+    ASSET_FOLDER,
+    POSE_SOURCES,
+    choose_look,
+    choose_pose,
+    copy_asset,
+)
 from pipeline.synth.sequence import SequenceFrames, make_sequence
 
 SYNTH_VERSION = 2  # bump when the same config would produce different data (2: float64 poses, 1-bit masks)
@@ -50,7 +68,7 @@ FORWARD = (0.0, 0.0, 1.0)  # procedural animals face +Z (Y up, +X their left)
 AUTO_MESH_SIZE = 2.4
 
 # Purpose codes of the random streams: rng([seed, PURPOSE, model index or sample number]).
-SHAPE, APPEARANCE, POSE, CAMERA, LIGHT, SPLIT, HELDOUT, SEQUENCE = 1, 2, 3, 4, 5, 6, 7, 8
+SHAPE, APPEARANCE, POSE, CAMERA, LIGHT, SPLIT, HELDOUT, CLIP, LOOK, SCENE, SEQUENCE = 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11
 
 
 @dataclass(frozen=True)
@@ -75,6 +93,10 @@ class SynthConfig:
     chunk_size: int = 16  # samples per Ray task (all of one model)
     cameras: CameraRanges = field(default_factory=CameraRanges)
     sequence: int = 0  # frames per sequence (ordered smooth motion, pipeline/synth/sequence.py); 0: none
+    appearance: str = "auto"  # APPEARANCES: auto = the rig's material when it has one, else procedural
+    poses: str = "auto"  # POSE_SOURCES: auto = mixed when the rig has animation clips, else random
+    hdri: Path | None = None  # folder of equirectangular images: light and background
+    backgrounds: Path | None = None  # folder of photos behind the animal
 
     def __post_init__(self):
         checks = [
@@ -90,6 +112,8 @@ class SynthConfig:
             (not self.meshes or len(self.meshes) == self.num_models, "num_models must equal the mesh count"),
             (self.mesh_scale == "auto" or isinstance(self.mesh_scale, float) and 0 < self.mesh_scale < np.inf,
              "mesh_scale must be 'auto' or a positive number"),
+            (self.appearance in APPEARANCES, f"appearance must be one of {', '.join(APPEARANCES)}"),
+            (self.poses in POSE_SOURCES, f"poses must be one of {', '.join(POSE_SOURCES)}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -104,7 +128,20 @@ class SynthConfig:
             "meshes": [{"file": p.name, "sha256": _sha256(p)} for p in self.meshes],
             "mesh_scale": self.mesh_scale,
             "cameras": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.cameras).items()},
-        } | ({"sequence": self.sequence} if self.sequence else {})
+        } | ({"sequence": self.sequence} if self.sequence else {}) | self._look_record()
+
+    def _look_record(self) -> dict:
+        # Only where the look can differ from the procedural coat, so procedural datasets keep their record.
+        if not (self.meshes or self.hdri or self.backgrounds or self.appearance != "auto" or self.poses != "auto"):
+            return {}
+        folders = {key: None if folder is None else [p.name for p in list_images(folder, f"--{key}")]
+                   for key, folder in (("hdri", self.hdri), ("backgrounds", self.backgrounds))}
+        return {"appearance": self.appearance, "poses": self.poses} | folders
+
+    @property
+    def scene_lights(self) -> bool:
+        """The asset renderer's lights and backgrounds apply to every sample (an HDRI or photos given)."""
+        return self.hdri is not None or self.backgrounds is not None
 
 
 @dataclass(frozen=True)
@@ -226,6 +263,8 @@ def make_plan(config: SynthConfig) -> Plan:
         val_models=tuple(names[i] for i in sorted(heldout)),
     )
     for model, (mesh, _) in zip(models, user, strict=False):
+        if config.poses == "clips" and not load_clips(model.source, mesh.num_nodes):
+            raise ConfigError(f"--poses clips: {model.source} has no animation clips")
         _check_user_mesh(config, model, mesh, [s for s in samples if s.model == model.index][:3])
     return plan
 
@@ -285,6 +324,7 @@ def build_model(root: Path, config: SynthConfig, model: ModelSpec, overwrite: bo
     if model.source is None:
         mesh = make_quadruped(model.name, rng(config.seed, SHAPE, model.index), config.faces)
     else:
+        copy_asset(model.source, path.parent / ASSET_FOLDER)  # the rig as given: material, textures, clips
         mesh = load_skinned_mesh(model.source)
         mesh = mesh if model.scale == 1.0 else scaled_mesh(mesh, model.scale)
     save_skinned_mesh(mesh, path)
@@ -300,16 +340,36 @@ class _ModelState:
     canonical: torch.Tensor  # (V, 3) float32
     faces: torch.Tensor  # (F, 3) int64
     appearance: Appearance
+    look: AssetLook | None = None  # the rig's own material (None: it has none)
+    clips: tuple = ()  # the rig's animation clips, scaled as the rig
+    hdris: tuple[Path, ...] = ()
+    photos: tuple[Path, ...] = ()
 
 
 def _model_state(root: Path, config: SynthConfig, model: ModelSpec) -> _ModelState:
     mesh = load_skinned_mesh(mesh_path(root, model.name))
     forward = np.array(FORWARD) if model.source is None else None
+    look, clips = None, ()
+    if model.source is not None:
+        asset = asset_path(root, model)
+        surface = load_surface(asset)
+        if len(surface.material) != mesh.num_vertices:
+            raise GltfError(f"{asset}: {len(surface.material)} vertices, but {mesh_path(root, model.name)} has "
+                            f"{mesh.num_vertices}; rerun with --overwrite")
+        look = AssetLook.build(surface) if surface.has_material else None
+        clips = tuple(scale_clip(c, model.scale) for c in load_clips(asset, mesh.num_nodes))
     return _ModelState(
         mesh=mesh, sampler=PoseSampler.for_mesh(mesh, yaw=config.yaw, forward=forward),
         canonical=torch.tensor(mesh.vertices), faces=torch.tensor(mesh.faces),
-        appearance=sample_appearance(rng(config.seed, APPEARANCE, model.index), mesh.vertices),
+        appearance=sample_appearance(rng(config.seed, APPEARANCE, model.index), mesh.vertices), look=look,
+        clips=clips, hdris=list_images(config.hdri, "--hdri") if config.hdri else (),
+        photos=list_images(config.backgrounds, "--backgrounds") if config.backgrounds else (),
     )
+
+
+def asset_path(root: Path, model: ModelSpec) -> Path:
+    """The copy of a user rig as given (`rig_assets.copy_asset`)."""
+    return root / "shapes" / model.name / ASSET_FOLDER / model.source.name
 
 
 def make_sample(root: Path, config: SynthConfig, model: ModelSpec, state: _ModelState, spec: SampleSpec,
@@ -318,8 +378,12 @@ def make_sample(root: Path, config: SynthConfig, model: ModelSpec, state: _Model
     camera from `sequence` and the sequence's light."""
     layout = Layout(root)
     where = f"sample {spec.id} (model {model.name})"
+    clip = None
     if sequence is None:
         pose = state.sampler.sample(rng(config.seed, POSE, spec.number))
+        clip = choose_pose(config.poses, state.clips, state.mesh, rng(config.seed, CLIP, spec.number))
+        if clip is not None:
+            pose = clip[0]
         posed = skin(state.mesh, pose)[0]  # (V, 3) world; one sample per call, as a reader skins it
         camera = frame_camera(posed, rng(config.seed, CAMERA, spec.number), config.image_size, config.cameras,
                               where=where)
@@ -332,15 +396,34 @@ def make_sample(root: Path, config: SynthConfig, model: ModelSpec, state: _Model
     # float64 focal and view, as `dualpm-prep render` reads them, so its layer-1 alpha is our mask
     projection = projection_from_focal(torch.tensor([camera.focal_mm], dtype=torch.float64))
     attributes = torch.cat([state.canonical, vertex_normals(posed, state.faces)], dim=1)  # (V, 6)
-    layers = render_layers(attributes, posed[None], state.faces, view[None], projection, config.image_size, 1,
-                           backend=backend, workers=1)
-    rgb, mask = shade(layers[0, :, :, 0].cpu(), state.appearance, light, view)
+    look = choose_look(config.appearance, state.look is not None, rng(config.seed, LOOK, spec.number))
+    if look == "procedural" and not config.scene_lights:  # the procedural coat, exactly as before
+        layers = render_layers(attributes, posed[None], state.faces, view[None], projection, config.image_size,
+                               1, backend=backend, workers=1)
+        rgb, mask = shade(layers[0, :, :, 0].cpu(), state.appearance, light, view)
+    else:
+        asset = state.look if look == "asset" else None
+        if asset is not None:
+            attributes = torch.cat([attributes, asset.attributes], dim=1)
+        layers = render_layers(attributes, posed[None], state.faces, view[None], projection, config.image_size,
+                               asset.layers if asset else 1, backend=backend, workers=1)[0].cpu()
+        scene = sample_scene_light(rng(config.seed, SCENE, spec.number), camera.view, state.hdris, state.photos,
+                                   light)
+        rot32 = view.to(torch.float32)  # camera space exactly as the renderer computes it (its scene is reused)
+        posed_cam = (posed.float() @ rot32[:3, :3].T + rot32[:3, 3]).numpy()
+        rgb = shade_look(layers, asset, lambda c: albedo(state.appearance, c), scene, camera.view, projection[0],
+                         posed_cam, state.faces.numpy(),
+                         lambda: background(light, config.image_size, config.image_size))
+        mask = (layers[:, :, 0, -1] > 0).to(torch.uint8).mul(255).numpy()
+    meta = format_metadata(SampleMetadata(model.name, camera.focal_mm))
+    if clip is not None:  # extra keys: readers of the reference layout ignore them
+        meta += f"clip: {json.dumps(clip[1].clip)}\nclip_time: {clip[1].time!r}\n"
 
     write_pose_file(layout.pose(spec.id), pose)
     atomic_write_text(layout.camera(spec.id), camera.text)
     _write_png(layout.rgb(spec.id), rgb)  # (H, W, 3) uint8: RGB
     _write_png(layout.mask(spec.id), mask > 0)  # bool: 1-bit, the reference reads it as 0/1 (docs/dataset.md)
-    atomic_write_text(layout.metadata(spec.id), format_metadata(SampleMetadata(model.name, camera.focal_mm)))
+    atomic_write_text(layout.metadata(spec.id), meta)
 
 
 def _write_png(path: Path, array: np.ndarray) -> None:
@@ -536,29 +619,3 @@ def _run_windowed(jobs, limit: int, desc: str, unit: str) -> list:
                 raise DualPMError(f"{desc}: a task failed: {cause}") from err
             raise  # a bug: keep Ray's traceback
     return [results[i] for i in range(len(jobs))]
-
-
-# ---------------------------------------------------------------------------------------------
-# Preview
-
-
-def write_preview(root: str | os.PathLike, path: str | os.PathLike, count: int = 8, columns: int = 4) -> int:
-    """Contact sheet of the first `count` samples: RGB and mask side by side, `columns` samples a row.
-
-    Reads through `SourceDataset` (what any consumer sees). Returns the number of samples shown.
-    """
-    dataset = SourceDataset(root)
-    lay = dataset.layout
-    ids = [i for i in dataset.ids if lay.rgb(i).exists() and lay.mask(i).exists()][:count]
-    if not ids:
-        raise DatasetError(f"{root}: no sample with an image and a mask to preview")
-    tiles, labels = [], []
-    for sample_id in ids:
-        meta = dataset.sample(sample_id)
-        tiles += [np.asarray(Image.open(meta.rgb_path).convert("RGB")),
-                  (read_mask(meta.mask_path) * 255).astype(np.uint8)]
-        labels += [f"{sample_id} {meta.model_name}", f"mask, f={meta.focal_length:g} mm"]
-    sheet = image_grid(tiles, labels, columns=2 * min(columns, len(ids)))
-    with atomic_output(path) as tmp:
-        sheet.save(tmp, format="PNG")
-    return len(ids)
