@@ -46,7 +46,9 @@ steps 1-6 unchanged, exactly as a reconstructed mesh would.
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -55,7 +57,7 @@ from numpy.typing import ArrayLike
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from dualpm.eval.align import apply_transform, kabsch_umeyama, similarity_matrix
+from dualpm.eval.align import apply_transform, similarity_matrix, umeyama_from_moments
 from dualpm.eval.metrics import ChamferResult, EvalError, as_points
 
 PROTOCOL = "animodel"
@@ -298,49 +300,115 @@ def sample_even(mesh: trimesh.Trimesh, count: int, rng: np.random.Generator) -> 
     return np.concatenate(batches)[:count].astype(np.float64)
 
 
-def icp_until_settled(source: np.ndarray, target: np.ndarray, iterations: int) -> tuple[np.ndarray, int]:
+_CHAMFER_LEAF = 32  # KD-tree leaf size of the Chamfer point sets: far queries (a poor alignment) run 2-3x faster
+
+
+class NearestTracker:
+    """Exact nearest target point of each of N points that move a little between calls (ICP).
+
+    When a point is queried at p, its k nearest target points (candidates) are kept with d_k, the distance
+    of the k-th. Moved to x, |x - p| = m away, every other target point is at least d_k - m from x; so when
+    the nearest candidate is closer than that, it is the nearest target point. Only the points that fail
+    this test are queried again: a settling or slowly sliding ICP costs one (N, k) distance evaluation per
+    iteration instead of a KD-tree query, whose far queries are slow. The answer is the KD-tree's, up to
+    exact ties.
+    """
+
+    def __init__(self, tree: cKDTree, k: int = 16):
+        self.tree, self.k = tree, max(1, min(k, tree.n))
+        self.anchor: np.ndarray | None = None  # (N, 3) where each point was last queried
+        self.candidates = np.zeros((0, self.k), dtype=np.intp)  # (N, k) nearest target points at the anchor
+        self.spots = np.zeros((0, self.k, 3))  # (N, k, 3) their positions
+        self.reach = np.zeros(0)  # (N,) distance of the k-th candidate at the anchor (inf: all target points)
+        self.queried = 0  # points queried in the tree so far (benchmarks)
+
+    def __call__(self, points: np.ndarray) -> np.ndarray:
+        """points: (N, 3) float64, the same N every call. Returns a new (N,) intp array of nearest indices."""
+        if self.anchor is None:
+            n = len(points)
+            self.anchor, self.candidates, self.reach = points.copy(), np.zeros((n, self.k), np.intp), np.zeros(n)
+            self.spots = np.zeros((n, self.k, 3))
+            index = np.zeros(n, np.intp)
+            stale = np.arange(n)
+        else:
+            offsets = self.spots - points[:, None, :]  # (N, k, 3)
+            squared = np.einsum("nkc,nkc->nk", offsets, offsets)
+            best = np.argmin(squared, axis=1)
+            index = self.candidates[np.arange(len(points)), best]
+            nearest = np.sqrt(squared[np.arange(len(points)), best])
+            moved = np.sqrt(np.sum((points - self.anchor) ** 2, axis=1))
+            # A margin of 1e-9 of the reach covers the rounding of the distances and of the moves.
+            stale = np.flatnonzero(nearest >= self.reach - moved - 1e-9 * self.reach)
+        if len(stale):
+            self.queried += len(stale)
+            distance, found = self.tree.query(points[stale], k=self.k)
+            self.candidates[stale] = found.reshape(len(stale), self.k)
+            self.spots[stale] = self.tree.data[self.candidates[stale]]
+            self.reach[stale] = distance.reshape(len(stale), self.k)[:, -1] if self.k < self.tree.n else math.inf
+            self.anchor[stale] = points[stale]
+            index[stale] = self.candidates[stale, 0]
+        return index
+
+
+def icp_until_settled(source: np.ndarray, target: np.ndarray, iterations: int, tree: cKDTree | None = None
+                      ) -> tuple[np.ndarray, int]:
     """Point-to-point rigid ICP from the identity with trimesh's `registration.icp(threshold=0)` rule.
 
     Each iteration matches every moved source point to its nearest target point and refits the rigid
     transform (source -> matches, reflection-safe Kabsch); it stops after `iterations`, when the mean squared
     residual of the fit rises (that step is kept, as trimesh keeps it), or when no correspondence changed
-    (every later iteration would repeat the same step).
+    (every later iteration would repeat the same step). The matches come from a `NearestTracker`.
 
     Args:
         source: (N, 3) float64 points to move; target: (M, 3) float64 points, same units.
+        tree: a `cKDTree` of `target` to reuse (several sources aligned to one target), or None.
     Returns:
         (4, 4) float64 rigid transform, iterations run.
     """
-    tree = cKDTree(target)
+    nearest = NearestTracker(cKDTree(target) if tree is None else tree)
     matrix, previous, cost = np.eye(4), None, math.inf
+    moved = source
+    # The Kabsch fit's source moments do not change between iterations: computed once.
+    mean_source = source.mean(axis=0)
+    centred = source - mean_source
+    variance = float(np.einsum("nc,nc->", centred, centred)) / len(source)
     done = 0
     for done in range(1, iterations + 1):
-        index = tree.query(apply_transform(matrix, source))[1]
+        index = nearest(moved)
         if previous is not None and np.array_equal(index, previous):
             break
-        rotation, translation, _ = kabsch_umeyama(source, target[index])
+        matches = target[index]
+        mean_match = matches.mean(axis=0)
+        covariance = (matches - mean_match).T @ centred / len(source)
+        rotation, translation, _, _ = umeyama_from_moments(mean_source, mean_match, covariance, np.asarray(variance),
+                                                           with_scale=False)
         matrix = similarity_matrix(rotation, translation)
-        residual = float(np.mean(np.sum((apply_transform(matrix, source) - target[index]) ** 2, axis=1)))
+        moved = apply_transform(matrix, source)
+        residual = float(np.mean(np.sum((moved - target[index]) ** 2, axis=1)))
         if residual > cost:
             break
         previous, cost = index, residual
     return matrix, done
 
 
-def _chamfer(recon: np.ndarray, target: np.ndarray, target_tree: cKDTree, beat: float = math.inf
-             ) -> ChamferResult | None:
-    """Chamfer distances of two point sets, or None when the bidirectional distance is not below `beat`. Nearest neighbours farther than 2 x `beat` are first left out (bounded KD-tree
-    queries are fast; far ones are slow), which gives a lower bound; only when that bound is below `beat`
-    are the far ones measured too, so every returned value is exact."""
+def _chamfer(recon: np.ndarray, recon_tree: cKDTree, matrix: np.ndarray, target: np.ndarray, target_tree: cKDTree,
+             beat: float = math.inf) -> ChamferResult | None:
+    """Chamfer distances of `recon` moved by the rigid `matrix` and `target`, or None when the bidirectional
+    distance is not below `beat`. `recon_tree` is a tree of the unmoved `recon`: the distance from a target
+    point to the moved set is that from the target point moved back. Nearest neighbours farther than
+    2 x `beat` are first left out (bounded KD-tree queries are fast; far ones are slow), which gives a lower
+    bound; only when that bound is below `beat` are the far ones measured too, so every returned value is
+    exact."""
+    moved = apply_transform(matrix, recon)
+    back = (target - matrix[:3, 3]) @ matrix[:3, :3]  # the rigid inverse applied to the target points
     bound = 2.0 * beat
-    to_target = target_tree.query(recon, distance_upper_bound=bound)[0]
-    recon_tree = cKDTree(recon)
-    to_recon = recon_tree.query(target, distance_upper_bound=bound)[0]
+    to_target = target_tree.query(moved, distance_upper_bound=bound)[0]
+    to_recon = recon_tree.query(back, distance_upper_bound=bound)[0]
     if math.isfinite(beat):
         lower = 0.5 * (np.minimum(to_target, bound).mean() + np.minimum(to_recon, bound).mean())
         if lower >= beat:
             return None
-        for distances, tree, query in ((to_target, target_tree, recon), (to_recon, recon_tree, target)):
+        for distances, tree, query in ((to_target, target_tree, moved), (to_recon, recon_tree, back)):
             far = ~np.isfinite(distances)
             distances[far] = tree.query(query[far])[0]
     a, b = float(to_target.mean()), float(to_recon.mean())
@@ -349,6 +417,76 @@ def _chamfer(recon: np.ndarray, target: np.ndarray, target_tree: cKDTree, beat: 
 
 
 FLIP_Y = np.diag([-1.0, 1.0, -1.0, 1.0])  # 180 degrees about the world Y axis, through the world origin
+
+
+class _Target:
+    """What the protocol needs of one target mesh, made on first use and shared by every reconstruction
+    scored against it: its volume, its even samples (drawn first from the seeded generator, so every
+    reconstruction's samples continue the same random stream, exactly as when scored alone) and their trees."""
+
+    def __init__(self, mesh: trimesh.Trimesh, options: AnimodelOptions):
+        self.mesh, self.options = mesh, options
+
+    @functools.cached_property
+    def volume(self) -> float:
+        return voxel_volume(self.mesh, self.options.min_cubes, "target")
+
+    @functools.cached_property
+    def samples(self) -> tuple[np.ndarray, cKDTree, np.ndarray, cKDTree, dict]:
+        rng = np.random.default_rng(self.options.seed)
+        align = sample_even(self.mesh, self.options.align_points, rng)
+        points = sample_even(self.mesh, self.options.chamfer_points, rng)
+        return align, cKDTree(align), points, cKDTree(points, leafsize=_CHAMFER_LEAF), rng.bit_generator.state
+
+
+def _score_one(reconstruction: trimesh.Trimesh | ArrayLike, target: _Target, unit_scale: float) -> AnimodelScore:
+    options = target.options
+    is_points = not isinstance(reconstruction, trimesh.Trimesh)
+    if is_points:
+        points = as_points("prediction", reconstruction)
+        if len(points) == 0:
+            inf = ChamferResult(math.inf, math.inf, math.inf)
+            return AnimodelScore(inf, unit_scale, math.nan, False, np.eye(4), 0, True, False)
+        surface = mesh_from_points(points, options.meshing)
+        recon, enclosed = surface.mesh, surface.enclosed
+    else:
+        recon, enclosed = reconstruction, True
+        _check_mesh("reconstruction", recon)
+    volume_scale = 1.0
+    if options.rescale:
+        volume_scale = (target.volume / voxel_volume(recon, options.min_cubes, "reconstruction")) ** (1.0 / 3.0)
+        recon = trimesh.Trimesh(recon.vertices * volume_scale, recon.faces, process=False)
+        recon = remesh(recon, options.min_cubes)
+    target_align, align_tree, target_points, target_tree, state = target.samples
+    rng = np.random.Generator(np.random.PCG64())
+    rng.bit_generator.state = state  # the stream after the target's samples
+    recon_align = sample_even(recon, options.align_points, rng)
+    recon_points = sample_even(recon, options.chamfer_points, rng)
+    recon_tree = cKDTree(recon_points, leafsize=_CHAMFER_LEAF)
+
+    def align(start: np.ndarray, beat: float) -> tuple[ChamferResult | None, np.ndarray, int]:
+        matrix, done = icp_until_settled(apply_transform(start, recon_align), target_align, options.icp_iterations,
+                                         align_tree)
+        total = matrix @ start
+        return _chamfer(recon_points, recon_tree, total, target_points, target_tree, beat), total, done
+
+    result, total, done = align(np.eye(4), math.inf)
+    flipped = False
+    if options.flip:  # start from the first alignment turned about world Y (step 6)
+        flip_result, flip_total, flip_done = align(FLIP_Y @ total, result.symmetric)
+        if flip_result is not None:  # strictly better, as Animodel requires to take the flip
+            result, total, done, flipped = flip_result, flip_total, flip_done, True
+    return AnimodelScore(result, unit_scale, volume_scale, flipped, total, done, is_points, enclosed)
+
+
+def score_all(reconstructions: Sequence[trimesh.Trimesh | ArrayLike], target: trimesh.Trimesh,
+              options: AnimodelOptions = AnimodelOptions()) -> list[AnimodelScore]:
+    """`score` of each reconstruction against one target: the same numbers, with the target's volume, samples
+    and KD-trees made once (a model's cloud and the baseline's, say)."""
+    _check_mesh("target", target)
+    unit_scale = 1.0 / float(target.extents.max())
+    shared = _Target(target, options)
+    return [_score_one(reconstruction, shared, unit_scale) for reconstruction in reconstructions]
 
 
 def score(reconstruction: trimesh.Trimesh | ArrayLike, target: trimesh.Trimesh,
@@ -363,41 +501,4 @@ def score(reconstruction: trimesh.Trimesh | ArrayLike, target: trimesh.Trimesh,
     Returns:
         `AnimodelScore`.
     """
-    _check_mesh("target", target)
-    unit_scale = 1.0 / float(target.extents.max())
-    is_points = not isinstance(reconstruction, trimesh.Trimesh)
-    if is_points:
-        points = as_points("prediction", reconstruction)
-        if len(points) == 0:
-            inf = ChamferResult(math.inf, math.inf, math.inf)
-            return AnimodelScore(inf, unit_scale, math.nan, False, np.eye(4), 0, True, False)
-        surface = mesh_from_points(points, options.meshing)
-        recon, enclosed = surface.mesh, surface.enclosed
-    else:
-        recon, enclosed = reconstruction, True
-        _check_mesh("reconstruction", recon)
-    volume_scale = 1.0
-    if options.rescale:
-        volume_scale = (voxel_volume(target, options.min_cubes, "target")
-                        / voxel_volume(recon, options.min_cubes, "reconstruction")) ** (1.0 / 3.0)
-        recon = trimesh.Trimesh(recon.vertices * volume_scale, recon.faces, process=False)
-        recon = remesh(recon, options.min_cubes)
-    rng = np.random.default_rng(options.seed)
-    target_align = sample_even(target, options.align_points, rng)
-    target_points = sample_even(target, options.chamfer_points, rng)
-    recon_align = sample_even(recon, options.align_points, rng)
-    recon_points = sample_even(recon, options.chamfer_points, rng)
-    target_tree = cKDTree(target_points)
-
-    def align(start: np.ndarray, beat: float) -> tuple[ChamferResult | None, np.ndarray, int]:
-        matrix, done = icp_until_settled(apply_transform(start, recon_align), target_align, options.icp_iterations)
-        total = matrix @ start
-        return _chamfer(apply_transform(total, recon_points), target_points, target_tree, beat), total, done
-
-    result, total, done = align(np.eye(4), math.inf)
-    flipped = False
-    if options.flip:  # start from the first alignment turned about world Y (step 6)
-        flip_result, flip_total, flip_done = align(FLIP_Y @ total, result.symmetric)
-        if flip_result is not None:  # strictly better, as Animodel requires to take the flip
-            result, total, done, flipped = flip_result, flip_total, flip_done, True
-    return AnimodelScore(result, unit_scale, volume_scale, flipped, total, done, is_points, enclosed)
+    return score_all([reconstruction], target, options)[0]

@@ -29,7 +29,7 @@ import trimesh
 from tqdm import tqdm
 
 from dualpm.errors import ConfigError
-from dualpm.eval.animodel import AnimodelOptions, score
+from dualpm.eval.animodel import AnimodelOptions, score, score_all
 from dualpm.eval.baseline import ConstantBaseline
 from dualpm.eval.evaluate import EvalOptions, GroundTruthReader, chamfer_metrics, evaluate_prediction, skeleton_metrics
 from dualpm.eval.metrics import EvalError, sample_surface
@@ -180,14 +180,12 @@ def _score_clouds(sample_id: str, clouds: list[np.ndarray], vertices: np.ndarray
                   options: AnimodelOptions) -> Rows:
     """`animodel_*` metrics of each cloud against one target mesh (runs in a worker process)."""
     target = trimesh.Trimesh(vertices, faces, process=False)
-    rows = []
-    for cloud in clouds:
-        try:
-            metrics = score(cloud, target, options).metrics()
-        except EvalError as err:
-            raise EvalError(f"sample {sample_id!r}: {err}") from err
-        rows.append({"points": float(len(cloud)), **{f"animodel_{k}": v for k, v in metrics.items()}})
-    return rows
+    try:
+        scores = score_all(clouds, target, options)  # the target's volume, samples and trees made once
+    except EvalError as err:
+        raise EvalError(f"sample {sample_id!r}: {err}") from err
+    return [{"points": float(len(cloud)), **{f"animodel_{k}": v for k, v in result.metrics().items()}}
+            for cloud, result in zip(clouds, scores, strict=True)]
 
 
 def _run_jobs(jobs, workers: int) -> Iterator[tuple[str, Rows]]:
