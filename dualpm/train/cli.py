@@ -27,7 +27,8 @@ from dualpm.train.config import (
     resolve_config,
     set_value,
 )
-from dualpm.train.loop import EXIT_STOPPED, STOP_SIGNALS, check_complete, train
+from dualpm.train.distributed import STOP_SIGNALS
+from dualpm.train.loop import EXIT_STOPPED, check_complete, train
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})

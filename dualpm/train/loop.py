@@ -19,12 +19,13 @@ Stopping early (preemption, a job's time limit): with `stop_signals` (the CLI pa
 the first such signal only sets a flag; after the step in progress every rank learns whether any rank
 got one (a one-number all-reduce per step), so all stop after the same step; rank 0 writes a checkpoint
 and the result says which signal stopped the run (the CLI then exits with EXIT_STOPPED).
+
+`Trainer.run` is the loop, read top to bottom: a step, then its log line, validation, checkpoint and stop
+check when each is due. Ranks and stop signals live in `distributed.py`, the run's outputs in `runlog.py`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
 import os
 import random
@@ -40,7 +41,6 @@ import torch
 import torch.distributed as dist
 import yaml
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from dualpm.cliutils import show_and_save_config
 from dualpm.data.augment import mirror_left_right
@@ -60,53 +60,15 @@ from dualpm.train.checkpoint import (
     save_checkpoint,
 )
 from dualpm.train.config import RESUMABLE_CHANGES, Config, config_diff, config_to_dict, resolve_config
+from dualpm.train.distributed import Distributed, StopSignals, gather, setup_distributed
+from dualpm.train.runlog import Meter, RunLog
 
 LOSS_NAMES = ("loss/total", "loss/canonical", "loss/posed", "loss/occupancy")
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)  # what Slurm sends before a time limit / on preemption
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped early with a checkpoint; rerun with --resume auto to continue
 
 
 class NonFiniteLossError(DualPMError):
     """The loss became NaN or infinite; training stopped before the weights were updated."""
-
-
-@dataclass(frozen=True)
-class Distributed:
-    """This process's place in the job (world 1 without torchrun)."""
-
-    rank: int
-    world: int
-    device: torch.device
-    owns_group: bool  # this module initialised the process group (and destroys it)
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed() -> Distributed:
-    """Join the torchrun job if WORLD_SIZE > 1 (NCCL on CUDA, else gloo); pick this process's device."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", local_rank % torch.cuda.device_count()) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if world == 1:
-        return Distributed(0, 1, device, False)
-    owns = not dist.is_initialized()
-    if owns:
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
-    return Distributed(dist.get_rank(), dist.get_world_size(), device, owns)
-
-
-def _gather(obj: Any, d: Distributed) -> list[Any]:
-    """Every rank's `obj`, in rank order (a list of one without DDP)."""
-    if d.world == 1:
-        return [obj]
-    out: list[Any] = [None] * d.world
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def _seed_all(seed: int) -> None:
@@ -125,42 +87,6 @@ class TrainResult:
     stopped_by: str | None = None  # the signal that stopped the run before config.train.steps, e.g. "SIGTERM"
 
 
-class _StopSignals:
-    """Remembers the first of `signals` to arrive; the training loop polls it between steps.
-
-    The handler only sets a number: everything else (all-reduce, checkpoint, printing) happens in the
-    loop, outside the handler. Repeats are ignored on purpose: under Slurm every process of the step gets
-    SIGTERM and torchrun forwards its own copy to each rank right after.
-    """
-
-    def __init__(self, signals: tuple[signal.Signals, ...]):
-        self.signals = signals
-        self.received = 0  # signal number, 0: none
-        self._previous = {s: signal.signal(s, self._handle) for s in signals}  # main thread only
-
-    def _handle(self, signum: int, frame: object) -> None:
-        self.received = self.received or signum
-
-    @contextlib.contextmanager
-    def blocked(self) -> Iterator[None]:
-        """Block the signals in this thread meanwhile: processes and threads started inside inherit the
-        mask and never get them. For DataLoader workers: Slurm signals every process of a step, and
-        torch's worker handler would let SIGTERM kill them, which fails the main process mid-step.
-        (They still exit with the main process.) Signals that arrive meanwhile are handled afterwards."""
-        if not self.signals:
-            yield
-            return
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, self.signals)
-        try:
-            yield
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-    def restore(self) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-
-
 def _nanmean(rows: list[dict[str, float]]) -> dict[str, float]:
     keys = sorted({k for row in rows for k in row})
     out = {}
@@ -170,9 +96,11 @@ def _nanmean(rows: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
-class _Trainer:
+class Trainer:
+    """One rank's training state (model, optimizer, scheduler, step, data positions) and `run`, the loop."""
+
     def __init__(
-        self, config: Config, info: DatasetInfo, d: Distributed, resume: str | None, stop: _StopSignals
+        self, config: Config, info: DatasetInfo, d: Distributed, resume: str | None, stop: StopSignals
     ):
         self.config, self.info, self.d, self.stop = config, info, d, stop
         tc = config.train
@@ -267,7 +195,7 @@ class _Trainer:
             role_offset=self.step % self.roles if train else 0,
         )
 
-    def _batches(self, split: str, train: bool) -> Iterator[dict[str, Any]]:
+    def batches(self, split: str, train: bool) -> Iterator[dict[str, Any]]:
         dc = self.config.data
         loader = make_loader(
             self._stream(split, train), dc.batch_size, dc.workers, dc.prefetch, self.device.type == "cuda"
@@ -296,7 +224,8 @@ class _Trainer:
 
     # --- one step -----------------------------------------------------------------------------------
 
-    def _step(self, batch: dict[str, Any]) -> torch.Tensor:
+    def step_on(self, batch: dict[str, Any]) -> torch.Tensor:
+        """One optimizer step on `batch`; returns the (4,) loss terms averaged over ranks."""
         feats, target, mask = self._inputs(batch, augment=True)
         with self._autocast():
             pred = self.model(feats)
@@ -321,7 +250,7 @@ class _Trainer:
         return values
 
     def _stop_non_finite(self, values: torch.Tensor, batch: dict[str, Any], local_finite: bool) -> None:
-        ids = _gather([] if local_finite else list(batch["id"]), self.d)
+        ids = gather([] if local_finite else list(batch["id"]), self.d)
         culprits = [f"rank {r}: {', '.join(i)}" for r, i in enumerate(ids) if i]
         pairs = zip(LOSS_NAMES, values.tolist(), strict=True)
         terms = ", ".join(f"{n.split('/')[1]} {v:.4g}" for n, v in pairs)
@@ -340,7 +269,7 @@ class _Trainer:
             return {}
         rows = []
         self.raw_model.eval()
-        for i, batch in enumerate(self._batches(dc.val_split, train=False)):
+        for i, batch in enumerate(self.batches(dc.val_split, train=False)):
             if tc.val_batches and i >= tc.val_batches:
                 break
             feats, target, mask = self._inputs(batch)
@@ -348,11 +277,11 @@ class _Trainer:
                 pred = self.raw_model(feats)  # not the DDP wrapper: ranks may run different batch counts
             rows.append(dualpm_metrics(pred, target, mask, config=self.config.loss))
         self.raw_model.train()
-        return _nanmean([row for rank_rows in _gather(rows, self.d) for row in rank_rows])
+        return _nanmean([row for rank_rows in gather(rows, self.d) for row in rank_rows])
 
     def save(self) -> Path | None:
-        rng = _gather(capture_rng(), self.d)
-        positions = _gather(torch.from_numpy(self.positions.copy()), self.d)
+        rng = gather(capture_rng(), self.d)
+        positions = gather(torch.from_numpy(self.positions.copy()), self.d)
         if not self.d.main:
             return None
         state = {
@@ -374,6 +303,91 @@ class _Trainer:
         self.checkpoint = save_checkpoint(self.run_dir, state, self.step, self.config.train.keep_checkpoints)
         return self.checkpoint
 
+    # --- the loop -----------------------------------------------------------------------------------
+
+    def run(self, continued: bool) -> TrainResult:
+        """Train until `train.steps` or a stop signal: each step is followed by its log line, validation,
+        checkpoint and stop check when they are due. `continued`: this run continues the folder's run
+        (also from step 0), so its log drops what lies beyond the step it starts from."""
+        tc = self.config.train
+        log = RunLog(self.run_dir, self.d.main, tc.progress, self.step, tc.steps, continued=continued)
+        ids_file = self._open_ids_file()
+        result = TrainResult(self.step, self.run_dir, self.checkpoint)
+        meter = Meter()
+        try:
+            batches = self.batches(self.config.data.train_split, train=True)
+            while self.step < tc.steps:
+                t0 = time.perf_counter()
+                batch = next(batches)
+                values = self.step_on(batch)
+                meter.add(values, len(batch["id"]) * self.d.world, time.perf_counter() - t0)
+                log.bar.update(1)
+                self._record_ids(ids_file, batch)
+                if self._due(tc.log_every):
+                    result.train = self._log_train(log, meter)
+                if self._due(tc.validate_every):
+                    result.val = self._validate_and_log(log)
+                saved = self._due(tc.checkpoint_every)
+                if saved:
+                    result.checkpoint = self.save() or result.checkpoint
+                if signum := self._stop_requested():
+                    self._stop(result, signal.Signals(signum).name, saved)
+                    break
+            result.step = self.step
+            return result
+        finally:
+            log.close()
+            if ids_file is not None:
+                ids_file.close()
+
+    def _due(self, every: int) -> bool:
+        """Whether a task done every `every` steps (0: never) is due after this step; the last step
+        always logs, validates and checkpoints."""
+        return bool(every) and (self.step % every == 0 or self.step == self.config.train.steps)
+
+    def _open_ids_file(self):
+        if not self.config.train.record_ids:
+            return None
+        (self.run_dir / "ids").mkdir(parents=True, exist_ok=True)
+        return open(self.run_dir / "ids" / f"rank-{self.d.rank}.txt", "a", encoding="utf-8")
+
+    def _record_ids(self, ids_file, batch: dict[str, Any]) -> None:
+        if ids_file is not None:  # "<step> <epoch> <count> <id>" per sample: what each step trained on
+            rows = zip(batch["id"], batch["position"].tolist(), strict=True)
+            ids_file.writelines(f"{self.step} {p[0]} {p[1]} {i}\n" for i, p in rows)
+
+    def _log_train(self, log: RunLog, meter: Meter) -> dict[str, float]:
+        losses = dict(zip(LOSS_NAMES, meter.mean().tolist(), strict=True))
+        extra = {"lr": self.scheduler.get_last_lr()[0], "samples_per_s": meter.rate()}
+        log.record(self.step, "train", {**losses, **extra})
+        log.bar.set_postfix(loss=f"{losses['loss/total']:.4g}", sps=f"{extra['samples_per_s']:.1f}")
+        meter.reset()
+        return losses
+
+    def _validate_and_log(self, log: RunLog) -> dict[str, float]:
+        val = self.validate()
+        if val:
+            log.record(self.step, "val", val)
+        return val
+
+    def _stop_requested(self) -> int:
+        """The stop signal any rank received (0: none). Every rank asks after the same step (the same
+        `self.step`), so the collective inside matches; never after the last step."""
+        return self.agree_to_stop(self.stop.received) if self.step < self.config.train.steps else 0
+
+    def _stop(self, result: TrainResult, name: str, saved: bool) -> None:
+        result.stopped_by = name
+        if not saved:
+            result.checkpoint = self.save() or result.checkpoint
+        if self.d.main:
+            print(f"stopping at step {self.step} on {result.stopped_by}: checkpoint written to "
+                  f"{result.checkpoint}; continue with --resume auto",
+                  flush=True)  # a log file is block-buffered and the job may be killed soon
+        if self.d.world > 1:
+            # No rank exits before rank 0 has written: under srun --kill-on-bad-exit one rank's exit can
+            # end the others.
+            dist.barrier()
+
     def agree_to_stop(self, signum: int) -> int:
         """The largest signal number any rank received (0: none); a collective, called after every step."""
         if self.d.world == 1:
@@ -381,52 +395,6 @@ class _Trainer:
         flag = torch.tensor([signum], dtype=torch.int64, device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return int(flag.item())
-
-
-def _step_of(line: str) -> float:
-    """Step of a metrics.jsonl line; inf for a torn line (a killed writer) so that it is dropped."""
-    try:
-        return float(json.loads(line)["step"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-        return math.inf
-
-
-class _Log:
-    """Rank 0's outputs: TensorBoard, metrics.jsonl, progress bar (all no-ops elsewhere)."""
-
-    def __init__(self, run_dir: Path, enabled: bool, progress: bool, start: int, total: int, continued: bool):
-        self.enabled = enabled
-        self.path = run_dir / "metrics.jsonl"
-        self.writer = None
-        self.file = None
-        self.bar = tqdm(
-            total=total, initial=start, desc="train", disable=not (enabled and progress), dynamic_ncols=True
-        )
-        if not enabled:
-            return
-        if continued and self.path.exists():
-            # Drop lines the interrupted run logged after its checkpoint: they are about to be redone.
-            kept = [ln for ln in self.path.read_text(encoding="utf-8").splitlines() if _step_of(ln) <= start]
-            atomic_write_text(self.path, "".join(ln + "\n" for ln in kept))
-        from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only where used
-
-        self.writer = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=start + 1 if continued else None)
-        self.file = open(self.path, "a", encoding="utf-8")  # an append-only log, one flushed line per record
-
-    def record(self, step: int, split: str, values: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        for k, v in values.items():
-            self.writer.add_scalar(f"{split}/{k}", v, step)
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()}
-        self.file.write(json.dumps({"step": step, "split": split, **clean}) + "\n")
-        self.file.flush()
-
-    def close(self) -> None:
-        self.bar.close()
-        if self.writer is not None:
-            self.writer.close()
-            self.file.close()
 
 
 def train(
@@ -441,7 +409,8 @@ def train(
     """Train as `config` says; under torchrun every rank calls this.
 
     Args:
-        config: the run's configuration (dataset-dependent values filled in or checked here).
+        config: the run's configuration; with `info`, resolved against it (`resolve_config`), else its
+            dataset-dependent values are filled in or checked here.
         info: the opened dataset (None: open `config.data.root`).
         resume: None (start fresh), 'auto' (continue from <out_dir>/checkpoints/latest.pt if it exists)
             or a checkpoint path.
@@ -462,10 +431,11 @@ def train(
         raise ConfigError(
             "data.root is not set: give the prepared dataset folder (--data PATH or --set data.root=PATH)"
         )
-    stop = _StopSignals(stop_signals)  # before anything slow: a signal during setup stops after step 1
+    stop = StopSignals(stop_signals)  # before anything slow: a signal during setup stops after step 1
     try:
-        info = info or open_dataset(config.data.root)
-        config = resolve_config(config, info, explicit_in_channels=True)
+        if info is None:  # a caller that opened the dataset resolved the config against it already
+            info = open_dataset(config.data.root)
+            config = resolve_config(config, info, explicit_in_channels=True)
         check_complete(info, config, allow_incomplete)
         d = setup_distributed()
         try:
@@ -491,7 +461,7 @@ def check_complete(info: DatasetInfo, config: Config, allow_incomplete: bool) ->
 
 def _train(
     config: Config, info: DatasetInfo, d: Distributed, resume: str | None, overwrite: bool, verbose: bool,
-    stop: _StopSignals,
+    stop: StopSignals,
 ) -> TrainResult:
     tc = config.train
     refused = None
@@ -500,10 +470,10 @@ def _train(
             prepare_run_dir(tc.out_dir, resume, overwrite, info.root)
         except ConfigError as err:
             refused = str(err)
-    refused = _gather(refused, d)[0]  # every rank stops when rank 0 refused the folder
+    refused = gather(refused, d)[0]  # every rank stops when rank 0 refused the folder
     if refused is not None:
         raise ConfigError(refused)
-    trainer = _Trainer(config, info, d, resume, stop)
+    trainer = Trainer(config, info, d, resume, stop)
     run_dir = trainer.run_dir
     resumed = trainer.step > 0
     if d.main:
@@ -523,65 +493,4 @@ def _train(
                 print(f"note: the dataset has no {config.data.val_split!r} shards: validation is skipped")
         else:
             atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
-    # Continuing the folder's run (also from step 0: --resume auto before its first checkpoint) drops
-    # what its log holds beyond the step this run starts from.
-    log = _Log(run_dir, d.main, tc.progress, trainer.step, tc.steps, continued=resume is not None)
-    ids_file = None
-    if tc.record_ids:
-        (run_dir / "ids").mkdir(parents=True, exist_ok=True)
-        ids_file = open(run_dir / "ids" / f"rank-{d.rank}.txt", "a", encoding="utf-8")
-    result = TrainResult(trainer.step, run_dir, trainer.checkpoint)
-    try:
-        batches = trainer._batches(config.data.train_split, train=True)
-        total = torch.zeros(4, dtype=torch.float64)
-        count, samples, busy = 0, 0, 0.0  # busy: seconds in data + steps since the last log line
-        while trainer.step < tc.steps:
-            t0 = time.perf_counter()
-            batch = next(batches)
-            values = trainer._step(batch)
-            total += values.cpu().double()  # also waits for the device: busy time is real
-            busy += time.perf_counter() - t0
-            step = trainer.step
-            count += 1
-            samples += len(batch["id"]) * d.world
-            log.bar.update(1)
-            if ids_file is not None:
-                rows = zip(batch["id"], batch["position"].tolist(), strict=True)
-                ids_file.writelines(f"{step} {p[0]} {p[1]} {i}\n" for i, p in rows)
-            if step % tc.log_every == 0 or step == tc.steps:
-                result.train = dict(zip(LOSS_NAMES, (total / count).tolist(), strict=True))
-                extra = {"lr": trainer.scheduler.get_last_lr()[0], "samples_per_s": samples / busy}
-                log.record(step, "train", {**result.train, **extra})
-                loss, sps = result.train["loss/total"], extra["samples_per_s"]
-                log.bar.set_postfix(loss=f"{loss:.4g}", sps=f"{sps:.1f}")
-                total.zero_()
-                count, samples, busy = 0, 0, 0.0
-            if tc.validate_every and (step % tc.validate_every == 0 or step == tc.steps):
-                result.val = trainer.validate()
-                if result.val:
-                    log.record(step, "val", result.val)
-            saved = step % tc.checkpoint_every == 0 or step == tc.steps
-            if saved:
-                result.checkpoint = trainer.save() or result.checkpoint
-            # Every rank takes this branch at the same step (the same `step`), so the collective matches.
-            if step < tc.steps and (signum := trainer.agree_to_stop(stop.received)):
-                result.stopped_by = signal.Signals(signum).name
-                if not saved:
-                    result.checkpoint = trainer.save() or result.checkpoint
-                if d.main:
-                    print(
-                        f"stopping at step {step} on {result.stopped_by}: checkpoint written to "
-                        f"{result.checkpoint}; continue with --resume auto",
-                        flush=True,  # a log file is block-buffered and the job may be killed soon
-                    )
-                if d.world > 1:
-                    # No rank exits before rank 0 has written: under srun --kill-on-bad-exit one rank's
-                    # exit can end the others.
-                    dist.barrier()
-                break
-        result.step = trainer.step
-        return result
-    finally:
-        log.close()
-        if ids_file is not None:
-            ids_file.close()
+    return trainer.run(continued=resume is not None)
