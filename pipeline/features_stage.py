@@ -42,7 +42,7 @@ import ray
 import torch
 
 from dualpm import __version__
-from dualpm.cliutils import handles_user_errors, show_and_save_config
+from dualpm.cliutils import handles_user_errors
 from dualpm.data.source import Layout, SourceDataset
 from dualpm.errors import BackendUnavailable, ConfigError, DatasetError, DualPMError
 from dualpm.features import (
@@ -72,19 +72,8 @@ from dualpm.store import (
     ShardWriter,
     column_dir,
 )
-from pipeline.cluster import ClusterInfo, ray_session
-from pipeline.runner import (
-    Stage,
-    check_column,
-    describe_plan,
-    lock_store,
-    open_manifest,
-    prepare_column,
-    report_skipped,
-    require_samples,
-    run_shards,
-    shard_stage_options,
-)
+from pipeline.cluster import ClusterInfo
+from pipeline.runner import PlannedStage, Stage, StageLaunch, StageRun, drive_stage, shard_stage_options
 
 PCA_SEED = 0  # draws the PCA sample and seeds the fit: a refit gives the same basis
 MAX_RESTARTS = 2  # a dead actor is restarted, and the shard it was on retried, this many times
@@ -545,41 +534,43 @@ def features(ctx: click.Context, src: Path, out: Path, extractor: str, sd_model:
             raise ConfigError(f"--{name.replace('_', '-')} does not apply to --extractor {extractor}")
     sd_model = sd_model if extractor == "sd-dino" else None
     dino_model = dino_model if extractor in ("sd-dino", "dino") else None
-    source = SourceDataset(src)
-    if not dry_run:
-        lock_store(out, source, "dualpm-prep features")
-    manifest = open_manifest(out, source, shard_size)
-    require_samples(manifest, source)
-    spec = make_spec(source, manifest, extractor, sd_model, dino_model, dim, grid, timestep, sd_pca_dims,
-                     mask_channel)
-    check_weights(spec)
-    config = FeaturesConfig(str(source.root.resolve()), spec, fmt, batch, device, pca_samples)
-    check_column(out, manifest, stage_for(config, None, fitted=False), overwrite)  # before anything starts
-    if dry_run:
-        show_and_save_config(column_config(config, None), None, "features config (dry run)")
-        click.echo(f"{describe_plan(manifest)}\n{report_skipped(None, source)}")
-        return
-    with ray_session(address, None if address else workers, connect_timeout) as cluster:
-        chosen = actor_device(device, spec, cluster)
-        resources, threads, actors = worker_resources(chosen, cluster, workers)
-        config = dataclasses.replace(config, device=chosen, threads=threads)
-        click.echo(f"{describe_plan(manifest)}; Ray: {cluster.nodes} nodes, {cluster.cpus} CPUs, "
-                   f"{cluster.gpus} GPUs")
-        basis, line = prepare_basis(out, config, manifest, resources, overwrite)
-        click.echo(line)
-        stage = stage_for(config, basis)
-        out.mkdir(parents=True, exist_ok=True)
-        show_and_save_config(stage.config, out / "features.config.yaml", "features config")
-        skipped = report_skipped(out, source)
-        todo = prepare_column(out, manifest, stage, overwrite)
-        folder = str(column_dir(out, COLUMN).resolve())
-        handles = start_workers(config, out, basis, resources, min(actors, len(todo)))
-        try:
-            dispatcher = handles[-1] if handles else None
-            summary = run_shards(out, manifest, stage, todo, lambda plan: dispatcher.run.remote(plan, folder),
-                                 max_failures, max(1, len(handles)))  # a shard per actor, one queued
-        finally:
-            for handle in handles:  # free the GPUs / CPUs now (a cluster outlives this command)
-                ray.kill(handle)
-    click.echo(f"{summary.line()}\n{skipped}")
 
+    def plan(source: SourceDataset, manifest: Manifest) -> PlannedStage:
+        spec = make_spec(source, manifest, extractor, sd_model, dino_model, dim, grid, timestep, sd_pca_dims,
+                         mask_channel)
+        check_weights(spec)
+        config = FeaturesConfig(str(source.root.resolve()), spec, fmt, batch, device, pca_samples)
+        return PlannedStage(config, stage_for(config, None, fitted=False), column_config(config, None))
+
+    def launch(cluster: ClusterInfo, planned: PlannedStage, manifest: Manifest) -> FeaturesLaunch:
+        return FeaturesLaunch(cluster, planned.config, out, manifest, overwrite, workers)
+
+    run = StageRun(COLUMN, src, out, shard_size, workers, address, connect_timeout, overwrite, max_failures, dry_run)
+    drive_stage(run, plan, launch)
+
+
+class FeaturesLaunch(StageLaunch):
+    """Ray actors holding the models (one per GPU, or per CPU slot) fed by one dispatcher; the PCA basis
+    fitted (or checked) once before they start."""
+
+    def __init__(self, cluster: ClusterInfo, config: FeaturesConfig, out: Path, manifest: Manifest,
+                 overwrite: bool, workers: int | None):
+        chosen = actor_device(config.device, config.spec, cluster)
+        self.resources, threads, self.actors = worker_resources(chosen, cluster, workers)
+        self.config = dataclasses.replace(config, device=chosen, threads=threads)
+        self.basis, line = prepare_basis(out, self.config, manifest, self.resources, overwrite)
+        click.echo(line)
+        self.out, self.handles = out, []
+
+    def stage(self) -> Stage:
+        return stage_for(self.config, self.basis)
+
+    def start(self, todo: list[ShardPlan]) -> tuple[Any, int]:
+        self.handles = start_workers(self.config, self.out, self.basis, self.resources, min(self.actors, len(todo)))
+        dispatcher = self.handles[-1] if self.handles else None
+        folder = str(column_dir(self.out, COLUMN).resolve())
+        return (lambda plan: dispatcher.run.remote(plan, folder)), max(1, len(self.handles))  # one queued each
+
+    def stop(self) -> None:
+        for handle in self.handles:  # free the GPUs / CPUs now (a cluster outlives this command)
+            ray.kill(handle)

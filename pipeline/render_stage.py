@@ -46,7 +46,7 @@ import torch
 
 from dualpm import __version__
 from dualpm.camera import FAR, NEAR, projection_from_focal, view_from_camera_pose
-from dualpm.cliutils import FloatOrAuto, handles_user_errors, show_and_save_config
+from dualpm.cliutils import FloatOrAuto, handles_user_errors
 from dualpm.data.source import Layout, SourceDataset, SourceSample
 from dualpm.errors import BackendUnavailable, DatasetError, DualPMError, GltfError
 from dualpm.gltf import SkinnedMesh, load_skinned_mesh
@@ -69,19 +69,8 @@ from dualpm.store import (
 from dualpm.store.encoding import rgb8
 from dualpm.store.shards import PreparedSample, prepare_sample
 from dualpm.pointmaps import hits
-from pipeline.cluster import ClusterInfo, concurrent_tasks, ray_session
-from pipeline.runner import (
-    Stage,
-    check_column,
-    describe_plan,
-    lock_store,
-    open_manifest,
-    prepare_column,
-    report_skipped,
-    require_samples,
-    run_shards,
-    shard_stage_options,
-)
+from pipeline.cluster import ClusterInfo, concurrent_tasks
+from pipeline.runner import PlannedStage, Stage, StageLaunch, StageRun, drive_stage, shard_stage_options
 
 COLUMN = "render"
 MAX_RETRIES = 3  # Ray re-runs a shard whose worker died (killed, node lost); the shard appears once
@@ -545,36 +534,32 @@ def render(src: Path, out: Path, resolution: int, layers: int, shard_size: int |
     """Render the dual point maps of source dataset SRC into the sharded store OUT (column "render")."""
     if isinstance(near, float) and isinstance(far, float) and not near < far:
         raise click.BadParameter(f"--near {near:g} must be below --far {far:g}", param_hint="--near/--far")
-    source = SourceDataset(src)
-    if not dry_run:
-        lock_store(out, source, "dualpm-prep render")
-    manifest = open_manifest(out, source, shard_size)
-    require_samples(manifest, source)
-    mask_size, image_size = source_sizes(source, manifest, resolution) if fmt == "zarr" else (None, None)
-    config = RenderConfig(str(source.root.resolve()), resolution, layers, backend, batch, fmt, near=near, far=far,
-                          precision=precision, mask_size=mask_size, image_size=image_size)
-    check_column(out, manifest, stage_for(config), overwrite)  # before Ray starts or anything is written
-    if dry_run:
-        show_and_save_config(config.to_json() | {"backend": f"{backend} (resolved when Ray starts)"}, None,
-                             "render config (dry run)")
-        click.echo(describe_plan(manifest))
-        click.echo(report_skipped(None, source))
-        return
-    with ray_session(address, None if address else workers, connect_timeout) as cluster:
-        chosen = choose_backend(backend, cluster)
-        resources, threads = task_resources(chosen, cluster)
-        config = replace(config, backend=chosen, threads=threads)
-        stage = stage_for(config)
-        out.mkdir(parents=True, exist_ok=True)
-        show_and_save_config(config.to_json(), out / "render.config.yaml", "render config")
-        skipped = report_skipped(out, source)
-        resources_line = f"Ray: {cluster.nodes} nodes, {cluster.cpus} CPUs, {cluster.gpus} GPUs"
-        click.echo(f"{describe_plan(manifest)}; {resources_line}")
-        todo = prepare_column(out, manifest, stage, overwrite)
-        task = ray.remote(render_shard).options(max_retries=MAX_RETRIES, **resources)
-        folder = str(column_dir(out, COLUMN).resolve())
+
+    def plan(source: SourceDataset, manifest: Manifest) -> PlannedStage:
+        mask_size, image_size = source_sizes(source, manifest, resolution) if fmt == "zarr" else (None, None)
+        config = RenderConfig(str(source.root.resolve()), resolution, layers, backend, batch, fmt, near=near,
+                              far=far, precision=precision, mask_size=mask_size, image_size=image_size)
+        dry = config.to_json() | {"backend": f"{backend} (resolved when Ray starts)"}
+        return PlannedStage(config, stage_for(config), dry)
+
+    run = StageRun(COLUMN, src, out, shard_size, workers, address, connect_timeout, overwrite, max_failures, dry_run)
+    drive_stage(run, plan, lambda cluster, planned, _: RenderLaunch(cluster, planned.config, out))
+
+
+class RenderLaunch(StageLaunch):
+    """Render shards as Ray tasks: one per CPU (Embree) or per GPU (nvdiffrast), one more queued."""
+
+    def __init__(self, cluster: ClusterInfo, config: RenderConfig, out: Path):
+        chosen = choose_backend(config.backend, cluster)
+        self.resources, threads = task_resources(chosen, cluster)
+        self.config = replace(config, backend=chosen, threads=threads)
+        self.cluster, self.folder = cluster, str(column_dir(out, COLUMN).resolve())
+
+    def stage(self) -> Stage:
+        return stage_for(self.config)
+
+    def start(self, todo: list[ShardPlan]) -> tuple[Callable[[ShardPlan], Any], int]:
+        task = ray.remote(render_shard).options(max_retries=MAX_RETRIES, **self.resources)
         # One task queued beyond what runs keeps every worker busy between shards.
-        summary = run_shards(out, manifest, stage, todo, lambda plan: task.remote(config, plan, folder),
-                             max_failures, concurrent_tasks(cluster, resources) + 1)
-    click.echo(summary.line())
-    click.echo(skipped)
+        return (lambda plan: task.remote(self.config, plan, self.folder)), \
+            concurrent_tasks(self.cluster, self.resources) + 1

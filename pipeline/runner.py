@@ -26,6 +26,7 @@ same shard.
 
 from __future__ import annotations
 
+import abc
 import json
 import os
 import time
@@ -38,6 +39,7 @@ import click
 import ray
 
 from dualpm.data.source import SKIP_KINDS, SourceDataset, describe_split_rule
+from dualpm.cliutils import show_and_save_config
 from dualpm.errors import ConfigError, DatasetError, DualPMError
 from dualpm.fileio import atomic_write_text, exclusive_lock, refuse_nested
 from dualpm.store import (
@@ -59,7 +61,7 @@ from dualpm.store import (
     save_manifest,
     write_failures,
 )
-from pipeline.cluster import Stopwatch, TaskWindow, connect_timeout_option
+from pipeline.cluster import ClusterInfo, Stopwatch, TaskWindow, connect_timeout_option, ray_session
 
 DEFAULT_SHARD_SIZE = 256
 STORE_LOCK = ".writer.lock"  # OUT/.writer.lock: held (flock) by the one command writing the store
@@ -357,6 +359,81 @@ def require_samples(manifest: Manifest, source: SourceDataset) -> None:
 
 
 # The options every shard stage (render, features) shares, defined once so they read the same everywhere.
+@dataclass(frozen=True)
+class PlannedStage:
+    """A stage command's settings before Ray starts: its config object, the column description to check
+    against OUT (nothing written yet), and what --dry-run prints."""
+
+    config: Any
+    stage: Stage
+    dry_config: dict[str, Any]
+
+
+class StageLaunch(abc.ABC):
+    """What a stage does on the cluster once Ray runs: resolve its resources (and models), describe its
+    final column, start its workers for the shards to do, and free them afterwards."""
+
+    @abc.abstractmethod
+    def stage(self) -> Stage:
+        """The column description as written (backend, device, basis resolved)."""
+
+    @abc.abstractmethod
+    def start(self, todo: list[ShardPlan]) -> tuple[Callable[[ShardPlan], Any], int]:
+        """(submit: shard plan -> Ray object ref of its ShardRecord, how many shards in flight at once)."""
+
+    def stop(self) -> None:
+        """Free what `start` took (actors); tasks need nothing."""
+
+
+@dataclass(frozen=True)
+class StageRun:
+    """The options every stage command shares (`shard_stage_options`, --workers, --overwrite)."""
+
+    name: str  # the column, also in "dualpm-prep NAME" and NAME.config.yaml
+    src: Path
+    out: Path
+    shard_size: int | None
+    workers: int | None
+    address: str | None
+    connect_timeout: float
+    overwrite: bool
+    max_failures: int | None
+    dry_run: bool
+
+
+def drive_stage(run: StageRun, plan: Callable[[SourceDataset, Manifest], PlannedStage],
+                launch: Callable[[ClusterInfo, PlannedStage, Manifest], StageLaunch]) -> None:
+    """One stage command from start to end, the same for every stage: lock OUT, open the plan, check the
+    column before anything starts, dry run, then on Ray: save the config, prepare the column and run the
+    unfinished shards; print the summary and the source files no sample took."""
+    source = SourceDataset(run.src)
+    if not run.dry_run:
+        lock_store(run.out, source, f"dualpm-prep {run.name}")
+    manifest = open_manifest(run.out, source, run.shard_size)
+    require_samples(manifest, source)
+    planned = plan(source, manifest)
+    check_column(run.out, manifest, planned.stage, run.overwrite)  # before Ray starts or anything is written
+    if run.dry_run:
+        show_and_save_config(planned.dry_config, None, f"{run.name} config (dry run)")
+        click.echo(f"{describe_plan(manifest)}\n{report_skipped(None, source)}")
+        return
+    with ray_session(run.address, None if run.address else run.workers, run.connect_timeout) as cluster:
+        click.echo(f"{describe_plan(manifest)}; Ray: {cluster.nodes} nodes, {cluster.cpus} CPUs, "
+                   f"{cluster.gpus} GPUs")
+        launched = launch(cluster, planned, manifest)
+        try:
+            stage = launched.stage()
+            run.out.mkdir(parents=True, exist_ok=True)
+            show_and_save_config(stage.config, run.out / f"{run.name}.config.yaml", f"{run.name} config")
+            skipped = report_skipped(run.out, source)
+            todo = prepare_column(run.out, manifest, stage, run.overwrite)
+            submit, in_flight = launched.start(todo)
+            summary = run_shards(run.out, manifest, stage, todo, submit, run.max_failures, in_flight)
+        finally:
+            launched.stop()  # free the GPUs / CPUs now (a cluster outlives this command)
+    click.echo(f"{summary.line()}\n{skipped}")
+
+
 _SHARED_OPTIONS = (
     click.option("--shard-size", type=click.IntRange(min=1), default=None, show_default="as in OUT, else 256",
                  help="Samples per shard (fixed by the first stage run on OUT)."),
