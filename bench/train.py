@@ -151,13 +151,13 @@ def main(
         dc = config.data
         stream = ShardStream(info, dc.train_split, dc.layers, dc.resolution, 0, buffer_size=dc.shuffle_buffer,
                              open_shards=dc.open_shards)
-        read = reader_rate(stream, dc.batch_size, dc.workers, dc.prefetch, reader_batches)
+        read = reader_rate(stream, dc.batch_size, dc.loader_workers, dc.prefetch, reader_batches)
         batch = next(iter(make_loader(stream, dc.batch_size, 0, 1, False)))
         model = describe(DualPMNet(config.model))
         (h, w), (gh, gw) = dc.resolution, info.feature_grid
         shape = (
             f"{h}x{w}, {dc.layers} of {info.stored_layers} layers, "
-            f"features {info.feature_channels}x{gh}x{gw}, batch {dc.batch_size}, {dc.workers} loader workers"
+            f"features {info.feature_channels}x{gh}x{gw}, batch {dc.batch_size}, {dc.loader_workers} loader workers"
         )
         print(f"{model}\ndata: {info.root if data_root else 'synthetic'} {shape}")
         print(f"reader:           {read:8.1f} samples/s")
@@ -173,7 +173,7 @@ def main(
             print(f"end to end:       {e2e:8.1f} samples/s  ({e2e_steps} train() steps, reader in the loop)")
     if json_path:
         step = rows[0][1]  # bf16 on CUDA: what training runs
-        metrics = [Metric(f"reader samples/s ({dc.workers} workers)", f"{read:.4g}"),
+        metrics = [Metric(f"reader samples/s ({dc.loader_workers} workers)", f"{read:.4g}"),
                    *(Metric(f"train step {n} samples/s", f"{r:.4g}") for n, r, _ in rows),
                    Metric(f"reader / {rows[0][0]} step", f"{read / step:.1f}x", f">= {TARGET_READER:.0f}x",
                           read / step >= TARGET_READER)]

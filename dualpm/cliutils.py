@@ -67,6 +67,18 @@ class FloatOrAuto(click.ParamType):
         return number
 
 
+def renamed_option(*old: str, new: str, meaning: str, takes_value: bool = True) -> Callable[[F], F]:
+    """A hidden option `old` that only refuses itself in one line naming `new`: for spellings renamed so
+    that one word means one thing across the commands (README, "Words that mean one thing")."""
+
+    def refuse(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+        if value not in (None, False):
+            raise click.UsageError(f"{'/'.join(old)} is now {new} ({meaning})", ctx)
+
+    return click.option(*old, is_flag=not takes_value, default=None, hidden=True, expose_value=False,
+                        callback=refuse, is_eager=True)
+
+
 def show_and_save_config(config: dict[str, Any], path: str | os.PathLike | None, title: str) -> str:
     """Print the resolved configuration as YAML and save it atomically to `path` (if given)."""
     text = yaml.safe_dump(config, sort_keys=False)

@@ -72,7 +72,7 @@ def test_a_demo_made_with_other_settings_is_refused(tmp_path):
 
 def tiny_train_config(tmp_path: Path, steps: int) -> Path:
     config = yaml.safe_load(DEFAULT_CONFIG.read_text())
-    config["data"].update(batch_size=4, workers=0, shuffle_buffer=8)
+    config["data"].update(batch_size=4, loader_workers=0, shuffle_buffer=8)
     config["model"]["unet"].update(base_channels=8, channel_mult=[1, 2], attention_levels=[], num_groups=4)
     config["train"].update(steps=steps, checkpoint_every=steps, validate_every=steps, log_every=1)
     path = tmp_path / "tiny.yaml"

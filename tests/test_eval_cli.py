@@ -271,7 +271,7 @@ def test_animodel_targets_folder_with_predictions_from_images(data, tmp_path):
         trimesh.Trimesh(vertices, faces).export(category / "meshes" / f"{sample_id}.obj")
     shutil.copy(category / "meshes" / f"{data.val[0]}.obj", category / "meshes" / "999999.obj")  # no image
     raw = {
-        "data": {"root": str(data.out), "batch_size": 4, "workers": 0, "shuffle_buffer": 0},
+        "data": {"root": str(data.out), "batch_size": 4, "loader_workers": 0, "shuffle_buffer": 0},
         "model": {"in_channels": 3, "num_layers": LAYERS, "unet": {
             "base_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_levels": [],
             "dropout": 0.0, "num_groups": 4}},

@@ -56,7 +56,7 @@ def setup(tmp_path_factory, ray_local):
     run(prep_main, "render", ds.root, out, "--resolution", RESOLUTION, "--layers", 3, "--shard-size", 4)
     run(prep_main, "features", ds.root, out, "--extractor", "rgb", "--grid", 16, "--mask-channel", "--workers", 1)
     raw = {
-        "data": {"root": str(out), "batch_size": 4, "workers": 0, "shuffle_buffer": 0},
+        "data": {"root": str(out), "batch_size": 4, "loader_workers": 0, "shuffle_buffer": 0},
         "model": {"in_channels": 4, "num_layers": 2, "unet": {
             "base_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_levels": [],
             "dropout": 0.0, "num_groups": 8}},

@@ -48,7 +48,7 @@ def prep(*args: str) -> subprocess.CompletedProcess:
 
 
 def tiny_config(path: Path, **train) -> Path:
-    raw = {"data": {"batch_size": 2, "workers": 0, "shuffle_buffer": 4}, "model": TINY_MODEL,
+    raw = {"data": {"batch_size": 2, "loader_workers": 0, "shuffle_buffer": 4}, "model": TINY_MODEL,
            "train": {"log_every": 1, "validate_every": 0, "progress": False, **train}}
     atomic_write_text(path, yaml.safe_dump(raw))
     return path

@@ -38,9 +38,9 @@ TINY_UNET = {
 
 
 def tiny_raw(root: Path, out: Path, **train_overrides) -> dict:
-    """A tiny CPU config (workers=0, no progress bar); `train_overrides` go into the train section."""
+    """A tiny CPU config (loader_workers=0, no progress bar); `train_overrides` go into the train section."""
     return {
-        "data": {"root": str(root), "batch_size": 4, "workers": 0, "shuffle_buffer": 4},
+        "data": {"root": str(root), "batch_size": 4, "loader_workers": 0, "shuffle_buffer": 4},
         "model": {"in_channels": 5, "num_layers": 2, "unet": dict(TINY_UNET)},
         "train": {
             "out_dir": str(out), "steps": 4, "lr": 2e-3, "log_every": 1, "checkpoint_every": 100,

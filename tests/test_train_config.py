@@ -87,7 +87,8 @@ def test_set_overrides_parse_yaml_values():
         ("data.resolution=64", r"data.resolution: expected a list of 2 \(an integer, an integer\) or null"),
         ("train=3", r"train: expected a mapping"),
         ("train.lr=-1", r"train.lr must be a number > 0, got -1.0"),
-        ("data.workers=-1", r"data.workers must be >= 0, got -1"),
+        ("data.loader_workers=-1", r"data.loader_workers must be >= 0, got -1"),
+        ("data.workers=2", r"config key .data.workers. is now .data.loader_workers."),
         ("train.precision=fp16", r"train.precision must be one of \('auto', 'bf16', 'fp32'\), got 'fp16'"),
         ("model.unet.dropout=1.5", r"model.unet: UNetConfig.dropout must be a number in \[0, 1\)"),
         ("loss.label_clamp=[0.9, 0.1]", r"loss: LossConfig.label_clamp must be"),
@@ -181,3 +182,13 @@ def test_a_section_that_is_not_a_mapping_is_one_clear_line(tmp_path, text, optio
     assert result.exit_code == 1, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)  # no traceback
     assert f"{config}: section {section!r} must be a mapping of keys to values" in result.output
+
+
+def test_recorded_configs_with_renamed_keys_are_upgraded():
+    from dualpm.train.config import upgrade_recorded_config
+
+    old = {"data": {"root": "d", "workers": 3}, "train": {"lr": 1e-3}}
+    new = upgrade_recorded_config(old)
+    assert new == {"data": {"root": "d", "loader_workers": 3}, "train": {"lr": 1e-3}}
+    assert old == {"data": {"root": "d", "workers": 3}, "train": {"lr": 1e-3}}  # the input is not changed
+    assert config_from_dict(new).data.loader_workers == 3

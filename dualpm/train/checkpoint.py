@@ -28,6 +28,7 @@ import torch
 from dualpm.errors import ConfigError, DualPMError, describe_load_error
 from dualpm.features.pca import FeatureBasis
 from dualpm.fileio import TMP_PREFIX, atomic_output, remove_stale_temporaries, safe_join
+from dualpm.train.config import upgrade_recorded_config
 
 FORMAT = "dualpm-checkpoint"
 VERSION = 1
@@ -214,6 +215,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if state.get("version") != VERSION:
         version = state.get("version")
         raise CheckpointError(f"{path}: checkpoint version {version!r}, this code reads {VERSION}")
+    if isinstance(state.get("config"), dict):
+        state["config"] = upgrade_recorded_config(state["config"])
     return state
 
 

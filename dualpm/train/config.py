@@ -43,7 +43,7 @@ class DataConfig:
     layers: int | None = None  # target layers read; None: model.num_layers (they must agree)
     resolution: tuple[int, int] | None = None  # (H, W) trained at; None: the render column's
     batch_size: int = 12  # per DDP rank
-    workers: int = 2  # DataLoader worker processes per rank
+    loader_workers: int = 2  # DataLoader worker processes per rank (decoding; 0: in the training process)
     prefetch: int = 2  # batches prefetched per worker
     shuffle_buffer: int = 64  # samples per consumer's shuffle buffer (<= 1: shard order only)
     open_shards: int = 4  # shards each consumer reads at once, interleaved (mixes model-ordered shards)
@@ -60,7 +60,7 @@ class DataConfig:
         if self.resolution is not None:
             _check(min(self.resolution) >= 1, "data.resolution", "[H, W] with H, W >= 1", self.resolution)
         _check(self.batch_size >= 1, "data.batch_size", ">= 1", self.batch_size)
-        _check(self.workers >= 0, "data.workers", ">= 0", self.workers)
+        _check(self.loader_workers >= 0, "data.loader_workers", ">= 0", self.loader_workers)
         _check(self.prefetch >= 1, "data.prefetch", ">= 1", self.prefetch)
         _check(self.shuffle_buffer >= 0, "data.shuffle_buffer", ">= 0", self.shuffle_buffer)
         _check(self.open_shards >= 1, "data.open_shards", ">= 1", self.open_shards)
@@ -183,6 +183,9 @@ def _build(cls: type, raw: Any, key: str) -> Any:
     for name in raw:
         if name not in names:
             dotted = f"{key}.{name}" if key else str(name)
+            if dotted in RENAMED_KEYS:
+                raise ConfigError(f"config key {dotted!r} is now {RENAMED_KEYS[dotted]!r} (README, 'Words that mean "
+                                  "one thing'); rename it in your YAML or --set")
             raise ConfigError(f"unknown config key {dotted!r}; allowed keys of {where}: {', '.join(names)}")
     values = {n: _convert(hints[n], raw[n], f"{key}.{n}" if key else n) for n in names if n in raw}
     try:
@@ -190,6 +193,22 @@ def _build(cls: type, raw: Any, key: str) -> Any:
     except ConfigError as err:
         msg = str(err)
         raise ConfigError(msg if msg.startswith(f"{key}.") or not key else f"{key}: {msg}") from err
+
+
+# Keys renamed so that one word means one thing across the commands: old spelling -> new. A user's YAML or
+# --set with an old key is refused naming the new one; a checkpoint's recorded config is upgraded on reading.
+RENAMED_KEYS = {"data.workers": "data.loader_workers"}
+
+
+def upgrade_recorded_config(raw: dict[str, Any]) -> dict[str, Any]:
+    """A config recorded by an earlier version (a checkpoint's) with renamed keys under their new names."""
+    out = {section: dict(values) if isinstance(values, dict) else values for section, values in raw.items()}
+    for old, new in RENAMED_KEYS.items():
+        (old_section, old_name), (new_section, new_name) = old.split("."), new.split(".")
+        section = out.get(old_section)
+        if isinstance(section, dict) and old_name in section:
+            out.setdefault(new_section, {})[new_name] = section.pop(old_name)
+    return out
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
@@ -286,7 +305,7 @@ def resolve_config(config: Config, info: DatasetInfo, explicit_in_channels: bool
 # Keys that may change when a run is resumed: where things are, how often to log, how long to run.
 RESUMABLE_CHANGES = frozenset(
     {
-        "data.root", "data.workers", "data.prefetch", "train.out_dir", "train.steps", "train.precision",
+        "data.root", "data.loader_workers", "data.prefetch", "train.out_dir", "train.steps", "train.precision",
         "train.channels_last", "train.compile", "train.log_every", "train.checkpoint_every",
         "train.keep_checkpoints", "train.validate_every", "train.val_batches", "train.progress",
         "train.record_ids",

@@ -109,7 +109,7 @@ class Trainer:
         cuda = d.device.type == "cuda"
         self.bf16 = tc.precision == "bf16" or (tc.precision == "auto" and cuda)
         self.channels_last = tc.channels_last and cuda
-        self.roles = max(config.data.workers, 1)  # data consumers per rank
+        self.roles = max(config.data.loader_workers, 1)  # data consumers per rank
 
         checkpoint_path, state, note = load_resume_checkpoint(self.run_dir, resume) if resume else (None, None, None)
         if note is not None and d.main:
@@ -198,7 +198,7 @@ class Trainer:
     def batches(self, split: str, train: bool) -> Iterator[dict[str, Any]]:
         dc = self.config.data
         loader = make_loader(
-            self._stream(split, train), dc.batch_size, dc.workers, dc.prefetch, self.device.type == "cuda"
+            self._stream(split, train), dc.batch_size, dc.loader_workers, dc.prefetch, self.device.type == "cuda"
         )
         with self.stop.blocked():  # the workers start here
             return iter(loader)
