@@ -7,7 +7,7 @@ atomically. A batch that fails is rendered again sample by sample, so one bad sa
 the others of its shard.
 Each sample holds (`render_fields`; docs/format.md says how each container stores them):
 
-    dpm     the (H, W, L, 7) dual point map, stored sparse: hit counts and `--precision` values of the hits
+    dpm     the (H, W, L, 7) dual point map, stored sparse: hit counts and `--store-dtype` values of the hits
     mask    0/1 at the source's resolution: the source mask decoded by `dualpm.masks` (any encoding; an
             empty one fails the sample), or without one the rendered layer-1 coverage
     rgb     the source image (WebDataset: the file byte for byte; Zarr: (h, w, 3) uint8), when it has one
@@ -46,7 +46,7 @@ import torch
 
 from dualpm import __version__
 from dualpm.camera import FAR, NEAR, projection_from_focal, view_from_camera_pose
-from dualpm.cliutils import FloatOrAuto, handles_user_errors
+from dualpm.cliutils import FloatOrAuto, handles_user_errors, renamed_option
 from dualpm.data.source import Layout, SourceDataset, SourceSample
 from dualpm.errors import BackendUnavailable, DatasetError, DualPMError, GltfError
 from dualpm.gltf import SkinnedMesh, load_skinned_mesh
@@ -512,8 +512,12 @@ def task_resources(backend: str, cluster: ClusterInfo) -> tuple[dict[str, float]
 @click.option("--format", "fmt", type=click.Choice(list(FORMATS)), default="zarr", show_default=True,
               help="Shard container: zarr (typed arrays; one image size per column) or webdataset (tar "
                    "shards; any image size). docs/format.md.")
-@click.option("--precision", type=click.Choice(list(PRECISIONS)), default="float16", show_default=True,
-              help="Stored dual point map values (float16: relative error <= 4.9e-4; docs/format.md).")
+@click.option("--store-dtype", "precision", type=click.Choice(list(PRECISIONS)), default="float16",
+              show_default=True,
+              help="dtype the dual point map values are stored in (float16: relative error <= 4.9e-4; "
+                   "docs/format.md).")
+@renamed_option("--precision", new="--store-dtype", meaning="the stored dtype; --precision is the arithmetic "
+                "precision of dualpm-infer and train.precision")
 @click.option("--batch", type=click.IntRange(1, 4096), default=32, show_default=True,
               help="Images per render call.")
 @click.option("--near", type=FloatOrAuto(), default=NEAR, show_default=True,
@@ -522,7 +526,7 @@ def task_resources(backend: str, cluster: ClusterInfo) -> tuple[dict[str, float]
               help="Far clip plane, scene units; auto: twice the farthest posed mesh depth, per sample "
                    "(for data not in metres, e.g. a rig in cm).")
 @click.option("--workers", type=click.IntRange(min=1), default=None, show_default="all CPUs",
-              help="CPUs of the local Ray (ignored with --address).")
+              help="Processes rendering at once: the CPUs a local Ray starts with (with --address, the cluster's).")
 @click.option("--overwrite", is_flag=True,
               help="Redo every shard, also complete ones, and accept a new config.")
 @shard_stage_options

@@ -37,3 +37,19 @@ def test_describe_machine_names_the_cpu_and_the_cores():
     models = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
     if models:  # Linux on x86 and most ARM servers
         assert text.startswith(models[0] + ", ")
+
+
+def test_renamed_spellings_are_one_line_naming_the_new_one(tmp_path):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main as prep_main
+
+    cases = [
+        (["synth", str(tmp_path / "a"), "--no-yaw"], "--yaw/--no-yaw is now --random-yaw/--no-random-yaw"),
+        (["synth", str(tmp_path / "a"), "--yaw"], "--yaw/--no-yaw is now --random-yaw/--no-random-yaw"),
+        (["render", str(tmp_path), str(tmp_path / "b"), "--precision", "float32"], "--precision is now --store-dtype"),
+    ]
+    for args, words in cases:
+        result = CliRunner().invoke(prep_main, args)
+        assert result.exit_code == 2 and words in result.output, result.output
+        assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # refused before anything ran

@@ -96,7 +96,7 @@ def test_round_trip_equals_direct_rendering_within_the_precision(tmp_path, ray_l
     ds = make_source_dataset(tmp_path / "src", num_samples=6, models=2, val=2, image_size=24)
     out = tmp_path / "out"
     code, output = render_cli(str(ds.root), str(out), "--resolution", str(RES), "--layers", str(LAYERS),
-                              "--shard-size", "3", "--format", fmt, "--batch", "2", "--precision", precision)
+                              "--shard-size", "3", "--format", fmt, "--batch", "2", "--store-dtype", precision)
     assert code == 0, output
     assert "render: 6 samples written, 0 failed" in output
     samples = stored_samples(out)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from dualpm.cliutils import FloatOrAuto, handles_user_errors, show_and_save_config
+from dualpm.cliutils import FloatOrAuto, handles_user_errors, renamed_option, show_and_save_config
 from dualpm.data.source import Layout
 from dualpm.fileio import refuse_nested
 from dualpm.render import BACKENDS
@@ -63,7 +63,10 @@ PREVIEW_DEFAULT = "OUT/preview.png"
               help="Folder of equirectangular images: light the animal and are seen behind it.")
 @click.option("--backgrounds", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
               help="Folder of photos put behind the animal (random crop, scale, flip).")
-@click.option("--yaw/--no-yaw", default=True, show_default=True, help="Random whole-body yaw about +Y.")
+@click.option("--random-yaw/--no-random-yaw", "yaw", default=True, show_default=True,
+              help="Turn each sample's whole body by a random angle about +Y.")
+@renamed_option("--yaw", "--no-yaw", new="--random-yaw/--no-random-yaw", takes_value=False,
+                meaning="a random turn on or off; --yaw DEG is an angle in dualpm-eval")
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
               help="Renderer: cuda (nvdiffrast) where Ray has GPUs, else cpu (Embree).")
 @click.option("--address", type=str, default=None, show_default="start a local Ray",
