@@ -173,7 +173,8 @@ def _texture_ref(info, where: str, path: Path) -> TextureRef:
         except (TypeError, ValueError, AttributeError) as err:
             raise GltfError(f"{path}: {where} has a malformed {TRANSFORM_EXTENSION} ({err})") from err
         c, s = np.cos(rot), np.sin(rot)
-        # KHR_texture_transform: uv' = T(offset) @ R(rotation) @ S(scale) @ [u, v, 1]
+        # KHR_texture_transform: uv' = T(offset) @ R(rotation) @ S(scale) @ [u, v, 1], with
+        # u' = u cos r + v sin r, v' = v cos r - u sin r (its sample model's direction, as CesiumGltf)
         transform = (np.array([[1, 0, ox], [0, 1, oy], [0, 0, 1]]) @ np.array([[c, s, 0], [-s, c, 0], [0, 0, 1]])
                      @ np.diag([sx, sy, 1.0]))
     if texcoord < 0:
