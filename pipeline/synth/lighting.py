@@ -23,6 +23,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from dualpm.errors import ConfigError
@@ -183,10 +184,20 @@ def background_image(light: SceneLight, rays_world: np.ndarray, size: int, proce
     """(H, W, 3) float32 linear background: the environment, a photo crop, or `procedural()`.
 
     Args:
-        rays_world: (H * W, 3) unit world directions of the pixel rays (needed with an environment only).
+        rays_world: (H, W, 3) unit world directions of the pixel rays (needed with an environment only).
     """
     if light.environment is not None:
-        return light.environment.lookup(rays_world).reshape(size, size, 3)
+        # The panorama is magnified several times at any field of view we frame with: looked up at
+        # the centres of 2 x 2 pixel blocks (their mean direction), then upsampled bilinearly.
+        h, w = rays_world.shape[:2]
+        if h % 2 or w % 2:
+            return light.environment.lookup(rays_world.reshape(-1, 3)).reshape(h, w, 3)
+        blocks = rays_world.reshape(h // 2, 2, w // 2, 2, 3).mean(axis=(1, 3))
+        blocks /= np.linalg.norm(blocks, axis=-1, keepdims=True)
+        low = light.environment.lookup(blocks.reshape(-1, 3)).reshape(h // 2, w // 2, 3)
+        up = torch.nn.functional.interpolate(torch.from_numpy(low).permute(2, 0, 1)[None], size=(h, w),
+                                             mode="bilinear", align_corners=False)
+        return up[0].permute(1, 2, 0).numpy()
     if light.photo is not None:
         image = _linear_image(light.photo, 1024)
         h, w = image.shape[:2]
