@@ -1,15 +1,16 @@
 """Synth speed with a rig's own texture and shadows, against the procedural coat in the same run.
 
-    PYTHONPATH=. .venv/bin/python bench/synth_appearance.py --samples 40 --picture docs/images/appearance.png
+    PYTHONPATH=. .venv/bin/python bench/synth_appearance.py --samples 16 --picture docs/appearance.png
 
 A procedural quadruped (`--faces` triangles) is saved as a user rig with TEXCOORD_0 (a spherical
-projection of its rest shape), a 512 x 512 texture (patches, stripes, a white belly: made here), and
-a clip. One core, in process (no Ray), `make_sample` per sample (pose, skin, frame, render, shade,
-write five files) at `--image-size`, the four looks in turn sample by sample: samples per second of this process's CPU time (wall-clock
-rates are printed too; on a shared machine they mostly measure the other processes) for --appearance procedural, asset (2-3 lights, the key
-light's shadows by Embree occlusion rays, mip-mapped texture) and asset + HDRI + photo backgrounds (a small procedural
+projection of its rest shape), a 512 x 512 texture (stripes, a white belly: made here), and a clip.
+One core, in process (no Ray), `make_sample` per sample (pose, skin, frame, render, shade, write five
+files) at `--image-size`, the four looks in turn sample by sample: samples per second of this
+process's CPU time (wall-clock rates are printed too; on a shared machine they mostly measure the
+other processes) for --appearance procedural, asset (2-3 lights, the key light's shadows by Embree
+occlusion rays, mip-mapped texture), asset + HDRI and asset + photo backgrounds (a small procedural
 sky panorama and a procedural "photo", made here), and the ratio of each to the procedural path.
-`--picture`: the same rig, pose and camera in the three looks side by side (the README picture).
+`--picture`: the same rig, pose and camera in the four looks side by side (the README picture).
 """
 
 from __future__ import annotations
