@@ -1,15 +1,16 @@
 """Synth speed with a rig's own texture and shadows, against the procedural coat in the same run.
 
-    PYTHONPATH=. .venv/bin/python bench/synth_appearance.py --samples 40 --picture docs/images/appearance.png
+    PYTHONPATH=. .venv/bin/python bench/synth_appearance.py --samples 16 --picture docs/appearance.png
 
 A procedural quadruped (`--faces` triangles) is saved as a user rig with TEXCOORD_0 (a spherical
-projection of its rest shape), a 512 x 512 texture (patches, stripes, a white belly: made here), and
-a clip. One core, in process (no Ray), `make_sample` per sample (pose, skin, frame, render, shade,
-write five files) at `--image-size`: samples per second of this process's CPU time (wall-clock
-rates are printed too; on a shared machine they mostly measure the other processes) for --appearance procedural, asset (2-3 lights, the key
-light's shadows by Embree occlusion rays, mip-mapped texture) and asset + HDRI + photo backgrounds (a small procedural
+projection of its rest shape), a 512 x 512 texture (stripes, a white belly: made here), and a clip.
+One core, in process (no Ray), `make_sample` per sample (pose, skin, frame, render, shade, write five
+files) at `--image-size`, the four looks in turn sample by sample: samples per second of this
+process's CPU time (wall-clock rates are printed too; on a shared machine they mostly measure the
+other processes) for --appearance procedural, asset (2-3 lights, the key light's shadows by Embree
+occlusion rays, mip-mapped texture), asset + HDRI and asset + photo backgrounds (a small procedural
 sky panorama and a procedural "photo", made here), and the ratio of each to the procedural path.
-`--picture`: the same rig, pose and camera in the three looks side by side (the README picture).
+`--picture`: the same rig, pose and camera in the four looks side by side (the README picture).
 """
 
 from __future__ import annotations
@@ -77,20 +78,28 @@ def _rig(folder: Path, faces: int) -> Path:
     return texture_rig(folder / "fox.gltf", mesh, uv, _texture(), neck)
 
 
-def _time(root: Path, config: SynthConfig, count: int) -> tuple[float, float, list[np.ndarray]]:
+def _prepare(root: Path, config: SynthConfig):
     plan = make_plan(config)
     prepare_output(root, config, plan, False)
     build_model(root, config, plan.models[0], False)
-    state = _model_state(root, config, plan.models[0])
-    specs = list(plan.samples[: count + 1])
-    make_sample(root, config, plan.models[0], state, specs[0], "cpu")  # warm-up
-    start, cpu = time.perf_counter(), time.process_time()
-    for spec in specs[1:]:
-        make_sample(root, config, plan.models[0], state, spec, "cpu")
-    rate = (len(specs) - 1) / (time.perf_counter() - start)
-    cpu_rate = (len(specs) - 1) / (time.process_time() - cpu)  # per second of this process's CPU time
-    images = [np.asarray(Image.open(root / "renders" / f"{s.id}_rgb.png")) for s in specs[:3]]
-    return rate, cpu_rate, images
+    return root, config, plan, _model_state(root, config, plan.models[0])
+
+
+def _time(runs: dict, count: int) -> dict[str, tuple[float, float, list[np.ndarray]]]:
+    """Samples/s (wall, CPU) of every run, timed sample by sample in turn so load changes hit all alike."""
+    wall, cpu = dict.fromkeys(runs, 0.0), dict.fromkeys(runs, 0.0)
+    for k in range(count + 1):  # sample 0: warm-up, not timed
+        for name, (root, config, plan, state) in runs.items():
+            start, start_cpu = time.perf_counter(), time.process_time()
+            make_sample(root, config, plan.models[0], state, plan.samples[k], "cpu")
+            if k:
+                wall[name] += time.perf_counter() - start
+                cpu[name] += time.process_time() - start_cpu
+    out = {}
+    for name, (root, _, plan, _) in runs.items():
+        images = [np.asarray(Image.open(root / "renders" / f"{s.id}_rgb.png")) for s in plan.samples[:3]]
+        out[name] = (count / wall[name], count / cpu[name], images)
+    return out
 
 
 @click.command()
@@ -112,14 +121,14 @@ def main(samples: int, image_size: int, faces: int, picture: str, append_to: str
             (tmp / name / f"{name}.png").write_bytes(png_bytes(image))
         common = dict(num_samples=samples + 1, num_models=1, image_size=image_size, backend="cpu",
                       meshes=(rig,), poses="random", seed=4)
-        runs = {
+        configs = {
             "procedural": SynthConfig(appearance="procedural", **common),
             "asset": SynthConfig(appearance="asset", **common),
             "asset + HDRI": SynthConfig(appearance="asset", hdri=tmp / "hdri", **common),
             "asset + photos": SynthConfig(appearance="asset", backgrounds=tmp / "photos", **common),
         }
-        results = {name: _time(tmp / name.replace(" ", "").replace("+", "_"), config, samples)
-                   for name, config in runs.items()}
+        runs = {name: _prepare(tmp / f"run{i}", config) for i, (name, config) in enumerate(configs.items())}
+        results = _time(runs, samples)
     base = results["procedural"][1]
     for name, (rate, cpu_rate, _) in results.items():
         click.echo(f"{name:>15}: {cpu_rate:5.1f} samples per CPU second ({cpu_rate / base:.2f} x procedural, "

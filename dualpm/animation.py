@@ -103,7 +103,8 @@ def load_clips(path: str | os.PathLike, num_nodes: int | None = None) -> tuple[A
             if target.node is None:
                 continue  # glTF allows channels without a node (for extensions): nothing to animate
             if not 0 <= target.node < nodes:
-                raise GltfError(f"{path}: {where} channel {c} targets node {target.node}, but there are {nodes}")
+                raise GltfError(f"{path}: {where} channel {c} targets node {target.node}, "
+                                f"but there are {nodes}")
             samplers = anim.samplers or []
             if channel.sampler is None or not 0 <= channel.sampler < len(samplers):
                 raise GltfError(f"{path}: {where} channel {c} refers to missing sampler {channel.sampler}")
@@ -158,7 +159,8 @@ def clip_by_name(clips: tuple[AnimationClip, ...], name: str) -> AnimationClip:
     for clip in clips:
         if clip.name == name:
             return clip
-    raise GltfError(f"no animation clip named {name!r}; the rig has {', '.join(c.name for c in clips) or 'none'}")
+    names = ", ".join(c.name for c in clips) or "none"
+    raise GltfError(f"no animation clip named {name!r}; the rig has {names}")
 
 
 def scale_clip(clip: AnimationClip, factor: float) -> AnimationClip:

@@ -24,7 +24,16 @@ import numpy as np
 
 from dualpm.errors import DualPMError, GltfError
 from dualpm.gltf import mesh_primitives
-from dualpm.gltf_io import FLOAT, UBYTE, USHORT, buffer_bytes, buffer_view_bytes, read_accessor, read_document, uri_bytes
+from dualpm.gltf_io import (
+    FLOAT,
+    UBYTE,
+    USHORT,
+    buffer_bytes,
+    buffer_view_bytes,
+    read_accessor,
+    read_document,
+    uri_bytes,
+)
 from dualpm.images import image_array, open_image
 from dualpm.texture import MIN_FILTERS, NEAREST, WRAP_MODES, LINEAR, Texture, sample, srgb_to_linear
 
@@ -97,8 +106,8 @@ def load_surface(path: str | os.PathLike) -> Surface:
         for s in range(sets):
             index = getattr(prim.attributes, f"TEXCOORD_{s}", None)
             if index is not None:
-                uv[:, s] = _per_vertex(doc, buffers, index, f"{where} TEXCOORD_{s}", {"VEC2": {FLOAT, UBYTE, USHORT}},
-                                       count, path)
+                kinds = {"VEC2": {FLOAT, UBYTE, USHORT}}
+                uv[:, s] = _per_vertex(doc, buffers, index, f"{where} TEXCOORD_{s}", kinds, count, path)
         colour = np.ones((count, 4), dtype=np.float32)
         if prim.attributes.COLOR_0 is not None:
             kinds = {FLOAT, UBYTE, USHORT}
@@ -173,9 +182,10 @@ def _texture_ref(info, where: str, path: Path) -> TextureRef:
         except (TypeError, ValueError, AttributeError) as err:
             raise GltfError(f"{path}: {where} has a malformed {TRANSFORM_EXTENSION} ({err})") from err
         c, s = np.cos(rot), np.sin(rot)
-        # KHR_texture_transform: uv' = T(offset) @ R(rotation) @ S(scale) @ [u, v, 1]
-        transform = (np.array([[1, 0, ox], [0, 1, oy], [0, 0, 1]]) @ np.array([[c, s, 0], [-s, c, 0], [0, 0, 1]])
-                     @ np.diag([sx, sy, 1.0]))
+        # KHR_texture_transform: uv' = T(offset) @ R(rotation) @ S(scale) @ [u, v, 1], with
+        # u' = u cos r + v sin r, v' = v cos r - u sin r (its sample model's direction, as CesiumGltf)
+        rotation = np.array([[c, s, 0], [-s, c, 0], [0, 0, 1]])
+        transform = np.array([[1, 0, ox], [0, 1, oy], [0, 0, 1]]) @ rotation @ np.diag([sx, sy, 1.0])
     if texcoord < 0:
         raise GltfError(f"{path}: {where} uses texCoord {texcoord}")
     return TextureRef(int(info.index), int(texcoord), transform)

@@ -28,7 +28,8 @@ import numpy as np
 from PIL import Image
 
 NEAREST, LINEAR = 9728, 9729
-NEAREST_MIPMAP_NEAREST, LINEAR_MIPMAP_NEAREST, NEAREST_MIPMAP_LINEAR, LINEAR_MIPMAP_LINEAR = 9984, 9985, 9986, 9987
+NEAREST_MIPMAP_NEAREST, LINEAR_MIPMAP_NEAREST = 9984, 9985
+NEAREST_MIPMAP_LINEAR, LINEAR_MIPMAP_LINEAR = 9986, 9987
 CLAMP_TO_EDGE, MIRRORED_REPEAT, REPEAT = 33071, 33648, 10497
 WRAP_MODES = (CLAMP_TO_EDGE, MIRRORED_REPEAT, REPEAT)
 MIN_FILTERS = (NEAREST, LINEAR, NEAREST_MIPMAP_NEAREST, LINEAR_MIPMAP_NEAREST, NEAREST_MIPMAP_LINEAR,
@@ -52,8 +53,8 @@ class Texture:
     min_filter: int = LINEAR_MIPMAP_LINEAR
 
     @classmethod
-    def from_rgba(cls, rgba: np.ndarray, wrap: tuple[int, int] = (REPEAT, REPEAT), mag_filter: int | None = None,
-                  min_filter: int | None = None) -> Texture:
+    def from_rgba(cls, rgba: np.ndarray, wrap: tuple[int, int] = (REPEAT, REPEAT),
+                  mag_filter: int | None = None, min_filter: int | None = None) -> Texture:
         """Build the pyramid (2x2 box averages in linear space, Pillow's BOX resize for odd sizes).
 
         Args:
@@ -63,7 +64,8 @@ class Texture:
         while max(levels[-1].shape[:2]) > 1:
             h, w = levels[-1].shape[:2]
             size = (max(w // 2, 1), max(h // 2, 1))
-            channels = [np.asarray(Image.fromarray(levels[-1][..., c]).resize(size, Image.BOX)) for c in range(4)]
+            channels = [np.asarray(Image.fromarray(levels[-1][..., c]).resize(size, Image.BOX))
+                        for c in range(4)]
             levels.append(np.stack(channels, axis=-1).astype(np.float32))
         return cls(levels=tuple(levels), wrap_s=wrap[0], wrap_t=wrap[1],
                    mag_filter=LINEAR if mag_filter is None else mag_filter,

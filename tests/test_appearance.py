@@ -67,6 +67,11 @@ def test_texture_transform_and_wrap(tmp_path):
     ref = surface.materials[0].base_color_texture
     tex = surface.textures[0]
     assert (tex.wrap_s, tex.wrap_t, tex.mag_filter) == (MIRRORED_REPEAT, REPEAT, NEAREST)
+    rot = load_surface(quad_rig(tmp_path / "r.gltf", image, embed="data", transform={"rotation": np.pi / 2,
+                                                                                      "offset": [0, 1]}))
+    turned = rot.materials[0].base_color_texture
+    # u' = u cos r + v sin r, v' = v cos r - u sin r, then the offset: (0.3, 0.8) -> (0.8, -0.3 + 1)
+    np.testing.assert_allclose(transformed_uv(turned, np.array([[[0.3, 0.8]]]))[0], [0.8, 0.7], atol=1e-12)
     uv = transformed_uv(ref, np.array([[[0.3, 0.8]]]))[0]
     np.testing.assert_allclose(uv, [0.25 + 0.6, 1.6])
     # hand-computed lookups: u' = 1.2 mirrors to 0.8 (column 6), v' = 1.6 repeats to 0.6 (row 4)

@@ -138,7 +138,7 @@ def shade_look(layers: Tensor, look: AssetLook | None, coat: Callable[[Tensor], 
     rays_world = None
     if light.environment is not None:  # the camera sees the environment behind the animal
         _, directions, _ = pixel_rays(projection, h, w)
-        rays_world = directions.reshape(-1, 3).numpy() @ rot  # camera -> world directions
+        rays_world = directions.numpy() @ rot  # (H, W, 3) camera -> world directions
     image = background_image(light, rays_world, h, lambda: procedural_background().numpy())
     image[r0:r1, c0:c1][visible] = radiance
     display = np.clip(image, 0, 1) ** (1 / 2.2)

@@ -59,6 +59,8 @@ PREVIEW_DEFAULT = "OUT/preview.png"
 @click.option("--poses", "pose_source", type=click.Choice(POSE_SOURCES), default="auto", show_default=True,
               help="random: joint perturbations; clips: a random time of a random animation clip of the rig; "
                    "mixed: half each; auto: mixed for rigs with clips, else random.")
+@click.option("--clip-jitter", type=click.FloatRange(0.0, 180.0), default=0.0, show_default=True,
+              help="Degrees: each joint of a clip pose turns by up to this much about a random axis.")
 @click.option("--hdri", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
               help="Folder of equirectangular images: light the animal and are seen behind it.")
 @click.option("--backgrounds", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
@@ -86,7 +88,8 @@ PREVIEW_DEFAULT = "OUT/preview.png"
 @handles_user_errors
 def synth(ctx: click.Context, out: Path, num_samples: int, num_models: int, seed: int, image_size: int,
           faces: int, val_fraction: float, heldout_models: int, meshes: tuple[Path, ...],
-          mesh_scale: float | str, sequence: int, appearance: str, pose_source: str, hdri: Path | None,
+          mesh_scale: float | str, sequence: int, appearance: str, pose_source: str, clip_jitter: float,
+          hdri: Path | None,
           backgrounds: Path | None, yaw: bool, backend: str, address: str | None, connect_timeout: float,
           workers: int | None, chunk_size: int, overwrite: bool, preview: Path | None, dry_run: bool) -> None:
     """Generate a synthetic dataset of rigged quadrupeds in OUT, in the published DualPM layout.
@@ -107,7 +110,7 @@ def synth(ctx: click.Context, out: Path, num_samples: int, num_models: int, seed
         num_samples=num_samples, num_models=num_models, seed=seed, image_size=image_size, faces=faces,
         val_fraction=val_fraction, heldout_models=heldout_models, meshes=tuple(meshes), mesh_scale=mesh_scale,
         yaw=yaw, backend=backend, chunk_size=chunk_size, sequence=sequence, appearance=appearance, poses=pose_source,
-        hdri=hdri, backgrounds=backgrounds,
+        hdri=hdri, clip_jitter=clip_jitter, backgrounds=backgrounds,
     )
     shown = config.record() | {"backend": backend, "chunk_size": chunk_size, "workers": workers or "all",
                                "address": address or "local", "out": str(out)}

@@ -97,6 +97,7 @@ class SynthConfig:
     poses: str = "auto"  # POSE_SOURCES: auto = mixed when the rig has animation clips, else random
     hdri: Path | None = None  # folder of equirectangular images: light and background
     backgrounds: Path | None = None  # folder of photos behind the animal
+    clip_jitter: float = 0.0  # degrees: random extra rotation of every joint of a clip pose (at most)
 
     def __post_init__(self):
         checks = [
@@ -114,6 +115,7 @@ class SynthConfig:
              "mesh_scale must be 'auto' or a positive number"),
             (self.appearance in APPEARANCES, f"appearance must be one of {', '.join(APPEARANCES)}"),
             (self.poses in POSE_SOURCES, f"poses must be one of {', '.join(POSE_SOURCES)}"),
+            (0.0 <= self.clip_jitter <= 180.0, "clip_jitter must be in [0, 180] degrees"),
         ]
         for ok, message in checks:
             if not ok:
@@ -132,11 +134,12 @@ class SynthConfig:
 
     def _look_record(self) -> dict:
         # Only where the look can differ from the procedural coat, so procedural datasets keep their record.
-        if not (self.meshes or self.hdri or self.backgrounds or self.appearance != "auto" or self.poses != "auto"):
+        if not (self.meshes or self.hdri or self.backgrounds or self.appearance != "auto" or self.poses != "auto"
+                or self.clip_jitter):
             return {}
         folders = {key: None if folder is None else [p.name for p in list_images(folder, f"--{key}")]
                    for key, folder in (("hdri", self.hdri), ("backgrounds", self.backgrounds))}
-        return {"appearance": self.appearance, "poses": self.poses} | folders
+        return {"appearance": self.appearance, "poses": self.poses, "clip_jitter": self.clip_jitter} | folders
 
     @property
     def scene_lights(self) -> bool:
@@ -381,7 +384,8 @@ def make_sample(root: Path, config: SynthConfig, model: ModelSpec, state: _Model
     clip = None
     if sequence is None:
         pose = state.sampler.sample(rng(config.seed, POSE, spec.number))
-        clip = choose_pose(config.poses, state.clips, state.mesh, rng(config.seed, CLIP, spec.number))
+        clip = choose_pose(config.poses, state.clips, state.mesh, rng(config.seed, CLIP, spec.number),
+                           config.clip_jitter)
         if clip is not None:
             pose = clip[0]
         posed = skin(state.mesh, pose)[0]  # (V, 3) world; one sample per call, as a reader skins it

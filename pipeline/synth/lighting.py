@@ -23,6 +23,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from dualpm.errors import ConfigError
@@ -57,9 +58,10 @@ def _linear_image(path: Path, max_width: int) -> np.ndarray:
 class Environment:
     """An equirectangular environment turned by `yaw` about +Y: u = longitude, v = polar angle."""
 
-    image: np.ndarray  # (h, w, 3) float32 linear RGB, scaled by the sample's exposure
+    image: np.ndarray  # (h, w, 3) float32 linear RGB as decoded (shared by the samples of a worker)
     yaw: float
-    sh: np.ndarray  # (9, 3) SH coefficients of the radiance (world frame after the yaw)
+    sh: np.ndarray  # (9, 3) SH coefficients of the image's radiance, in the image's frame (before the yaw)
+    exposure: float = 1.0  # the sample's factor on the image's radiance
 
     def lookup(self, directions: np.ndarray) -> np.ndarray:
         """(n, 3) float32 radiance seen along world `directions` (n, 3) unit vectors (bilinear)."""
@@ -74,11 +76,12 @@ class Environment:
         img = self.image
         top = img[r0, c0] * (1 - fu) + img[r0, c1] * fu
         bottom = img[r1, c0] * (1 - fu) + img[r1, c1] * fu
-        return (top * (1 - fv) + bottom * fv).astype(np.float32)
+        return ((top * (1 - fv) + bottom * fv) * self.exposure).astype(np.float32)
 
     def irradiance(self, normals: np.ndarray) -> np.ndarray:
         """(n, 3) float32 irradiance / pi (diffuse radiance of a white surface) for world unit normals."""
-        return (_sh_basis(normals) * _COSINE_LOBE) @ self.sh / np.pi
+        local = _turn(normals, -self.yaw)  # E(n) of the turned image = E(R^-1 n) of the image
+        return (_sh_basis(local) * _COSINE_LOBE) @ self.sh * (self.exposure / np.pi)
 
 
 def _turn(d: np.ndarray, angle: float) -> np.ndarray:
@@ -98,9 +101,10 @@ def _sh_basis(d: np.ndarray) -> np.ndarray:
 _COSINE_LOBE = np.array([np.pi] + [2 * np.pi / 3] * 3 + [np.pi / 4] * 5)
 
 
-def make_environment(path: Path, rng: np.random.Generator, exposure: float) -> Environment:
-    image = _linear_image(path, 512) * np.float32(exposure)
-    yaw = float(rng.uniform(0, 2 * np.pi))
+@lru_cache(maxsize=16)
+def _environment_base(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Image, SH coefficients (9, 3), brightest direction (3,) and its luminance, in the image's frame."""
+    image = _linear_image(path, 512)
     h, w = image.shape[:2]
     step = max(1, w // 64)
     low = image[::step, ::step]
@@ -109,10 +113,19 @@ def make_environment(path: Path, rng: np.random.Generator, exposure: float) -> E
     phi = ((np.arange(lw) + 0.5) / lw - 0.5) * 2 * np.pi
     t, p = np.meshgrid(theta, phi, indexing="ij")
     d = np.stack([np.sin(t) * np.sin(p), np.cos(t), -np.sin(t) * np.cos(p)], axis=-1).reshape(-1, 3)
-    d = _turn(d, yaw)
     solid = (np.sin(t) * (np.pi / lh) * (2 * np.pi / lw)).reshape(-1, 1)
-    sh = _sh_basis(d).T @ (low.reshape(-1, 3) * solid)  # (9, 3)
-    return Environment(image=image, yaw=yaw, sh=sh.astype(np.float64))
+    sh = _sh_basis(d).T @ (low.reshape(-1, 3) * solid)  # (9, 3): projection onto the basis
+    lum = image.mean(-1)
+    r, c = np.unravel_index(int(np.argmax(lum)), lum.shape)
+    theta_b, phi_b = (r + 0.5) / h * np.pi, ((c + 0.5) / w - 0.5) * 2 * np.pi
+    bright = np.array([np.sin(theta_b) * np.sin(phi_b), np.cos(theta_b), -np.sin(theta_b) * np.cos(phi_b)])
+    return image, sh, bright, float(lum.max())
+
+
+def make_environment(path: Path, rng: np.random.Generator, exposure: float) -> Environment:
+    """The image of `path` turned by a random yaw, at `exposure`."""
+    image, sh, _, _ = _environment_base(path)
+    return Environment(image=image, yaw=float(rng.uniform(0, 2 * np.pi)), sh=sh, exposure=exposure)
 
 
 @dataclass(frozen=True, eq=False)
@@ -157,14 +170,9 @@ def sample_scene_light(rng: np.random.Generator, view: np.ndarray, hdris: tuple[
         path = hdris[int(rng.integers(len(hdris)))]
         environment = make_environment(path, rng, float(rng.uniform(0.7, 1.4)))
         # key light from the environment's brightest direction (shadows), the rest from its SH
-        img = environment.image
-        lum = img.mean(-1)
-        r, c = np.unravel_index(int(np.argmax(lum)), lum.shape)
-        theta, phi = (r + 0.5) / img.shape[0] * np.pi, ((c + 0.5) / img.shape[1] - 0.5) * 2 * np.pi
-        world = _turn(np.array([[np.sin(theta) * np.sin(phi), np.cos(theta), -np.sin(theta) * np.cos(phi)]]),
-                      environment.yaw)[0]
-        dirs = [rot @ world]
-        colours = [np.full(3, 0.8 * float(lum.max()) ** 0.5)]
+        _, _, bright, peak = _environment_base(path)
+        dirs = [rot @ _turn(bright[None], environment.yaw)[0]]
+        colours = [np.full(3, 0.8 * (environment.exposure * peak) ** 0.5)]
         sky = ground = np.zeros(3)
     photo = photos[int(rng.integers(len(photos)))] if photos else None
     crop = np.array([rng.random(), rng.random(), rng.uniform(0.5, 1.0), float(rng.random() < 0.5)])
@@ -176,10 +184,20 @@ def background_image(light: SceneLight, rays_world: np.ndarray, size: int, proce
     """(H, W, 3) float32 linear background: the environment, a photo crop, or `procedural()`.
 
     Args:
-        rays_world: (H * W, 3) unit world directions of the pixel rays (needed with an environment only).
+        rays_world: (H, W, 3) unit world directions of the pixel rays (needed with an environment only).
     """
     if light.environment is not None:
-        return light.environment.lookup(rays_world).reshape(size, size, 3)
+        # The panorama is magnified several times at any field of view we frame with: looked up at
+        # the centres of 2 x 2 pixel blocks (their mean direction), then upsampled bilinearly.
+        h, w = rays_world.shape[:2]
+        if h % 2 or w % 2:
+            return light.environment.lookup(rays_world.reshape(-1, 3)).reshape(h, w, 3)
+        blocks = rays_world.reshape(h // 2, 2, w // 2, 2, 3).mean(axis=(1, 3))
+        blocks /= np.linalg.norm(blocks, axis=-1, keepdims=True)
+        low = light.environment.lookup(blocks.reshape(-1, 3)).reshape(h // 2, w // 2, 3)
+        up = torch.nn.functional.interpolate(torch.from_numpy(low).permute(2, 0, 1)[None], size=(h, w),
+                                             mode="bilinear", align_corners=False)
+        return up[0].permute(1, 2, 0).numpy()
     if light.photo is not None:
         image = _linear_image(light.photo, 1024)
         h, w = image.shape[:2]

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from scipy.spatial.transform import Rotation
 
 from dualpm.animation import AnimationClip, sample_clip
 from dualpm.errors import GltfError
@@ -66,11 +67,13 @@ class ClipChoice:
 
 
 def choose_pose(poses: str, clips: tuple[AnimationClip, ...], mesh: SkinnedMesh,
-                rng: np.random.Generator) -> tuple[np.ndarray, ClipChoice] | None:
+                rng: np.random.Generator, jitter_deg: float = 0.0) -> tuple[np.ndarray, ClipChoice] | None:
     """A clip pose for one sample, or None when this sample takes a random pose.
 
     `poses`: random -> None; clips -> always a clip; mixed / auto -> a clip half the time (auto and
-    mixed without clips: None). Draws: one uniform (mixed), the clip, the time.
+    mixed without clips: None). Draws: one uniform (mixed), the clip, the time, then (jitter_deg > 0)
+    per skin joint a rotation about a uniformly random axis by an angle uniform in [0, jitter_deg]
+    degrees, applied after the clip's local rotation.
     """
     if poses == "random" or not clips:
         return None
@@ -78,4 +81,15 @@ def choose_pose(poses: str, clips: tuple[AnimationClip, ...], mesh: SkinnedMesh,
         return None
     clip = clips[int(rng.integers(len(clips)))]
     time = float(rng.uniform(clip.start, clip.end)) if clip.end > clip.start else clip.start
-    return sample_clip(clip, mesh, time), ClipChoice(clip.name, time)
+    pose = sample_clip(clip, mesh, time)
+    if jitter_deg > 0:
+        joints = mesh.joint_nodes
+        axis = rng.normal(size=(len(joints), 3))
+        axis /= np.maximum(np.linalg.norm(axis, axis=1, keepdims=True), 1e-12)
+        angle = np.radians(jitter_deg) * rng.random(len(joints))
+        delta = Rotation.from_rotvec(axis * angle[:, None])
+        turned = Rotation.from_quat(np.roll(pose[joints, :4], -1, axis=1)) * delta  # SciPy: [x, y, z, w]
+        quat = np.roll(turned.as_quat(), 1, axis=1)
+        quat[quat[:, 0] < 0] *= -1
+        pose[joints, :4] = quat
+    return pose, ClipChoice(clip.name, time)
