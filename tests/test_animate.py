@@ -433,8 +433,8 @@ def test_an_earlier_run_is_not_overwritten_silently(oracle_sequence, path):
     code, output = animate("--pred", tmp_path / "preds", "--out", tmp_path / "anim", "--rig", tmp_path / "tube.glb",
                            "--overwrite")
     assert code == 0, output
-    assert sorted(p.name for p in (tmp_path / "anim" / "poses").iterdir()) == [
-        f"frame{i}_pose.npz" for i in (1, 10, 2, 3, 4)]
+    assert {p.name for p in (tmp_path / "anim" / "poses").iterdir()} == {
+        f"frame{i}_pose.npz" for i in (1, 2, 3, 4, 10)}
     validate_glb(tmp_path / "anim" / "animation.glb")
 
 
