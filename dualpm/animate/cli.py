@@ -30,6 +30,7 @@ from dualpm.animate.dataset import write_dataset
 from dualpm.animate.fit import FIT_METHOD, estimate_cameras, fit_frames
 from dualpm.animate.glb import export_glb
 from dualpm.animate.inputs import (
+    Template,
     dataset_focal_lengths,
     find_template,
     frame_order,
@@ -131,20 +132,8 @@ def main(pred: Path, out: Path, rig: Path | None, mesh_scale: float | str, order
     preds = open_predictions(pred)
     ids = frame_order(preds.ids, order_file)
     template = find_template(preds, ids)
-    if rig is None:
-        if template is None:
-            raise AnimateError(f"{pred}: cannot find the template the model was trained for (no dataset recorded "
-                               "or it moved); pass --rig RIG.glb")
-        rig_path, factor, model = template.path, 1.0, template.model
-    else:
-        rig_path, model = rig, template.model if template else _model_name(rig)
-        factor = mesh_scale if isinstance(mesh_scale, float) else (template.mesh_scale if template else 1.0)
+    rig_path, factor, model = _resolve_rig(pred, rig, mesh_scale, template)
     user_rig = load_skinned_mesh(rig_path)
-    if template is not None and rig is not None:
-        trained = load_skinned_mesh(template.path)
-        if trained.num_joints != user_rig.num_joints:
-            raise AnimateError(f"{rig}: has {user_rig.num_joints} joints but the predictions were made for "
-                               f"{template.path} with {trained.num_joints}; pass the rig the model was trained for")
     fit_rig = user_rig if factor == 1.0 else scaled_mesh(user_rig, factor)
     config = {
         "pred": str(pred.resolve()), "out": str(out), "frames": len(ids), "first": ids[0], "last": ids[-1],
@@ -171,15 +160,7 @@ def main(pred: Path, out: Path, rig: Path | None, mesh_scale: float | str, order
         before = smoothing.jitter(fit_rig, poses, fps)
         poses = smoothing.smooth_poses(fit_rig, poses, fps, smooth)
         report["jitter"] = {"before": before, "after": smoothing.jitter(fit_rig, poses, fps)}
-    focal, focal_source = focal_length, "--focal-length"
-    if focal == "auto":
-        focal, focal_source = dataset_focal_lengths(preds, ids), "the dataset's metadata of the frames"
-        if focal is None:
-            focal, focal_source = training_focal_length(preds), "the training dataset's median"
-        if focal is None:
-            focal, focal_source = DEFAULT_FOCAL_MM, "the default"
-    elif focal in ("shared", "per-frame"):
-        focal_source = f"estimated ({focal}) from the predicted points"
+    focal, focal_source = _focal_lengths(preds, ids, focal_length)
     camera = estimate_cameras(frames, image_aspect(preds, ids), focal)
     export_path, export_rig, scale, track = rig_path, fit_rig, factor, camera
     if target_rig is not None:
@@ -204,14 +185,46 @@ def main(pred: Path, out: Path, rig: Path | None, mesh_scale: float | str, order
     if track is not None:
         write_dataset(out, export_rig, model, ids, poses, track)
         write_preview(out / "preview.png", ids, input_images(preds, ids), export_rig, poses, track)
-    report |= {"ids": list(ids), "fps": fps, "mesh_scale": factor,
-               "camera": None if track is None else {"focal_length_mm": track.focal_mm.tolist(), "focal_source": focal_source,
-                                                     "aspect": track.aspect,
-                                                     "view_z": track.depth.tolist()}}
+    cameras = None if track is None else {"focal_length_mm": track.focal_mm.tolist(), "focal_source": focal_source,
+                                          "aspect": track.aspect, "view_z": track.depth.tolist()}
+    report |= {"ids": list(ids), "fps": fps, "mesh_scale": factor, "camera": cameras}
     atomic_write_json(out / "fit.json", report)
     fitted_share = np.mean([j["status"] == "fitted" for frame in fitted.joints for j in frame])
-    click.echo(f"animated {len(ids)} frames ({summary['animated_nodes']} nodes, {fitted_share:.0%} of joints fitted, "
-               f"focal {np.median(camera.focal_mm):.1f} mm: {focal_source}) in {time.perf_counter() - start:.1f} s -> {out / 'animation.glb'}")
+    click.echo(f"animated {len(ids)} frames ({summary['animated_nodes']} nodes, {fitted_share:.0%} of joints "
+               f"fitted, focal {np.median(camera.focal_mm):.1f} mm: {focal_source}) in "
+               f"{time.perf_counter() - start:.1f} s -> {out / 'animation.glb'}")
+
+
+def _resolve_rig(pred: Path, rig: Path | None, mesh_scale: float | str,
+                 template: Template | None) -> tuple[Path, float, str]:
+    """(the rig file to export, model units per rig unit, model name); checks it against the template."""
+    if rig is None:
+        if template is None:
+            raise AnimateError(f"{pred}: cannot find the template the model was trained for (no dataset "
+                               "recorded, or it moved); pass --rig RIG.glb")
+        return template.path, 1.0, template.model
+    if template is None:
+        return rig, mesh_scale if isinstance(mesh_scale, float) else 1.0, _model_name(rig)
+    given, trained = load_skinned_mesh(rig), load_skinned_mesh(template.path)
+    if trained.num_joints != given.num_joints:
+        raise AnimateError(f"{rig}: has {given.num_joints} joints but the predictions were made for "
+                           f"{template.path} with {trained.num_joints}; pass the rig the model was trained for")
+    return rig, mesh_scale if isinstance(mesh_scale, float) else template.mesh_scale, template.model
+
+
+def _focal_lengths(preds, ids: list[str], option: float | str) -> tuple[float | np.ndarray | str, str]:
+    """What `estimate_cameras` gets for --focal-length, and where it comes from (for fit.json)."""
+    if option in ("shared", "per-frame"):
+        return option, f"estimated ({option}) from the predicted points"
+    if option != "auto":
+        return option, "--focal-length"
+    known = dataset_focal_lengths(preds, ids)
+    if known is not None:
+        return known, "the dataset's metadata of the frames"
+    median = training_focal_length(preds)
+    if median is not None:
+        return median, "the training dataset's median"
+    return DEFAULT_FOCAL_MM, "the default"
 
 
 def _read_joint_map(path: Path) -> dict[str, str]:
