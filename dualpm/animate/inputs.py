@@ -93,7 +93,7 @@ def input_images(preds: Predictions, ids: Sequence[str]) -> dict[str, Path]:
 
 
 def image_aspect(preds: Predictions, ids: Sequence[str]) -> float:
-    """Width / height of the input images (all frames must share one size); 1 where unknown."""
+    """Width / height of the input images (all frames must share one size), else of the predicted maps."""
     sizes: dict[str, tuple[int, int]] = {}
     for sample_id, path in input_images(preds, ids).items():
         try:
@@ -108,7 +108,8 @@ def image_aspect(preds: Predictions, ids: Sequence[str]) -> float:
                            f"{size_b[0]}x{size_b[1]}; one camera cannot show both (animate one size at a "
                            "time)")
     if not sizes:
-        return 1.0
+        height, width = preds.arrays["mask"].shape[-2:]
+        return width / height
     width, height = next(iter(sizes.values()))
     return width / height
 
