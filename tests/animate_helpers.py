@@ -79,10 +79,7 @@ def fancy_rig(folder: Path) -> Path:
         node.pop(key, None)
     node["matrix"] = matrix.T.reshape(-1).tolist()  # column-major
     doc["nodes"][3]["rotation"] = Rotation.from_euler("x", 30, degrees=True).as_quat().tolist()
-    png = REPO / "docs" / "images"
-    image = next(iter(sorted(png.glob("*.png"))), None) if png.is_dir() else None
-    data = image.read_bytes() if image else _tiny_png()
-    (folder / "tex 1.png").write_bytes(data)
+    (folder / "tex 1.png").write_bytes(_tiny_png())
     doc["images"] = [{"uri": "tex%201.png", "name": "skin"}]
     doc["extras"] = {"author": "test"}
     path.write_text(json.dumps(doc))

@@ -407,9 +407,16 @@ def test_without_a_rig_or_a_recorded_dataset_the_command_asks_for_one(oracle_seq
     assert code == 1 and "pass --rig RIG.glb" in one_line_error(output)
 
 
-def test_smoothing_and_retargeting_call_the_skeleton_package(oracle_sequence):
+def test_smoothing_retargeting_and_the_lbs_fit_call_the_skeleton_package(oracle_sequence):
     pytest.importorskip("dualpm.skeleton")
-    tmp_path = oracle_sequence[0]
+    tmp_path, rig, poses, views, _ = oracle_sequence
+    code, output = animate("--pred", tmp_path / "preds", "--out", tmp_path / "lbs", "--rig", tmp_path / "tube.glb",
+                           "--fit", "lbs")
+    assert code == 0, output
+    report = json.loads((tmp_path / "lbs" / "fit.json").read_text())
+    assert report["method"] == "lbs" and {j["status"] for f in report["frames"] for j in f["joints"]} <= {
+        "fitted", "inherited", "interpolated", "rest"}
+    validate_glb(tmp_path / "lbs" / "animation.glb")
     code, output = animate("--pred", tmp_path / "preds", "--out", tmp_path / "anim", "--rig", tmp_path / "tube.glb",
                            "--smooth", "savgol")
     assert code == 0, output
@@ -433,8 +440,8 @@ def test_an_earlier_run_is_not_overwritten_silently(oracle_sequence, path):
     code, output = animate("--pred", tmp_path / "preds", "--out", tmp_path / "anim", "--rig", tmp_path / "tube.glb",
                            "--overwrite")
     assert code == 0, output
-    assert sorted(p.name for p in (tmp_path / "anim" / "poses").iterdir()) == [
-        f"frame{i}_pose.npz" for i in (1, 10, 2, 3, 4)]
+    assert {p.name for p in (tmp_path / "anim" / "poses").iterdir()} == {
+        f"frame{i}_pose.npz" for i in (1, 2, 3, 4, 10)}
     validate_glb(tmp_path / "anim" / "animation.glb")
 
 

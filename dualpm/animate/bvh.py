@@ -6,7 +6,8 @@ minus its parent's, in the rig's own units; its rest frame is the world's. Every
 `W_j = R_posed_j @ R_rest_j^T`, the world rotation that takes joint j from rest to its pose (scale of the
 glTF nodes removed by polar decomposition), and its BVH channels hold `W_parent^T @ W_j` as intrinsic Euler
 angles in the order Z, X, Y (degrees: `Rotation.as_euler("ZXY")`, i.e. local = Rz @ Rx @ Ry), unwrapped
-over time. The root joint (OFFSET 0) also has X/Y/Z position channels: its posed world position. A BVH joint lands
+over time. The root joint (OFFSET 0) also has X/Y/Z position channels: its posed world position. A BVH
+joint lands
 exactly where skinning puts it whenever the pose keeps every non-root joint's rest translation (a rigid
 skeleton); leaf joints end in an `End Site` one tenth of their bone beyond the joint.
 """
@@ -97,7 +98,8 @@ def bvh_text(rig: SkinnedMesh, poses: np.ndarray, fps: float, scale: float = 1.0
             emit(child, indent + "\t")
         if not children[j]:
             bone = offset if parents[j] >= 0 else np.zeros(3)
-            lines.extend([f"{indent}\tEnd Site", f"{indent}\t{{", f"{indent}\t\tOFFSET {_numbers(0.1 * bone)}",
+            end = _numbers(0.1 * bone)
+            lines.extend([f"{indent}\tEnd Site", f"{indent}\t{{", f"{indent}\t\tOFFSET {end}",
                           f"{indent}\t}}"])
         lines.append(f"{indent}}}")
 
@@ -110,7 +112,8 @@ def bvh_text(rig: SkinnedMesh, poses: np.ndarray, fps: float, scale: float = 1.0
     return "\n".join(lines) + "\n"
 
 
-def write_bvh(path: str | os.PathLike, rig: SkinnedMesh, poses: np.ndarray, fps: float, scale: float = 1.0) -> None:
+def write_bvh(path: str | os.PathLike, rig: SkinnedMesh, poses: np.ndarray, fps: float,
+              scale: float = 1.0) -> None:
     """Write `bvh_text(rig, poses, fps, scale)` to `path` atomically."""
     atomic_write_text(path, bvh_text(rig, poses, fps, scale))
 

@@ -30,6 +30,7 @@ from dualpm.animate.dataset import write_dataset
 from dualpm.animate.fit import FIT_METHOD, estimate_cameras, fit_frames
 from dualpm.animate.glb import export_glb
 from dualpm.animate.inputs import (
+    Template,
     dataset_focal_lengths,
     find_template,
     frame_order,
@@ -48,7 +49,8 @@ from dualpm.predictions import open_predictions
 SMOOTHERS = ("none", "oneeuro", "savgol")
 FIT_METHODS = ("kabsch", "lbs")
 DEFAULT_FOCAL_MM = 50.0  # where neither the frames nor the training data say
-OUTPUTS = ("animation.glb", "animation.bvh", "fit.json", "poses", "cameras", "metadata", "shapes", "preview.png")
+OUTPUTS = ("animation.glb", "animation.bvh", "fit.json", "poses", "cameras", "metadata", "shapes",
+           "preview.png")
 
 
 class AnimateError(DualPMError):
@@ -92,22 +94,25 @@ def _optional(module: str, option: str):
 @click.option("--pred", "pred", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Folder written by dualpm-infer (holding predictions.zarr).")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Output folder (animation.glb, animation.bvh, poses/, cameras/, metadata/, shapes/, fit.json).")
+              help="Output folder (animation.glb, animation.bvh, poses/, cameras/, metadata/, shapes/, "
+                   "fit.json, preview.png).")
 @click.option("--rig", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Your rig (.glb/.gltf with one skinned mesh), exported with the animation as given. "
                    "Default: the template the model was trained for (through the checkpoint / dataset).")
 @click.option("--mesh-scale", type=FloatOrAuto(), default="auto", show_default=True,
               help="With --rig: model units per rig unit (the factor of `dualpm-prep synth --mesh-scale`). "
                    "auto: the factor recorded in the dataset's synth.json, else 1.")
-@click.option("--order", "order_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="Text file listing the frame ids in order, one per line (default: natural sort of the ids).")
+@click.option("--order", "order_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None,
+              help="Text file listing the frame ids in order, one per line (default: natural sort of the "
+                   "ids).")
 @click.option("--fps", type=click.FloatRange(min=0, min_open=True), default=24.0, show_default=True,
               help="Frames per second of the animation.")
 @click.option("--focal-length", type=FocalLength(), default="auto", show_default=True,
-              help="Focal length of the frames in mm (36 mm sensor height), or: auto (the dataset's metadata of "
-                   "the frames for --data predictions, else the training data's median, else 50), shared (one "
-                   "for all frames, estimated from the predicted points' perspective), per-frame (one each; the "
-                   "estimates need accurate predicted depth).")
+              help="Focal length of the frames in mm (36 mm sensor height), or: auto (the dataset's "
+                   "metadata of the frames for --data predictions, else the training data's median, else "
+                   "50), shared (one for all frames, estimated from the predicted points' perspective), "
+                   "per-frame (one each; the estimates need accurate predicted depth).")
 @click.option("--min-points", type=click.IntRange(min=3), default=3, show_default=True,
               help="Fewest points for a joint's own fit; joints with fewer inherit their parent's motion.")
 @click.option("--fit", type=click.Choice(FIT_METHODS), default=FIT_METHOD, show_default=True,
@@ -116,35 +121,25 @@ def _optional(module: str, option: str):
 @click.option("--smooth", type=click.Choice(SMOOTHERS), default="none", show_default=True,
               help="Filter the poses over time on the rotation manifold (needs dualpm.skeleton.smooth).")
 @click.option("--target-rig", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="Retarget the motion to this other rig and export that one (needs dualpm.skeleton.retarget).")
+              help="Retarget the motion to this other rig and export that one (needs "
+                   "dualpm.skeleton.retarget).")
 @click.option("--joint-map", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="With --target-rig: YAML mapping of target joint names to source joint names.")
+              help="With --target-rig: YAML mapping of source joint names to target joint names (for "
+                   "joints whose names differ).")
 @click.option("--overwrite", is_flag=True, help="Replace the outputs of an earlier run in OUT.")
 @click.option("--dry-run", is_flag=True, help="Resolve inputs and print the configuration; write nothing.")
 @handles_user_errors
-def main(pred: Path, out: Path, rig: Path | None, mesh_scale: float | str, order_file: Path | None, fps: float,
-         focal_length: float | str, min_points: int, fit: str, smooth: str, target_rig: Path | None,
-         joint_map: Path | None, overwrite: bool, dry_run: bool) -> None:
+def main(pred: Path, out: Path, rig: Path | None, mesh_scale: float | str, order_file: Path | None,
+         fps: float, focal_length: float | str, min_points: int, fit: str, smooth: str,
+         target_rig: Path | None, joint_map: Path | None, overwrite: bool, dry_run: bool) -> None:
     """Animate a rig with the poses fitted to dualpm-infer's predictions of a sequence of frames."""
     if joint_map is not None and target_rig is None:
         raise ConfigError("--joint-map needs --target-rig")
     preds = open_predictions(pred)
     ids = frame_order(preds.ids, order_file)
     template = find_template(preds, ids)
-    if rig is None:
-        if template is None:
-            raise AnimateError(f"{pred}: cannot find the template the model was trained for (no dataset recorded "
-                               "or it moved); pass --rig RIG.glb")
-        rig_path, factor, model = template.path, 1.0, template.model
-    else:
-        rig_path, model = rig, template.model if template else _model_name(rig)
-        factor = mesh_scale if isinstance(mesh_scale, float) else (template.mesh_scale if template else 1.0)
+    rig_path, factor, model = _resolve_rig(pred, rig, mesh_scale, template)
     user_rig = load_skinned_mesh(rig_path)
-    if template is not None and rig is not None:
-        trained = load_skinned_mesh(template.path)
-        if trained.num_joints != user_rig.num_joints:
-            raise AnimateError(f"{rig}: has {user_rig.num_joints} joints but the predictions were made for "
-                               f"{template.path} with {trained.num_joints}; pass the rig the model was trained for")
     fit_rig = user_rig if factor == 1.0 else scaled_mesh(user_rig, factor)
     config = {
         "pred": str(pred.resolve()), "out": str(out), "frames": len(ids), "first": ids[0], "last": ids[-1],
@@ -160,7 +155,8 @@ def main(pred: Path, out: Path, rig: Path | None, mesh_scale: float | str, order
         return
     taken = [name for name in OUTPUTS if (out / name).exists()]
     if taken and not overwrite:
-        raise AnimateError(f"{out}: holds {', '.join(taken)} of an earlier run; pass --overwrite or another --out")
+        raise AnimateError(f"{out}: holds {', '.join(taken)} of an earlier run; pass --overwrite or another "
+                           "--out")
     start = time.perf_counter()
     frames = read_frames(preds, ids)
     fitted = fit_frames(fit_rig, frames, min_points=min_points, ids=ids, method=fit)
@@ -171,15 +167,7 @@ def main(pred: Path, out: Path, rig: Path | None, mesh_scale: float | str, order
         before = smoothing.jitter(fit_rig, poses, fps)
         poses = smoothing.smooth_poses(fit_rig, poses, fps, smooth)
         report["jitter"] = {"before": before, "after": smoothing.jitter(fit_rig, poses, fps)}
-    focal, focal_source = focal_length, "--focal-length"
-    if focal == "auto":
-        focal, focal_source = dataset_focal_lengths(preds, ids), "the dataset's metadata of the frames"
-        if focal is None:
-            focal, focal_source = training_focal_length(preds), "the training dataset's median"
-        if focal is None:
-            focal, focal_source = DEFAULT_FOCAL_MM, "the default"
-    elif focal in ("shared", "per-frame"):
-        focal_source = f"estimated ({focal}) from the predicted points"
+    focal, focal_source = _focal_lengths(preds, ids, focal_length)
     camera = estimate_cameras(frames, image_aspect(preds, ids), focal)
     export_path, export_rig, scale, track = rig_path, fit_rig, factor, camera
     if target_rig is not None:
@@ -204,14 +192,48 @@ def main(pred: Path, out: Path, rig: Path | None, mesh_scale: float | str, order
     if track is not None:
         write_dataset(out, export_rig, model, ids, poses, track)
         write_preview(out / "preview.png", ids, input_images(preds, ids), export_rig, poses, track)
-    report |= {"ids": list(ids), "fps": fps, "mesh_scale": factor,
-               "camera": None if track is None else {"focal_length_mm": track.focal_mm.tolist(), "focal_source": focal_source,
-                                                     "aspect": track.aspect,
-                                                     "view_z": track.depth.tolist()}}
+    cameras = None if track is None else {
+        "focal_length_mm": track.focal_mm.tolist(), "focal_source": focal_source, "aspect": track.aspect,
+        "view_z": track.depth.tolist()}
+    report |= {"ids": list(ids), "fps": fps, "mesh_scale": factor, "camera": cameras}
     atomic_write_json(out / "fit.json", report)
     fitted_share = np.mean([j["status"] == "fitted" for frame in fitted.joints for j in frame])
-    click.echo(f"animated {len(ids)} frames ({summary['animated_nodes']} nodes, {fitted_share:.0%} of joints fitted, "
-               f"focal {np.median(camera.focal_mm):.1f} mm: {focal_source}) in {time.perf_counter() - start:.1f} s -> {out / 'animation.glb'}")
+    click.echo(f"animated {len(ids)} frames ({summary['animated_nodes']} nodes, {fitted_share:.0%} of joints "
+               f"fitted, focal {np.median(camera.focal_mm):.1f} mm: {focal_source}) in "
+               f"{time.perf_counter() - start:.1f} s -> {out / 'animation.glb'}")
+
+
+def _resolve_rig(pred: Path, rig: Path | None, mesh_scale: float | str,
+                 template: Template | None) -> tuple[Path, float, str]:
+    """(the rig file to export, model units per rig unit, model name); checks it against the template."""
+    if rig is None:
+        if template is None:
+            raise AnimateError(f"{pred}: cannot find the template the model was trained for (no dataset "
+                               "recorded, or it moved); pass --rig RIG.glb")
+        return template.path, 1.0, template.model
+    if template is None:
+        return rig, mesh_scale if isinstance(mesh_scale, float) else 1.0, _model_name(rig)
+    given, trained = load_skinned_mesh(rig), load_skinned_mesh(template.path)
+    if trained.num_joints != given.num_joints:
+        raise AnimateError(f"{rig}: has {given.num_joints} joints but the predictions were made for "
+                           f"{template.path} with {trained.num_joints}; pass the rig the model was trained "
+                           "for")
+    return rig, mesh_scale if isinstance(mesh_scale, float) else template.mesh_scale, template.model
+
+
+def _focal_lengths(preds, ids: list[str], option: float | str) -> tuple[float | np.ndarray | str, str]:
+    """What `estimate_cameras` gets for --focal-length, and where it comes from (for fit.json)."""
+    if option in ("shared", "per-frame"):
+        return option, f"estimated ({option}) from the predicted points"
+    if option != "auto":
+        return option, "--focal-length"
+    known = dataset_focal_lengths(preds, ids)
+    if known is not None:
+        return known, "the dataset's metadata of the frames"
+    median = training_focal_length(preds)
+    if median is not None:
+        return median, "the training dataset's median"
+    return DEFAULT_FOCAL_MM, "the default"
 
 
 def _read_joint_map(path: Path) -> dict[str, str]:
@@ -219,8 +241,10 @@ def _read_joint_map(path: Path) -> dict[str, str]:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as err:
         raise DatasetError(f"{path}: cannot read the joint map ({err})") from err
-    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
-        raise DatasetError(f"{path}: the joint map must be a YAML mapping of target joint names to source names")
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                             for k, v in data.items()):
+        raise DatasetError(f"{path}: the joint map must be a YAML mapping of source joint names to target "
+                           "names")
     return data
 
 

@@ -82,9 +82,9 @@ def fit_frames(rig: SkinnedMesh, frames: Sequence[Observation], min_points: int 
         off = float((weights[-1].sum(axis=1) == 0).mean())
         if off > 0.5:
             raise DatasetError(
-                f"frame {name}: {off:.0%} of the predicted canonical points lie farther than {MAX_DISTANCE:.0%} of "
-                f"the rig's size from {rig.source or rig.name}: not the rig (or the units) the model predicts for; "
-                "check --rig and --mesh-scale"
+                f"frame {name}: {off:.0%} of the predicted canonical points lie farther than "
+                f"{MAX_DISTANCE:.0%} of the rig's size from {rig.source or rig.name}: not the rig (or the "
+                "units) the model predicts for; check --rig and --mesh-scale"
             )
     if method != FIT_METHOD:
         return _fit_sequence(rig, frames, min_points, method)
@@ -211,7 +211,8 @@ def estimate_cameras(frames: Sequence[Observation], aspect: float,
         raise DatasetError("cannot place the camera: a frame has no points off the image centre")
     if isinstance(focal_mm, str):
         if focal_mm == "shared":  # eliminate each d_f = (sca - c sbc) / scc, then solve for the one c
-            cot = np.full(len(frames), (sba.sum() - (sbc * sca / scc).sum()) / (sbb.sum() - (sbc**2 / scc).sum()))
+            shared = (sba.sum() - (sbc * sca / scc).sum()) / (sbb.sum() - (sbc**2 / scc).sum())
+            cot = np.full(len(frames), shared)
         elif focal_mm == "per-frame":
             cot = (sba * scc - sbc * sca) / (sbb * scc - sbc**2)
         else:
@@ -221,10 +222,11 @@ def estimate_cameras(frames: Sequence[Observation], aspect: float,
         focal = np.broadcast_to(np.asarray(focal_mm, dtype=np.float64), (len(frames),)).copy()
         cot = 2.0 * focal / SENSOR_HEIGHT_MM
     depth = (sca - cot * sbc) / scc
-    if not (np.isfinite(focal).all() and (focal > 0).all() and np.isfinite(depth).all() and (depth < 0).all()):
+    usable = np.isfinite(focal).all() and (focal > 0).all() and np.isfinite(depth).all() and (depth < 0).all()
+    if not usable:
         raise DatasetError(
-            f"cannot place the camera: the predictions give focal lengths {np.nanmin(focal):.4g}..{np.nanmax(focal):.4g}"
-            f" mm and camera depths {np.nanmin(depth):.4g}..{np.nanmax(depth):.4g} (expected > 0 and < 0); "
-            "pass --focal-length"
+            f"cannot place the camera: the predictions give focal lengths {np.nanmin(focal):.4g}.."
+            f"{np.nanmax(focal):.4g} mm and camera depths {np.nanmin(depth):.4g}..{np.nanmax(depth):.4g} "
+            "(expected > 0 and < 0); pass --focal-length"
         )
     return CameraTrack(focal, float(aspect), depth)

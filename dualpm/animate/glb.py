@@ -36,7 +36,8 @@ ANIMATION_NAME = "dualpm"
 CAMERA_NAME = "dualpm_camera"
 _FLOAT = 5126
 _IMAGE_TYPES = {b"\x89PNG": "image/png", b"\xff\xd8\xff": "image/jpeg", b"\xabKTX 20": "image/ktx2"}
-_IMAGE_MIMES = ("image/png", "image/jpeg", "image/webp", "image/ktx2")  # core glTF + EXT_texture_webp, KHR_texture_basisu
+# Core glTF, EXT_texture_webp and KHR_texture_basisu.
+_IMAGE_MIMES = ("image/png", "image/jpeg", "image/webp", "image/ktx2")
 
 
 def continuous_quaternions(quat: np.ndarray) -> np.ndarray:
@@ -131,8 +132,8 @@ def export_glb(
                                    ("rotation", quat[:, k], "VEC4"), ("scale", node_scale, "VEC3")):
             samplers.append(pygltflib.AnimationSampler(input=time_acc, output=add(values, kind),
                                                        interpolation="LINEAR"))
-            channels.append(pygltflib.AnimationChannel(
-                sampler=len(samplers) - 1, target=pygltflib.AnimationChannelTarget(node=int(node), path=path)))
+            target = pygltflib.AnimationChannelTarget(node=int(node), path=path)
+            channels.append(pygltflib.AnimationChannel(sampler=len(samplers) - 1, target=target))
     camera_node = None
     if camera is not None:
         camera_node = _add_camera(doc, camera, frames, scale, add, time_acc, samplers, channels)
@@ -174,8 +175,8 @@ def _embed_images(doc: pygltflib.GLTF2, rig_path: Path, blob: bytearray) -> int:
             mime = "image/webp"
         mime = mime or image.mimeType or mimetypes.guess_type(file.name)[0]
         if mime not in _IMAGE_MIMES:
-            raise GltfError(f"{rig_path}: image {index} {image.uri!r} is not PNG, JPEG, WebP or KTX2 ({mime}); "
-                            "a GLB can only embed those")
+            raise GltfError(f"{rig_path}: image {index} {image.uri!r} is not PNG, JPEG, WebP or KTX2 "
+                            f"({mime}); a GLB can only embed those")
         doc.bufferViews.append(pygltflib.BufferView(buffer=0, byteOffset=len(blob), byteLength=len(data)))
         blob.extend(data)
         blob.extend(b"\0" * (-len(blob) % 4))
@@ -197,7 +198,8 @@ def _add_camera(doc, camera: CameraTrack, frames: int, scale: float, add, time_a
     doc.cameras.append(pygltflib.Camera(
         type="perspective", name=CAMERA_NAME,
         perspective=pygltflib.Perspective(aspectRatio=float(camera.aspect), yfov=float(yfov),
-                                          znear=float(0.01 * distance.min()), zfar=float(100 * distance.max())),
+                                          znear=float(0.01 * distance.min()),
+                                          zfar=float(100 * distance.max())),
     ))
     position = np.zeros((frames, 3))
     position[:, 2] = distance  # the camera sits at (0, 0, -view[2, 3]) looking down -Z

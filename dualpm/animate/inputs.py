@@ -93,7 +93,7 @@ def input_images(preds: Predictions, ids: Sequence[str]) -> dict[str, Path]:
 
 
 def image_aspect(preds: Predictions, ids: Sequence[str]) -> float:
-    """Width / height of the input images (all frames must share one size); 1 where unknown."""
+    """Width / height of the input images (all frames must share one size), else of the predicted maps."""
     sizes: dict[str, tuple[int, int]] = {}
     for sample_id, path in input_images(preds, ids).items():
         try:
@@ -105,9 +105,11 @@ def image_aspect(preds: Predictions, ids: Sequence[str]) -> float:
         (a, size_a) = next(iter(sizes.items()))
         b, size_b = next((k, v) for k, v in sizes.items() if v != size_a)
         raise DatasetError(f"frames of different sizes: {a} is {size_a[0]}x{size_a[1]}, {b} is "
-                           f"{size_b[0]}x{size_b[1]}; one camera cannot show both (animate one size at a time)")
+                           f"{size_b[0]}x{size_b[1]}; one camera cannot show both (animate one size at a "
+                           "time)")
     if not sizes:
-        return 1.0
+        height, width = preds.arrays["mask"].shape[-2:]
+        return width / height
     width, height = next(iter(sizes.values()))
     return width / height
 
@@ -173,7 +175,8 @@ def find_template(preds: Predictions, ids: Sequence[str]) -> Template | None:
     if not models:
         models = {p.name for p in (source / "shapes").iterdir() if p.is_dir()}
     if len(models) != 1:
-        raise DatasetError(f"{source}: the frames use {len(models)} models ({', '.join(sorted(models)[:4])}); "
+        names = ", ".join(sorted(models)[:4])
+        raise DatasetError(f"{source}: the frames use {len(models)} models ({names}); "
                            "one animation needs one rig: pass --rig or --order with frames of one model")
     model = models.pop()
     scale = 1.0

@@ -1,4 +1,5 @@
-"""preview.png: input frames above the fitted rig re-rendered through each frame's camera (a check of the fit).
+"""preview.png: input frames above the fitted rig re-rendered through each frame's camera (a check of the
+fit).
 
 The rig is posed by the fitted poses, rendered with the project's rasteriser (`dualpm.render.render_layers`,
 Embree on CPU, nvdiffrast on CUDA) through the estimated cameras and shaded by its camera-space normals.
@@ -36,11 +37,14 @@ def shaded_renders(rig: SkinnedMesh, poses: np.ndarray, camera: CameraTrack, hei
     posed = skin(rig, poses, dtype=torch.float32)  # (F, V, 3)
     faces = torch.as_tensor(np.array(rig.faces))
     corners = posed[:, faces]  # (F, T, 3, 3)
-    face_normals = torch.linalg.cross(corners[:, :, 1] - corners[:, :, 0], corners[:, :, 2] - corners[:, :, 0], dim=-1)
-    normals = torch.zeros_like(posed).index_add_(1, faces.reshape(-1), face_normals.repeat_interleave(3, dim=1))
+    edges = corners[:, :, 1:] - corners[:, :, :1]  # (F, T, 2, 3)
+    face_normals = torch.linalg.cross(edges[:, :, 0], edges[:, :, 1], dim=-1)
+    normals = torch.zeros_like(posed).index_add_(1, faces.reshape(-1),
+                                                 face_normals.repeat_interleave(3, dim=1))
     normals = normals / normals.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # world = camera axes here
     view = torch.from_numpy(view_matrices(camera.depth)).float()
-    projection = projection_from_focal(torch.from_numpy(np.asarray(camera.focal_mm)).float(), aspect=camera.aspect)
+    focal = torch.from_numpy(np.asarray(camera.focal_mm)).float()
+    projection = projection_from_focal(focal, aspect=camera.aspect)
     # In this process (workers=1): a few small frames, no worker pool to start.
     out = render_layers(normals, posed, faces, view, projection, (height, width), 1, workers=1)[:, :, :, 0]
     alpha = out[..., -1:]
