@@ -19,7 +19,7 @@ from scipy.spatial.transform import Rotation
 from datagen import tube_mesh
 from dualpm.camera import look_at, projection_from_focal
 from dualpm.gltf import SkinnedMesh, load_skinned_mesh, save_skinned_mesh
-from dualpm.predictions import PredictedMaps, PredictionStore
+from dualpm.predictions import PredictedMaps, PredictionsWriter
 from dualpm.render import render_dual_pointmaps
 from dualpm.skinning import rest_pose, skin
 
@@ -219,7 +219,7 @@ def write_predictions(folder: Path, rig: SkinnedMesh, poses: np.ndarray, focal: 
         confidence=np.moveaxis(np.where(alpha > 0, 10.0, 1.0), 3, 1).astype(np.float16),
         mask=(alpha[..., 0] > 0).astype(np.uint8),
     )
-    store = PredictionStore(folder / "predictions.zarr", layers, (size, size))
+    store = PredictionsWriter(folder / "predictions.zarr", layers, (size, size))
     store.append(ids, maps)
     store.finish({"mode": "oracle", **(attrs or {})})
     return view.numpy(), ids

@@ -393,9 +393,9 @@ def test_an_empty_predictions_folder_is_one_clear_line(tmp_path):
     save_skinned_mesh(tube_mesh("tube"), tmp_path / "tube.glb")
     code, output = animate("--pred", tmp_path / "empty", "--out", tmp_path / "anim", "--rig", tmp_path / "tube.glb")
     assert code == 1 and "no predictions.zarr here" in one_line_error(output)
-    from dualpm.predictions import PredictionStore
+    from dualpm.predictions import PredictionsWriter
 
-    store = PredictionStore(tmp_path / "none" / "predictions.zarr", 1, (8, 8))
+    store = PredictionsWriter(tmp_path / "none" / "predictions.zarr", 1, (8, 8))
     store.finish({})
     code, output = animate("--pred", tmp_path / "none", "--out", tmp_path / "anim", "--rig", tmp_path / "tube.glb")
     assert code == 1 and "the predictions hold no frames" in one_line_error(output)

@@ -22,7 +22,7 @@ import torch
 from scipy.spatial.transform import Rotation
 
 from dualpm.errors import GltfError
-from dualpm.eval.skeleton import joint_parents
+from dualpm.skeleton.joints import joint_parents
 from dualpm.fileio import atomic_write_text
 from dualpm.gltf import SkinnedMesh
 from dualpm.skinning import global_matrices, rest_pose

@@ -20,7 +20,7 @@ from scipy.spatial.transform import Rotation
 
 from dualpm.camera import SENSOR_HEIGHT_MM
 from dualpm.errors import ConfigError, DatasetError
-from dualpm.eval.skeleton import estimate_joint_transforms, joint_parents, skin_weights_at
+from dualpm.skeleton.joints import estimate_joint_transforms, joint_parents, skin_weights_at
 from dualpm.gltf import SkinnedMesh, node_depths
 
 FIT_METHOD = "kabsch"  # dualpm.eval.skeleton's per-bone fit (the reference's method)

@@ -20,7 +20,7 @@ from PIL import Image
 from dualpm.animate.fit import Observation
 from dualpm.data.source import Layout, read_metadata
 from dualpm.errors import DatasetError, DualPMError
-from dualpm.predictions import CONFIDENCE_THRESHOLD, OCCUPANCY_THRESHOLD, Predictions, keep_mask, kept_points
+from dualpm.predictions import CONFIDENCE_THRESHOLD, OCCUPANCY_THRESHOLD, PredictionsReader, keep_mask, kept_points
 from dualpm.store.manifest import load_manifest
 from dualpm.train.checkpoint import load_checkpoint
 
@@ -51,7 +51,7 @@ def frame_order(ids: Sequence[str], order_file: Path | None) -> list[str]:
     return listed
 
 
-def read_frames(preds: Predictions, ids: Sequence[str]) -> list[Observation]:
+def read_frames(preds: PredictionsReader, ids: Sequence[str]) -> list[Observation]:
     """The kept points of each frame (thresholds as recorded by dualpm-infer) with their pixels' NDC."""
     occ = float(preds.attrs.get("occupancy_threshold", OCCUPANCY_THRESHOLD))
     conf = float(preds.attrs.get("confidence_threshold", CONFIDENCE_THRESHOLD))
@@ -72,7 +72,7 @@ def read_frames(preds: Predictions, ids: Sequence[str]) -> list[Observation]:
     return frames
 
 
-def input_images(preds: Predictions, ids: Sequence[str]) -> dict[str, Path]:
+def input_images(preds: PredictionsReader, ids: Sequence[str]) -> dict[str, Path]:
     """The input image file of each frame that has one: `<id>.png` / `<id>_rgb.png` (any image suffix) in the
     --images folder, or the source dataset's renders/ for predictions made from --data."""
     found: dict[str, Path] = {}
@@ -92,7 +92,7 @@ def input_images(preds: Predictions, ids: Sequence[str]) -> dict[str, Path]:
     return found
 
 
-def image_aspect(preds: Predictions, ids: Sequence[str]) -> float:
+def image_aspect(preds: PredictionsReader, ids: Sequence[str]) -> float:
     """Width / height of the input images (all frames must share one size), else of the predicted maps."""
     sizes: dict[str, tuple[int, int]] = {}
     for sample_id, path in input_images(preds, ids).items():
@@ -114,7 +114,7 @@ def image_aspect(preds: Predictions, ids: Sequence[str]) -> float:
     return width / height
 
 
-def dataset_focal_lengths(preds: Predictions, ids: Sequence[str]) -> np.ndarray | None:
+def dataset_focal_lengths(preds: PredictionsReader, ids: Sequence[str]) -> np.ndarray | None:
     """(F,) focal lengths (mm) from the source dataset's metadata of the frames, or None where the
     predictions were not made from a dataset (--images) or a frame has no metadata file."""
     source = _source_of(preds) if preds.attrs.get("data") else None
@@ -126,7 +126,7 @@ def dataset_focal_lengths(preds: Predictions, ids: Sequence[str]) -> np.ndarray 
     return np.array([read_metadata(f).focal_length for f in files], dtype=np.float64)
 
 
-def training_focal_length(preds: Predictions, limit: int = 200) -> float | None:
+def training_focal_length(preds: PredictionsReader, limit: int = 200) -> float | None:
     """Median focal length (mm) of the dataset behind the predictions (at most `limit` metadata files, in
     name order), or None where it cannot be found."""
     source = _source_of(preds)
@@ -147,7 +147,7 @@ class Template:
     mesh_scale: float
 
 
-def _source_of(preds: Predictions) -> Path | None:
+def _source_of(preds: PredictionsReader) -> Path | None:
     """The source dataset (published layout) behind the predictions, or None when it cannot be found."""
     prepared = preds.attrs.get("data")
     if not prepared and preds.attrs.get("checkpoint"):
@@ -165,7 +165,7 @@ def _source_of(preds: Predictions) -> Path | None:
     return source if (source / "shapes").is_dir() else None
 
 
-def find_template(preds: Predictions, ids: Sequence[str]) -> Template | None:
+def find_template(preds: PredictionsReader, ids: Sequence[str]) -> Template | None:
     """The template of the frames (see the module docstring), or None if the chain breaks."""
     source = _source_of(preds)
     if source is None:
