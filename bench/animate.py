@@ -5,7 +5,8 @@ synthetic sequences of the demo animal.
 
 Steps (console scripts as subprocesses): `dualpm-prep synth --sequence` (the demo's animal: seed 0, one model,
 5000 faces, 128 px), `dualpm-prep render` (32 px, 4 layers, as the demo), `dualpm-infer --oracle` (the
-ground-truth dual point maps; the store needs a features column: rgb) and, with --checkpoint, `dualpm-infer --images` with the model (features and
+ground-truth dual point maps; the store needs a features column: rgb) and, with --checkpoint,
+`dualpm-infer --images` with the model (features and
 PCA basis from the checkpoint). For every sequence and predictions: rest pose (the rest mesh placed by one
 rigid fit of all point pairs), per-bone Kabsch (`fit_sequence(method="kabsch")`, the reference) and the
 rigid-skeleton LBS fit (`method="lbs"`, also smoothed: savgol, oneeuro). Reported: per-vertex error of the
