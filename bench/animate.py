@@ -5,7 +5,8 @@ synthetic sequences of the demo animal.
 
 Steps (console scripts as subprocesses): `dualpm-prep synth --sequence` (the demo's animal: seed 0, one model,
 5000 faces, 128 px), `dualpm-prep render` (32 px, 4 layers, as the demo), `dualpm-infer --oracle` (the
-ground-truth dual point maps; the store needs a features column: rgb) and, with --checkpoint, `dualpm-infer --images` with the model (features and
+ground-truth dual point maps; the store needs a features column: rgb) and, with --checkpoint,
+`dualpm-infer --images` with the model (features and
 PCA basis from the checkpoint). For every sequence and predictions: rest pose (the rest mesh placed by one
 rigid fit of all point pairs), per-bone Kabsch (`fit_sequence(method="kabsch")`, the reference) and the
 rigid-skeleton LBS fit (`method="lbs"`, also smoothed: savgol, oneeuro). Reported: per-vertex error of the
@@ -126,6 +127,38 @@ def measure(mesh, tree, frames, truth_vertices, truth_joints, fps: float, size: 
     return rows
 
 
+def least_squares_seconds(mesh, tree, frames, size: float) -> tuple[float, float]:
+    """Seconds per frame of the LBS solve alone, with our solver and with scipy.optimize.least_squares (trf,
+    Huber, the same analytic Jacobian), from the same Kabsch start: the choice made in dualpm/skeleton/fit.py."""
+    from scipy.optimize import least_squares
+
+    from dualpm.skeleton import fit as fitting
+    from dualpm.skeleton.joints import estimate_joint_transforms
+
+    ours = scipy = 0.0
+    for frame in frames:
+        prepared = fitting._subsample(fitting._prepare(mesh, 0, frame, size), 2000)
+        kabsch = estimate_joint_transforms(prepared.canonical, prepared.posed, prepared.weights, min_weight=0.5,
+                                           min_points=3, parents=tree.joint_parent)
+        start = fitting._local_from_skinning(tree, kabsch.transforms)
+        roots = tree.joint_nodes[tree.skeleton_roots]
+        placed = start[roots, 4:].copy()
+        start[:, 4:] = tree.rest[:, 4:]
+        start[roots, 4:] = placed
+        free = ((prepared.weights @ tree.below) >= fitting.SUPPORT_WEIGHT).sum(axis=0) >= 3  # as fit_sequence
+        start[tree.joint_nodes[~free], :4] = tree.rest[tree.joint_nodes[~free], :4]
+        problem = fitting._LbsProblem(tree, prepared, start, free)
+        clock = time.perf_counter()
+        fitting.solve_robust(problem, fitting.HUBER_FRACTION * size)
+        ours += time.perf_counter() - clock
+        problem = fitting._LbsProblem(tree, prepared, start, free)
+        clock = time.perf_counter()
+        least_squares(problem.residuals, problem.x0(), jac=problem.jacobian, method="trf", loss="huber",
+                      f_scale=fitting.HUBER_FRACTION * size, x_scale=1.0, ftol=1e-8, xtol=1e-10, gtol=1e-10)
+        scipy += time.perf_counter() - clock
+    return ours / len(frames), scipy / len(frames)
+
+
 def acceleration(joints: np.ndarray, fps: float) -> float:
     return float(np.linalg.norm((joints[2:] - 2 * joints[1:-1] + joints[:-2]) * fps**2, axis=2).mean())
 
@@ -171,17 +204,24 @@ def main() -> None:
             for method, row in measure(mesh, tree, frames, truth_vertices, truth_joints, args.fps, size).items():
                 table.setdefault(method, []).append(row)
         results[name] = {m: {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} for m, rows in table.items()}
+        ours, scipy = least_squares_seconds(mesh, tree, observations(preds, ids[: min(8, len(ids))]), size)
+        results[name]["solver"] = {"ours_s": ours, "least_squares_s": scipy}
     print(f"\n{platform.processor() or platform.machine()}, one thread; {args.sequences} sequences x {args.frames} "
           f"frames, {mesh.num_joints} joints, body length {size:.3f}")
     for name, table in results.items():
         print(f"\n{name} predictions: method | vertex error % | joint error % | jitter (body/s^2) | s/frame")
         for method, row in table.items():
+            if method == "solver":
+                continue
             cells = [f"{row[k]:.3f}" if k in row else "-" for k in ("vertex_pct", "joint_pct", "jitter")]
             cells.append(f"{row['s_per_frame']:.3f}" if "s_per_frame" in row else "-")
             print(f"  {method:16s} | " + " | ".join(cells))
         if "lbs" in table:
             print(f"  lbs / kabsch time ratio {table['lbs']['s_per_frame'] / table['kabsch']['s_per_frame']:.2f}, "
                   f"vertex error ratio {table['lbs']['vertex_pct'] / table['kabsch']['vertex_pct']:.3f}")
+        solver = table["solver"]
+        print(f"  LBS solve alone, s/frame: ours {solver['ours_s']:.3f}, scipy least_squares "
+              f"{solver['least_squares_s']:.3f} (ratio {solver['least_squares_s'] / solver['ours_s']:.1f})")
     if args.json:
         print(json.dumps(results, indent=1))
 

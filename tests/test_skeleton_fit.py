@@ -194,7 +194,8 @@ def proportioned_copy(rig, factor_legs: float):
     """The rig with every node renamed and its leg bones `factor_legs` times longer (binds rebuilt)."""
     names = tuple(f"x_{n}" if n else n for n in rig.node_names)
     translation = rig.rest_translation.copy()
-    legs = [i for i, n in enumerate(rig.node_names) if any(w in n.lower() for w in ("elbow", "carpus", "fetlock", "stifle", "hock"))]
+    words = ("elbow", "carpus", "fetlock", "stifle", "hock")
+    legs = [i for i, n in enumerate(rig.node_names) if any(w in n for w in words)]
     translation[legs] *= factor_legs
     copy = dataclasses.replace(rig, node_names=names, rest_translation=translation)
     # The new rest pose skinned with the old binds stretches the mesh with its bones; then new binds.
@@ -227,3 +228,22 @@ def test_retarget_to_a_renamed_reproportioned_copy(rig, sampler):
     assert np.allclose(moved, ratio * (poses[:, root, 4:] - rig.rest_translation[root]), atol=1e-6)
     with pytest.raises(SkeletonError, match="not a joint of the target"):
         retarget_poses(rig, poses, target, {rig.node_names[root]: "nope"})
+
+
+def test_lbs_jacobian_matches_central_differences_with_scaled_parents(rig):
+    from dualpm.skeleton import fit as fitting
+
+    scale = rig.rest_scale.copy()
+    scale[2], scale[5] = [1.5, 0.8, 1.2], [2.0, 2.0, 2.0]  # non-uniform and uniform scales above joints
+    scaled = dataclasses.replace(rig, rest_scale=scale)
+    rng = np.random.default_rng(7)
+    vertices = scaled.vertices.astype(np.float64)
+    frame = FrameObservation(vertices, vertices + rng.normal(0, 0.05, vertices.shape), rng.uniform(0.5, 2, len(vertices)))
+    tree = RigTree.of(scaled)
+    prepared = fitting._prepare(scaled, 0, frame, fitting.rig_size(scaled))
+    problem = fitting._LbsProblem(tree, prepared, tree.rest.copy(), np.ones(tree.num_joints, dtype=bool))
+    x = problem.x0() + rng.normal(0, 0.2, problem.x0().shape)
+    step = 1e-6
+    numeric = np.stack([(problem.residuals(x + step * e) - problem.residuals(x - step * e)) / (2 * step)
+                        for e in np.eye(len(x))], axis=1)
+    assert np.abs(problem.jacobian(x) - numeric).max() < 1e-7 * np.abs(numeric).max()

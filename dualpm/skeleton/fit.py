@@ -13,8 +13,9 @@ Methods:
 - `lbs` (default): the skeleton is rigid. Free are the local rotations of the joints and the translation of
   the skeleton's root joint(s); bone offsets are the rig's rest translations. All joints are solved together
   by Levenberg-Marquardt on the Huber loss of point distances (iteratively reweighted normal equations with
-  an analytic Jacobian; `scipy.optimize.least_squares` gives the same minimum but its SVD of the tall
-  3P x 3J Jacobian per step made it 5-10x slower, see docs/benchmarks.md) against the full
+  an analytic Jacobian: a 3J x 3J solve per step; `scipy.optimize.least_squares` with the same Jacobian
+  and loss reaches the same minimum but takes an SVD of the tall 3P x 3J Jacobian per step: 3-5x slower
+  from 300 to 2000 points, see docs/benchmarks.md) against the full
   linear-blend-skinning residual `sqrt(c_i) (sum_j w_ij M_j p_i - q_i)` with the rig's real weights at every
   point, started from the Kabsch fit. A joint moves the points of its subtree; with fewer than `min_points`
   of them (subtree weight >= 0.5) its rotation is not observable and is frozen: at rest for a single frame,
