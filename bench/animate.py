@@ -140,7 +140,7 @@ def least_squares_seconds(mesh, tree, frames, size: float) -> tuple[float, float
         prepared = fitting._subsample(fitting._prepare(mesh, 0, frame, size), 2000)
         kabsch = estimate_joint_transforms(prepared.canonical, prepared.posed, prepared.weights, min_weight=0.5,
                                            min_points=3, parents=tree.joint_parent)
-        start = fitting._local_from_skinning(tree, kabsch.transforms)
+        start = fitting.local_pose_from_skinning(tree, kabsch.transforms)
         roots = tree.joint_nodes[tree.skeleton_roots]
         placed = start[roots, 4:].copy()
         start[:, 4:] = tree.rest[:, 4:]

@@ -25,7 +25,9 @@ from animate_helpers import (
 from datagen import tube_mesh
 from dualpm.animate.bvh import bvh_text
 from dualpm.animate.cli import main
-from dualpm.animate.fit import CameraTrack, poses_from_joint_transforms
+from dualpm.animate.fit import CameraTrack
+from dualpm.skeleton.fit import local_pose_from_skinning
+from dualpm.skeleton.kinematics import RigTree
 from dualpm.animate.glb import continuous_quaternions, export_glb
 from dualpm.gltf import load_skinned_mesh, save_skinned_mesh, scaled_mesh
 from dualpm.skinning import global_matrices, joint_matrices, read_pose_file, skin
@@ -92,7 +94,9 @@ def test_quaternions_are_made_continuous_without_changing_the_rotations():
 def test_joint_transforms_convert_to_local_poses_that_skin_identically():
     rig = load_skinned_mesh_tube()
     poses = known_poses(rig, FRAMES, seed=3)
-    back = poses_from_joint_transforms(rig, joint_matrices(rig, torch.from_numpy(poses)).numpy())
+    matrices = joint_matrices(rig, torch.from_numpy(poses)).numpy()
+    tree = RigTree.of(rig)
+    back = np.stack([local_pose_from_skinning(tree, frame) for frame in matrices])
     np.testing.assert_allclose(skin(rig, back, dtype=torch.float64), skin(rig, poses, dtype=torch.float64),
                                atol=1e-12)
 
@@ -159,6 +163,11 @@ def test_bvh_refuses_a_skin_with_two_root_joints_in_one_line():
         bvh_text(rig, known_poses(rig, 2), fps=24)
 
 
+def unsmoothed(tmp_path):
+    """The fixture's rig, no smoothing: its frames are independent random poses, not a motion."""
+    return "--rig", tmp_path / "tube.glb", "--smooth", "none"
+
+
 @pytest.fixture
 def oracle_sequence(tmp_path):
     """A rig file, oracle predictions of a known 5-frame sequence and what made them."""
@@ -173,7 +182,7 @@ def oracle_sequence(tmp_path):
 
 def test_the_command_fits_exports_and_writes_the_layout(oracle_sequence):
     tmp_path, rig, poses, views, _ = oracle_sequence
-    code, output = animate("--pred", tmp_path / "preds", "--out", tmp_path / "anim", "--rig", tmp_path / "tube.glb",
+    code, output = animate("--pred", tmp_path / "preds", "--out", tmp_path / "anim", *unsmoothed(tmp_path),
                            "--fps", 10, "--focal-length", "shared")
     assert code == 0, output
     out = tmp_path / "anim"
@@ -233,7 +242,7 @@ def test_per_frame_focal_lengths_are_recovered_and_the_glb_camera_keeps_the_imag
     save_skinned_mesh(rig, tmp_path / "tube.glb")
     focal = np.array([35.0, 50.0, 80.0])
     views, ids = write_predictions(tmp_path / "preds", rig, known_poses(rig, 3), focal=focal)
-    code, output = animate("--pred", tmp_path / "preds", "--out", tmp_path / "anim", "--rig", tmp_path / "tube.glb",
+    code, output = animate("--pred", tmp_path / "preds", "--out", tmp_path / "anim", *unsmoothed(tmp_path),
                            "--focal-length", "per-frame")
     assert code == 0, output
     camera = json.loads((tmp_path / "anim" / "fit.json").read_text())["camera"]
@@ -247,7 +256,7 @@ def test_per_frame_focal_lengths_are_recovered_and_the_glb_camera_keeps_the_imag
     # One field of view (the median focal length, 50 mm): frame k seen from distance d_k * 50 / f_k.
     expected = -np.array(camera["view_z"]) * camera["focal_length_mm"][1] / np.array(camera["focal_length_mm"])
     np.testing.assert_allclose(channels[(node, "translation")][1][:, 2], expected, rtol=1e-6)
-    code, output = animate("--pred", tmp_path / "preds", "--out", tmp_path / "fixed", "--rig", tmp_path / "tube.glb",
+    code, output = animate("--pred", tmp_path / "preds", "--out", tmp_path / "fixed", *unsmoothed(tmp_path),
                            "--focal-length", "50")
     assert code == 0, output
     camera = json.loads((tmp_path / "fixed" / "fit.json").read_text())["camera"]
@@ -261,7 +270,7 @@ def test_the_fitted_layout_renders_the_predicted_silhouettes(oracle_sequence, ra
     from dualpm.predictions import open_predictions
 
     tmp_path, rig, _, _, _ = oracle_sequence
-    code, output = animate("--pred", tmp_path / "preds", "--out", tmp_path / "anim", "--rig", tmp_path / "tube.glb")
+    code, output = animate("--pred", tmp_path / "preds", "--out", tmp_path / "anim", *unsmoothed(tmp_path))
     assert code == 0, output
     result = CliRunner().invoke(prep, ["render", str(tmp_path / "anim"), str(tmp_path / "store"), "--resolution",
                                        "48", "--layers", "1"], catch_exceptions=False)
@@ -281,7 +290,7 @@ def test_the_fitted_layout_renders_the_predicted_silhouettes(oracle_sequence, ra
 
 def test_without_dataset_or_option_the_focal_length_is_the_default(oracle_sequence):
     tmp_path, _, _, views, _ = oracle_sequence
-    code, output = animate("--pred", tmp_path / "preds", "--out", tmp_path / "anim", "--rig", tmp_path / "tube.glb")
+    code, output = animate("--pred", tmp_path / "preds", "--out", tmp_path / "anim", *unsmoothed(tmp_path))
     assert code == 0, output
     camera = json.loads((tmp_path / "anim" / "fit.json").read_text())["camera"]
     assert camera["focal_length_mm"] == [50.0] * 5 and camera["focal_source"] == "the default"
@@ -290,7 +299,7 @@ def test_without_dataset_or_option_the_focal_length_is_the_default(oracle_sequen
 
 def test_dry_run_resolves_and_writes_nothing(oracle_sequence):
     tmp_path = oracle_sequence[0]
-    code, output = animate("--pred", tmp_path / "preds", "--out", tmp_path / "anim", "--rig", tmp_path / "tube.glb",
+    code, output = animate("--pred", tmp_path / "preds", "--out", tmp_path / "anim", *unsmoothed(tmp_path),
                            "--dry-run")
     assert code == 0, output
     assert "5 frames would be fitted" in output and not (tmp_path / "anim").exists()
@@ -299,12 +308,12 @@ def test_dry_run_resolves_and_writes_nothing(oracle_sequence):
 def test_order_file_picks_and_orders_frames(oracle_sequence):
     tmp_path = oracle_sequence[0]
     (tmp_path / "order.txt").write_text("frame4\nframe1\nframe10\n")
-    code, output = animate("--pred", tmp_path / "preds", "--out", tmp_path / "anim", "--rig", tmp_path / "tube.glb",
+    code, output = animate("--pred", tmp_path / "preds", "--out", tmp_path / "anim", *unsmoothed(tmp_path),
                            "--order", tmp_path / "order.txt")
     assert code == 0, output
     assert json.loads((tmp_path / "anim" / "fit.json").read_text())["ids"] == ["frame4", "frame1", "frame10"]
     (tmp_path / "bad.txt").write_text("frame4\nnope\n")
-    code, output = animate("--pred", tmp_path / "preds", "--out", tmp_path / "x", "--rig", tmp_path / "tube.glb",
+    code, output = animate("--pred", tmp_path / "preds", "--out", tmp_path / "x", *unsmoothed(tmp_path),
                            "--order", tmp_path / "bad.txt")
     assert code == 1 and "bad.txt: 1 ids have no prediction (e.g. 'nope')" in output
 
@@ -351,7 +360,7 @@ def test_predictions_and_rig_with_different_joint_counts_is_one_clear_line(tmp_p
 
 def test_a_rig_in_other_units_than_the_predictions_is_one_clear_line(oracle_sequence):
     tmp_path = oracle_sequence[0]
-    code, output = animate("--pred", tmp_path / "preds", "--out", tmp_path / "anim", "--rig", tmp_path / "tube.glb",
+    code, output = animate("--pred", tmp_path / "preds", "--out", tmp_path / "anim", *unsmoothed(tmp_path),
                            "--mesh-scale", "0.1")
     assert code == 1
     assert "frame frame1: 100% of the predicted canonical points lie farther than 20%" in one_line_error(output)
@@ -366,7 +375,8 @@ def test_a_joint_without_points_inherits_its_parents_motion_and_says_so():
     keep = np.flatnonzero(rig.vertices[:, 0] < 0.3)  # vertices whose dominant bone is bone0 or bone1
     posed = skin(rig, poses, dtype=torch.float64).numpy()
     frames = [Observation(rig.vertices[keep], p[keep], np.ones(len(keep))) for p in posed]
-    fit = fit_frames(rig, frames, ids=["a", "b"])
+    assert [j["status"] for j in fit_frames(rig, frames, ids=["a", "b"]).joints[0]] == ["fitted", "fitted", "rest"]
+    fit = fit_frames(rig, frames, ids=["a", "b"], method="kabsch")
     assert [j["status"] for j in fit.joints[0]] == ["fitted", "fitted", "inherited"]
     assert fit.joints[0][2]["points"] == 0 and fit.joints[0][2]["residual"] is None
     assert fit.to_json(["a", "b"])["frames"][1]["id"] == "b"
@@ -384,7 +394,7 @@ def test_frames_of_different_sizes_are_one_clear_line(tmp_path):
     Image.new("RGB", (64, 48)).save(images / "a.png")
     Image.new("RGB", (64, 64)).save(images / "b.png")
     write_predictions(tmp_path / "preds", rig, known_poses(rig, 2), ids=["a", "b"], attrs={"images": str(images)})
-    code, output = animate("--pred", tmp_path / "preds", "--out", tmp_path / "anim", "--rig", tmp_path / "tube.glb")
+    code, output = animate("--pred", tmp_path / "preds", "--out", tmp_path / "anim", *unsmoothed(tmp_path))
     assert code == 1 and "frames of different sizes: a is 64x48, b is 64x64" in one_line_error(output)
 
 
@@ -408,7 +418,6 @@ def test_without_a_rig_or_a_recorded_dataset_the_command_asks_for_one(oracle_seq
 
 
 def test_smoothing_retargeting_and_the_lbs_fit_call_the_skeleton_package(oracle_sequence):
-    pytest.importorskip("dualpm.skeleton")
     tmp_path, rig, poses, views, _ = oracle_sequence
     code, output = animate("--pred", tmp_path / "preds", "--out", tmp_path / "lbs", "--rig", tmp_path / "tube.glb",
                            "--fit", "lbs")
@@ -421,8 +430,8 @@ def test_smoothing_retargeting_and_the_lbs_fit_call_the_skeleton_package(oracle_
                            "--smooth", "savgol")
     assert code == 0, output
     jitter = json.loads((tmp_path / "anim" / "fit.json").read_text())["jitter"]
-    assert jitter["after"] <= jitter["before"]
-    code, output = animate("--pred", tmp_path / "preds", "--out", tmp_path / "re", "--rig", tmp_path / "tube.glb",
+    assert jitter["method"] == "savgol" and jitter["after"] <= jitter["before"]
+    code, output = animate("--pred", tmp_path / "preds", "--out", tmp_path / "re", *unsmoothed(tmp_path),
                            "--target-rig", tmp_path / "tube.glb")
     assert code == 0, output
     validate_glb(tmp_path / "re" / "animation.glb")
@@ -433,11 +442,11 @@ def test_an_earlier_run_is_not_overwritten_silently(oracle_sequence, path):
     tmp_path = oracle_sequence[0]
     (tmp_path / "anim").mkdir()
     (tmp_path / "anim" / path).write_bytes(b"")
-    code, output = animate("--pred", tmp_path / "preds", "--out", tmp_path / "anim", "--rig", tmp_path / "tube.glb")
+    code, output = animate("--pred", tmp_path / "preds", "--out", tmp_path / "anim", *unsmoothed(tmp_path))
     assert code == 1 and "--overwrite" in one_line_error(output)
     (tmp_path / "anim" / "poses").mkdir()
     (tmp_path / "anim" / "poses" / "old_pose.npz").write_bytes(b"")  # a frame of the earlier run
-    code, output = animate("--pred", tmp_path / "preds", "--out", tmp_path / "anim", "--rig", tmp_path / "tube.glb",
+    code, output = animate("--pred", tmp_path / "preds", "--out", tmp_path / "anim", *unsmoothed(tmp_path),
                            "--overwrite")
     assert code == 0, output
     assert {p.name for p in (tmp_path / "anim" / "poses").iterdir()} == {

@@ -45,9 +45,10 @@ from dualpm.errors import ConfigError, DatasetError, DualPMError, GltfError
 from dualpm.fileio import atomic_write_json
 from dualpm.gltf import load_skinned_mesh, scaled_mesh
 from dualpm.predictions import open_predictions
+from dualpm.skeleton.fit import METHODS
+from dualpm.skeleton.retarget import retarget_poses
+from dualpm.skeleton.smooth import SMOOTH_METHODS, jitter, smooth_poses
 
-SMOOTHERS = ("none", "oneeuro", "savgol")
-FIT_METHODS = ("kabsch", "lbs")
 DEFAULT_FOCAL_MM = 50.0  # where neither the frames nor the training data say
 OUTPUTS = ("animation.glb", "animation.bvh", "fit.json", "poses", "cameras", "metadata", "shapes",
            "preview.png")
@@ -80,16 +81,6 @@ def _model_name(path: Path) -> str:
     return name or "rig"
 
 
-def _optional(module: str, option: str):
-    """Import a part of `dualpm.skeleton` (issue 23's skeleton package), or say which option needs it."""
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError as err:
-        raise ConfigError(f"{option} needs {module}, which this installation does not have ({err})") from err
-
-
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("--pred", "pred", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Folder written by dualpm-infer (holding predictions.zarr).")
@@ -115,14 +106,14 @@ def _optional(module: str, option: str):
                    "per-frame (one each; the estimates need accurate predicted depth).")
 @click.option("--min-points", type=click.IntRange(min=3), default=3, show_default=True,
               help="Fewest points for a joint's own fit; joints with fewer inherit their parent's motion.")
-@click.option("--fit", type=click.Choice(FIT_METHODS), default=FIT_METHOD, show_default=True,
-              help="Pose fit: kabsch (the reference's per-bone fit) or lbs (rigid skeleton against the full "
-                   "skinning residual; needs dualpm.skeleton.fit).")
-@click.option("--smooth", type=click.Choice(SMOOTHERS), default="none", show_default=True,
-              help="Filter the poses over time on the rotation manifold (needs dualpm.skeleton.smooth).")
+@click.option("--fit", type=click.Choice(METHODS), default=FIT_METHOD, show_default=True,
+              help="Pose fit: lbs (the rig's rigid skeleton against the full skinning residual, robust) or "
+                   "kabsch (the reference's per-bone fit).")
+@click.option("--smooth", type=click.Choice(("auto",) + SMOOTH_METHODS), default="auto", show_default=True,
+              help="Filter the poses over time on the rotation manifold; auto: savgol for 3 frames or more, "
+                   "none for fewer.")
 @click.option("--target-rig", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="Retarget the motion to this other rig and export that one (needs "
-                   "dualpm.skeleton.retarget).")
+              help="Retarget the motion to this other rig and export that one.")
 @click.option("--joint-map", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="With --target-rig: YAML mapping of source joint names to target joint names (for "
                    "joints whose names differ).")
@@ -138,6 +129,7 @@ def main(pred: Path, out: Path, rig: Path | None, mesh_scale: float | str, order
     preds = open_predictions(pred)
     ids = frame_order(preds.ids, order_file)
     template = find_template(preds, ids)
+    smooth = ("savgol" if len(ids) >= 3 else "none") if smooth == "auto" else smooth
     rig_path, factor, model = _resolve_rig(pred, rig, mesh_scale, template)
     user_rig = load_skinned_mesh(rig_path)
     fit_rig = user_rig if factor == 1.0 else scaled_mesh(user_rig, factor)
@@ -163,18 +155,16 @@ def main(pred: Path, out: Path, rig: Path | None, mesh_scale: float | str, order
     poses = fitted.poses
     report = fitted.to_json(ids)
     if smooth != "none":
-        smoothing = _optional("dualpm.skeleton.smooth", "--smooth")
-        before = smoothing.jitter(fit_rig, poses, fps)
-        poses = smoothing.smooth_poses(fit_rig, poses, fps, smooth)
-        report["jitter"] = {"before": before, "after": smoothing.jitter(fit_rig, poses, fps)}
+        before = jitter(fit_rig, poses, fps)
+        poses = smooth_poses(fit_rig, poses, fps, smooth)
+        report["jitter"] = {"method": smooth, "before": before, "after": jitter(fit_rig, poses, fps)}
     focal, focal_source = _focal_lengths(preds, ids, focal_length)
     camera = estimate_cameras(frames, image_aspect(preds, ids), focal)
     export_path, export_rig, scale, track = rig_path, fit_rig, factor, camera
     if target_rig is not None:
-        retarget = _optional("dualpm.skeleton.retarget", "--target-rig")
         mapping = _read_joint_map(joint_map) if joint_map else None
         export_rig = load_skinned_mesh(target_rig)
-        poses, unmatched = retarget.retarget_poses(fit_rig, poses, export_rig, mapping)
+        poses, unmatched = retarget_poses(fit_rig, poses, export_rig, mapping)
         export_path, scale, track, model = target_rig, 1.0, None, _model_name(target_rig)
         report["unmatched_target_joints"] = list(unmatched)
         click.echo(f"retargeted to {target_rig}; joints left at rest: {', '.join(unmatched) or 'none'}")

@@ -1,9 +1,9 @@
 """Poses and cameras from predicted point pairs, for the exporters (numpy).
 
-`fit_frames` is the ONE place where `dualpm-animate` turns predictions into poses. Method "kabsch" runs
-the per-bone Kabsch fit of `dualpm.eval.skeleton` on each frame and converts the joint transforms
-(canonical -> posed, i.e. `global @ inverse_bind`) into node-local TRS poses; any other method is handed
-to `dualpm.skeleton.fit.fit_sequence` (issue 23's skeleton package, imported only then).
+`fit_frames` is the ONE place where `dualpm-animate` turns predictions into poses: it checks that the
+predicted canonical points lie on the rig (else the wrong rig or units were given), then fits every frame
+with `dualpm.skeleton.fit.fit_sequence` ("lbs": the rigid skeleton against the full skinning residual;
+"kabsch": the reference's per-bone fit).
 
 `estimate_cameras` recovers what the depth-subtracted posed points do not say directly: the focal length
 (shared by all frames) and each frame's camera distance `view[2, 3]`, by linear least squares on the
@@ -16,14 +16,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.spatial.transform import Rotation
 
 from dualpm.camera import SENSOR_HEIGHT_MM
-from dualpm.errors import ConfigError, DatasetError
-from dualpm.skeleton.joints import estimate_joint_transforms, joint_parents, skin_weights_at
-from dualpm.gltf import SkinnedMesh, node_depths
+from dualpm.errors import DatasetError
+from dualpm.gltf import SkinnedMesh
+from dualpm.skeleton.fit import METHODS, FrameObservation, fit_sequence
+from dualpm.skeleton.joints import skin_weights_at
 
-FIT_METHOD = "kabsch"  # dualpm.eval.skeleton's per-bone fit (the reference's method)
+FIT_METHOD = "lbs"  # the rigid-skeleton fit (dualpm.skeleton.fit); "kabsch" is the reference's per-bone fit
 MAX_DISTANCE = 0.2  # points farther than this fraction of the rig's size from every vertex get no weights
 
 
@@ -49,7 +49,7 @@ class FrameFit:
 
     poses: np.ndarray
     joints: tuple[tuple[dict, ...], ...]
-    method: str = "kabsch"
+    method: str = FIT_METHOD
 
     def to_json(self, ids: Sequence[str]) -> dict:
         frames = [{"id": i, "joints": list(j)} for i, j in zip(ids, self.joints, strict=True)]
@@ -62,112 +62,38 @@ def fit_frames(rig: SkinnedMesh, frames: Sequence[Observation], min_points: int 
 
     Args:
         rig: the skinned mesh the predictions' canonical coordinates belong to (scene units).
-        frames: F observations.
-        min_points: fewest points (skin weight >= 0.5) for a joint's own fit; others inherit.
+        frames: F observations, in time order.
+        min_points: fewest supporting points for a joint's own fit.
         ids: frame names for messages (default: their indices).
-        method: "kabsch" (per-bone Kabsch of `dualpm.eval.skeleton` converted to local TRS, here), or a
-            method of `dualpm.skeleton.fit.fit_sequence` ("lbs": the rigid-skeleton fit of issue 23), which
-            is imported only then.
+        method: one of `dualpm.skeleton.fit.METHODS` ("lbs", "kabsch").
     Returns:
-        `FrameFit`; joint status "fitted" or "inherited" (nearest fitted ancestor, or the global fit), or
-        as `fit_sequence` reports it.
+        `FrameFit`; joint status as `fit_sequence` reports it ("fitted", "inherited", "interpolated",
+        "rest"), residual None where the joint had no points of its own.
     """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     size = float(np.ptp(rig.vertices, axis=0).max())
-    weights = []
     for index, frame in enumerate(frames):
         name = ids[index] if ids is not None else str(index)
         if len(frame.canonical) < 3:
             raise DatasetError(f"frame {name}: {len(frame.canonical)} kept points, too few to fit a pose")
-        weights.append(skin_weights_at(frame.canonical, rig, max_distance=MAX_DISTANCE * size))
-        off = float((weights[-1].sum(axis=1) == 0).mean())
+        weights = skin_weights_at(frame.canonical, rig, max_distance=MAX_DISTANCE * size)
+        off = float((weights.sum(axis=1) == 0).mean())
         if off > 0.5:
             raise DatasetError(
                 f"frame {name}: {off:.0%} of the predicted canonical points lie farther than "
                 f"{MAX_DISTANCE:.0%} of the rig's size from {rig.source or rig.name}: not the rig (or the "
                 "units) the model predicts for; check --rig and --mesh-scale"
             )
-    if method != FIT_METHOD:
-        return _fit_sequence(rig, frames, min_points, method)
-    parents = joint_parents(rig)
-    transforms, joints = [], []
-    for frame, frame_weights in zip(frames, weights, strict=True):
-        fit = estimate_joint_transforms(frame.canonical, frame.posed, frame_weights, min_points=min_points,
-                                        parents=parents)
-        counts = (frame_weights >= 0.5).sum(axis=0)
-        transforms.append(fit.transforms)
-        joints.append(tuple(
-            {"joint": rig.node_names[node] or f"node{node}", "points": int(n),
-             "residual": float(r) if ok else None, "status": "fitted" if ok else "inherited"}
-            for node, n, r, ok in zip(rig.joint_nodes, counts, fit.residual, fit.valid, strict=True)
-        ))
-    return FrameFit(poses_from_joint_transforms(rig, np.stack(transforms)), tuple(joints))
-
-
-def _fit_sequence(rig: SkinnedMesh, frames: Sequence[Observation], min_points: int, method: str) -> FrameFit:
-    """`dualpm.skeleton.fit.fit_sequence` (issue 23's skeleton package) as a `FrameFit`."""
-    try:
-        from dualpm.skeleton.fit import FrameObservation, fit_sequence
-    except ImportError as err:
-        raise ConfigError(f"fit method {method!r} needs dualpm.skeleton.fit, which this installation lacks "
-                          f"({err}); use {FIT_METHOD!r}") from err
     observed = [FrameObservation(f.canonical, f.posed, f.confidence) for f in frames]
     fit = fit_sequence(rig, observed, method=method, min_points=min_points)
     joints = tuple(
         tuple({"joint": r.joint, "points": int(r.points),
-               "residual": float(r.residual) if np.isfinite(r.residual) else None, "status": r.status}
+               "residual": float(r.residual) if r.points and np.isfinite(r.residual) else None, "status": r.status}
               for r in frame)
         for frame in fit.joints
     )
     return FrameFit(np.asarray(fit.poses, dtype=np.float64), joints, method)
-
-
-def poses_from_joint_transforms(rig: SkinnedMesh, transforms: np.ndarray) -> np.ndarray:
-    """Node-local poses whose skinning matrices are (as near as a TRS can be) the given ones.
-
-    Args:
-        rig: the skinned mesh (its rest TRS, parents, joints, inverse binds).
-        transforms: (F, J, 4, 4) float joint transforms `global[joint_node] @ inverse_bind`.
-    Returns:
-        (F, N, 7) float64 `[qw qx qy qz tx ty tz]`; nodes that are not joints keep their rest TRS, joint
-        rotations are the nearest rotations to `local @ S(rest scale)^-1` (polar decomposition).
-    """
-    transforms = np.asarray(transforms, dtype=np.float64)
-    frames, num_nodes = len(transforms), rig.num_nodes
-    joint_of = np.full(num_nodes, -1)
-    joint_of[rig.joint_nodes] = np.arange(rig.num_joints)
-    wanted = transforms @ np.linalg.inv(rig.inverse_bind.astype(np.float64))  # (F, J, 4, 4) joint globals
-    rest = _trs(rig.rest_translation, rig.rest_rotation, rig.rest_scale)  # (N, 4, 4)
-    local = np.broadcast_to(rest, (frames, num_nodes, 4, 4)).copy()
-    world = local.copy()
-    depth = node_depths(rig.parents)
-    for level in range(int(depth.max()) + 1):  # parents first
-        nodes = np.flatnonzero(depth == level)
-        par = rig.parents[nodes]
-        parent_world = np.where((par >= 0)[None, :, None, None], world[:, np.maximum(par, 0)], np.eye(4))
-        joints = joint_of[nodes] >= 0
-        if joints.any():
-            n = nodes[joints]
-            local[:, n] = np.linalg.inv(parent_world[:, joints]) @ wanted[:, joint_of[n]]
-        world[:, nodes] = parent_world @ local[:, nodes]
-    linear = local[..., :3, :3] / rig.rest_scale.astype(np.float64)[None, :, None, :]  # undo S: columns
-    u, _, vt = np.linalg.svd(linear)
-    flip = np.linalg.det(u @ vt) < 0
-    u[flip, :, 2] *= -1
-    quat = Rotation.from_matrix((u @ vt).reshape(-1, 3, 3)).as_quat().reshape(frames, num_nodes, 4)
-    poses = np.concatenate([np.roll(quat, 1, axis=-1), local[..., :3, 3]], axis=-1)
-    is_joint = joint_of >= 0
-    poses[:, ~is_joint, :4] = rig.rest_rotation[~is_joint]  # exact rest values for the other nodes
-    return poses
-
-
-def _trs(translation: np.ndarray, rotation_wxyz: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """(N, 4, 4) float64 `T @ R @ S` from (N, 3), (N, 4) real-first, (N, 3)."""
-    m = np.zeros((len(translation), 4, 4))
-    rot = Rotation.from_quat(np.roll(np.asarray(rotation_wxyz, dtype=np.float64), -1, axis=-1)).as_matrix()
-    m[:, :3, :3] = rot * np.asarray(scale, dtype=np.float64)[:, None, :]
-    m[:, :3, 3] = translation
-    m[:, 3, 3] = 1.0
-    return m
 
 
 @dataclass(frozen=True)

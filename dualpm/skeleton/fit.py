@@ -38,7 +38,6 @@ from dualpm.gltf import SkinnedMesh
 from dualpm.skeleton.joints import estimate_joint_transforms, skin_weights_at
 from dualpm.skeleton.kinematics import (
     RigTree,
-    cross_matrix,
     left_jacobian,
     quat_wxyz_to_rotation,
     rotation_to_quat_wxyz,
@@ -130,9 +129,10 @@ def rig_size(rig: SkinnedMesh) -> float:
     return float(np.ptp(vertices, axis=0).max())
 
 
-def _local_from_skinning(tree: RigTree, skinning: np.ndarray) -> np.ndarray:
-    """(N, 7) local pose whose joints' skinning matrices are (the rotation parts of) `skinning` (J, 4, 4);
-    other nodes at rest."""
+def local_pose_from_skinning(tree: RigTree, skinning: np.ndarray) -> np.ndarray:
+    """(N, 7) float64 node-local pose `[qw qx qy qz tx ty tz]` whose joints' skinning matrices
+    (`global @ inverse_bind`) are, as near as a TRS with the rig's rest scales can be, `skinning` (J, 4, 4);
+    other nodes at rest. Rotations by polar decomposition (the nearest rotation)."""
     rest_rot = quat_wxyz_to_rotation(tree.rest[:, :4]).as_matrix()
     target = skinning @ np.linalg.inv(tree.inverse_bind)  # joint-to-world wanted, (J, 4, 4)
     joint_of = np.full(tree.num_nodes, -1)
@@ -369,7 +369,7 @@ def fit_sequence(
     for f, frame in enumerate(prepared):
         kabsch = estimate_joint_transforms(frame.canonical, frame.posed, frame.weights, min_weight=SUPPORT_WEIGHT,
                                            min_points=min_points, parents=tree.joint_parent)
-        start = _local_from_skinning(tree, kabsch.transforms)
+        start = local_pose_from_skinning(tree, kabsch.transforms)
         if method == "kabsch":
             poses[f] = start
             counts[f] = (frame.weights >= SUPPORT_WEIGHT).sum(axis=0)
@@ -379,7 +379,7 @@ def fit_sequence(
         frozen[f] = counts[f] < min_points
         start[:, 4:] = tree.rest[:, 4:]  # rigid skeleton: the rig's bone offsets ...
         roots = tree.joint_nodes[tree.skeleton_roots]
-        start[roots, 4:] = _local_from_skinning(tree, kabsch.transforms)[roots, 4:]  # ... but the root's place
+        start[roots, 4:] = local_pose_from_skinning(tree, kabsch.transforms)[roots, 4:]  # ... but the root's place
         start[tree.joint_nodes[frozen[f]], :4] = tree.rest[tree.joint_nodes[frozen[f]], :4]
         poses[f] = _fit_lbs(tree, frame, start, ~frozen[f], size, max_points)
     if method == "kabsch":
