@@ -11,10 +11,8 @@ from dualpm.data.source import Layout
 from dualpm.fileio import refuse_nested
 from dualpm.render import BACKENDS
 from pipeline.cluster import connect_timeout_option
+from pipeline.synth.config import CONFIG_NAME, FAILURES_NAME, SynthConfig
 from pipeline.synth.generate import (
-    CONFIG_NAME,
-    FAILURES_NAME,
-    SynthConfig,
     chunks,
     generate,
     make_plan,
