@@ -189,10 +189,23 @@ def voxelise(mesh: trimesh.Trimesh, min_cubes: int, name: str = "mesh") -> tuple
     return fill_inside(grid), pitch, low
 
 
-def voxel_volume(mesh: trimesh.Trimesh, min_cubes: int, name: str = "mesh") -> float:
-    """Animodel's volume of a mesh: filled voxels x pitch^3 (scene units cubed)."""
-    grid, pitch, _ = voxelise(mesh, min_cubes, name)
-    return float(np.count_nonzero(grid)) * pitch**3
+def voxel_volume(mesh: trimesh.Trimesh, min_cubes: int, name: str = "mesh", enclosing: bool = False) -> float:
+    """Animodel's volume of a mesh: filled voxels x pitch^3 (scene units cubed).
+
+    enclosing: raise `EvalError` when the surface encloses no voxel at this pitch (holes wider than a
+    voxel let the fill leak out: the "volume" would be that of the surface's shell, meaningless)."""
+    _check_mesh(name, mesh)
+    pitch = float(mesh.extents.min()) / min_cubes
+    surface, _ = _surface_grid(np.asarray(mesh.vertices, dtype=np.float64), np.asarray(mesh.faces), pitch, name)
+    filled = int(np.count_nonzero(fill_inside(surface)))
+    if enclosing and filled == int(np.count_nonzero(surface)):
+        edges = trimesh.grouping.group_rows(mesh.edges_sorted, require_count=1)
+        raise EvalError(
+            f"{name}: the mesh encloses no volume at the protocol's voxel pitch {pitch:.4g} (it is not watertight: "
+            f"{len(edges)} edges bound a hole), and the Animodel protocol rescales the reconstruction by the "
+            "target's volume; close its holes, or score with --no-rescale (no volume rescale, marked in the output)"
+        )
+    return float(filled) * pitch**3
 
 
 def _marching_cubes(grid: np.ndarray) -> trimesh.Trimesh:
@@ -352,18 +365,20 @@ FLIP_Y = np.diag([-1.0, 1.0, -1.0, 1.0])  # 180 degrees about the world Y axis, 
 
 
 def score(reconstruction: trimesh.Trimesh | ArrayLike, target: trimesh.Trimesh,
-          options: AnimodelOptions = AnimodelOptions()) -> AnimodelScore:
+          options: AnimodelOptions = AnimodelOptions(), target_name: str = "target") -> AnimodelScore:
     """Score one reconstruction against one target mesh with the Animodel protocol (module docstring).
 
     Args:
         reconstruction: a triangle mesh, or (N, 3) float points (meshed first by `mesh_from_points`),
             in the target's world frame with +Y up, scene units. An empty point cloud scores inf.
-        target: the ground-truth triangle mesh (closed, Y-up world frame).
+        target: the ground-truth triangle mesh (closed, Y-up world frame). With the rescale, one that encloses
+            no volume at the voxel pitch (holes wider than a voxel) is refused (`voxel_volume`).
         options: protocol settings (Animodel's by default) and the seed of every random sample.
+        target_name: names the target in error messages (e.g. its file).
     Returns:
         `AnimodelScore`.
     """
-    _check_mesh("target", target)
+    _check_mesh(target_name, target)
     unit_scale = 1.0 / float(target.extents.max())
     is_points = not isinstance(reconstruction, trimesh.Trimesh)
     if is_points:
@@ -378,7 +393,7 @@ def score(reconstruction: trimesh.Trimesh | ArrayLike, target: trimesh.Trimesh,
         _check_mesh("reconstruction", recon)
     volume_scale = 1.0
     if options.rescale:
-        volume_scale = (voxel_volume(target, options.min_cubes, "target")
+        volume_scale = (voxel_volume(target, options.min_cubes, target_name, enclosing=True)
                         / voxel_volume(recon, options.min_cubes, "reconstruction")) ** (1.0 / 3.0)
         recon = trimesh.Trimesh(recon.vertices * volume_scale, recon.faces, process=False)
         recon = remesh(recon, options.min_cubes)

@@ -6,7 +6,10 @@
 PRED is a point cloud (PLY without faces) or a triangle mesh (OBJ, PLY, GLB, OFF, STL); TARGET a triangle
 mesh. Both must be in the same frame and units: for the Animodel protocol, the target's world frame with
 +Y up (the benchmark's requirement); ICP, the 180-degree turn about Y and the volume rescale take care of
-the rest. Protocols:
+the rest. Files that lie are refused: an ASCII PLY whose body does not match its header, vertices that
+are not finite; for the Animodel protocol, a target that encloses no volume at the voxel pitch (holes: its
+volume would be meaningless; `--no-rescale` scores without the rescale). `target_watertight` in the output
+says whether every edge of the target has two faces. Protocols:
 
 * `animodel` (default here): `dualpm.eval.animodel.score`, the benchmark's numbers (a point cloud is meshed
   first, see `mesh_from_points`);
@@ -51,8 +54,10 @@ def pair_metrics(pred: Path, target: Path, protocol: str, options: AnimodelOptio
                  ) -> dict[str, float]:
     """Metrics of one reconstruction file against one target mesh file (module docstring)."""
     reconstruction, mesh = load_geometry(pred), load_target(target)
+    # Said in the output: a target with holes (edges of one face) whose volume the voxel fill still closes.
+    closed = {"target_watertight": float(mesh.is_watertight)}
     if protocol == "animodel":
-        return score(reconstruction, mesh, options).metrics()
+        return score(reconstruction, mesh, options, str(target)).metrics() | closed
     seed = options.seed + zlib.crc32(target.name.encode())
     truth = sample_surface(mesh.vertices, mesh.faces, surface_points, seed)
     if isinstance(reconstruction, trimesh.Trimesh):
@@ -61,7 +66,7 @@ def pair_metrics(pred: Path, target: Path, protocol: str, options: AnimodelOptio
                                surface_points=surface_points, seed=options.seed,
                                icp_iterations=options.icp_iterations)
     metrics = chamfer_metrics("surface", reconstruction, truth, eval_options)
-    return {key.replace("_surface", ""): value for key, value in metrics.items()}
+    return {key.replace("_surface", ""): value for key, value in metrics.items()} | closed
 
 
 def describe(metrics: dict[str, float], protocol: str) -> str:
@@ -77,6 +82,9 @@ def describe(metrics: dict[str, float], protocol: str) -> str:
     if protocol == "animodel":
         lines.append(f"volume rescale x{metrics['volume_scale']:.4f}, flipped: {bool(metrics['flipped'])}, "
                      f"closed surface: {bool(metrics['enclosed'])}")
+    if not metrics["target_watertight"]:
+        lines.append("target: not watertight (some edges border one face only; the animodel volume is that of "
+                     "the voxels its surface still encloses)")
     return "\n".join(lines)
 
 
