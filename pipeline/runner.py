@@ -100,11 +100,21 @@ def lock_store(out: str | os.PathLike, source: SourceDataset, command: str) -> N
     it). Call it before reading the manifest: what another writer is doing would be stale."""
     refuse_nested(source.root, out, "the source dataset SRC")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    ctx = click.get_current_context()
+    if not out.exists():  # a command refused before writing anything leaves no empty OUT behind
+        out.mkdir(parents=True)
+        ctx.call_on_close(lambda: _remove_if_empty(out))  # runs after the lock's release (LIFO)
     what = (f"{out}: another command is writing this store (two writers would replace each other's "
             f"output); wait for it to end or stop it ({command} resumes; a writer that died releases the "
             "lock by itself)")
-    click.get_current_context().with_resource(exclusive_lock(out / STORE_LOCK, what))
+    ctx.with_resource(exclusive_lock(out / STORE_LOCK, what))
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:  # not empty: the command wrote there
+        pass
 
 
 def open_manifest(out: str | os.PathLike, source: SourceDataset, shard_size: int | None) -> Manifest:
