@@ -2,7 +2,9 @@
 
 Files come from users (the published dataset, photos, any viewer's export), so decoding accepts every
 common PNG/JPEG/TIFF flavour: 1-bit, 8- and 16-bit grey, palettes (with or without transparency), RGB,
-RGBA. Problems raise `DatasetError` naming the file (or the stored sample the bytes came from).
+RGBA, with their EXIF orientation applied (photos come upright, as viewers show them); a file of
+several frames (animated GIF, multi-page TIFF) is refused. Problems raise `DatasetError` naming the
+file (or the stored sample the bytes came from).
 
     open_image(path_or_bytes)   -> PIL image, fully decoded (the file is closed)
     image_array(image)          -> numpy array as stored (bool / uint8 / uint16 / int32 / float32),
@@ -23,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
 from dualpm.errors import DatasetError
@@ -34,6 +36,7 @@ ImageSource = str | os.PathLike | bytes | bytearray | memoryview
 # premultiplied alpha) is converted to RGB(A) so callers see colours, not palette indices.
 _DIRECT_MODES = {"1", "L", "LA", "RGB", "RGBA", "I;16", "I;16L", "I;16B", "I", "F"}
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I"}
+_ORIENTATION = 0x0112  # the EXIF tag: 1 upright, 2-8 mirrored and / or rotated
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, UnidentifiedImageError, Image.DecompressionBombError)
 
 
@@ -58,7 +61,15 @@ def open_image(source: ImageSource, where: str | None = None) -> Image.Image:
     try:
         stream = io.BytesIO(bytes(source)) if isinstance(source, (bytes, bytearray, memoryview)) else source
         with Image.open(stream) as image:
+            frames = getattr(image, "n_frames", 1)
+            if frames > 1:
+                raise DatasetError(f"{name}: an image of {frames} frames (animated, or several pages); one "
+                                   "still image is expected")
             image.load()
+            # As cameras write them: a phone stores its pixels as the sensor saw them and says in EXIF
+            # how to turn them upright. Every reader (images, masks, stored bytes) sees them upright.
+            if image.getexif().get(_ORIENTATION, 1) != 1:
+                image = ImageOps.exif_transpose(image)
             return image.copy() if image.mode in _DIRECT_MODES else _expanded(image)
     except _DECODE_ERRORS as err:
         raise DatasetError(f"{name}: cannot read image ({err})") from err

@@ -180,15 +180,15 @@ def load_mesh(path: Path) -> SkinnedMesh:
     return _cached_mesh(str(path), stat.st_mtime_ns, stat.st_size)
 
 
-def _read_image_bytes(path: Path) -> bytes:
-    """The file's bytes, stored as they are, after checking that they decode: a corrupt source
-    image fails its sample here rather than every later reader of the shard."""
+def _read_image_bytes(path: Path) -> tuple[bytes, tuple[int, int]]:
+    """The file's bytes, stored as they are, after checking that they decode (a corrupt source image
+    fails its sample here rather than every later reader of the shard), and its upright (H, W)."""
     try:
         data = path.read_bytes()
     except OSError as err:
         raise DatasetError(f"{path}: cannot read ({err})") from err
-    open_image(data, str(path))
-    return data
+    image = open_image(data, str(path))
+    return data, (image.height, image.width)
 
 
 @dataclass(frozen=True)
@@ -280,7 +280,10 @@ def _sample_fields(
             mask = resize_mask(mask, config.mask_size).numpy() > INSIDE
         fields["mask"] = mask
         if sample.rgb_path and (config.format == "webdataset" or config.image_size is not None):
-            image = _read_image_bytes(sample.rgb_path)
+            image, size = _read_image_bytes(sample.rgb_path)
+            if sample.mask_path and tuple(mask.shape) != size:
+                return (f"{sample.mask_path}: the mask is {mask.shape[1]}x{mask.shape[0]} pixels, its image "
+                        f"{sample.rgb_path.name} is {size[1]}x{size[0]}: a mask must have its image's size")
             if config.format == "zarr":
                 image = rgb8(image, str(sample.rgb_path))  # (h, w, 3) uint8
                 if reason := _zarr_size("the image", sample.rgb_path, image.shape, config.image_size, config):

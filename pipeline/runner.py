@@ -27,7 +27,6 @@ same shard.
 from __future__ import annotations
 
 import abc
-import contextlib
 import json
 import os
 import time
@@ -103,20 +102,21 @@ def lock_store(out: str | os.PathLike, source: SourceDataset, command: str) -> N
     it). Call it before reading the manifest: what another writer is doing would be stale."""
     refuse_nested(source.root, out, "the source dataset SRC")
     out = Path(out)
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
+    ctx = click.get_current_context()
+    if not out.exists():  # a command refused before writing anything leaves no empty OUT behind
+        out.mkdir(parents=True)
+        ctx.call_on_close(lambda: _remove_if_empty(out))  # runs after the lock's release (LIFO)
     what = (f"{out}: another command is writing this store (two writers would replace each other's "
             f"output); wait for it to end or stop it ({command} resumes; a writer that died releases the "
             "lock by itself)")
-    ctx = click.get_current_context()
-    if created:  # a command that wrote nothing leaves no folder (runs after the lock is released: LIFO)
-        ctx.call_on_close(lambda: _remove_if_empty(out))
     ctx.with_resource(exclusive_lock(out / STORE_LOCK, what))
 
 
 def _remove_if_empty(folder: Path) -> None:
-    with contextlib.suppress(OSError):  # not empty (the command wrote something), or gone already
+    try:
         folder.rmdir()
+    except OSError:  # not empty: the command wrote there
+        pass
 
 
 def open_manifest(out: str | os.PathLike, source: SourceDataset, shard_size: int | None) -> Manifest:

@@ -327,3 +327,53 @@ def test_pair_scores_any_reconstruction_file(tmp_path):
     assert "a target must be a triangle mesh" in bad
     (tmp_path / "broken.obj").write_text("v 0 0 0\nf 1 2 3\n")
     assert "broken.obj" in run(eval_main, "pair", tmp_path / "broken.obj", tmp_path / "target.obj", exit_code=1)
+
+
+def test_pair_refuses_meshes_that_lie(tmp_path):
+    # Issue 22, item 9: an ASCII PLY whose header promises more vertices than it holds was scored (a face line
+    # read as a vertex), NaN vertices gave silent garbage, a target with holes was rescaled by its meaningless
+    # "volume".
+    target = trimesh.creation.icosphere(subdivisions=3, radius=0.5)
+    target.export(tmp_path / "target.obj")
+    target.export(tmp_path / "recon.obj")
+    # ASCII PLY of a tetrahedron whose header says 5 vertices: the first face line would be vertex 5.
+    rows = ["0 0 0", "1 0 0", "0 1 0", "0 0 1", "3 0 1 2", "3 0 1 3", "3 0 2 3", "3 1 2 3"]
+    header = ["ply", "format ascii 1.0", "element vertex 5", "property float x", "property float y",
+              "property float z", "element face 4", "property list uchar int vertex_indices", "end_header"]
+    (tmp_path / "lies.ply").write_text("\n".join(header + rows) + "\n")
+    output = run(eval_main, "pair", tmp_path / "lies.ply", tmp_path / "target.obj", *FEW, exit_code=1)
+    assert output == (f"Error: {tmp_path / 'lies.ply'}: the header declares 5 vertex, 4 face rows (9 lines), the "
+                      "body holds 8 lines: the file is inconsistent (truncated or edited)\n")
+    header[2] = "element vertex 4"
+    (tmp_path / "short_row.ply").write_text("\n".join(header + ["0 0", *rows[1:]]) + "\n")
+    output = run(eval_main, "pair", tmp_path / "short_row.ply", tmp_path / "target.obj", *FEW, exit_code=1)
+    assert "vertex row 0 holds 2 values, the header's properties need 3" in output
+    (tmp_path / "honest.ply").write_text("\n".join(header + rows) + "\n")
+    run(eval_main, "pair", tmp_path / "honest.ply", tmp_path / "target.obj", "--protocol", "dualpm",
+        "--surface-points", 500)
+    # NaN vertices: refused, counted.
+    lines = (tmp_path / "recon.obj").read_text().splitlines()
+    vertex_lines = [i for i, line in enumerate(lines) if line.startswith("v ")]
+    for i in vertex_lines[:3]:
+        lines[i] = "v nan 0 0"
+    (tmp_path / "nan.obj").write_text("\n".join(lines) + "\n")
+    for pred, tgt in ((tmp_path / "nan.obj", tmp_path / "target.obj"), (tmp_path / "recon.obj", tmp_path / "nan.obj")):
+        output = run(eval_main, "pair", pred, tgt, *FEW, exit_code=1)
+        assert output == (f"Error: {tmp_path / 'nan.obj'}: 3 of {len(vertex_lines)} vertices are not finite (NaN or "
+                          "inf): the file is damaged (dropping them would change the shape: fix or re-export it)\n")
+    # A target with a hole wider than a voxel: no volume, refused for the rescale; --no-rescale scores it,
+    # and the output says the target is not watertight.
+    holed = target.copy()
+    holed.update_faces(holed.vertices[holed.faces].mean(axis=1)[:, 1] < 0.35)  # the cap above y = 0.35 removed
+    holed.remove_unreferenced_vertices()
+    holed.export(tmp_path / "holed.obj")
+    output = run(eval_main, "pair", tmp_path / "recon.obj", tmp_path / "holed.obj", *FEW, exit_code=1)
+    assert output.startswith(f"Error: {tmp_path / 'holed.obj'}: the mesh encloses no volume at the protocol's "
+                             "voxel pitch") and "--no-rescale" in output and output.count("\n") == 1
+    text = run(eval_main, "pair", tmp_path / "recon.obj", tmp_path / "holed.obj", "--no-rescale", *FEW)
+    assert "target: not watertight" in text
+    report = json.loads(run(eval_main, "pair", tmp_path / "recon.obj", tmp_path / "holed.obj", "--no-rescale",
+                            "--json", *FEW))
+    assert report["metrics"]["target_watertight"] == 0.0 and report["metrics"]["volume_scale"] == 1.0
+    assert json.loads(run(eval_main, "pair", tmp_path / "recon.obj", tmp_path / "target.obj", "--json", *FEW)
+                      )["metrics"]["target_watertight"] == 1.0

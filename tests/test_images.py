@@ -77,3 +77,36 @@ def test_open_image_reads_bytes_and_expands_palettes(tmp_path):
     np.testing.assert_array_equal(image_array(open_image(tmp_path / "pal.png")), np.asarray(palette.convert("RGB")))
     with pytest.raises(DatasetError, match="sample 7: cannot read image"):
         open_image(b"\x89PNG nonsense", "sample 7")
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_exif_orientation_is_applied_to_images_and_masks(tmp_path, fmt):
+    # Issue 22, item 8: a phone photo (pixels as the sensor saw them, EXIF orientation 6: turn 90 degrees
+    # clockwise to view) was used sideways against its mask and point map.
+    from dualpm.masks import read_mask
+
+    stored = np.zeros((4, 6, 3), np.uint8)  # 4 rows x 6 columns as stored
+    stored[0, :] = 255  # top row white
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / f"photo.{fmt.lower()}"
+    Image.fromarray(stored).save(path, format=fmt, exif=exif.tobytes(), **({"quality": 100} if fmt == "JPEG" else {}))
+    upright = np.rot90(stored, k=-1)  # clockwise: 6 rows x 4 columns, the white row becomes the right column
+    assert upright.shape == (6, 4, 3) and upright[:, -1].min() == 255 and upright[:, 0].max() == 0
+    image = load_image(path)  # (3, H, W)
+    assert tuple(image.shape) == (3, 6, 4)
+    np.testing.assert_allclose(image.permute(1, 2, 0).numpy(), upright / 255.0, atol=0.05)
+    np.testing.assert_array_equal(image_array(open_image(path.read_bytes())).shape, (6, 4, 3))
+    mask_path = tmp_path / "mask.png"
+    Image.fromarray(stored[..., 0]).save(mask_path, exif=exif.tobytes())
+    np.testing.assert_array_equal(read_mask(mask_path), upright[..., 0] / 255.0)
+
+
+def test_an_animated_gif_is_refused_naming_the_file(tmp_path):
+    frames = [Image.new("RGB", (8, 8), colour) for colour in ("red", "blue", "green")]
+    frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:], duration=50)
+    with pytest.raises(DatasetError, match=r"a.gif: an image of 3 frames \(animated, or several pages\); one still "
+                       r"image is expected"):
+        load_image(tmp_path / "a.gif")
+    frames[0].save(tmp_path / "still.gif")
+    assert tuple(load_image(tmp_path / "still.gif").shape) == (3, 8, 8)

@@ -319,3 +319,33 @@ def test_weights_that_do_not_fit_the_checkpoints_config_are_one_short_line(tmp_p
     assert "\n" not in message and len(message) < 400, message
     assert re.search(r"\(\d+ of another shape, e\.g\. \S+: \(\d+, \d+(, \d+)*\) in the file, \(\d+, \d+(, \d+)*\) in "
                      r"the model(; \d+ missing, e\.g\. \S+)?\): the file was changed", message), message
+
+
+def test_images_of_unknown_kind_animated_or_with_a_mask_of_another_size_are_named(setup, tmp_path):
+    # Issue 22, item 8: an animated GIF in --images ended in "no sample could be predicted" naming nothing,
+    # and a mask of another size than its image was stretched over it in silence.
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    frames = [Image.new("RGB", (24, 24), colour) for colour in ("red", "blue")]
+    frames[0].save(images / "walk.gif", save_all=True, append_images=frames[1:])
+    frames[0].save(images / "moving.png", save_all=True, append_images=frames[1:])  # an animated PNG
+    Image.new("L", (24, 24), 255).save(masks / "moving_mask.png")
+    (images / "notes.txt").write_text("hello")
+    a = sample_id(0)
+    shutil.copy(setup.src / "renders" / f"{a}_rgb.png", images / f"{a}_rgb.png")
+    w, h = Image.open(images / f"{a}_rgb.png").size
+    Image.new("L", (w + 8, h), 255).save(masks / f"{a}_mask.png")
+    pred = tmp_path / "pred"
+    output = run(infer_main, "--checkpoint", setup.checkpoint, "--images", images, "--masks", masks, "--out", pred,
+                 exit_code=1)
+    assert output.splitlines()[-1].startswith("Error: no sample could be predicted: ")
+    failures = {f["id"]: f["reason"] for f in map(json.loads, (pred / "failures.jsonl").read_text().splitlines())}
+    assert failures == {
+        "walk": "walk.gif: not an image of a known kind (.png, .jpg, .jpeg, .bmp, .webp, .tif, .tiff)",
+        "notes": "notes.txt: not an image of a known kind (.png, .jpg, .jpeg, .bmp, .webp, .tif, .tiff)",
+        "moving": f"{images / 'moving.png'}: an image of 2 frames (animated, or several pages); one still image "
+                  "is expected",
+        a: f"{masks / f'{a}_mask.png'}: the mask is {w + 8}x{h} pixels, its image {a}_rgb.png is {w}x{h}: a mask "
+           "must have its image's size (stretched, it would cover other pixels)",
+    }

@@ -490,17 +490,23 @@ def test_a_zarr_column_takes_one_image_size_and_says_so(tmp_path, ray_local):
     assert failure["id"] == odd and "is 24x20, the Zarr render column stores 24x24" in failure["reason"]
     assert "--format webdataset" in failure["reason"]
     assert sorted(stored_samples(out)) == [ds.ids[0], ds.ids[2]]
-    # Masks and images may differ from each other (one size each).
+    # A mask of another size than its image is refused in either format (issue 22, item 8: stretched over
+    # it, it would cover other pixels).
     for sid in ds.ids:
         path = ds.root / "renders" / f"{sid}_rgb.png"
         Image.open(path).resize((40, 32)).save(path)
-    code, output = render_cli(str(ds.root), str(tmp_path / "two"), "--resolution", str(RES), "--layers", "2",
-                              "--format", "zarr")
-    assert "render: 2 samples written, 1 failed" in output
-    stored = stored_samples(tmp_path / "two")
-    assert {f["rgb"].shape for f in stored.values()} == {(32, 40, 3)}
-    assert {f["mask"].shape for f in stored.values()} == {(24, 24)}
-    # WebDataset keeps every size.
+    for fmt in ("zarr", "webdataset"):
+        code, output = render_cli(str(ds.root), str(tmp_path / fmt), "--resolution", str(RES), "--layers", "2",
+                                  "--format", fmt)
+        assert code == 1 and "no sample could be produced" in output, output
+        reasons = {f["id"]: f["reason"] for f in map(json.loads, (tmp_path / fmt / FAILURES_NAME).read_text().splitlines())}
+        for sid in (ds.ids[0], ds.ids[2]):
+            assert reasons[sid] == (f"{ds.root / 'masks' / f'{sid}_mask.png'}: the mask is 24x24 pixels, its image "
+                                    f"{sid}_rgb.png is 40x32: a mask must have its image's size")
+    # WebDataset keeps every size (each mask with its image's).
+    for sid in ds.ids:
+        path = ds.root / "masks" / f"{sid}_mask.png"
+        Image.open(path).resize((40, 32)).save(path)
     code, output = render_cli(str(ds.root), str(tmp_path / "wds"), "--resolution", str(RES), "--layers", "2",
                               "--format", "webdataset")
     assert code == 0 and "render: 3 samples written, 0 failed" in output
@@ -603,3 +609,20 @@ with exclusive_lock({str(out / ".writer.lock")!r}, "held"):
     code, output = render_cli(*args)
     assert code == 0 and "4 samples written" in output, output
     assert not (out / ".writer.lock").exists() and verify_store(out) == []
+
+
+def test_a_mask_of_another_size_than_its_image_fails_its_sample_naming_both(tmp_path, ray_local):
+    # Issue 22, item 8: with --format webdataset a mask of another size than its image was stored (and later
+    # stretched over it) in silence.
+    ds = make_source_dataset(tmp_path / "src", num_samples=3, models=1)
+    odd = sample_id(1)
+    mask_path = SourceDataset(ds.root).layout.mask(odd)
+    mask = np.array(Image.open(mask_path))
+    Image.fromarray(np.pad(mask, ((0, 0), (0, 16)))).save(mask_path)  # 64 x 80: same object, wider canvas
+    out = tmp_path / "out"
+    code, output = render_cli(str(ds.root), str(out), "--resolution", str(RES), "--layers", "2", "--format",
+                              "webdataset")
+    assert code == 0 and "2 samples written, 1 failed" in output, output
+    reasons = {line["id"]: line["reason"] for line in map(json.loads, (out / FAILURES_NAME).read_text().splitlines())}
+    assert reasons == {odd: f"{mask_path}: the mask is 80x64 pixels, its image {odd}_rgb.png is 64x64: a mask "
+                            "must have its image's size"}

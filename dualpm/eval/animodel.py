@@ -191,10 +191,23 @@ def voxelise(mesh: trimesh.Trimesh, min_cubes: int, name: str = "mesh") -> tuple
     return fill_inside(grid), pitch, low
 
 
-def voxel_volume(mesh: trimesh.Trimesh, min_cubes: int, name: str = "mesh") -> float:
-    """Animodel's volume of a mesh: filled voxels x pitch^3 (scene units cubed)."""
-    grid, pitch, _ = voxelise(mesh, min_cubes, name)
-    return float(np.count_nonzero(grid)) * pitch**3
+def voxel_volume(mesh: trimesh.Trimesh, min_cubes: int, name: str = "mesh", enclosing: bool = False) -> float:
+    """Animodel's volume of a mesh: filled voxels x pitch^3 (scene units cubed).
+
+    enclosing: raise `EvalError` when the surface encloses no voxel at this pitch (holes wider than a
+    voxel let the fill leak out: the "volume" would be that of the surface's shell, meaningless)."""
+    _check_mesh(name, mesh)
+    pitch = float(mesh.extents.min()) / min_cubes
+    surface, _ = _surface_grid(np.asarray(mesh.vertices, dtype=np.float64), np.asarray(mesh.faces), pitch, name)
+    filled = int(np.count_nonzero(fill_inside(surface)))
+    if enclosing and filled == int(np.count_nonzero(surface)):
+        edges = trimesh.grouping.group_rows(mesh.edges_sorted, require_count=1)
+        raise EvalError(
+            f"{name}: the mesh encloses no volume at the protocol's voxel pitch {pitch:.4g} (it is not watertight: "
+            f"{len(edges)} edges bound a hole), and the Animodel protocol rescales the reconstruction by the "
+            "target's volume; close its holes, or score with --no-rescale (no volume rescale, marked in the output)"
+        )
+    return float(filled) * pitch**3
 
 
 def _marching_cubes(grid: np.ndarray) -> trimesh.Trimesh:
@@ -424,12 +437,14 @@ class _Target:
     scored against it: its volume, its even samples (drawn first from the seeded generator, so every
     reconstruction's samples continue the same random stream, exactly as when scored alone) and their trees."""
 
-    def __init__(self, mesh: trimesh.Trimesh, options: AnimodelOptions):
-        self.mesh, self.options = mesh, options
+    def __init__(self, mesh: trimesh.Trimesh, options: AnimodelOptions, name: str = "target"):
+        self.mesh, self.options, self.name = mesh, options, name
 
     @functools.cached_property
     def volume(self) -> float:
-        return voxel_volume(self.mesh, self.options.min_cubes, "target")
+        # A target enclosing no volume at the pitch (holes wider than a voxel) is refused: its "volume"
+        # would be its shell's, and the rescale meaningless.
+        return voxel_volume(self.mesh, self.options.min_cubes, self.name, enclosing=True)
 
     @functools.cached_property
     def samples(self) -> tuple[np.ndarray, cKDTree, np.ndarray, cKDTree, dict]:
@@ -480,25 +495,27 @@ def _score_one(reconstruction: trimesh.Trimesh | ArrayLike, target: _Target, uni
 
 
 def score_all(reconstructions: Sequence[trimesh.Trimesh | ArrayLike], target: trimesh.Trimesh,
-              options: AnimodelOptions = AnimodelOptions()) -> list[AnimodelScore]:
+              options: AnimodelOptions = AnimodelOptions(), target_name: str = "target") -> list[AnimodelScore]:
     """`score` of each reconstruction against one target: the same numbers, with the target's volume, samples
-    and KD-trees made once (a model's cloud and the baseline's, say)."""
-    _check_mesh("target", target)
+    and KD-trees made once (a model's cloud and the baseline's, say). `target_name` names it in errors."""
+    _check_mesh(target_name, target)
     unit_scale = 1.0 / float(target.extents.max())
-    shared = _Target(target, options)
+    shared = _Target(target, options, target_name)
     return [_score_one(reconstruction, shared, unit_scale) for reconstruction in reconstructions]
 
 
 def score(reconstruction: trimesh.Trimesh | ArrayLike, target: trimesh.Trimesh,
-          options: AnimodelOptions = AnimodelOptions()) -> AnimodelScore:
+          options: AnimodelOptions = AnimodelOptions(), target_name: str = "target") -> AnimodelScore:
     """Score one reconstruction against one target mesh with the Animodel protocol (module docstring).
 
     Args:
         reconstruction: a triangle mesh, or (N, 3) float points (meshed first by `mesh_from_points`),
             in the target's world frame with +Y up, scene units. An empty point cloud scores inf.
-        target: the ground-truth triangle mesh (closed, Y-up world frame).
+        target: the ground-truth triangle mesh (closed, Y-up world frame). With the rescale, one that encloses
+            no volume at the voxel pitch (holes wider than a voxel) is refused (`voxel_volume`).
         options: protocol settings (Animodel's by default) and the seed of every random sample.
+        target_name: names the target in error messages (e.g. its file).
     Returns:
         `AnimodelScore`.
     """
-    return score_all([reconstruction], target, options)[0]
+    return score_all([reconstruction], target, options, target_name)[0]

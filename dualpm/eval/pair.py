@@ -6,7 +6,10 @@
 PRED is a point cloud (PLY without faces) or a triangle mesh (OBJ, PLY, GLB, OFF, STL); TARGET a triangle
 mesh. Both must be in the same frame and units: for the Animodel protocol, the target's world frame with
 +Y up (the benchmark's requirement); ICP, the 180-degree turn about Y and the volume rescale take care of
-the rest. Protocols:
+the rest. Files that lie are refused: an ASCII PLY whose body does not match its header, vertices that
+are not finite; for the Animodel protocol, a target that encloses no volume at the voxel pitch (holes: its
+volume would be meaningless; `--no-rescale` scores without the rescale). `target_watertight` in the output
+says whether every edge of the target has two faces. Protocols:
 
 * `animodel` (default here): `dualpm.eval.animodel.score`, the benchmark's numbers (a point cloud is meshed
   first, see `mesh_from_points`);
@@ -31,8 +34,12 @@ from dualpm.eval.targets import load_geometry, load_target
 
 def pair_metrics(pred: Path, target: Path, protocol: Protocol, options: AnimodelOptions, surface_points: int
                  ) -> dict[str, float]:
-    """Metrics of one reconstruction file against one target mesh file, under `protocol`."""
-    return protocol.score_pair(load_geometry(pred), load_target(target), options, surface_points, target.name)
+    """Metrics of one reconstruction file against one target mesh file, under `protocol`, and whether the
+    target is watertight (`target_watertight`: a target with holes whose volume the voxel fill still closes
+    is scored, and said so)."""
+    reconstruction, mesh = load_geometry(pred), load_target(target)
+    return protocol.score_pair(reconstruction, mesh, options, surface_points, target) | {
+        "target_watertight": float(mesh.is_watertight)}
 
 
 def describe(metrics: dict[str, float], protocol: Protocol) -> str:
@@ -45,6 +52,9 @@ def describe(metrics: dict[str, float], protocol: Protocol) -> str:
     if "volume_scale" in metrics:
         lines.append(f"volume rescale x{metrics['volume_scale']:.4f}, flipped: {bool(metrics['flipped'])}, "
                      f"closed surface: {bool(metrics['enclosed'])}")
+    if not metrics["target_watertight"]:
+        lines.append("target: not watertight (some edges border one face only; the animodel volume is that of "
+                     "the voxels its surface still encloses)")
     return "\n".join(lines)
 
 

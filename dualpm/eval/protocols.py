@@ -85,7 +85,7 @@ class Protocol:
     mesh_targets: bool  # scores against target meshes, so `dualpm-eval --targets DIR` applies
     pair_frames: tuple[tuple[str, str], ...]  # (metric prefix, label) of the Chamfer lines `pair` prints
     score_store: Callable[[StoreJob], StoreScores]
-    score_pair: Callable[[trimesh.Trimesh | np.ndarray, trimesh.Trimesh, AnimodelOptions, int, str], dict]
+    score_pair: Callable[[trimesh.Trimesh | np.ndarray, trimesh.Trimesh, AnimodelOptions, int, Path], dict]
     store_config: Callable[[StoreJob], dict]  # the protocol's own entries of the printed, saved config
 
     def ratio_definition(self) -> str:
@@ -147,10 +147,10 @@ def _dualpm_store(job: StoreJob) -> StoreScores:
 
 
 def _dualpm_pair(reconstruction, mesh: trimesh.Trimesh, options: AnimodelOptions, surface_points: int,
-                 target_name: str) -> dict[str, float]:
+                 target: Path) -> dict[str, float]:
     """Chamfer from the points (a mesh: `surface_points` random points on it) to random target surface
     points, plain and after ICP with the flip; unit cube by the target points' box."""
-    seed = options.seed + zlib.crc32(target_name.encode())
+    seed = options.seed + zlib.crc32(target.name.encode())
     truth = sample_surface(mesh.vertices, mesh.faces, surface_points, seed)
     if isinstance(reconstruction, trimesh.Trimesh):
         reconstruction = sample_surface(reconstruction.vertices, reconstruction.faces, surface_points, seed + 1)
@@ -269,8 +269,8 @@ def _animodel_store(job: StoreJob) -> StoreScores:
 
 
 def _animodel_pair(reconstruction, mesh: trimesh.Trimesh, options: AnimodelOptions, surface_points: int,
-                   target_name: str) -> dict[str, float]:
-    return score(reconstruction, mesh, options).metrics()
+                   target: Path) -> dict[str, float]:
+    return score(reconstruction, mesh, options, str(target)).metrics()
 
 
 def _animodel_config(job: StoreJob) -> dict:

@@ -44,8 +44,12 @@ def load_geometry(path: str | Path) -> trimesh.Trimesh | np.ndarray:
     if path.suffix.lower() not in MESH_SUFFIXES:
         raise EvalError(f"{path}: unsupported file type {path.suffix!r} (use one of {', '.join(MESH_SUFFIXES)})")
     options = {"skip_materials": True} if path.suffix.lower() == ".obj" else {}
+    if path.suffix.lower() == ".ply" and (problem := ply_problem(path)) is not None:
+        raise EvalError(f"{path}: {problem}")
     try:
-        loaded = trimesh.load(str(path), process=True, **options)
+        # process=False: trimesh's processing drops non-finite vertices (and their faces) in silence;
+        # they are counted first, then the mesh is processed (vertices merged) as Animodel loads it.
+        loaded = trimesh.load(str(path), process=False, **options)
     except Exception as err:  # trimesh's loaders raise many types; the message names the file either way
         raise EvalError(f"{path}: cannot read ({type(err).__name__}: {err})") from err
     if isinstance(loaded, trimesh.Scene):
@@ -57,11 +61,58 @@ def load_geometry(path: str | Path) -> trimesh.Trimesh | np.ndarray:
             loaded = trimesh.PointCloud(np.concatenate([c.vertices for c in clouds]))
         else:
             raise EvalError(f"{path}: the file holds no triangles and no points")
+    if isinstance(loaded, trimesh.Trimesh | trimesh.PointCloud):
+        vertices = np.asarray(loaded.vertices, dtype=np.float64)
+        bad = int((~np.isfinite(vertices)).any(axis=1).sum()) if vertices.ndim == 2 else 0
+        if bad:
+            raise EvalError(f"{path}: {bad} of {len(vertices)} vertices are not finite (NaN or inf): the file is "
+                            "damaged (dropping them would change the shape: fix or re-export it)")
     if isinstance(loaded, trimesh.Trimesh) and len(loaded.faces):
+        loaded.process()
         return loaded
     if isinstance(loaded, trimesh.Trimesh | trimesh.PointCloud):
         return as_points(str(path), np.asarray(loaded.vertices, dtype=np.float64))
     raise EvalError(f"{path}: the file holds no triangles and no points")
+
+
+def ply_problem(path: str | Path) -> str | None:
+    """What is inconsistent in an ASCII PLY file (None: nothing found, or a binary file).
+
+    The body must hold exactly the rows the header declares, element by element, one per line: a row of
+    scalar properties has one value per property, a row of one list property its count and that many
+    values. (trimesh reads the body as one stream of numbers: a header promising more vertices than the
+    file holds turns face lines into vertices.)"""
+    data = Path(path).read_bytes()
+    end = data.find(b"end_header")
+    if not data.startswith(b"ply") or end < 0 or b"format ascii" not in data[:end]:
+        return None
+    elements: list[tuple[str, int, list[str]]] = []
+    for line in data[:end].decode("ascii", errors="replace").splitlines():
+        parts = line.split()
+        if parts[:1] == ["element"] and len(parts) == 3 and parts[2].isdigit():
+            elements.append((parts[1], int(parts[2]), []))
+        elif parts[:1] == ["property"] and len(parts) >= 3 and elements:
+            elements[-1][2].append("list" if parts[1] == "list" else "scalar")
+    body = data[data.find(b"\n", end) + 1 :].decode("ascii", errors="replace").splitlines()
+    rows = [line.split() for line in body if line.strip()]
+    declared = ", ".join(f"{count} {name}" for name, count, _ in elements)
+    if len(rows) != sum(count for _, count, _ in elements):
+        return (f"the header declares {declared} rows ({sum(c for _, c, _ in elements)} lines), the body "
+                f"holds {len(rows)} lines: the file is inconsistent (truncated or edited)")
+    first = 0
+    for name, count, props in elements:
+        for k, row in enumerate(rows[first : first + count]):
+            if props == ["list"]:
+                wanted = 1 + int(row[0]) if row[0].isdigit() else -1
+            elif "list" not in props:
+                wanted = len(props)
+            else:
+                break  # rows mixing lists and scalars: trimesh checks them
+            if len(row) != wanted:
+                return (f"{name} row {k} holds {len(row)} values, the header's properties need "
+                        f"{wanted if wanted >= 0 else 'a count first'}: the file is inconsistent")
+        first += count
+    return None
 
 
 def load_target(path: str | Path) -> trimesh.Trimesh:

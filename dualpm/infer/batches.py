@@ -117,6 +117,10 @@ def pair_images(images_dir: Path, masks_dir: Path) -> tuple[list[tuple[str, Path
 
     images, masks = files(images_dir, "_rgb"), files(masks_dir, "_mask")
     pairs, failures = [], []
+    for path in sorted(images_dir.iterdir()):  # what is not taken is said, not skipped in silence
+        if not path.name.startswith(".") and path.suffix.lower() not in IMAGE_SUFFIXES:
+            why = "a folder" if path.is_dir() else f"not an image of a known kind ({', '.join(IMAGE_SUFFIXES)})"
+            failures.append({"id": path.stem, "image": str(path), "reason": f"{path.name}: {why}"})
     for sample_id, paths in sorted(images.items()):
         where = {"id": sample_id, "image": str(paths[0])}
         if not SAMPLE_ID_RE.match(sample_id):  # the one id rule of every command (dualpm.store.manifest)
@@ -149,7 +153,13 @@ def image_batches(
                 mask = torch.from_numpy(read_mask(mask_path))  # (h, w) float32 in [0, 1]
                 if not bool((mask > INSIDE).any()):
                     raise DatasetError(f"{mask_path}: the mask is empty (no pixel inside): nothing to predict")
-                loaded.append((sample_id, load_image(image_path), mask, image_path))
+                image = load_image(image_path)  # (3, H, W)
+                if tuple(mask.shape) != tuple(image.shape[1:]):
+                    (h, w), (H, W) = mask.shape, image.shape[1:]
+                    raise DatasetError(f"{mask_path}: the mask is {w}x{h} pixels, its image {image_path.name} is "
+                                       f"{W}x{H}: a mask must have its image's size (stretched, it would cover "
+                                       "other pixels)")
+                loaded.append((sample_id, image, mask, image_path))
             except DatasetError as err:  # missing, truncated, not an image, empty mask: this sample's failure
                 failures.append({"id": sample_id, "image": str(image_path), "reason": str(err)})
         return loaded
