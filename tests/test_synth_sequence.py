@@ -83,3 +83,30 @@ def test_key_pose_source_passes_through_its_keys():
     np.testing.assert_allclose(poses[:, :, 4:], np.broadcast_to(keys[0][:, 4:], poses[:, :, 4:].shape))
     again = key_pose_source(mesh, sampler, np.random.default_rng(5), 2 * KEY_FRAMES + 1)
     np.testing.assert_array_equal(poses, again)
+
+
+def test_a_rig_with_clips_plays_its_own_clip_in_a_sequence(tmp_path, ray_local):
+    """--poses clips: each sequence plays the rig's LINEAR clip "Bend" (bone1 0 -> 40 degrees about z over
+    one second) at 24 frames a second, wrapping at the clip's end: consecutive frames turn 40/24 degrees."""
+    from tests.rigs import textured_tube
+
+    rig = textured_tube(tmp_path / "rig" / "tube.gltf")
+    out = tmp_path / "data"
+    args = ["synth", str(out), "--mesh", str(rig), "--num-samples", "12", "--sequence", "6", "--poses", "clips",
+            "--image-size", "48", "--val-fraction", "0", "--workers", "1"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    source = SourceDataset(out)
+    mesh = load_skinned_mesh(next((out / "shapes").rglob("*_shape.gltf")))
+    poses = np.stack([read_pose_file(source.sample(i).pose_path, mesh.num_nodes) for i in source.ids])
+    turn = Rotation.from_quat(np.roll(poses[:, 2, :4], -1, axis=-1))  # node 2 = bone1, relative to rest (identity)
+    rotvec = turn.as_rotvec()
+    np.testing.assert_allclose(rotvec[:, :2], 0.0, atol=1e-9)  # about z only
+    angles = np.degrees(rotvec[:, 2])
+    assert ((angles >= -1e-6) & (angles <= 40 + 1e-6)).all()
+    for sequence in angles.reshape(2, 6):
+        steps = np.diff(sequence)
+        wrapped = steps < 0  # the clip's end: back by 40 degrees minus a step
+        np.testing.assert_allclose(steps[~wrapped], 40 / 24, atol=1e-6)
+        np.testing.assert_allclose(steps[wrapped], 40 / 24 - 40, atol=1e-6)
+        assert wrapped.sum() <= 1

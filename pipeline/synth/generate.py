@@ -47,7 +47,7 @@ from pipeline.synth.poses import PoseSampler
 from pipeline.synth.lighting import list_images, sample_scene_light
 from pipeline.synth.quadruped import make_quadruped
 from pipeline.synth.rig_assets import ASSET_FOLDER, choose_look, choose_pose, copy_asset
-from pipeline.synth.sequence import SequenceFrames, make_sequence
+from pipeline.synth.sequence import SequenceFrames, make_sequence, sequence_source
 from pipeline.synth.config import (
     APPEARANCE,
     AUTO_MESH_SIZE,
@@ -289,10 +289,11 @@ def run_chunk(root: Path, config: SynthConfig, model: ModelSpec, specs: list[Sam
     for spec in todo:
         try:
             if config.sequence and spec.sequence not in sequences:
+                source = sequence_source(config.poses, state.clips, sequence_rng(config.seed, CLIP, spec.sequence))
                 sequences[spec.sequence] = make_sequence(
                     state.mesh, state.sampler, sequence_rng(config.seed, POSE, spec.sequence),
                     sequence_rng(config.seed, CAMERA, spec.sequence), config.sequence, config.image_size,
-                    config.cameras, where=f"sequence {spec.sequence} (model {model.name})")
+                    config.cameras, where=f"sequence {spec.sequence} (model {model.name})", source=source)
             make_sample(root, config, model, state, spec, backend, sequences.get(spec.sequence))
             results.append(SampleResult(spec.id, "written"))
         except DualPMError as err:

@@ -4,11 +4,13 @@ A sequence is LEN consecutive sample ids of one model. Its poses come from one *
 
     source(mesh, sampler, rng, length) -> (length, num_nodes, 7) float64 node-local poses
 
-`key_pose_source` (the default) draws a key pose every `KEY_FRAMES` frames with the model's `PoseSampler`
+`clip_pose_source` plays one of the rig's own glTF animation clips (`dualpm.animation`, the reader
+`dualpm-animate` and `--poses clips` use too): a random clip from a random time, `CLIP_FPS` frames a
+second, wrapping around the clip's end (walk and run cycles loop); `sequence_source` picks it for a rig
+with clips as `--poses` says. `key_pose_source` (the default otherwise) draws a key pose every `KEY_FRAMES` frames with the model's `PoseSampler`
 (no yaw: the whole-body yaw drifts smoothly instead, a random walk over the keys) and interpolates every
 node's rotation with `scipy.spatial.transform.RotationSpline` (C2 on the rotation manifold, through the
-keys); translations stay at rest. A rig's own glTF animation clips can plug in later as another source
-of the same signature. The camera frames the union of all frames' posed meshes (`frame_camera`), then
+keys); translations stay at rest. The camera frames the union of all frames' posed meshes (`frame_camera`), then
 orbits the vertical axis through that union's centre at a constant rate (`ORBIT_DEG_PER_FRAME`, random
 sign); a sequence whose orbit leaves a frame out of view keeps the first frame's camera throughout.
 Lighting is one draw per sequence.
@@ -17,13 +19,14 @@ Lighting is one draw per sequence.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from scipy.spatial.transform import Rotation, RotationSpline
 
+from dualpm.animation import AnimationClip, sample_clip
 from dualpm.camera import look_at
 from dualpm.gltf import SkinnedMesh
 from dualpm.skinning import skin
@@ -31,6 +34,7 @@ from pipeline.synth.cameras import CameraRanges, SampledCamera, camera_through_f
 from pipeline.synth.poses import PoseSampler
 
 KEY_FRAMES = 8  # frames between key poses
+CLIP_FPS = 24.0  # frames per second of a sequence played from a clip
 YAW_STEP_DEG = 20.0  # standard deviation of the whole-body yaw change between keys
 ORBIT_DEG_PER_FRAME = 1.0
 
@@ -59,6 +63,30 @@ def key_pose_source(mesh: SkinnedMesh, sampler: PoseSampler, rng: np.random.Gene
         quat = np.roll(spline(frames).as_quat(), 1, axis=1)
         poses[:, node, :4] = np.where(quat[:, :1] < 0, -quat, quat)
     return poses
+
+
+def clip_pose_source(clips: Sequence[AnimationClip]) -> PoseSource:
+    """A pose source playing one of `clips` (sampled as glTF defines it, `dualpm.animation.sample_clip`)."""
+
+    def source(mesh: SkinnedMesh, sampler: PoseSampler, rng: np.random.Generator, length: int) -> np.ndarray:
+        clip = clips[int(rng.integers(len(clips)))]
+        duration = clip.end - clip.start
+        offset = rng.uniform(0.0, duration) if duration > 0 else 0.0
+        elapsed = offset + np.arange(length) / CLIP_FPS
+        times = clip.start + (np.mod(elapsed, duration) if duration > 0 else 0.0 * elapsed)  # (length,) s
+        return sample_clip(clip, mesh, times)
+
+    return source
+
+
+def sequence_source(poses: str, clips: Sequence[AnimationClip], rng: np.random.Generator) -> PoseSource:
+    """The pose source of one sequence: `--poses` random -> key poses; clips -> the rig's clips; mixed or
+    auto -> clips for half the sequences. A rig without clips always takes key poses."""
+    if poses == "random" or not clips:
+        return key_pose_source
+    if poses in ("mixed", "auto") and rng.random() >= 0.5:
+        return key_pose_source
+    return clip_pose_source(clips)
 
 
 def sequence_cameras(posed: torch.Tensor, rng: np.random.Generator, size: int, ranges: CameraRanges,
