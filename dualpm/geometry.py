@@ -7,8 +7,12 @@ Conventions: quaternions are real-first `[qw, qx, qy, qz]` (as in the reference 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+from numpy.typing import ArrayLike
 from torch import Tensor
+
+from dualpm.errors import DualPMError
 
 
 def quaternion_to_matrix(q: Tensor) -> Tensor:
@@ -114,3 +118,13 @@ def rigid_inverse(matrix: Tensor) -> Tensor:
     out[..., :3, 3] = -(rt @ matrix[..., :3, 3:4])[..., 0]
     out[..., 3, 3] = 1
     return out
+
+
+def checked_points(name: str, points: ArrayLike, error: type[DualPMError]) -> np.ndarray:
+    """`points` as a (N, 3) float64 numpy array; raises `error` naming `name` if it is not finite (N, 3)."""
+    array = np.asarray(points, dtype=np.float64)
+    if array.ndim != 2 or array.shape[1] != 3:
+        raise error(f"{name}: expected points of shape (N, 3), got {array.shape}")
+    if not np.isfinite(array).all():
+        raise error(f"{name}: {int((~np.isfinite(array)).any(axis=1).sum())} points are NaN or infinite")
+    return array

@@ -105,3 +105,15 @@ def test_dtype_is_kept(dtype):
     q = wxyz(RANDOM[:3]).to(dtype)
     assert quaternion_to_matrix(q).dtype == dtype and matrix_to_quaternion(quaternion_to_matrix(q)).dtype == dtype
     assert trs_matrix(torch.zeros(3, 3, dtype=dtype), q).dtype == dtype
+
+
+def test_checked_points_names_what_is_wrong():
+    from dualpm.errors import DatasetError
+    from dualpm.geometry import checked_points
+
+    out = checked_points("cloud", [[1, 2, 3]], DatasetError)
+    assert out.dtype == np.float64 and out.tolist() == [[1.0, 2.0, 3.0]]
+    with pytest.raises(DatasetError, match=r"cloud: expected points of shape \(N, 3\), got \(3,\)"):
+        checked_points("cloud", [1, 2, 3], DatasetError)
+    with pytest.raises(DatasetError, match="cloud: 2 points are NaN or infinite"):
+        checked_points("cloud", [[np.nan, 0, 0], [0, np.inf, 0], [0, 0, 0]], DatasetError)

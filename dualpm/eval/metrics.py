@@ -26,6 +26,7 @@ from numpy.typing import ArrayLike
 from scipy.spatial import cKDTree
 
 from dualpm.errors import DualPMError
+from dualpm.geometry import checked_points
 
 
 class EvalError(DualPMError):
@@ -34,12 +35,7 @@ class EvalError(DualPMError):
 
 def as_points(name: str, points: ArrayLike) -> np.ndarray:
     """`points` as a (N, 3) float64 array; raises `EvalError` naming `name` if it is not finite (N, 3)."""
-    array = np.asarray(points, dtype=np.float64)
-    if array.ndim != 2 or array.shape[1] != 3:
-        raise EvalError(f"{name}: expected points of shape (N, 3), got {array.shape}")
-    if not np.isfinite(array).all():
-        raise EvalError(f"{name}: {int((~np.isfinite(array)).any(axis=1).sum())} points are NaN or infinite")
-    return array
+    return checked_points(name, points, EvalError)
 
 
 @dataclass(frozen=True)

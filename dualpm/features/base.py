@@ -247,6 +247,14 @@ class FeatureExtractor(Protocol):
         ...
 
 
+def bind_spec(extractor: object, spec: FeatureSpec, device: torch.device | str, kind: str) -> None:
+    """Set an extractor's `spec` and `device` after checking that `spec` asks for `kind` features."""
+    if spec.extractor != kind:
+        raise ConfigError(f"{type(extractor).__name__} cannot produce {spec.extractor!r} features")
+    extractor.spec = spec
+    extractor.device = torch.device(device)
+
+
 # ---------------------------------------------------------------------------------------------
 # Image batches
 

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from dualpm.errors import ConfigError
 from dualpm.features.base import (
+    bind_spec,
     DINO_PATCH,
     FINAL,
     FeatureSpec,
@@ -113,15 +114,12 @@ class DinoExtractor:
     """
 
     def __init__(self, spec: FeatureSpec, device: torch.device):
-        if spec.extractor != "dino":
-            raise ConfigError(f"DinoExtractor cannot produce {spec.extractor!r} features")
+        bind_spec(self, spec, device, "dino")
         backbone = Dinov2Backbone(spec.dino_path, spec.dino_image_size)
         if spec.dim > backbone.hidden_size:
             raise ConfigError(
                 f"feature dim {spec.dim} exceeds the {backbone.hidden_size} channels of {backbone.path}"
             )
-        self.spec = spec
-        self.device = torch.device(device)
         self.backbone = backbone.load(self.device)
         self.model_id = backbone.fingerprint()
         self.raw_channels = backbone.hidden_size

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dualpm.errors import ConfigError
-from dualpm.features.base import FeatureSpec, check_images, imagenet_normalize
+from dualpm.features.base import FeatureSpec, bind_spec, check_images, imagenet_normalize
 from dualpm.features.pca import FeatureBasis
 from dualpm.images import resize_images
 
@@ -20,10 +20,7 @@ class RgbExtractor:
     """Pixels on a `spec.grid` x `spec.grid` grid; see `FeatureExtractor`."""
 
     def __init__(self, spec: FeatureSpec, device: torch.device):
-        if spec.extractor != "rgb":
-            raise ConfigError(f"RgbExtractor cannot produce {spec.extractor!r} features")
-        self.spec = spec
-        self.device = torch.device(device)
+        bind_spec(self, spec, device, "rgb")
         self.model_id = ""
         self.raw_channels = spec.dim
         self.input_size = spec.grid

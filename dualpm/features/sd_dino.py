@@ -40,6 +40,7 @@ from torch import Tensor
 
 from dualpm.errors import ConfigError
 from dualpm.features.base import (
+    bind_spec,
     FINAL,
     FeatureSpec,
     autocast,
@@ -97,10 +98,7 @@ class SdDinoExtractor:
     def __init__(self, spec: FeatureSpec, device: torch.device):
         from diffusers import AutoencoderKL, UNet2DConditionModel
 
-        if spec.extractor != "sd-dino":
-            raise ConfigError(f"SdDinoExtractor cannot produce {spec.extractor!r} features")
-        self.spec = spec
-        self.device = torch.device(device)
+        bind_spec(self, spec, device, "sd-dino")
         root = require_folder(
             spec.sd_path, "Stable Diffusion (diffusers layout: unet/, vae/, text_encoder/, tokenizer/)"
         )

@@ -9,6 +9,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from dualpm.errors import DualPMError
+from dualpm.geometry import checked_points
 
 
 class SkeletonError(DualPMError):
@@ -17,12 +18,7 @@ class SkeletonError(DualPMError):
 
 def as_points(name: str, points: ArrayLike) -> np.ndarray:
     """`points` as a (N, 3) float64 array; raises `SkeletonError` naming `name` if it is not finite (N, 3)."""
-    array = np.asarray(points, dtype=np.float64)
-    if array.ndim != 2 or array.shape[1] != 3:
-        raise SkeletonError(f"{name}: expected points of shape (N, 3), got {array.shape}")
-    if not np.isfinite(array).all():
-        raise SkeletonError(f"{name}: {int((~np.isfinite(array)).any(axis=1).sum())} points are NaN or infinite")
-    return array
+    return checked_points(name, points, SkeletonError)
 
 
 def umeyama_from_moments(
