@@ -75,7 +75,9 @@ def renamed_option(*old: str, new: str, meaning: str, takes_value: bool = True) 
         if value not in (None, False):
             raise click.UsageError(f"{'/'.join(old)} is now {new} ({meaning})", ctx)
 
-    return click.option(*old, is_flag=not takes_value, default=None, hidden=True, expose_value=False,
+    # Its own parameter name: the new option may keep the old one's (e.g. --store-dtype stores `precision`).
+    name = "renamed_" + old[0].lstrip("-").replace("-", "_")
+    return click.option(*old, name, is_flag=not takes_value, default=None, hidden=True, expose_value=False,
                         callback=refuse, is_eager=True)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 
 from dualpm.cliutils import describe_machine, record_benchmark
@@ -30,8 +31,10 @@ def test_record_benchmark_keeps_what_is_already_there(tmp_path):
 
 
 def test_describe_machine_names_the_cpu_and_the_cores():
-    # coreutils' nproc counts the CPUs this process may use (the affinity mask), as a benchmark sees them.
-    cores = int(subprocess.run(["nproc"], capture_output=True, text=True, check=True).stdout)
+    # coreutils' nproc counts the CPUs this process may use (the affinity mask), as a benchmark sees them;
+    # it also honours OMP_NUM_THREADS / OMP_THREAD_LIMIT, which describe no hardware: left out.
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_THREAD_LIMIT")}
+    cores = int(subprocess.run(["nproc"], capture_output=True, text=True, check=True, env=env).stdout)
     text = describe_machine()
     assert f", {cores} cores" in text
     models = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]

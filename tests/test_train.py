@@ -82,7 +82,7 @@ def test_stop_at_k_and_resume_equals_an_uninterrupted_run(tmp_path, variant):
 
     def raw(out: str, steps: int) -> dict:
         r = tiny_raw(root, tmp_path / out, steps=steps, checkpoint_every=1, validate_every=2)
-        r["data"].update(batch_size=2, workers=2)
+        r["data"].update(batch_size=2, loader_workers=2)
         r["model"]["unet"]["dropout"] = 0.2
         if variant != "reference":
             r["data"]["hflip_canonical_axis"] = 0
@@ -141,7 +141,7 @@ def test_resume_with_another_loader_layout_starts_a_fresh_epoch(tmp_path, capsys
     run = tmp_path / "run"
     train(config_from_dict(tiny_raw(root, run, steps=3)), verbose=False)  # 12 samples: epoch 1, count 4
     raw = tiny_raw(root, run, steps=4)
-    raw["data"]["workers"] = 2
+    raw["data"]["loader_workers"] = 2
     result = train(config_from_dict(raw), resume="auto", verbose=False)
     assert result.step == 4 and "data restarts at epoch 2, not bit-exact" in capsys.readouterr().out
     positions = load_checkpoint(result.checkpoint)["data"]["positions"]
@@ -285,7 +285,7 @@ def test_two_process_ddp_reads_every_sample_once_per_epoch(tmp_path):
     root = write_store(tmp_path / "data", n_train=12, n_val=4, shard_size=4)
     run = tmp_path / "run"
     raw = tiny_raw(root, run, steps=8, checkpoint_every=4, validate_every=8, record_ids=True)
-    raw["data"].update(batch_size=2, workers=2)
+    raw["data"].update(batch_size=2, loader_workers=2)
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(raw))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -347,7 +347,7 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resume_is_bitwise(tm
 
     def config(name: str) -> Path:
         raw = tiny_raw(root, tmp_path / name, steps=steps, checkpoint_every=1000)  # no periodic checkpoints
-        raw["data"].update(batch_size=2, workers=2)
+        raw["data"].update(batch_size=2, loader_workers=2)
         raw["model"]["unet"]["dropout"] = 0.2  # the RNG state must survive the stop too
         return _write_config(tmp_path / f"{name}.yaml", raw)
 
