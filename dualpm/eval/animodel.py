@@ -338,7 +338,7 @@ class NearestTracker:
             nearest = np.sqrt(squared[np.arange(len(points)), best])
             moved = np.sqrt(np.sum((points - self.anchor) ** 2, axis=1))
             # A margin of 1e-9 of the reach covers the rounding of the distances and of the moves.
-            stale = np.flatnonzero(nearest >= self.reach - moved - 1e-9 * self.reach)
+            stale = np.flatnonzero(nearest >= self.reach * (1.0 - 1e-9) - moved)
         if len(stale):
             self.queried += len(stale)
             distance, found = self.tree.query(points[stale], k=self.k)
