@@ -303,6 +303,20 @@ def sample_even(mesh: trimesh.Trimesh, count: int, rng: np.random.Generator) -> 
 _CHAMFER_LEAF = 32  # KD-tree leaf size of the Chamfer point sets: far queries (a poor alignment) run 2-3x faster
 
 
+def spatial_order(points: np.ndarray, bits: int = 10) -> np.ndarray:
+    """`points` (N, 3) reordered along a Morton (Z-order) curve over their box: neighbours in space become
+    neighbours in memory, which makes KD-tree builds and batches of queries about 2x faster (cache). Even
+    samples are a set, so their order changes no number beyond the rounding of sums."""
+    low = points.min(axis=0)
+    span = float((points.max(axis=0) - low).max()) or 1.0
+    cells = ((points - low) * ((2**bits - 1) / span)).astype(np.uint64)  # (N, 3) integer cell per axis
+    code = np.zeros(len(points), dtype=np.uint64)
+    for bit in range(bits):
+        for axis in range(3):
+            code |= ((cells[:, axis] >> np.uint64(bit)) & np.uint64(1)) << np.uint64(3 * bit + axis)
+    return points[np.argsort(code, kind="stable")]
+
+
 class NearestTracker:
     """Exact nearest target point of each of N points that move a little between calls (ICP).
 
@@ -434,8 +448,8 @@ class _Target:
     @functools.cached_property
     def samples(self) -> tuple[np.ndarray, cKDTree, np.ndarray, cKDTree, dict]:
         rng = np.random.default_rng(self.options.seed)
-        align = sample_even(self.mesh, self.options.align_points, rng)
-        points = sample_even(self.mesh, self.options.chamfer_points, rng)
+        align = spatial_order(sample_even(self.mesh, self.options.align_points, rng))
+        points = spatial_order(sample_even(self.mesh, self.options.chamfer_points, rng))
         return align, cKDTree(align), points, cKDTree(points, leafsize=_CHAMFER_LEAF), rng.bit_generator.state
 
 
@@ -460,8 +474,8 @@ def _score_one(reconstruction: trimesh.Trimesh | ArrayLike, target: _Target, uni
     target_align, align_tree, target_points, target_tree, state = target.samples
     rng = np.random.Generator(np.random.PCG64())
     rng.bit_generator.state = state  # the stream after the target's samples
-    recon_align = sample_even(recon, options.align_points, rng)
-    recon_points = sample_even(recon, options.chamfer_points, rng)
+    recon_align = spatial_order(sample_even(recon, options.align_points, rng))
+    recon_points = spatial_order(sample_even(recon, options.chamfer_points, rng))
     recon_tree = cKDTree(recon_points, leafsize=_CHAMFER_LEAF)
 
     def align(start: np.ndarray, beat: float) -> tuple[ChamferResult | None, np.ndarray, int]:
