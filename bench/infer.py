@@ -15,7 +15,9 @@ tests/test_reader.py: 6 stored layers, float16 features on a coarser grid). The 
   the constant baseline, without and with ICP (the synthetic store has no source meshes: no surface Chamfer);
 * eval animodel: `dualpm-eval --protocol animodel --targets` (Animodel's defaults: 8,000 / 60,000 points,
   200 ICP iterations, pitch 1/100) on the first `--animodel-samples` oracle clouds against an icosphere
-  (2,562 vertices) around each, model only.
+  (2,562 vertices) around each, model only, with `--workers 1` and 2 (their metrics.csv must be equal);
+  printed as seconds per sample against the 1 s target (issue 26) and against the floor measured in the
+  same run: one 60,000-point Chamfer distance through KD-trees on the first target.
 
 A dated line with the machine is appended to docs/benchmarks.md.
 """
@@ -25,6 +27,7 @@ from __future__ import annotations
 import datetime
 import itertools
 import json
+import math
 import os
 import sys
 import tempfile
@@ -39,7 +42,9 @@ from click.testing import CliRunner
 
 from dualpm.cliutils import describe_machine, record_benchmark
 from dualpm.data.reader import open_dataset
+from dualpm.eval.animodel import sample_even
 from dualpm.eval.cli import main as eval_main
+from dualpm.eval.metrics import chamfer
 from dualpm.infer.batches import dataset_batches, prefetch
 from dualpm.infer.cli import main as infer_main
 from dualpm.infer.predictors import ModelPredictor
@@ -94,6 +99,23 @@ def _sphere_targets(pred: Path, folder: Path, count: int) -> int:
         sphere.export(folder / f"{sample_id}.obj")
         made += 1
     return made
+
+
+ANIMODEL_TARGET_S = 1.0  # issue 26: seconds per sample on one core, model and baseline alike
+
+
+def chamfer_floor(targets: Path) -> float:
+    """Best-of-3 seconds of one 60,000-point Chamfer distance (two KD-trees, both directions) between two
+    independent even samplings of the first target mesh: the work that scoring one alignment cannot avoid."""
+    mesh = trimesh.load(sorted(targets.glob("*.obj"))[0], force="mesh")
+    rng = np.random.default_rng(0)
+    first, second = sample_even(mesh, 60000, rng), sample_even(mesh, 60000, rng)
+    best = math.inf
+    for _ in range(3):
+        start = time.perf_counter()
+        chamfer(first, second)
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def _cli(command, args: list[str]) -> float:
@@ -156,20 +178,33 @@ def main(config_path, data_root, samples, size, channels, grid, batch, batches, 
             points = summary["model"]["points"]
             print(f"dualpm-{name + ':':11s} {eval_rates[name]:8.1f} samples/s (model + baseline, {points:.0f} points/sample)")
         scored = _sphere_targets(tmp / "oracle", tmp / "targets", animodel_samples)
-        _cli(eval_main, ["--pred", tmp / "oracle", "--protocol", "animodel", "--targets", tmp / "targets",
-                         "--frame", "camera", "--out", tmp / "animodel"])
-        summary = json.loads((tmp / "animodel" / "summary.json").read_text())
-        animodel_rate = summary["samples_per_s"]
-        print(f"dualpm-eval --protocol animodel: {animodel_rate:8.2f} samples/s ({scored} samples, model only, "
-              f"{eval_rates['eval --icp'] / animodel_rate:.0f}x slower than --protocol dualpm --icp)")
+        animodel_rates = {}
+        for workers in (1, 2):
+            out = tmp / f"animodel{workers}"
+            _cli(eval_main, ["--pred", tmp / "oracle", "--protocol", "animodel", "--targets", tmp / "targets",
+                             "--frame", "camera", "--workers", workers, "--out", out])
+            summary = json.loads((out / "summary.json").read_text())
+            animodel_rates[workers] = summary["samples_per_s"]
+            print(f"dualpm-eval --protocol animodel --workers {workers}: {animodel_rates[workers]:8.2f} samples/s "
+                  f"({scored} samples, model only)")
+        if (tmp / "animodel1" / "metrics.csv").read_text() != (tmp / "animodel2" / "metrics.csv").read_text():
+            raise SystemExit("dualpm-eval --protocol animodel: --workers 1 and 2 gave different numbers")
+        animodel_rate = animodel_rates[1]
+        per_sample, floor = 1.0 / animodel_rate, chamfer_floor(tmp / "targets")
+        print(f"  one core: {per_sample:.2f} s per sample = {per_sample / ANIMODEL_TARGET_S:.1f}x the target of "
+              f"{ANIMODEL_TARGET_S:.1f} s; a 60,000-point Chamfer through KD-trees (build + both directions, the "
+              f"floor of one alignment's score) takes {floor:.3f} s here: {per_sample / floor:.0f}x that; "
+              f"--protocol dualpm --icp is {eval_rates['eval --icp'] / animodel_rate:.0f}x faster")
     if append_to:
         models = ", ".join(f"model {n} {r:.1f}/s" for n, r in rates.items())
         line = (
             f"- {datetime.date.today().isoformat()} `bench/infer.py` {Path(config_path).name} on {describe_machine()}: "
             f"{describe(model).split(': ', 1)[1]}; {shape}, batch {batch}; {models}, dualpm-infer {infer_rate:.1f}/s "
             f"(with files), dualpm-eval {eval_rates['eval']:.1f}/s, with --icp {eval_rates['eval --icp']:.1f}/s "
-            f"({points:.0f} points/sample, baseline included), --protocol animodel {animodel_rate:.2f}/s "
-            f"(model only, {scored} samples, sphere targets); load avg {os.getloadavg()[0]:.1f}\n"
+            f"({points:.0f} points/sample, baseline included), --protocol animodel {animodel_rate:.2f}/s with 1 worker, "
+            f"{animodel_rates[2]:.2f}/s with 2 (model only, {scored} samples, sphere targets; {per_sample:.2f} s per "
+            f"sample = {per_sample / ANIMODEL_TARGET_S:.1f}x the 1 s target, {per_sample / floor:.0f}x one 60k-point "
+            f"Chamfer, {floor:.3f} s); load avg {os.getloadavg()[0]:.1f}\n"
         )
         record_benchmark(append_to, HEADING, line)
         print(f"appended to {append_to}")

@@ -13,13 +13,17 @@ import trimesh
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
+from scipy.spatial import cKDTree
+
 from dualpm.eval.animodel import (
     AnimodelOptions,
+    NearestTracker,
     fill_inside,
     icp_until_settled,
     mesh_from_points,
     sample_even,
     score,
+    score_all,
     voxel_volume,
     voxelise,
 )
@@ -91,6 +95,39 @@ def test_icp_matches_trimesh_registration_icp():
     assert iterations < 200  # settled early: every later trimesh iteration repeats the same step
     np.testing.assert_allclose(ours, theirs, atol=1e-9)
     np.testing.assert_allclose(ours @ motion, np.eye(4), atol=0.01)
+
+
+def test_nearest_tracker_gives_the_kdtree_nearest_points_while_they_move():
+    rng = np.random.default_rng(5)
+    target = critter(2).sample(700, seed=3)
+    tree = cKDTree(target)
+    points = target[:300] + rng.normal(scale=0.05, size=(300, 3))
+    points[:40] += [0.6, 0.3, 0.0]  # some far from the surface, where the neighbours crowd
+    nearest = NearestTracker(tree, k=16)
+    steps = 0
+    for step in range(60):
+        angle = 0.002 * step
+        turn = Rotation.from_euler("y", angle).as_matrix()
+        moved = points @ turn.T + [0.001 * step, 0.0, -0.0005 * step]
+        if step == 30:
+            moved = moved + 0.2  # a jump: every point is queried again
+        np.testing.assert_array_equal(nearest(moved), tree.query(moved)[1])
+        steps += 1
+    # Small moves keep most points' nearest target point among their candidates: far fewer tree queries.
+    assert len(points) * 2 <= nearest.queried < 0.5 * steps * len(points)
+    # A tree of fewer points than candidates: every point is a candidate, nothing is queried again.
+    small = NearestTracker(cKDTree(target[:5]), k=16)
+    for shift in (0.0, 0.3, -2.0):
+        np.testing.assert_array_equal(small(points + shift), cKDTree(target[:5]).query(points + shift)[1])
+    assert small.queried == len(points)
+
+
+def test_scoring_several_clouds_against_one_target_equals_scoring_each(blob):
+    small = dataclasses.replace(FAST, align_points=500, chamfer_points=3000)
+    clouds = [blob.sample(1500, seed=7), moved(blob, np.diag([-1.0, 1.0, -1.0, 1.0])), np.zeros((0, 3))]
+    together = score_all(clouds, blob, small)
+    for cloud, shared in zip(clouds, together, strict=True):
+        assert shared.metrics() == pytest.approx(score(cloud, blob, small).metrics(), rel=1e-12, nan_ok=True)
 
 
 def test_mesh_against_itself_is_the_sampling_floor_at_animodel_settings(blob):

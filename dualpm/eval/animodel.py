@@ -38,6 +38,13 @@ Where this implementation differs, and why it does not change the numbers:
   repeats the same step until its 200 iterations are spent, so the result is the same.
 - Samples come from a seeded generator: the same inputs and seed give the same numbers.
 
+Speed (issue 26), none of which changes a number beyond the rounding of sums: `score_all` makes a target's
+volume, samples and KD-trees once for every cloud scored against it (a model's and the baseline's; the
+target's samples are drawn first, so each cloud's samples continue the same random stream as when scored
+alone); ICP's nearest neighbours come from `NearestTracker` (exact; KD-tree queries only for points that
+may have changed neighbour); even samples are kept in Morton order (cache-friendly KD-trees); the Chamfer
+distance of the flipped branch stops early once it cannot win (`_chamfer`).
+
 Point clouds have no volume and no surface to sample. `mesh_from_points` turns one into a closed surface
 first (see its docstring: voxel occupancy at a pitch set by the cloud's own point spacing, morphological
 closing, hole filling, marching cubes, the cloud's box restored), and that surface then goes through
@@ -316,6 +323,20 @@ def sample_even(mesh: trimesh.Trimesh, count: int, rng: np.random.Generator) -> 
 _CHAMFER_LEAF = 32  # KD-tree leaf size of the Chamfer point sets: far queries (a poor alignment) run 2-3x faster
 
 
+def spatial_order(points: np.ndarray, bits: int = 10) -> np.ndarray:
+    """`points` (N, 3) reordered along a Morton (Z-order) curve over their box: neighbours in space become
+    neighbours in memory, which makes KD-tree builds and batches of queries about 2x faster (cache). Even
+    samples are a set, so their order changes no number beyond the rounding of sums."""
+    low = points.min(axis=0)
+    span = float((points.max(axis=0) - low).max()) or 1.0
+    cells = ((points - low) * ((2**bits - 1) / span)).astype(np.uint64)  # (N, 3) integer cell per axis
+    code = np.zeros(len(points), dtype=np.uint64)
+    for bit in range(bits):
+        for axis in range(3):
+            code |= ((cells[:, axis] >> np.uint64(bit)) & np.uint64(1)) << np.uint64(3 * bit + axis)
+    return points[np.argsort(code, kind="stable")]
+
+
 class NearestTracker:
     """Exact nearest target point of each of N points that move a little between calls (ICP).
 
@@ -351,7 +372,7 @@ class NearestTracker:
             nearest = np.sqrt(squared[np.arange(len(points)), best])
             moved = np.sqrt(np.sum((points - self.anchor) ** 2, axis=1))
             # A margin of 1e-9 of the reach covers the rounding of the distances and of the moves.
-            stale = np.flatnonzero(nearest >= self.reach - moved - 1e-9 * self.reach)
+            stale = np.flatnonzero(nearest >= self.reach * (1.0 - 1e-9) - moved)
         if len(stale):
             self.queried += len(stale)
             distance, found = self.tree.query(points[stale], k=self.k)
@@ -449,8 +470,8 @@ class _Target:
     @functools.cached_property
     def samples(self) -> tuple[np.ndarray, cKDTree, np.ndarray, cKDTree, dict]:
         rng = np.random.default_rng(self.options.seed)
-        align = sample_even(self.mesh, self.options.align_points, rng)
-        points = sample_even(self.mesh, self.options.chamfer_points, rng)
+        align = spatial_order(sample_even(self.mesh, self.options.align_points, rng))
+        points = spatial_order(sample_even(self.mesh, self.options.chamfer_points, rng))
         return align, cKDTree(align), points, cKDTree(points, leafsize=_CHAMFER_LEAF), rng.bit_generator.state
 
 
@@ -475,8 +496,8 @@ def _score_one(reconstruction: trimesh.Trimesh | ArrayLike, target: _Target, uni
     target_align, align_tree, target_points, target_tree, state = target.samples
     rng = np.random.Generator(np.random.PCG64())
     rng.bit_generator.state = state  # the stream after the target's samples
-    recon_align = sample_even(recon, options.align_points, rng)
-    recon_points = sample_even(recon, options.chamfer_points, rng)
+    recon_align = spatial_order(sample_even(recon, options.align_points, rng))
+    recon_points = spatial_order(sample_even(recon, options.chamfer_points, rng))
     recon_tree = cKDTree(recon_points, leafsize=_CHAMFER_LEAF)
 
     def align(start: np.ndarray, beat: float) -> tuple[ChamferResult | None, np.ndarray, int]:
