@@ -72,6 +72,13 @@ def keep_mask(
     )
 
 
+def kept_counts(preds: PredictionsReader) -> np.ndarray:
+    """(S,) int64 kept points of every sample of `preds`, under the thresholds dualpm-infer recorded."""
+    occ = float(preds.attrs.get("occupancy_threshold", OCCUPANCY_THRESHOLD))
+    conf = float(preds.attrs.get("confidence_threshold", CONFIDENCE_THRESHOLD))
+    return np.array([int(keep_mask(preds.sample(i), occ, conf).sum()) for i in range(len(preds))], dtype=np.int64)
+
+
 def kept_points(maps: PredictedMaps, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(canonical (N, 3), posed (N, 3)) float32 of the kept points of ONE sample.
 

@@ -6,7 +6,11 @@
     train     dualpm-train configs/demo.yaml       --resume auto
     infer     dualpm-infer                         held-out (val) samples: PLYs, sheets, predictions.zarr
     eval      dualpm-eval --baseline               Chamfer etc. against the constant per-pixel baseline
-    report    OUT/report/                          report.md, training curve, prediction sheet
+    sequence  dualpm-prep synth --sequence ...     a held-out sequence of the first animal (new poses, moving
+              render, features, infer --data       camera), rendered, predicted by the model
+    animate   dualpm-animate                       the animal's rig animated by the predictions: OUT/animation/
+                                                   animation.glb (Blender, three.js), .bvh, preview.png
+    report    OUT/report/                          report.md, training curve, prediction sheet, animation
 
 Every stage is the real command line a user would type, run as a subprocess (so its progress bar
 shows), and every command resumes on its own. `OUT/demo_state.json` records the finished stages with
@@ -58,7 +62,7 @@ def stage_commands(config: DemoConfig) -> dict[str, list[str]]:
         features += ["--sd-model", str(config.sd_model), "--dino-model", str(config.dino_model)]
     else:  # pixels at the training resolution: a finer grid would only be averaged away by the reader
         features += ["--grid", str(config.resolution)]
-    return {
+    commands = {
         "synth": ["dualpm-prep", "synth", str(p.source), "--num-samples", str(config.samples),
                   "--num-models", str(config.models), "--image-size", str(config.image_size),
                   "--faces", str(config.faces), "--seed", str(config.seed)],
@@ -70,6 +74,28 @@ def stage_commands(config: DemoConfig) -> dict[str, list[str]]:
         "infer": ["dualpm-infer", "--checkpoint", str(p.run), "--data", str(p.data), "--split", "val",
                   "--out", str(p.pred), "--device", config.device, "--overwrite"],
         "eval": ["dualpm-eval", "--pred", str(p.pred), "--data", str(p.data), "--baseline", "--out", str(p.eval)],
+    }
+    return commands | sequence_commands(config) if config.sequence_frames else commands
+
+
+def sequence_commands(config: DemoConfig) -> dict[str, list[str]]:
+    """The held-out sequence and its animation: the first animal of the dataset (same seed, faces and image
+    size make the same rig, byte for byte), in poses and camera paths it was not trained on."""
+    p = Paths(Path(config.out))
+    features = stage_commands(dataclasses.replace(config, sequence_frames=0))["features"]
+    frames = str(config.sequence_frames)
+    return {
+        "sequence": ["dualpm-prep", "synth", str(p.seq_source), "--num-samples", frames, "--num-models", "1",
+                     "--image-size", str(config.image_size), "--faces", str(config.faces), "--seed",
+                     str(config.seed), "--sequence", frames, "--val-fraction", "0.99"],
+        "sequence-render": ["dualpm-prep", "render", str(p.seq_source), str(p.seq_data), "--resolution",
+                            str(config.resolution), "--layers", str(config.layers), "--shard-size",
+                            str(config.shard_size)],
+        "sequence-features": [*features[:2], str(p.seq_source), str(p.seq_data), *features[4:]],
+        "sequence-infer": ["dualpm-infer", "--checkpoint", str(p.run), "--data", str(p.seq_data), "--split", "val",
+                           "--out", str(p.seq_pred), "--device", config.device, "--no-ply", "--overwrite"],
+        "animate": ["dualpm-animate", "--pred", str(p.seq_pred), "--out", str(p.animation), "--fps", "24",
+                    "--overwrite"],
     }
 
 
@@ -115,6 +141,17 @@ def run_stage(name: str, command: list[str], paths: Paths, state: dict[str, Any]
     save_state(paths, state)
 
 
+def nothing_to_animate(paths: Paths) -> str | None:
+    """Why the held-out sequence cannot be animated (no frame with a kept predicted point), else None."""
+    from dualpm.predictions import kept_counts, open_predictions
+
+    counts = kept_counts(open_predictions(paths.seq_pred))
+    if (counts >= 3).any():
+        return None
+    return (f"the model keeps no predicted point on any of the {len(counts)} frames of the held-out sequence "
+            "(it learned too little to pose the rig)")
+
+
 def demo_config_from_options(out: Path, train_config: Path, sd_model: str | None, dino_model: str | None,
                              **settings: Any) -> DemoConfig:
     """The demo's settings; sd-dino features exactly when both weight folders are configured."""
@@ -151,17 +188,19 @@ def demo_config_from_options(out: Path, train_config: Path, sd_model: str | None
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Features and inference device; training uses CUDA whenever torch sees it.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the dataset.")
+@click.option("--sequence-frames", type=click.IntRange(min=0), default=24, show_default=True,
+              help="Frames of the held-out sequence the trained model animates the rig from (0: none).")
 @click.option("--fresh", is_flag=True, help="Delete OUT first and run every stage again.")
 @click.option("--dry-run", is_flag=True, help="Print the settings and the commands, run nothing.")
 @handles_user_errors
 def main(out: Path, train_config: Path, samples: int, models: int, image_size: int, faces: int, resolution: int,
-         layers: int, sd_model: str | None, dino_model: str | None, device: str, seed: int, fresh: bool,
-         dry_run: bool) -> None:
+         layers: int, sd_model: str | None, dino_model: str | None, device: str, seed: int, sequence_frames: int,
+         fresh: bool, dry_run: bool) -> None:
     """Run the whole DualPM pipeline on a small synthetic dataset and write a report (about 10 minutes
     on 2 CPU cores). Reruns reuse finished stages."""
     config = demo_config_from_options(out.resolve(), train_config.resolve(), sd_model, dino_model, samples=samples,
                                       models=models, image_size=image_size, faces=faces, resolution=resolution,
-                                      layers=layers, seed=seed, device=device)
+                                      layers=layers, seed=seed, device=device, sequence_frames=sequence_frames)
     paths = Paths(Path(config.out))
     commands = stage_commands(config)
     show_and_save_config(dataclasses.asdict(config), None, "demo config")
@@ -180,6 +219,14 @@ def main(out: Path, train_config: Path, samples: int, models: int, image_size: i
     save_state(paths, state)
     start = time.perf_counter()
     for index, (name, command) in enumerate(commands.items(), start=1):
+        if name == "animate" and name not in state["stages"]:
+            reason = nothing_to_animate(paths)
+            if reason:  # a model that learned too little is a result to report, like the learning check
+                click.secho(f"[{index}/{len(commands) + 1}] animate: skipped, {reason}", fg="red", bold=True)
+                state["stages"][name] = {"command": command, "seconds": 0.0, "skipped": reason,
+                                         "finished": datetime.datetime.now().isoformat(timespec="seconds")}
+                save_state(paths, state)
+                continue
         run_stage(name, command, paths, state, index, len(commands) + 1)
     click.secho(f"[{len(commands) + 1}/{len(commands) + 1}] report", fg="cyan", bold=True)
     from pipeline.demo_report import write_report  # matplotlib etc.: only once the stages are done
@@ -194,6 +241,8 @@ def main(out: Path, train_config: Path, samples: int, models: int, image_size: i
     click.echo(f"report: {paths.report / 'report.md'}")
     click.echo(f"pictures: {paths.report / 'training_curve.png'}, {paths.report / 'predictions.png'}")
     click.echo(f"point clouds (PLY): {paths.pred}")
+    if config.sequence_frames and not state["stages"]["animate"].get("skipped"):
+        click.echo(f"animated rig (open in Blender or three.js): {paths.animation / 'animation.glb'}")
 
 
 if __name__ == "__main__":

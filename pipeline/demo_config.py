@@ -31,6 +31,7 @@ class DemoConfig:
     dino_model: str | None = None
     seed: int = 0
     device: str = "auto"
+    sequence_frames: int = 24  # the held-out sequence animated at the end (0: no animation stages)
 
 
 class Paths:
@@ -41,3 +42,7 @@ class Paths:
         self.source, self.data, self.run = out / "source", out / "data", out / "run"
         self.pred, self.eval, self.report = out / "pred", out / "eval", out / "report"
         self.state = out / STATE_NAME
+        # the held-out sequence: its own source, store and predictions, and the animated rig
+        sequence = out / "sequence"
+        self.seq_source, self.seq_data, self.seq_pred = sequence / "source", sequence / "data", sequence / "pred"
+        self.animation = out / "animation"

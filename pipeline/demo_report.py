@@ -1,4 +1,5 @@
-"""The demo's report folder: report.md, training_curve.png, predictions.png (see pipeline/demo.py).
+"""The demo's report folder: report.md, training_curve.png, predictions.png, animation.png (see
+pipeline/demo.py).
 
 Everything here reads what the stages wrote (manifest.json, the run's metrics.jsonl, the predictions
 store, dualpm-eval's summary) and never recomputes a metric: the report shows the pipeline's numbers.
@@ -124,6 +125,42 @@ def render_mask(render: Mapping[str, Any]) -> np.ndarray:
     return (render["mask"] * 255).astype(np.uint8)
 
 
+def animation_section(paths: Paths, state: dict[str, Any], png: Path) -> list[str]:
+    """The report's lines on the animated held-out sequence (dualpm-animate's fit.json and preview.png,
+    copied into the report as `png`)."""
+    skipped = state["stages"]["animate"].get("skipped")
+    if skipped:
+        return ["## Animation (dualpm-animate, held-out sequence)", "", f"**Not animated**: {skipped}.", ""]
+    fit_path = paths.animation / "fit.json"
+    try:
+        fit = json.loads(fit_path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise DatasetError(f"{fit_path}: unreadable ({err}); rerun the demo to redo its animate stage") from err
+    statuses = [joint["status"] for frame in fit["frames"] for joint in frame["joints"]]
+    with atomic_output(png) as tmp:
+        tmp.write_bytes((paths.animation / "preview.png").read_bytes())
+    lines = [
+        "## Animation (dualpm-animate, held-out sequence)",
+        "",
+        f"The first animal, in {len(fit['frames'])} frames of poses and camera path it was not trained on, "
+        f"predicted by the model and fitted with the rig's skeleton (`{fit['method']}`): "
+        f"{statuses.count('fitted') / max(len(statuses), 1):.0%} of the joint-frames had points of their own "
+        "(the others are interpolated in time or stay at rest).",
+        "",
+        f"- [{paths.animation / 'animation.glb'}]({paths.animation / 'animation.glb'}): the rig as synth wrote "
+        "it, with the animation and a camera that sees it as the frames do: open it in Blender "
+        "(File > Import > glTF 2.0) or any three.js viewer.",
+        f"- `{paths.animation / 'animation.bvh'}` (skeleton only), `{paths.animation / 'fit.json'}` (per frame "
+        "and joint: points, residual, status).",
+    ]
+    if "jitter" in fit:
+        jitter = fit["jitter"]
+        lines.append(f"- smoothing ({jitter['method']}): jitter (mean joint acceleration) {jitter['before']:.3g} "
+                     f"-> {jitter['after']:.3g}.")
+    lines += ["", f"![frames above the fitted rig re-rendered through their cameras]({png.name})", ""]
+    return lines
+
+
 def _fmt_bytes(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -205,5 +242,7 @@ def write_report(
         f"- metrics per sample: `{paths.eval / 'metrics.csv'}`",
         "",
     ]
+    if config.sequence_frames:
+        lines += animation_section(paths, state, paths.report / "animation.png")
     atomic_write_text(paths.report / "report.md", "\n".join(lines))
     return passed, ratio

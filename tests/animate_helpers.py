@@ -197,9 +197,10 @@ def bvh_positions(joints: list[dict], values: np.ndarray) -> np.ndarray:
 def write_predictions(folder: Path, rig: SkinnedMesh, poses: np.ndarray, focal: float | np.ndarray = 50.0,
                       size: int = 48,
                       distance: float = 5.0, layers: int = 2, ids: list[str] | None = None,
-                      attrs: dict | None = None) -> tuple[np.ndarray, list[str]]:
+                      attrs: dict | None = None, unseen: tuple[int, ...] = ()) -> tuple[np.ndarray, list[str]]:
     """A predictions store holding the exact dual point maps of `rig` in `poses` (an oracle), seen by cameras
-    at `distance` with some elevation; returns the views (F, 4, 4) and the ids."""
+    at `distance` with some elevation, except frames `unseen` (no occupied pixel); returns the views
+    (F, 4, 4) and the ids."""
     frames = len(poses)
     ids = ids or [f"frame{i + 1}" for i in range(frames)]
     angle = np.linspace(0.2, 0.5, frames)
@@ -211,6 +212,7 @@ def write_predictions(folder: Path, rig: SkinnedMesh, poses: np.ndarray, focal: 
     out = render_dual_pointmaps(torch.tensor(rig.vertices, dtype=torch.float64), posed, torch.tensor(rig.faces),
                                 view, projection, size, layers, backend="cpu", workers=1).numpy()
     alpha = out[..., 6]  # (F, H, W, L)
+    alpha[list(unseen)] = 0.0
     posed_maps = out[..., 3:6]  # camera space minus view[2, 3], as the model predicts
     maps = PredictedMaps(
         canonical=np.moveaxis(out[..., 0:3], (3, 4), (1, 2)).astype(np.float16),  # (F, L, 3, H, W)

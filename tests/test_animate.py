@@ -411,6 +411,34 @@ def test_an_empty_predictions_folder_is_one_clear_line(tmp_path):
     assert code == 1 and "the predictions hold no frames" in one_line_error(output)
 
 
+def test_frames_without_points_are_interpolated_and_all_empty_is_one_clear_line(tmp_path):
+    from scipy.spatial.transform import Rotation, Slerp
+
+    rig = tube_mesh("tube")
+    save_skinned_mesh(rig, tmp_path / "tube.glb")
+    rig = load_skinned_mesh(tmp_path / "tube.glb")
+    write_predictions(tmp_path / "preds", rig, known_poses(rig, 5, seed=3, max_angle=0.5), unseen=(2, 4))
+    code, output = animate("--pred", tmp_path / "preds", "--out", tmp_path / "anim", *unsmoothed(tmp_path))
+    assert code == 0, output
+    assert "2 of 5 frames have fewer than 3 kept points" in output
+    report = json.loads((tmp_path / "anim" / "fit.json").read_text())
+    assert [f.get("status") for f in report["frames"]] == [None, None, "no kept points: interpolated", None,
+                                                           "no kept points: interpolated"]
+    keys, _, _ = read_glb_animation(tmp_path / "anim" / "animation.glb", rig.num_nodes)
+    quat = lambda wxyz: Rotation.from_quat(np.roll(wxyz, -1, axis=-1))  # noqa: E731
+    for node in rig.joint_nodes:
+        halfway = Slerp([1, 3], quat(keys[[1, 3], node, :4]))([2])
+        assert (halfway.inv() * quat(keys[2, node, :4])).magnitude().max() < 1e-5  # geodesic midpoint
+        assert (quat(keys[3, node, :4]).inv() * quat(keys[4, node, :4])).magnitude().max() < 1e-5  # end held
+    np.testing.assert_allclose(keys[2, :, 4:], (keys[1, :, 4:] + keys[3, :, 4:]) / 2, atol=1e-5)
+    depth = report["camera"]["view_z"]
+    assert depth[2] == pytest.approx((depth[1] + depth[3]) / 2) and depth[4] == pytest.approx(depth[3])
+
+    write_predictions(tmp_path / "dark", rig, known_poses(rig, 2), unseen=(0, 1))
+    code, output = animate("--pred", tmp_path / "dark", "--out", tmp_path / "anim2", *unsmoothed(tmp_path))
+    assert code == 1 and "no frame has 3 or more kept points" in one_line_error(output)
+
+
 def test_without_a_rig_or_a_recorded_dataset_the_command_asks_for_one(oracle_sequence):
     tmp_path = oracle_sequence[0]
     code, output = animate("--pred", tmp_path / "preds", "--out", tmp_path / "anim")

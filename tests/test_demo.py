@@ -19,7 +19,9 @@ from pipeline.demo_config import DEFAULT_CONFIG, LEARNING_BAR, STATE_NAME
 
 DEMO = [sys.executable, "-m", "pipeline.demo"]
 TINY = ["--samples", "24", "--models", "1", "--image-size", "32", "--faces", "600", "--resolution", "16",
-        "--layers", "2"]
+        "--layers", "2", "--sequence-frames", "4"]
+STAGES = ("synth", "render", "features", "train", "infer", "eval", "sequence", "sequence-render",
+          "sequence-features", "sequence-infer", "animate")
 
 
 def invoke(*args: object, env: dict[str, str] | None = None) -> tuple[int, str]:
@@ -85,7 +87,7 @@ def run_demo(*args: object) -> subprocess.CompletedProcess[str]:
                           env={**__import__("os").environ, "DUALPM_SD_MODEL": "", "DUALPM_DINO_MODEL": ""})
 
 
-def check_report(out: Path, proc: subprocess.CompletedProcess[str]) -> float:
+def check_report(out: Path, proc: subprocess.CompletedProcess[str], animated: bool = True) -> float:
     """The run succeeded, and the report and the printed verdict agree with dualpm-eval's summary."""
     summary = json.loads((out / "eval" / "summary.json").read_text())
     ratio = summary[RATIO_KEY]  # null: some sample kept no predicted point, an infinite distance
@@ -94,25 +96,48 @@ def check_report(out: Path, proc: subprocess.CompletedProcess[str]) -> float:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = (out / "report" / "report.md").read_text()
     assert f"**{ratio:.3f}**" in report and ("**PASS**" if passed else "**FAIL**") in report
-    for stage in ("synth", "render", "features", "train", "infer", "eval"):
+    for stage in STAGES:
         assert f"| {stage} |" in report
     lines = proc.stdout.strip().splitlines()
-    assert lines[-4].startswith(f"learning check: model / baseline symmetric Chamfer (unit cube) = {ratio:.3f}")
-    assert lines[-4].endswith("PASS" if passed else "FAIL")
-    assert lines[-3] == f"report: {out / 'report' / 'report.md'}"
+    last = -5 if animated else -4
+    assert lines[last].startswith(f"learning check: model / baseline symmetric Chamfer (unit cube) = {ratio:.3f}")
+    assert lines[last].endswith("PASS" if passed else "FAIL")
+    assert lines[last + 1] == f"report: {out / 'report' / 'report.md'}"
+    assert "## Animation (dualpm-animate, held-out sequence)" in report
     for name in ("training_curve.png", "predictions.png"):
         with Image.open(out / "report" / name) as image:
             assert image.width > 200 and image.height > 100
     assert sorted(out.glob("pred/**/*.ply"))
+    if not animated:  # a model that keeps no point on the sequence: reported, not a crash
+        assert "**Not animated**: the model keeps no predicted point" in report
+        assert not (out / "animation" / "animation.glb").exists()
+        return ratio
+    assert lines[-1] == f"animated rig (open in Blender or three.js): {out / 'animation' / 'animation.glb'}"
+    # the held-out sequence's animation: the rig synth wrote, animated by one key per frame
+    fit = json.loads((out / "animation" / "fit.json").read_text())
+    frames = [frame["id"] for frame in fit["frames"]]
+    assert len(frames) == int(TINY[TINY.index("--sequence-frames") + 1])
+    assert "(animation.png)" in report
+    from dualpm.animation import load_clips
+    from dualpm.gltf import load_skinned_mesh
+
+    glb = out / "animation" / "animation.glb"
+    rig = load_skinned_mesh(glb)
+    assert rig.num_vertices == load_skinned_mesh(next((out / "source" / "shapes").glob("*/*.gltf"))).num_vertices
+    (clip,) = load_clips(glb, rig.num_nodes)
+    assert round(clip.duration * 24) == len(frames) - 1
+    with Image.open(out / "report" / "animation.png") as image:
+        assert image.width > 200 and image.height > 100
     return ratio
 
 
 def test_tiny_demo_runs_every_stage_then_resumes_without_redoing_any(tmp_path):
     out, config = tmp_path / "demo", tiny_train_config(tmp_path, steps=4)
     first = run_demo("--out", out, "--config", config, *TINY)
-    ratio = check_report(out, first)
+    ratio = check_report(out, first, animated=False)  # 4 steps: the model keeps no point yet
+    assert "animate: skipped, the model keeps no predicted point on any of the 4 frames" in first.stdout
     state = json.loads((out / STATE_NAME).read_text())
-    assert list(state["stages"]) == ["synth", "render", "features", "train", "infer", "eval"]
+    assert list(state["stages"]) == list(STAGES)
     assert "network sees RGB pixels" in first.stdout
     report = (out / "report" / "report.md").read_text()
     manifest = json.loads((out / "data" / "manifest.json").read_text())
@@ -121,11 +146,14 @@ def test_tiny_demo_runs_every_stage_then_resumes_without_redoing_any(tmp_path):
     assert f"{counts['train']} train / {counts['val']} val samples" in report
 
     again = run_demo("--out", out, "--config", config, *TINY)
-    assert check_report(out, again) == ratio
-    assert again.stdout.count("done before") == 6, again.stdout
+    assert check_report(out, again, animated=False) == ratio
+    assert again.stdout.count("done before") == len(STAGES), again.stdout
     assert json.loads((out / STATE_NAME).read_text())["stages"] == state["stages"]
 
-    fresh = run_demo("--out", out, "--config", config, *TINY, "--fresh")
+    # 150 steps: enough for the tiny model to keep points on the sequence, which is then animated
+    (tmp_path / "longer").mkdir()
+    trained = tiny_train_config(tmp_path / "longer", steps=150)
+    fresh = run_demo("--out", out, "--config", trained, *TINY, "--fresh")
     check_report(out, fresh)
     assert "done before" not in fresh.stdout
     new_state = json.loads((out / STATE_NAME).read_text())["stages"]

@@ -247,3 +247,30 @@ def test_lbs_jacobian_matches_central_differences_with_scaled_parents(rig):
     numeric = np.stack([(problem.residuals(x + step * e) - problem.residuals(x - step * e)) / (2 * step)
                         for e in np.eye(len(x))], axis=1)
     assert np.abs(problem.jacobian(x) - numeric).max() < 1e-7 * np.abs(numeric).max()
+
+
+def test_pose_prior_keeps_exact_fits_and_holds_noisy_joints_near_rest(rig, sampler):
+    size = np.ptp(rig.vertices, axis=0).max()
+    pose = sampler.sample(np.random.default_rng(5))
+    exact = fit_sequence(rig, [observe(rig, pose)], spread=np.radians(20.0))
+    assert np.abs(posed(rig, exact.poses[0]) - posed(rig, pose)).max() < 1e-6 * size  # no noise: no pull
+    # The truth is the rest pose moved as a whole; the points carry noise of 4% of the body.
+    tree = RigTree.of(rig)
+    root = rig.joint_nodes[tree.skeleton_roots[0]]
+    truth_pose = rest_pose(rig).astype(np.float64)
+    truth_pose[root, 4:] += [0.3, -0.1, 0.2]
+    rng = np.random.default_rng(6)
+    noisy = observe(rig, truth_pose)
+    noisy = dataclasses.replace(noisy, posed=noisy.posed + rng.normal(0, 0.04 * size, noisy.posed.shape))
+    free = fit_sequence(rig, [noisy])
+    held = fit_sequence(rig, [noisy], spread=np.radians(1e-3))
+    others = np.setdiff1d(rig.joint_nodes, [root])
+    assert rotation_error_deg(held.poses[0, others, :4], truth_pose[others, :4]).max() < 0.01
+    assert rotation_error_deg(free.poses[0, others, :4], truth_pose[others, :4]).max() > 1.0
+    assert np.abs(held.poses[0, root, 4:] - truth_pose[root, 4:]).max() < 0.01 * size  # the root still fitted
+    truth = posed(rig, truth_pose)
+    error = {name: np.linalg.norm(posed(rig, f.poses[0]) - truth, axis=1).mean() for name, f in
+             (("free", free), ("held", held))}
+    assert error["held"] < 0.5 * error["free"]
+    with pytest.raises(SkeletonError, match="spread"):
+        fit_sequence(rig, [noisy], spread=0.0)

@@ -27,7 +27,7 @@ import yaml
 
 from dualpm.animate.bvh import write_bvh
 from dualpm.animate.dataset import write_dataset
-from dualpm.animate.fit import FIT_METHOD, estimate_cameras, fit_frames
+from dualpm.animate.fit import FIT_METHOD, CameraTrack, estimate_cameras, fit_frames
 from dualpm.animate.glb import export_glb
 from dualpm.animate.inputs import (
     Template,
@@ -45,9 +45,9 @@ from dualpm.errors import ConfigError, DatasetError, DualPMError, GltfError
 from dualpm.fileio import atomic_write_json
 from dualpm.gltf import load_skinned_mesh, scaled_mesh
 from dualpm.predictions import open_predictions
-from dualpm.skeleton.fit import METHODS
+from dualpm.skeleton.fit import DEFAULT_PRIOR_DEGREES, METHODS
 from dualpm.skeleton.retarget import retarget_poses
-from dualpm.skeleton.smooth import SMOOTH_METHODS, jitter, smooth_poses
+from dualpm.skeleton.smooth import SMOOTH_METHODS, fill_frames, jitter, smooth_poses
 
 DEFAULT_FOCAL_MM = 50.0  # where neither the frames nor the training data say
 OUTPUTS = ("animation.glb", "animation.bvh", "fit.json", "poses", "cameras", "metadata", "shapes",
@@ -109,6 +109,11 @@ def _model_name(path: Path) -> str:
 @click.option("--fit", type=click.Choice(METHODS), default=FIT_METHOD, show_default=True,
               help="Pose fit: lbs (the rig's rigid skeleton against the full skinning residual, robust) or "
                    "kabsch (the reference's per-bone fit).")
+@click.option("--pose-prior", "pose_prior", type=click.FloatRange(min=0, max=180), default=DEFAULT_PRIOR_DEGREES,
+              show_default=True,
+              help="Degrees: with --fit lbs, the spread of a Gaussian prior on each joint's rotation from rest, "
+                   "weighed against the points' noise (estimated per frame: exact points are not held back); "
+                   "0: no prior.")
 @click.option("--smooth", type=click.Choice(("auto",) + SMOOTH_METHODS), default="auto", show_default=True,
               help="Filter the poses over time on the rotation manifold; auto: savgol for 3 frames or more, "
                    "none for fewer.")
@@ -121,7 +126,7 @@ def _model_name(path: Path) -> str:
 @click.option("--dry-run", is_flag=True, help="Resolve inputs and print the configuration; write nothing.")
 @handles_user_errors
 def main(pred: Path, out: Path, rig: Path | None, mesh_scale: float | str, order_file: Path | None,
-         fps: float, focal_length: float | str, min_points: int, fit: str, smooth: str,
+         fps: float, focal_length: float | str, min_points: int, fit: str, pose_prior: float, smooth: str,
          target_rig: Path | None, joint_map: Path | None, overwrite: bool, dry_run: bool) -> None:
     """Animate a rig with the poses fitted to dualpm-infer's predictions of a sequence of frames."""
     if joint_map is not None and target_rig is None:
@@ -138,7 +143,7 @@ def main(pred: Path, out: Path, rig: Path | None, mesh_scale: float | str, order
         "order": str(order_file) if order_file else "natural sort of the ids",
         "rig": str(rig_path), "template": str(template.path) if template else None, "model": model,
         "mesh_scale": factor, "fps": fps, "focal_length": focal_length, "min_points": min_points,
-        "fit": fit, "smooth": smooth, "target_rig": str(target_rig) if target_rig else None,
+        "fit": fit, "pose_prior": pose_prior, "smooth": smooth, "target_rig": str(target_rig) if target_rig else None,
         "joint_map": str(joint_map) if joint_map else None,
     }
     if dry_run:
@@ -151,15 +156,32 @@ def main(pred: Path, out: Path, rig: Path | None, mesh_scale: float | str, order
                            "--out")
     start = time.perf_counter()
     frames = read_frames(preds, ids)
-    fitted = fit_frames(fit_rig, frames, min_points=min_points, ids=ids, method=fit)
-    poses = fitted.poses
-    report = fitted.to_json(ids)
+    seen = np.flatnonzero([frame is not None for frame in frames])  # frames where the animal was seen
+    if not len(seen):
+        raise AnimateError(f"{pred}: no frame has 3 or more kept points, nothing to fit (empty masks, or a "
+                           "model that predicts no surface?)")
+    seen_ids, seen_frames = [ids[i] for i in seen], [frames[i] for i in seen]
+    fitted = fit_frames(fit_rig, seen_frames, min_points=min_points, ids=seen_ids, method=fit,
+                        prior_degrees=pose_prior)
+    poses = fill_frames(fitted.poses, seen, len(ids))  # unseen frames: interpolated between their neighbours
+    report = fitted.to_json(seen_ids)
+    fitted_frames = dict(zip(seen_ids, report["frames"], strict=True))
+    report["frames"] = [fitted_frames.get(i, {"id": i, "joints": [], "status": "no kept points: interpolated"})
+                        for i in ids]
+    if len(seen) < len(ids):
+        click.secho(f"{len(ids) - len(seen)} of {len(ids)} frames have fewer than 3 kept points; their poses "
+                    "and cameras are interpolated from their neighbours (fit.json lists them)", fg="yellow")
     if smooth != "none":
         before = jitter(fit_rig, poses, fps)
         poses = smooth_poses(fit_rig, poses, fps, smooth)
         report["jitter"] = {"method": smooth, "before": before, "after": jitter(fit_rig, poses, fps)}
     focal, focal_source = _focal_lengths(preds, ids, focal_length)
-    camera = estimate_cameras(frames, image_aspect(preds, ids), focal)
+    if not isinstance(focal, (str, float, int)):  # one per frame: those of the seen frames
+        focal = [focal[i] for i in seen]
+    seen_camera = estimate_cameras(seen_frames, image_aspect(preds, ids), focal)
+    every = np.arange(len(ids))
+    camera = CameraTrack(np.interp(every, seen, seen_camera.focal_mm), seen_camera.aspect,
+                         np.interp(every, seen, seen_camera.depth))
     export_path, export_rig, scale, track = rig_path, fit_rig, factor, camera
     if target_rig is not None:
         mapping = _read_joint_map(joint_map) if joint_map else None

@@ -20,7 +20,7 @@ import numpy as np
 from dualpm.camera import SENSOR_HEIGHT_MM
 from dualpm.errors import DatasetError
 from dualpm.gltf import SkinnedMesh
-from dualpm.skeleton.fit import METHODS, FrameObservation, fit_sequence
+from dualpm.skeleton.fit import DEFAULT_PRIOR_DEGREES, METHODS, FrameObservation, fit_sequence
 from dualpm.skeleton.joints import skin_weights_at
 
 FIT_METHOD = "lbs"  # the rigid-skeleton fit (dualpm.skeleton.fit); "kabsch" is the reference's per-bone fit
@@ -57,7 +57,8 @@ class FrameFit:
 
 
 def fit_frames(rig: SkinnedMesh, frames: Sequence[Observation], min_points: int = 3,
-               ids: Sequence[str] | None = None, method: str = FIT_METHOD) -> FrameFit:
+               ids: Sequence[str] | None = None, method: str = FIT_METHOD,
+               prior_degrees: float = DEFAULT_PRIOR_DEGREES) -> FrameFit:
     """Fit every frame's pose.
 
     Args:
@@ -66,6 +67,8 @@ def fit_frames(rig: SkinnedMesh, frames: Sequence[Observation], min_points: int 
         min_points: fewest supporting points for a joint's own fit.
         ids: frame names for messages (default: their indices).
         method: one of `dualpm.skeleton.fit.METHODS` ("lbs", "kabsch").
+        prior_degrees: "lbs": spread of the pose prior (each non-root joint's rotation from rest), degrees;
+            0: none (see `fit_sequence`'s `spread`).
     Returns:
         `FrameFit`; joint status as `fit_sequence` reports it ("fitted", "inherited", "interpolated",
         "rest"), residual None where the joint had no points of its own.
@@ -86,7 +89,8 @@ def fit_frames(rig: SkinnedMesh, frames: Sequence[Observation], min_points: int 
                 "units) the model predicts for; check --rig and --mesh-scale"
             )
     observed = [FrameObservation(f.canonical, f.posed, f.confidence) for f in frames]
-    fit = fit_sequence(rig, observed, method=method, min_points=min_points)
+    spread = np.radians(prior_degrees) if prior_degrees > 0 else None
+    fit = fit_sequence(rig, observed, method=method, min_points=min_points, spread=spread)
     joints = tuple(
         tuple({"joint": r.joint, "points": int(r.points),
                "residual": float(r.residual) if r.points and np.isfinite(r.residual) else None, "status": r.status}

@@ -51,8 +51,9 @@ def frame_order(ids: Sequence[str], order_file: Path | None) -> list[str]:
     return listed
 
 
-def read_frames(preds: PredictionsReader, ids: Sequence[str]) -> list[Observation]:
-    """The kept points of each frame (thresholds as recorded by dualpm-infer) with their pixels' NDC."""
+def read_frames(preds: PredictionsReader, ids: Sequence[str]) -> list[Observation | None]:
+    """The kept points of each frame (thresholds as recorded by dualpm-infer) with their pixels' NDC; None
+    for a frame with fewer than 3 (the animal not seen: its pose is interpolated from its neighbours)."""
     occ = float(preds.attrs.get("occupancy_threshold", OCCUPANCY_THRESHOLD))
     conf = float(preds.attrs.get("confidence_threshold", CONFIDENCE_THRESHOLD))
     row_of = {sample_id: row for row, sample_id in enumerate(preds.ids)}
@@ -62,8 +63,8 @@ def read_frames(preds: PredictionsReader, ids: Sequence[str]) -> list[Observatio
         keep = keep_mask(maps, occ, conf)
         canonical, posed = kept_points(maps, keep)
         if len(canonical) < 3:
-            raise DatasetError(f"{preds.path}: frame {sample_id} has {len(canonical)} kept points; "
-                               "nothing to fit (is the mask empty?)")
+            frames.append(None)
+            continue
         _, rows, cols = np.nonzero(keep)  # same order as kept_points: layer by layer, raster order
         height, width = keep.shape[-2:]
         pixels = np.stack([2.0 * (cols + 0.5) / width - 1.0, 2.0 * (rows + 0.5) / height - 1.0], axis=1)

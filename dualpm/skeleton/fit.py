@@ -20,7 +20,9 @@ Methods:
   point, started from the Kabsch fit. A joint moves the points of its subtree; with fewer than `min_points`
   of them (subtree weight >= 0.5) its rotation is not observable and is frozen: at rest for a single frame,
   interpolated on the rotation manifold (Slerp) between the nearest frames that fitted it in a sequence
-  (held at the ends): status "rest" or "interpolated".
+  (held at the ends): status "rest" or "interpolated". With `spread`, a Gaussian prior on the joints'
+  rotations from rest, weighed by the noise the first solve leaves, keeps noisy predictions (a small
+  model's) from bending weakly supported joints: exact points keep their exact fit.
 
 Skin weights at a predicted canonical point are the nearest template vertex's (as the reference); points
 farther than `MAX_DISTANCE_FRACTION` of the rig's size from every vertex are dropped as outliers.
@@ -51,6 +53,7 @@ FIT_FORMAT, FIT_VERSION = "dualpm-fit", 1
 MAX_DISTANCE_FRACTION = 0.2  # of the rig's rest size: farther canonical points are outliers
 HUBER_FRACTION = 0.01  # of the rig's rest size: residuals beyond count linearly (Huber loss)
 SUPPORT_WEIGHT = 0.5  # a point counts for a joint when its (subtree) skin weight reaches this
+DEFAULT_PRIOR_DEGREES = 20.0  # pose prior of `dualpm-animate` (docs/benchmarks.md, "Pose fitting")
 
 
 @dataclass(frozen=True)
@@ -160,22 +163,32 @@ def local_pose_from_skinning(tree: RigTree, skinning: np.ndarray) -> np.ndarray:
 
 class _LbsProblem:
     """Residuals and Jacobian of one frame; parameters: rotation vectors of the free joints (left
-    perturbations of the start rotations), then the translations of the skeleton roots."""
+    perturbations of their rest rotations, started at the start pose's), then the translations of the
+    skeleton roots. `prior` (weight per unit of squared angle, in the residual's squared units) pulls the
+    free non-root joints' rotations towards rest: 0.5 prior |r|^2 is added to the cost of each."""
 
-    def __init__(self, tree: RigTree, frame: _Frame, start: np.ndarray, free: np.ndarray):
+    def __init__(self, tree: RigTree, frame: _Frame, start: np.ndarray, free: np.ndarray, prior: float = 0.0):
         self.tree, self.frame, self.free = tree, frame, free
         self.free_nodes = tree.joint_nodes[free]
         self.roots = tree.joint_nodes[tree.skeleton_roots]
         start_rot = quat_wxyz_to_rotation(start[:, :4]).as_matrix()
-        self.start_rot, self.start_trans = start_rot, start[:, 4:].copy()
+        rest_rot = quat_wxyz_to_rotation(tree.rest[:, :4]).as_matrix()
+        self.base_rot = start_rot.copy()  # fixed rotations for frozen joints, the rest for free ones
+        self.base_rot[self.free_nodes] = rest_rot[self.free_nodes]
+        self.start_rotvec = Rotation.from_matrix(
+            start_rot[self.free_nodes] @ rest_rot[self.free_nodes].transpose(0, 2, 1)).as_rotvec()
+        self.start_trans = start[:, 4:].copy()
         self.sqrt_conf = np.sqrt(frame.confidence)[:, None]
         self.below_free = tree.below[:, free].astype(np.float64)  # (J, Jf)
         self.subtree_free = frame.weights @ self.below_free  # (P, Jf) weight moved by each free joint
         self.subtree_roots = frame.weights @ tree.below[:, tree.skeleton_roots]  # (P, R)
+        # The roots' rotations are the body's orientation in the camera: no prior on them.
+        not_root = ~np.isin(self.free_nodes, self.roots)
+        self.prior = np.concatenate([np.repeat(prior * not_root, 3), np.zeros(3 * len(self.roots))])
         self._cache: tuple[bytes, np.ndarray, np.ndarray] | None = None
 
     def x0(self) -> np.ndarray:
-        return np.concatenate([np.zeros(3 * len(self.free_nodes)), self.start_trans[self.roots].ravel()])
+        return np.concatenate([self.start_rotvec.ravel(), self.start_trans[self.roots].ravel()])
 
     def split(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         count = 3 * len(self.free_nodes)
@@ -184,7 +197,7 @@ class _LbsProblem:
     def state(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(rotations (N, 3, 3), translations (N, 3)) of parameters x."""
         rotvec, root_trans = self.split(x)
-        rotation = self.start_rot.copy()
+        rotation = self.base_rot.copy()
         rotation[self.free_nodes] = Rotation.from_rotvec(rotvec).as_matrix() @ rotation[self.free_nodes]
         translation = self.start_trans.copy()
         translation[self.roots] = root_trans
@@ -255,16 +268,21 @@ def solve_robust(problem: _LbsProblem, delta: float, max_iterations: int = 50, t
     Returns the parameters and the number of iterations.
     """
     x = problem.x0()
+    prior = problem.prior
+
+    def total_cost(x: np.ndarray, residual: np.ndarray) -> float:
+        return huber_cost(np.linalg.norm(residual, axis=1), delta) + 0.5 * float(prior @ x**2)
+
     residual = problem.residuals(x).reshape(-1, 3)
-    cost = huber_cost(np.linalg.norm(residual, axis=1), delta)
+    cost = total_cost(x, residual)
     damping = 1e-6
     for iteration in range(1, max_iterations + 1):
         distance = np.linalg.norm(residual, axis=1)
         weight = np.repeat(huber_weights(distance, delta), 3)
         jac = problem.jacobian(x)
         weighted = jac * weight[:, None]
-        normal = weighted.T @ jac
-        gradient = weighted.T @ residual.ravel()
+        normal = weighted.T @ jac + np.diag(prior)
+        gradient = weighted.T @ residual.ravel() + prior * x
         if np.abs(gradient).max() <= tolerance * max(cost, 1e-300):
             return x, iteration
         diagonal = np.maximum(np.diag(normal), 1e-12 * max(np.diag(normal).max(), 1e-300))
@@ -272,7 +290,7 @@ def solve_robust(problem: _LbsProblem, delta: float, max_iterations: int = 50, t
             step = np.linalg.solve(normal + damping * np.diag(diagonal), -gradient)
             trial = x + step
             trial_residual = problem.residuals(trial).reshape(-1, 3)
-            trial_cost = huber_cost(np.linalg.norm(trial_residual, axis=1), delta)
+            trial_cost = total_cost(trial, trial_residual)
             if trial_cost <= cost:
                 break
             damping *= 10.0
@@ -295,9 +313,23 @@ def _subsample(frame: _Frame, max_points: int) -> _Frame:
 
 
 def _fit_lbs(tree: RigTree, frame: _Frame, start: np.ndarray, free: np.ndarray, size: float,
-             max_points: int) -> np.ndarray:
-    problem = _LbsProblem(tree, _subsample(frame, max_points), start, free)
-    x, _ = solve_robust(problem, HUBER_FRACTION * size)
+             max_points: int, spread: float | None) -> np.ndarray:
+    sampled = _subsample(frame, max_points)
+    delta = HUBER_FRACTION * size
+    problem = _LbsProblem(tree, sampled, start, free)
+    x, _ = solve_robust(problem, delta)
+    if spread is not None:
+        # MAP with a Gaussian prior of `spread` radians on each non-root joint's rotation from rest, the
+        # points' noise variance estimated from the unregularised fit's residuals: exact points (sigma ~ 0)
+        # keep their fit, noisy ones lean on the rest pose where their evidence is weak.
+        rotation, translation = problem.state(x)
+        refit = start.copy()
+        refit[:, :4] = rotation_to_quat_wxyz(Rotation.from_matrix(rotation))
+        refit[:, 4:] = translation
+        distance = np.linalg.norm(problem.residuals(x).reshape(-1, 3), axis=1) / problem.sqrt_conf[:, 0]
+        variance = float(np.average(np.minimum(distance, 3 * delta) ** 2, weights=sampled.confidence))
+        problem = _LbsProblem(tree, sampled, refit, free, prior=variance / spread**2)
+        x, _ = solve_robust(problem, delta)
     rotation, translation = problem.state(x)
     pose = start.copy()
     pose[:, :4] = rotation_to_quat_wxyz(Rotation.from_matrix(rotation))
@@ -336,7 +368,7 @@ def _interpolate_frozen(tree: RigTree, poses: np.ndarray, frozen: np.ndarray) ->
 
 def fit_sequence(
     rig: SkinnedMesh, frames: Sequence[FrameObservation], *, method: str = "lbs", min_points: int = 3,
-    max_points: int = 2000,
+    max_points: int = 2000, spread: float | None = None,
 ) -> SequenceFit:
     """Fit the rig's node-local pose to every frame's point pairs (see the module doc for the methods).
 
@@ -347,6 +379,9 @@ def fit_sequence(
         min_points: fewest supporting points for a joint's own fit (>= 3).
         max_points: "lbs" solves with at most this many of a frame's points (a fixed random subset; the
             Kabsch start and the reported residuals use all).
+        spread: "lbs": radians; None: no prior. Otherwise the fit is solved twice: unregularised, then as
+            the maximum a posteriori pose under a Gaussian prior of this spread on every non-root joint's
+            rotation from rest, with the points' noise variance taken from the first fit's residuals.
     Returns:
         `SequenceFit` with poses (F, num_nodes, 7) float64 and one `JointReport` per frame and joint.
     Raises:
@@ -354,6 +389,8 @@ def fit_sequence(
     """
     if method not in METHODS:
         raise SkeletonError(f"fit_sequence: method must be one of {', '.join(METHODS)}, got {method!r}")
+    if spread is not None and not spread > 0:
+        raise SkeletonError(f"fit_sequence: spread must be > 0 radians or None, got {spread}")
     if min_points < 3 or max_points < 3:
         raise SkeletonError(f"fit_sequence: min_points and max_points must be at least 3, got {min_points}, "
                             f"{max_points}")
@@ -381,7 +418,7 @@ def fit_sequence(
         roots = tree.joint_nodes[tree.skeleton_roots]
         start[roots, 4:] = local_pose_from_skinning(tree, kabsch.transforms)[roots, 4:]  # ... but the root's place
         start[tree.joint_nodes[frozen[f]], :4] = tree.rest[tree.joint_nodes[frozen[f]], :4]
-        poses[f] = _fit_lbs(tree, frame, start, ~frozen[f], size, max_points)
+        poses[f] = _fit_lbs(tree, frame, start, ~frozen[f], size, max_points, spread)
     if method == "kabsch":
         status = np.where(inherited, "inherited", "fitted")
     else:

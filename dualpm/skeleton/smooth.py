@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 from scipy.signal import savgol_coeffs, savgol_filter
-from scipy.spatial.transform import Rotation
+from scipy.spatial.transform import Rotation, Slerp
 
 from dualpm.gltf import SkinnedMesh
 from dualpm.skeleton.kinematics import RigTree, quat_wxyz_to_rotation, rotation_to_quat_wxyz
@@ -33,6 +33,28 @@ SAVGOL_ORDER = 2
 ONE_EURO_MIN_CUTOFF = 5.0  # Hz, the cut-off at rest
 ONE_EURO_BETA = 1.0  # cut-off increase per unit of speed (rad/s; translations: rig sizes per second)
 ONE_EURO_DERIVATIVE_CUTOFF = 1.0  # Hz
+
+
+def fill_frames(poses: np.ndarray, known: np.ndarray, count: int) -> np.ndarray:
+    """(count, N, 7) poses of every frame from the poses (K, N, 7) of frames `known` (K,) (strictly
+    increasing indices in [0, count)): node rotations interpolated on the rotation manifold (Slerp),
+    translations linearly, frames before the first / after the last known one held.
+    """
+    poses = np.asarray(poses, dtype=np.float64)
+    known = np.asarray(known, dtype=np.int64)
+    if len(known) == 0 or len(known) != len(poses) or (np.diff(known) <= 0).any():
+        raise SkeletonError(f"fill_frames: {len(poses)} poses for known frames {known.tolist()}")
+    times = np.clip(np.arange(count), known[0], known[-1])
+    out = np.empty((count,) + poses.shape[1:])
+    for c in range(4, 7):
+        out[:, :, c] = np.stack([np.interp(times, known, poses[:, n, c]) for n in range(poses.shape[1])], axis=1)
+    for node in range(poses.shape[1]):
+        rotations = quat_wxyz_to_rotation(poses[:, node, :4])
+        if len(known) == 1:
+            out[:, node, :4] = poses[0, node, :4]
+        else:
+            out[:, node, :4] = rotation_to_quat_wxyz(Slerp(known, rotations)(times))
+    return out
 
 
 def _checked(rig: SkinnedMesh, poses: np.ndarray, fps: float) -> np.ndarray:
