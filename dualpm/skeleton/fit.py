@@ -52,6 +52,9 @@ STATUSES = ("fitted", "inherited", "interpolated", "rest")
 FIT_FORMAT, FIT_VERSION = "dualpm-fit", 1
 MAX_DISTANCE_FRACTION = 0.2  # of the rig's rest size: farther canonical points are outliers
 HUBER_FRACTION = 0.01  # of the rig's rest size: residuals beyond count linearly (Huber loss)
+# The solve stops when a step lowers the cost by less than this fraction: on the benchmark's sequences
+# 1e-6 instead of 1e-12 moved no error by more than 0.01% and saved 20-40% of the time (docs/benchmarks.md).
+FIT_TOLERANCE = 1e-6
 SUPPORT_WEIGHT = 0.5  # a point counts for a joint when its (subtree) skin weight reaches this
 DEFAULT_PRIOR_DEGREES = 20.0  # pose prior of `dualpm-animate` (docs/benchmarks.md, "Pose fitting")
 
@@ -317,7 +320,7 @@ def _fit_lbs(tree: RigTree, frame: _Frame, start: np.ndarray, free: np.ndarray, 
     sampled = _subsample(frame, max_points)
     delta = HUBER_FRACTION * size
     problem = _LbsProblem(tree, sampled, start, free)
-    x, _ = solve_robust(problem, delta)
+    x, _ = solve_robust(problem, delta, tolerance=FIT_TOLERANCE)
     if spread is not None:
         # MAP with a Gaussian prior of `spread` radians on each non-root joint's rotation from rest, the
         # points' noise variance estimated from the unregularised fit's residuals: exact points (sigma ~ 0)
@@ -329,7 +332,7 @@ def _fit_lbs(tree: RigTree, frame: _Frame, start: np.ndarray, free: np.ndarray, 
         distance = np.linalg.norm(problem.residuals(x).reshape(-1, 3), axis=1) / problem.sqrt_conf[:, 0]
         variance = float(np.average(np.minimum(distance, 3 * delta) ** 2, weights=sampled.confidence))
         problem = _LbsProblem(tree, sampled, refit, free, prior=variance / spread**2)
-        x, _ = solve_robust(problem, delta)
+        x, _ = solve_robust(problem, delta, tolerance=FIT_TOLERANCE)
     rotation, translation = problem.state(x)
     pose = start.copy()
     pose[:, :4] = rotation_to_quat_wxyz(Rotation.from_matrix(rotation))
