@@ -50,7 +50,7 @@ class StoreJob:
     predictions: PredictionsReader
     options: EvalOptions
     animodel: AnimodelOptions
-    data: Path | None
+    data: Path | str | None
     source: Path | None
     targets: Path | None
     frame: str
