@@ -329,3 +329,20 @@ def test_file_urls_are_local_folders(tmp_path):
     info = open_dataset(f"file://{root}")
     assert info.store.root == root and not info.store.is_remote
     assert _read_all(info) == _read_all(open_dataset(root))
+
+
+def test_infer_and_eval_read_the_ground_truth_from_s3_as_from_the_folder(tmp_path, s3):
+    from dualpm.eval.cli import main as eval_main
+    from dualpm.infer.cli import main as infer_main
+
+    root, url = _stores(tmp_path, s3, ("zarr", "webdataset"), "infer")
+    rows = {}
+    for name, data in (("local", str(root)), ("s3", url)):
+        pred = tmp_path / f"pred-{name}"
+        result = CliRunner().invoke(infer_main, ["--oracle", "--oracle-noise", "0.01", "--data", data, "--out",
+                                                 str(pred), "--no-sheets", "--no-ply"])
+        assert result.exit_code == 0, result.output
+        result = CliRunner().invoke(eval_main, ["--pred", str(pred), "--surface-points", "0", "--baseline"])
+        assert result.exit_code == 0, result.output
+        rows[name] = (pred / "metrics.csv").read_text()
+    assert rows["s3"] == rows["local"] and rows["local"].count("\n") == 5  # header + 4 val samples

@@ -82,16 +82,6 @@ class Store:
     def __str__(self) -> str:
         return self.where
 
-    def exists(self) -> bool:
-        """Whether the store's manifest.json can be read (a local store: whether the folder exists)."""
-        if self.root is not None:
-            return self.root.is_dir()
-        try:
-            self.load_manifest()
-        except RemoteMissing:
-            return False
-        return True
-
     def load_manifest(self) -> Manifest:
         """manifest.json, read once (DatasetError naming the store when missing or invalid)."""
         if self.root is not None:
