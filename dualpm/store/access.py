@@ -27,6 +27,7 @@ import os
 import shutil
 import tempfile
 import threading
+from collections import OrderedDict
 import weakref
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -115,7 +116,7 @@ class Store:
                     sample.staged = keeper  # the staged files live while any sample of the shard does
                     yield sample_id, sample
         finally:
-            self._release(key, keeper)
+            self._release(key, keeper, verify)
 
     def shard_problem(self, column: ColumnInfo, index: int) -> str | None:
         """Why shard `index` of `column` cannot be read (None: it can): unfinished, data missing. The
@@ -139,6 +140,7 @@ class Store:
                     del rt.futures[key]
             rt.schedule = [(c, i) for c, i in wanted]
             rt.verify_ahead = verify
+            rt.furthest = -1
             rt.position = {(c.name, i): n for n, (c, i) in enumerate(rt.schedule)}
 
     @contextlib.contextmanager
@@ -234,17 +236,28 @@ class Store:
         if column.format == "zarr":
             self._stage_metadata()  # here, not in a fetch thread: every fetch after it has it
         with rt.lock:
-            ahead = rt.schedule[rt.position[key]: rt.position[key] + rt.inflight] if key in rt.position else []
+            ahead = []
+            if key in rt.position:  # up to `inflight` shards beyond the furthest one a reader has opened
+                rt.furthest = max(rt.furthest, rt.position[key])
+                ahead = rt.schedule[rt.position[key]: rt.furthest + 1 + rt.inflight]
             for c, i in ahead or [(column, index)]:
-                if (c.name, i) not in rt.futures:
-                    check = rt.verify_ahead if ahead else verify
-                    rt.futures[(c.name, i)] = rt.executor.submit(self._fetch_shard, c, i, check)
+                if (c.name, i) in rt.futures:
+                    continue
+                kept = rt.retired.pop((c.name, i), None)  # read a moment ago, checked, still staged
+                if kept is not None and all(_inode(path) == inode for path, inode in kept):
+                    rt.futures[(c.name, i)] = done = Future()
+                    done.set_result(None)
+                    continue
+                check = rt.verify_ahead if ahead else verify
+                rt.futures[(c.name, i)] = rt.executor.submit(self._fetch_shard, c, i, check)
             future = rt.futures[key]
         future.result()
 
-    def _release(self, key: Key, keeper: _Staged | None) -> None:
-        """Forget a read shard; its staged files are deleted once `keeper` (held by its samples) is gone
-        (now when None), unless a later fetch replaced them (another inode)."""
+    def _release(self, key: Key, keeper: _Staged | None, verified: bool = False) -> None:
+        """Forget a read shard. Once `keeper` (held by its samples) is gone, its staged files join the
+        `inflight` most recently read shards kept for a reader that wants them again (the dataset probe's
+        shard), if `verified`, else are deleted (now when `keeper` is None); files a later fetch replaced
+        (another inode) are never touched."""
         rt = self._runtime()
         with rt.lock:
             future = rt.futures.pop(key, None)
@@ -262,6 +275,8 @@ class Store:
                 files.append((rt.stage / relative, (rt.stage / relative).stat().st_ino))
         if keeper is None:
             _unlink_staged(files)
+        elif verified:
+            weakref.finalize(keeper, _retire, rt, key, files)
         else:
             weakref.finalize(keeper, _unlink_staged, files)
 
@@ -375,6 +390,22 @@ class _Staged:
     """Held by every sample of a staged shard (see `Store._release`)."""
 
 
+def _inode(path: Path) -> int | None:
+    try:
+        return path.stat().st_ino
+    except FileNotFoundError:
+        return None
+
+
+def _retire(rt: _Runtime, key: Key, files: list[tuple[Path, int]]) -> None:
+    with rt.lock:
+        old = rt.retired.pop(key, None)
+        rt.retired[key] = files
+        excess = [rt.retired.popitem(last=False)[1] for _ in range(len(rt.retired) - rt.inflight)]
+    for stale in excess + ([old] if old is not None and old != files else []):
+        _unlink_staged(stale)
+
+
 def _unlink_staged(files: list[tuple[Path, int]]) -> None:
     for path, inode in files:
         with contextlib.suppress(FileNotFoundError):
@@ -406,6 +437,8 @@ class _Runtime:
         self.position: dict[Key, int] = {}
         self.metadata = False
         self.verify_ahead = True
+        self.furthest = -1  # schedule position of the furthest shard read so far
+        self.retired: OrderedDict[Key, list[tuple[Path, int]]] = OrderedDict()
         # multiprocessing's finalizers also run in DataLoader workers (atexit does not).
         multiprocessing.util.Finalize(self, _cleanup, args=(self.executor, self.stage), exitpriority=10)
 
