@@ -275,13 +275,13 @@ def _ids_by_step(run: Path) -> dict[int, list[str]]:
 
 def test_kill9_while_training_from_s3_then_resume_loses_and_duplicates_nothing(tmp_path, s3, monkeypatch):
     root, url = _stores(tmp_path, s3, ("zarr", "webdataset"), "kill9")
-    steps = 18  # 3 epochs of 12 samples in batches of 2
+    steps = 12  # 2 epochs of 12 samples in batches of 2
     full = _train_cli(_config(tmp_path / "full.yaml", str(root), tmp_path / "full", steps))
     with FaultProxy(s3, fail_rate=0.1, seed=7) as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
         config = _config(tmp_path / "remote.yaml", url, tmp_path / "remote", steps)
         killed = _train_cli(config)
-        latest = tmp_path / "remote" / "checkpoints" / "step-00000006.pt"
+        latest = tmp_path / "remote" / "checkpoints" / "step-00000003.pt"
         deadline = time.monotonic() + 120
         while killed.poll() is None and not latest.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -293,13 +293,13 @@ def test_kill9_while_training_from_s3_then_resume_loses_and_duplicates_nothing(t
     assert resumed.returncode == 0 and "resuming at step" in out, out
     assert full.wait(timeout=180) == 0, full.communicate()[0]
     k = int(re.search(r"resuming at step (\d+)", out).group(1))
-    assert k >= 6
+    assert 3 <= k < steps
     # The killed run's buffered id records died with it; from the checkpoint on, every step trained on what
     # the uninterrupted local run trained on, and the final weights are bitwise the same (so were the
     # batches before the kill).
     remote, reference = _ids_by_step(tmp_path / "remote"), _ids_by_step(tmp_path / "full")
     assert {s: remote[s] for s in range(k + 1, steps + 1)} == {s: reference[s] for s in range(k + 1, steps + 1)}
-    epochs = [sum((reference[s] for s in range(e * 6 + 1, e * 6 + 7)), []) for e in range(3)]
+    epochs = [sum((reference[s] for s in range(e * 6 + 1, e * 6 + 7)), []) for e in range(2)]
     assert all(sorted(e) == [f"{i:04d}" for i in range(12)] for e in epochs)  # each sample once per epoch
     a = load_checkpoint(tmp_path / "full" / "checkpoints" / "latest.pt")["model"]
     b = load_checkpoint(tmp_path / "remote" / "checkpoints" / "latest.pt")["model"]

@@ -100,10 +100,12 @@ class Store:
 
     # -- reading -------------------------------------------------------------------------------------
 
-    def read_shard(self, column: ColumnInfo, index: int, verify: bool = True) -> Iterator[tuple[str, StoredSample]]:
+    def read_shard(
+        self, column: ColumnInfo, index: int, verify: bool = True
+    ) -> Iterator[tuple[str, StoredSample]]:
         """`shards.read_shard` of this store: (sample id, fields) of shard `index` of `column`, its sha256
-        checked first when `verify` (a remote shard: while it is fetched). Fields decode lazily: use them
-        before the next shard is read."""
+        checked first when `verify` (a remote shard: while it is fetched). Fields decode lazily; a remote
+        shard's staged files stay while any of its samples does (shuffle buffers hold them a while)."""
         if self.root is not None:
             yield from shards.read_shard(self.root, column, index, verify)
             return
