@@ -86,8 +86,10 @@ def main(data: Path | None, samples: int, fail_rate: float, repeats: int, append
     """Reader samples/s: local disk vs loopback S3 vs loopback S3 with failing requests."""
     from dualpm.cliutils import describe_machine, record_benchmark
 
+    label = f"store {data}"
     with tempfile.TemporaryDirectory() as tmp:
         if data is None:
+            label = f"synthetic Zarr store ({samples} train samples, 64 per shard, 96x96 maps, 32x48x48 features)"
             from test_reader import write_store
 
             data = write_store(Path(tmp) / "store", n_train=samples, n_val=64, shard_size=64, size=96,
@@ -126,7 +128,7 @@ def main(data: Path | None, samples: int, fail_rate: float, repeats: int, append
           f"requests failing >= {TARGET_FAULTS:.0%}: {'met' if ok_faults else 'MISSED'}")
     if append:
         day = datetime.date.today().isoformat()
-        entry = (f"- {day}, {describe_machine()} (shared with other work), {data.name if data else 'synthetic'}"
+        entry = (f"- {day}, {describe_machine()} (shared with other work), {label}"
                  f" store, best of {repeats}: " + "; ".join(lines) + f"; proxy failed {faults} of "
                  f"{injected.get('requests', 0)} requests on purpose.")
         record_benchmark(append, HEADING, entry)
