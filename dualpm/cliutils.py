@@ -84,6 +84,21 @@ class StoreLocation(click.ParamType):
         return folder.convert(str(local_path(value)), param, ctx)
 
 
+class OutputFolder(click.Path):
+    """A local folder a command writes (file:// URLs too); a store URL (s3://, gs://, http(s)://) is
+    refused in one line saying how to get a prepared store there."""
+
+    def __init__(self) -> None:
+        super().__init__(file_okay=False, path_type=Path)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and is_url(value):
+            self.fail(f"{value}: the prep stages write to a local folder only; prepare there, check it with "
+                      "`dualpm-prep verify`, then upload it with manifest.json last (README, \"Stores on object "
+                      "storage and HTTP\")", param, ctx)
+        return super().convert(str(local_path(value)) if isinstance(value, str) else value, param, ctx)
+
+
 def cache_option(fn: F) -> F:
     """`--cache DIR` and `--cache-gib`: keep a remote store's fetched shards in DIR for later epochs/runs."""
     fn = click.option("--cache-gib", type=click.FloatRange(min=0.001), default=50.0, show_default=True,

@@ -346,3 +346,15 @@ def test_infer_and_eval_read_the_ground_truth_from_s3_as_from_the_folder(tmp_pat
         assert result.exit_code == 0, result.output
         rows[name] = (pred / "metrics.csv").read_text()
     assert rows["s3"] == rows["local"] and rows["local"].count("\n") == 5  # header + 4 val samples
+
+
+@pytest.mark.parametrize("command", ["render", "features", "synth"])
+def test_prep_stages_refuse_an_object_store_out_in_one_line(tmp_path, monkeypatch, command):
+    from pipeline.cli import main as prep_main
+
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(prep_main, [command, *([str(tmp_path)] if command != "synth" else []),
+                                            "s3://bucket/prepared"])
+    assert result.exit_code == 2, result.output
+    assert "the prep stages write to a local folder only" in result.output and "manifest.json last" in result.output
+    assert list(tmp_path.iterdir()) == []  # no local "s3:" folder
