@@ -358,3 +358,20 @@ def test_prep_stages_refuse_an_object_store_out_in_one_line(tmp_path, monkeypatc
     assert result.exit_code == 2, result.output
     assert "the prep stages write to a local folder only" in result.output and "manifest.json last" in result.output
     assert list(tmp_path.iterdir()) == []  # no local "s3:" folder
+
+
+def test_staging_folders_of_killed_processes_are_removed_by_the_next_reader(tmp_path, s3):
+    root, url = _stores(tmp_path, s3, ("webdataset", "webdataset"), "stages")
+    cache = tmp_path / "cache"
+    first = open_store(url, cache=cache)
+    first.load_manifest()
+    pool = first.pool
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid is free now
+    stale, live = pool / f".stage-{dead.pid}-x1", pool / f".stage-{os.getppid()}-x2"
+    for folder in (stale, live):
+        (folder / "render").mkdir(parents=True)
+        (folder / "render" / "shard-000000.tar").write_bytes(b"left by a killed reader")
+    open_store(url, cache=cache).load_manifest()  # a new process's reader (another Store)
+    assert not stale.exists() and live.exists()
+    assert first._runtime().stage.exists()  # the living reader's own folder stays

@@ -15,6 +15,8 @@ verify`/`show`) go through it, so a URL reads like a folder:
   whole, then marked complete) up to `cache_bytes`, least recently used evicted first; a process links
   them into its staging folder (so an eviction never pulls files from under a reader) and checks their
   sha256 again before reading. Several processes may share one cache folder.
+* Staging folders are named after their process (`dualpm-stage-<pid>-*` in the temp folder, or
+  `<cache>/<...>/.stage-<pid>-*`) and removed at its exit; those of killed processes by the next reader.
 """
 
 from __future__ import annotations
@@ -430,7 +432,10 @@ class _Runtime:
         self.pid = os.getpid()
         if pool is not None:
             pool.mkdir(parents=True, exist_ok=True)
-        self.stage = Path(tempfile.mkdtemp(prefix=".stage-" if pool else "dualpm-stage-", dir=pool))
+        prefix = ".stage-" if pool else "dualpm-stage-"
+        parent = pool if pool is not None else Path(tempfile.gettempdir())
+        remove_dead_stages(parent, prefix)
+        self.stage = Path(tempfile.mkdtemp(prefix=f"{prefix}{self.pid}-", dir=parent))
         self.inflight = inflight
         self.executor = ThreadPoolExecutor(max_workers=inflight, thread_name_prefix="dualpm-fetch")
         self.lock = threading.Lock()
@@ -443,6 +448,24 @@ class _Runtime:
         self.retired: OrderedDict[Key, list[tuple[Path, int]]] = OrderedDict()
         # multiprocessing's finalizers also run in DataLoader workers (atexit does not).
         multiprocessing.util.Finalize(self, _cleanup, args=(self.executor, self.stage), exitpriority=10)
+
+
+def remove_dead_stages(parent: Path, prefix: str) -> int:
+    """Remove the staging folders `<parent>/<prefix><pid>-*` of processes no longer alive (killed ones
+    never cleaned up); returns how many."""
+    removed = 0
+    for folder in parent.glob(f"{prefix}*-*"):
+        pid = folder.name[len(prefix):].split("-", 1)[0]
+        if not pid.isdigit() or not folder.is_dir():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed += 1
+        except PermissionError:  # alive, another user's
+            pass
+    return removed
 
 
 def _cleanup(executor: ThreadPoolExecutor, stage: Path) -> None:
