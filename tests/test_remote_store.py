@@ -342,10 +342,12 @@ def test_infer_and_eval_read_the_ground_truth_from_s3_as_from_the_folder(tmp_pat
         result = CliRunner().invoke(infer_main, ["--oracle", "--oracle-noise", "0.01", "--data", data, "--out",
                                                  str(pred), "--no-sheets", "--no-ply"])
         assert result.exit_code == 0, result.output
-        result = CliRunner().invoke(eval_main, ["--pred", str(pred), "--surface-points", "0", "--baseline"])
+        cached = ["--cache", str(tmp_path / "cache")] if name == "s3" else []
+        result = CliRunner().invoke(eval_main, ["--pred", str(pred), "--surface-points", "0", "--baseline", *cached])
         assert result.exit_code == 0, result.output
         rows[name] = (pred / "metrics.csv").read_text()
     assert rows["s3"] == rows["local"] and rows["local"].count("\n") == 5  # header + 4 val samples
+    assert list((tmp_path / "cache").glob("*/.done/render-shard-*.json"))  # eval --cache kept the render shards
 
 
 @pytest.mark.parametrize("command", ["render", "features", "synth"])

@@ -49,7 +49,7 @@ CACHE_BYTES = 50 << 30  # default bound of a --cache folder
 Key = tuple[str, int]  # (column name, shard index)
 
 
-def open_store(location: str | os.PathLike, cache: str | os.PathLike | None = None,
+def open_store(location: str | os.PathLike | Store, cache: str | os.PathLike | None = None,
                cache_bytes: int = CACHE_BYTES, options: RemoteOptions | None = None) -> Store:
     """The store at `location`: a folder, a file:// URL, or an s3:// gs:// http(s):// URL.
 
@@ -59,6 +59,8 @@ def open_store(location: str | os.PathLike, cache: str | os.PathLike | None = No
         options: retry/timeout settings (None: `RemoteOptions.from_env()`).
     Raises DatasetError for a URL with credentials or a query, or when the 'cloud' extra is missing.
     """
+    if isinstance(location, Store):  # opened already (with its cache)
+        return location
     if is_url(location):
         return Store(None, Remote(str(location), options), None if cache is None else Path(cache), cache_bytes)
     return Store(local_path(location), None, None, cache_bytes)
