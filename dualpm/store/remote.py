@@ -250,9 +250,12 @@ class Remote:
         try:
             import fsspec
             __import__(package)
-        except ImportError:
+        except ImportError as err:
+            missing = (err.name or package).split(".")[0]
+            extra = "'gcs'" if package == "gcsfs" else "'cloud'"
+            hint = "pip install 'dualpm[gcs]'" if package == "gcsfs" else EXTRA_HINT
             raise DatasetError(f"{self.url}: reading {self.scheme}:// stores needs the optional packages of "
-                               f"the 'cloud' extra ({package} missing): {EXTRA_HINT}") from None
+                               f"the {extra} extra ({missing} missing): {hint}") from None
         t = self.options.timeout
         if self.scheme == "s3":
             config = {"connect_timeout": t, "read_timeout": t, "retries": {"total_max_attempts": 1, "mode": "standard"}}
