@@ -19,6 +19,7 @@ import click
 import yaml
 
 from dualpm.errors import DualPMError
+from dualpm.store.remote import is_url, local_path
 from dualpm.fileio import atomic_write_text
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -65,6 +66,46 @@ class FloatOrAuto(click.ParamType):
         if not number > self.minimum or number != number or number == float("inf"):
             self.fail(f"{value!r} must be 'auto' or a finite number above {self.minimum:g}", param, ctx)
         return number
+
+
+class StoreLocation(click.ParamType):
+    """A prepared store: an existing folder (or file:// URL), or an s3:// gs:// http(s):// URL (kept as a
+    string; `dualpm.store.access.open_store` reads it)."""
+
+    name = "store"
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str:
+        return "FOLDER|URL"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Path | str:
+        if isinstance(value, Path) or (isinstance(value, str) and is_url(value)):
+            return value
+        folder = click.Path(exists=True, file_okay=False, path_type=Path)
+        return folder.convert(str(local_path(value)), param, ctx)
+
+
+class OutputFolder(click.Path):
+    """A local folder a command writes (file:// URLs too); a store URL (s3://, gs://, http(s)://) is
+    refused in one line saying how to get a prepared store there."""
+
+    def __init__(self) -> None:
+        super().__init__(file_okay=False, path_type=Path)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and is_url(value):
+            self.fail(f"{value}: the prep stages write to a local folder only; prepare there, check it with "
+                      "`dualpm-prep verify`, then upload it with manifest.json last (README, \"Stores on object "
+                      "storage and HTTP\")", param, ctx)
+        return super().convert(str(local_path(value)) if isinstance(value, str) else value, param, ctx)
+
+
+def cache_option(fn: F) -> F:
+    """`--cache DIR` and `--cache-gib`: keep a remote store's fetched shards in DIR for later epochs/runs."""
+    fn = click.option("--cache-gib", type=click.FloatRange(min=0.001), default=50.0, show_default=True,
+                      help="--cache: the most it holds (GiB); least recently used shards go first.")(fn)
+    return click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=None,
+                        help="Folder keeping the shards of a remote --data store (s3://, gs://, https://) "
+                        "for later epochs and runs (shareable between processes). Default: none.")(fn)
 
 
 def renamed_option(*old: str, new: str, meaning: str, takes_value: bool = True) -> Callable[[F], F]:

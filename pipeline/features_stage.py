@@ -42,7 +42,7 @@ import ray
 import torch
 
 from dualpm import __version__
-from dualpm.cliutils import handles_user_errors
+from dualpm.cliutils import OutputFolder, handles_user_errors
 from dualpm.data.source import Layout, SourceDataset
 from dualpm.errors import BackendUnavailable, ConfigError, DatasetError, DualPMError
 from dualpm.features import (
@@ -489,7 +489,7 @@ def start_workers(
 
 @click.command()
 @click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("out", type=OutputFolder())
 @click.option("--extractor", type=click.Choice(list(EXTRACTORS)), default="sd-dino", show_default=True,
               help="sd-dino (ODISE-DINO: Stable Diffusion + DINOv2), dino (DINOv2 only), rgb (pixels, no "
                    "weights), precomputed (import SRC/features/<id>_feat.png).")

@@ -46,7 +46,7 @@ import torch
 
 from dualpm import __version__
 from dualpm.camera import FAR, NEAR, projection_from_focal, view_from_camera_pose
-from dualpm.cliutils import FloatOrAuto, handles_user_errors, renamed_option
+from dualpm.cliutils import FloatOrAuto, OutputFolder, handles_user_errors, renamed_option
 from dualpm.data.source import Layout, SourceDataset, SourceSample
 from dualpm.errors import BackendUnavailable, DatasetError, DualPMError, GltfError
 from dualpm.gltf import SkinnedMesh, load_skinned_mesh
@@ -505,7 +505,7 @@ def task_resources(backend: str, cluster: ClusterInfo) -> tuple[dict[str, float]
 
 @click.command()
 @click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("out", type=OutputFolder())
 @click.option("--resolution", type=click.IntRange(8, 4096), default=160, show_default=True,
               help="Image side, pixels.")
 @click.option("--layers", type=click.IntRange(1, 255), default=8, show_default=True,

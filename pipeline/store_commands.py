@@ -10,37 +10,49 @@ import click
 import numpy as np
 from PIL import Image
 
-from dualpm.cliutils import handles_user_errors
+from dualpm.cliutils import StoreLocation, handles_user_errors
 from dualpm.errors import DatasetError
 from dualpm.fileio import atomic_output
 from dualpm.pointmaps import CANONICAL, POSED_Z, hits
 from dualpm.store import StoredSample, check_shard, column_dir, load_manifest, read_shard, verify_store
+from dualpm.store.access import open_store
 from dualpm.viz import canonical_to_rgb, depth_to_rgb, image_grid
 
 
 @click.command()
-@click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("out", type=StoreLocation())
 @click.option("--column", "columns", multiple=True, help="Column to check (repeatable).", show_default="all")
 @click.option("--quick", is_flag=True, help="Check records and sizes only: no checksums, no decoding.")
 @handles_user_errors
-def verify(out: Path, columns: tuple[str, ...], quick: bool) -> None:
-    """Check the store OUT: manifest, every planned shard's count, checksum, decodability and schema.
+def verify(out: Path | str, columns: tuple[str, ...], quick: bool) -> None:
+    """Check the store OUT (a folder, or an s3:// gs:// https:// URL): manifest, every planned shard's
+    count, checksum, decodability and schema.
 
     Prints every problem found; the exit code is non-zero if there is any.
     """
-    problems = verify_store(out, list(columns) or None, deep=not quick)
+    store = open_store(out)
+    if store.is_remote:  # each shard is fetched (a few ahead), checked, and deleted again
+        manifest = store.load_manifest()
+        names = [n for n in (columns or manifest.columns) if n in manifest.columns]
+        stage = store.stage_for_verify(names)
+        store.prefetch([(manifest.columns[n], p.index) for n in names for p in manifest.plan], verify=False)
+        found = verify_store(stage, list(columns) or None, deep=not quick,
+                             shard_data=lambda name, index: store.staged(name, [index], records=False))
+        problems = [store.name(str(problem)) for problem in found]
+    else:
+        problems = [str(problem) for problem in verify_store(out, list(columns) or None, deep=not quick)]
     for problem in problems:
         click.echo(f"PROBLEM {problem}", err=True)
     if problems:
-        raise click.ClickException(f"{out}: {len(problems)} problems found")
-    manifest = load_manifest(out)
+        raise click.ClickException(f"{store.where}: {len(problems)} problems found")
+    manifest = store.load_manifest()
     for name in columns or manifest.columns:
         records = manifest.columns[name].shards.values()
         samples, failed = sum(r.count for r in records), sum(len(r.failures) for r in records)
         size = sum(r.bytes for r in records)
         click.echo(f"{name}: {len(records)} shards, {samples} samples, {failed} failed, "
                    f"{size / 2**20:.1f} MiB: OK")
-    click.echo(f"{out}: OK")
+    click.echo(f"{store.where}: OK")
 
 
 def find_sample(out: Path, column: str, sample_id: str) -> StoredSample:
@@ -98,19 +110,23 @@ def sample_sheet(fields: Mapping[str, Any], title: str) -> Image.Image:
 
 
 @click.command()
-@click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("out", type=StoreLocation())
 @click.option("--sample", "sample_id", required=True, help="Sample id, e.g. 000123.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="PNG to write.")
 @click.option("--column", default="render", show_default=True, help="Render column to read.")
 @handles_user_errors
-def show(out: Path, sample_id: str, output: Path, column: str) -> None:
-    """Write a picture of one sample of OUT: RGB, mask, and per layer canonical xyz and posed depth."""
-    fields = find_sample(out, column, sample_id)
-    missing = [f for f in ("dpm", "mask") if f not in fields]
-    if missing:
-        raise DatasetError(f"{out}: sample {sample_id!r} of column {column!r} has no {', '.join(missing)}")
-    sheet = sample_sheet(fields, sample_id)
+def show(out: Path | str, sample_id: str, output: Path, column: str) -> None:
+    """Write a picture of one sample of OUT (a folder or a store URL): RGB, mask, and per layer canonical
+    xyz and posed depth."""
+    store = open_store(out)
+    plan = next((p for p in store.load_manifest().plan if sample_id in p.ids), None)
+    with store.staged(column, [plan.index] if plan is not None else []) as local, store.named():
+        fields = find_sample(local, column, sample_id)
+        missing = [f for f in ("dpm", "mask") if f not in fields]
+        if missing:
+            raise DatasetError(f"{local}: sample {sample_id!r} of column {column!r} has no {', '.join(missing)}")
+        sheet = sample_sheet(fields, sample_id)
     with atomic_output(output) as tmp:
         sheet.save(tmp, format="PNG")
     click.echo(f"wrote {output} ({sheet.width}x{sheet.height})")

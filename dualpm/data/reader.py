@@ -49,7 +49,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dualpm.errors import DatasetError
 from dualpm.masks import INSIDE, resize_mask
-from dualpm.store import ColumnInfo, Manifest, StoredSample, load_manifest, read_shard
+from dualpm.store import ColumnInfo, Manifest, StoredSample
+from dualpm.store.access import CACHE_BYTES, Store, open_store
 from dualpm.pointmaps import ALPHA
 from dualpm.store.fields import ARRAY_LIMIT
 
@@ -81,7 +82,7 @@ class DatasetInfo:
     shards: split name -> usable shards, in plan order.
     """
 
-    root: Path
+    root: Path | str  # the folder, or the URL of a remote store
     manifest: Manifest
     resolution: tuple[int, int]
     stored_layers: int
@@ -91,6 +92,7 @@ class DatasetInfo:
     identity: str
     shards: dict[str, tuple[ShardInfo, ...]]
     skipped_shards: int  # plan shards not finished in both columns
+    store: Store  # reads the shards (local folder or URL, see dualpm.store.access)
 
     def count(self, split: str) -> int:
         """Number of samples of `split` the reader yields per epoch."""
@@ -151,17 +153,22 @@ def feature_array(fields: Mapping[str, Any], where: str) -> np.ndarray:
     return value
 
 
-def open_dataset(root: str | Path) -> DatasetInfo:
+def open_dataset(
+    root: str | Path, cache: str | Path | None = None, cache_bytes: int = CACHE_BYTES
+) -> DatasetInfo:
     """Read `root/manifest.json`, join the columns' shard records, and probe the first sample.
 
+    `root` is a folder or a store URL (s3://, gs://, http(s)://, file://; `dualpm.store.access`); `cache`
+    a folder keeping a remote store's shards (at most `cache_bytes`) for later epochs and runs.
     Raises DatasetError (naming the file) if the dataset, a column or every shard of it is missing,
     or the first sample does not decode.
     """
-    root = Path(root)
-    if not root.is_dir():
+    store = open_store(root, cache, cache_bytes)
+    root = store.root if store.root is not None else store.where
+    if store.root is not None and not store.root.is_dir():
         raise DatasetError(f"{root}: dataset folder not found")
-    manifest = load_manifest(root)
-    where = str(root / "manifest.json")
+    manifest = store.load_manifest()
+    where = f"{root}/manifest.json"
     for name, stage in ((RENDER, "render"), (FEATURES, "features")):
         if name not in manifest.columns:
             raise DatasetError(f"{where}: no column {name!r} (run `dualpm-prep {stage}` first)")
@@ -191,7 +198,7 @@ def open_dataset(root: str | Path) -> DatasetInfo:
     ).hexdigest()
     # Shapes from the first sample: the one source that is right whatever wrote the column configs.
     first = next(iter(shards.values()))[0]
-    with contextlib.closing(_joined(root, render, features, first, first.ids[:1])) as probe:
+    with contextlib.closing(_joined(store, render, features, first, first.ids[:1])) as probe:
         sample_id, fields, feature_fields = next(probe)
     if "dpm" not in fields:
         raise DatasetError(f"{fields.where}: no 'dpm' field")
@@ -208,6 +215,7 @@ def open_dataset(root: str | Path) -> DatasetInfo:
         identity=identity,
         shards={k: tuple(v) for k, v in shards.items()},
         skipped_shards=skipped,
+        store=store,
     )
 
 
@@ -222,17 +230,17 @@ def _advance(records: Iterator[tuple[str, dict[str, Any]]], sample_id: str, wher
 
 
 def _joined(
-    root: Path, render: ColumnInfo, features: ColumnInfo, shard: ShardInfo, wanted: Sequence[str]
+    store: Store, render: ColumnInfo, features: ColumnInfo, shard: ShardInfo, wanted: Sequence[str]
 ) -> Iterator[tuple[str, StoredSample, StoredSample]]:
     """Yield (id, render fields, features fields) of the `wanted` ids (stored order) of a shard, undecoded.
 
     Both columns' shard data are checked against their records' sha256 before the first sample."""
-    r_iter = read_shard(root, render, shard.index)
-    f_iter = read_shard(root, features, shard.index)
+    r_iter = store.read_shard(render, shard.index)
+    f_iter = store.read_shard(features, shard.index)
     try:
         for sample_id in wanted:
-            r_fields = _advance(r_iter, sample_id, f"{root / RENDER} shard {shard.index}")
-            f_fields = _advance(f_iter, sample_id, f"{root / FEATURES} shard {shard.index}")
+            r_fields = _advance(r_iter, sample_id, f"{store.column_where(RENDER)} shard {shard.index}")
+            f_fields = _advance(f_iter, sample_id, f"{store.column_where(FEATURES)} shard {shard.index}")
             for column, fields in ((render, r_fields), (features, f_fields)):
                 # A field the column declares required is never replaced by something else (a tar
                 # sample without its mask member must not train on the rendered alpha).
@@ -425,11 +433,11 @@ class ShardStream(IterableDataset):
     ) -> Iterator[tuple[int, str, StoredSample, StoredSample]]:
         """Undecoded (shard, id, render fields, features fields) of one consumer's epoch, in yield order."""
 
-        root = self.info.root
+        store = self.info.store
 
         def shard_records(shard: ShardInfo, wanted: list[str]) -> Iterator[tuple[int, str, StoredSample,
                                                                                   StoredSample]]:
-            for sample_id, fields, feats in _joined(root, *self._columns, shard, wanted):
+            for sample_id, fields, feats in _joined(store, *self._columns, shard, wanted):
                 yield shard.index, sample_id, fields, feats
 
         parts = []  # (shard, the ids this consumer takes from it), in epoch order
@@ -440,6 +448,8 @@ class ShardStream(IterableDataset):
                 start += len(shard.ids)
                 if wanted:
                     parts.append((shard, wanted))
+        # A remote store fetches the shards in the order they will be opened, a few ahead of the reader.
+        store.prefetch([(column, shard.index) for shard, _ in parts for column in self._columns])
         streams = (shard_records(shard, wanted) for shard, wanted in parts)
         if not self.shuffle:
             return itertools.chain.from_iterable(streams)

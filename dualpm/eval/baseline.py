@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from dualpm.errors import DatasetError
-from dualpm.store import check_shard, column_dir, load_manifest, read_shard
+from dualpm.store.access import open_store
 from dualpm.pointmaps import POINTS, hits
 
 FREQUENCY_THRESHOLD = 0.5
@@ -66,21 +66,21 @@ def fit_constant_baseline(
             with (stored maps are resampled by nearest pixel, as for training).
     Raises DatasetError when the split has no finished render shard or no sample.
     """
-    root = Path(root)
-    manifest = load_manifest(root)
+    store = open_store(root)
+    root = store.where
+    manifest = store.load_manifest()
     if "render" not in manifest.columns:
         raise DatasetError(f"{root}: no render column: the baseline averages the training targets")
     column = manifest.columns["render"]
-    folder = column_dir(root, "render")
+    folder = store.column_where("render")
     h, w = resolution
     sums = np.zeros((h, w, layers, 6), np.float64)
     counts = np.zeros((h, w, layers), np.int64)
     samples = 0
     for plan in (p for p in manifest.plan if p.split == split):
-        _, problem = check_shard(folder, plan.index, column.format, check_checksum=False)
-        if problem is not None or plan.index not in column.shards:
+        if store.shard_problem(column, plan.index) is not None or plan.index not in column.shards:
             continue  # an unfinished shard: the reader skips it too
-        for sample_id, fields in read_shard(root, column, plan.index):  # sha256 checked first
+        for sample_id, fields in store.read_shard(column, plan.index):  # sha256 checked first
             if "dpm" not in fields:
                 raise DatasetError(f"{folder}: shard {plan.index} sample {sample_id!r} has no 'dpm' field")
             dpm = nearest_resample(fields["dpm"], resolution)[:, :, :layers]

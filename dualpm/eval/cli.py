@@ -34,7 +34,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from dualpm.cliutils import handles_user_errors, show_and_save_config
+from dualpm.cliutils import StoreLocation, cache_option, handles_user_errors, show_and_save_config
 from dualpm.errors import ConfigError
 from dualpm.eval.animodel import AnimodelOptions
 from dualpm.eval.baseline import fit_constant_baseline
@@ -45,6 +45,8 @@ from dualpm.eval.summary import RATIO_KEY, markdown_table, metrics_csv, summary_
 from dualpm.eval.targets import FRAMES
 from dualpm.fileio import atomic_write_json, atomic_write_text
 from dualpm.predictions import open_predictions
+from dualpm.store.access import open_store
+from dualpm.store.remote import is_url
 
 HEADLINES = ", ".join(f"{p.name}: {p.headline}" for p in PROTOCOLS.values())
 
@@ -56,8 +58,9 @@ HEADLINES = ", ".join(f"{p.name}: {p.headline}" for p in PROTOCOLS.values())
 @click.option("--protocol", "protocol_name", type=click.Choice(list(PROTOCOLS)), default="dualpm",
               help="dualpm: our learning check (GT layers and surface, camera space). animodel: the Animodel "
                    "benchmark's protocol, comparable with published numbers (see the module docstring).")
-@click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              show_default="the dataset recorded in the predictions", help="Prepared dataset with the ground truth.")
+@click.option("--data", type=StoreLocation(), default=None, show_default="the dataset recorded in the predictions",
+              help="Prepared dataset with the ground truth (a folder or an s3:// gs:// https:// URL).")
+@cache_option
 @click.option("--targets", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="animodel: an Animodel-layout folder (<category>/ with meshes/<id>.obj, or meshes/ itself): "
                    "target meshes matched to the predictions by id, instead of --data.")
@@ -93,7 +96,8 @@ HEADLINES = ", ".join(f"{p.name}: {p.headline}" for p in PROTOCOLS.values())
 @click.option("--dry-run", is_flag=True, help="Print the resolved config and the sample count; write nothing.")
 @click.pass_context
 @handles_user_errors
-def main(ctx: click.Context, pred: Path | None, protocol_name: str, data: Path | None, targets: Path | None,
+def main(ctx: click.Context, pred: Path | None, protocol_name: str, data: Path | str | None,
+         cache: Path | None, cache_gib: float, targets: Path | None,
          frame: str, yaw: float, source: Path | None, out: Path | None, baseline: bool, baseline_split: str,
          icp: bool, icp_iterations: int | None, surface_points: int, align_points: int, chamfer_points: int,
          min_cubes: int, workers: int | None,
@@ -129,7 +133,9 @@ def main(ctx: click.Context, pred: Path | None, protocol_name: str, data: Path |
             raise ConfigError(f"{pred}: the predictions were made from images; give --data DATASET with their "
                               "ground truth" + (" (the baseline is fitted on it)" if targets is not None else
                                                  ", or --protocol animodel --targets DIR"))
-        data = Path(attrs["data"])
+        data = attrs["data"] if is_url(attrs["data"]) else Path(attrs["data"])
+    if data is not None:  # read by the ground truth and the baseline alike (one cache)
+        data = open_store(data, cache, int(cache_gib * 2**30))
     iterations = icp_iterations or protocol.icp_iterations
     options = EvalOptions(
         occupancy_threshold=attrs["occupancy_threshold"] if occupancy_threshold is None else occupancy_threshold,

@@ -47,7 +47,7 @@ from dualpm.skeleton.joints import bind_positions, joint_errors, load_skeleton_j
 from dualpm.skeleton.rigid import SkeletonError
 from dualpm.gltf import SkinnedMesh, load_skinned_mesh
 from dualpm.skinning import joint_matrices, read_pose_file, skin
-from dualpm.store import check_shard, column_dir, load_manifest, read_shard
+from dualpm.store.access import open_store
 from dualpm.pointmaps import POSED, hits
 
 DIRECTIONS = ("pred_to_gt", "gt_to_pred", "sym")
@@ -104,13 +104,13 @@ class GroundTruthReader:
 
     def __init__(self, root: str | Path, source: str | Path | None, surface_points: int, seed: int,
                  world_mesh: bool = False):
-        self.root = Path(root)
-        manifest = load_manifest(self.root)
+        self.store = open_store(root)
+        self.root = self.store.where
+        manifest = self.store.load_manifest()
         if "render" not in manifest.columns:
             raise DatasetError(f"{self.root}: no render column: nothing to evaluate against")
         self.column = manifest.columns["render"]
         self.format = self.column.format
-        self.folder = column_dir(self.root, "render")
         self.shard_of = {sid: plan.index for plan in manifest.plan for sid in plan.ids}
         self.surface_points, self.seed, self.world_mesh = surface_points, seed, world_mesh
         self.meshes: dict[Path, SkinnedMesh] = {}
@@ -132,11 +132,11 @@ class GroundTruthReader:
         for sid in ids:
             wanted.setdefault(self.shard_of[sid], set()).add(sid)
         for index in sorted(wanted):
-            _, problem = check_shard(self.folder, index, self.format, check_checksum=False)
+            problem = self.store.shard_problem(self.column, index)
             if problem is not None:
                 raise DatasetError(f"{self.root}: render shard {index} is not usable: {problem}")
             found = set()
-            for sid, fields in read_shard(self.root, self.column, index):  # sha256 checked first
+            for sid, fields in self.store.read_shard(self.column, index):  # sha256 checked first
                 if sid in wanted[index]:
                     found.add(sid)
                     yield self._ground_truth(sid, fields)
@@ -152,7 +152,7 @@ class GroundTruthReader:
 
     def _ground_truth(self, sample_id: str, fields: Mapping[str, Any]) -> GroundTruth:
         if "dpm" not in fields:
-            raise DatasetError(f"{self.folder}: sample {sample_id!r} has no 'dpm' field")
+            raise DatasetError(f"{self.store.column_where('render')}: sample {sample_id!r} has no 'dpm' field")
         dpm = fields["dpm"]
         meta = fields.get("meta") or {}
         if self.source is None:

@@ -35,6 +35,7 @@ from dualpm.eval.evaluate import EvalOptions, GroundTruthReader, chamfer_metrics
 from dualpm.eval.metrics import EvalError, sample_surface
 from dualpm.eval.targets import TargetMeshes, load_target, to_frame
 from dualpm.predictions import SAMPLES, PredictionsReader, keep_mask
+from dualpm.store.access import Store
 
 Rows = list[dict[str, float]]
 
@@ -50,7 +51,7 @@ class StoreJob:
     predictions: PredictionsReader
     options: EvalOptions
     animodel: AnimodelOptions
-    data: Path | None
+    data: Path | str | Store | None
     source: Path | None
     targets: Path | None
     frame: str

@@ -40,7 +40,7 @@ import click
 import torch
 from tqdm import tqdm
 
-from dualpm.cliutils import handles_user_errors, show_and_save_config
+from dualpm.cliutils import StoreLocation, cache_option, handles_user_errors, show_and_save_config
 from dualpm.data.reader import open_dataset
 from dualpm.errors import BackendUnavailable, ConfigError, DatasetError
 from dualpm.fileio import atomic_directory, atomic_write_text, safe_join
@@ -65,7 +65,6 @@ from dualpm.predictions import (
     PredictedMaps,
     PredictionsWriter,
 )
-from dualpm.store import load_manifest
 from dualpm.train.checkpoint import load_checkpoint
 
 FAILURES = "failures.jsonl"
@@ -116,8 +115,10 @@ def _summary_line(done: int, failures: list[dict[str, str]], seconds: float, out
                    "checks evaluation and skeleton fitting.")
 @click.option("--oracle-noise", type=click.FloatRange(0, 10), default=0.0,
               help="--oracle: Gaussian noise added to every point, scene units (seeded by --seed).")
-@click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="Prepared dataset (dualpm-prep output): predict from its stored features.")
+@click.option("--data", type=StoreLocation(), default=None,
+              help="Prepared dataset (dualpm-prep output; a folder or an s3:// gs:// https:// URL): predict "
+                   "from its stored features.")
+@cache_option
 @click.option("--split", type=str, default="val", help="--data: the split to predict.")
 @click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Folder of images (<id>.png or <id>_rgb.png; also jpg, bmp, webp, tif).")
@@ -154,7 +155,8 @@ def _summary_line(done: int, failures: list[dict[str, str]], seconds: float, out
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUT/predictions.zarr.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved config and the sample count; write nothing.")
 @handles_user_errors
-def main(checkpoint: Path | None, oracle: bool, oracle_noise: float, data: Path | None, split: str,
+def main(checkpoint: Path | None, oracle: bool, oracle_noise: float, data: Path | str | None, split: str,
+         cache: Path | None, cache_gib: float,
          images: Path | None, masks: Path | None, out: Path, batch: int, device: str, precision: str,
          occupancy_threshold: float, confidence_threshold: float, limit: int, skeleton: bool,
          mesh: Path | None, source: Path | None, sd_model: str | None, dino_model: str | None,
@@ -169,7 +171,7 @@ def main(checkpoint: Path | None, oracle: bool, oracle_noise: float, data: Path 
         where = resolve_checkpoint(checkpoint)
         state = load_checkpoint(where)
         model, model_config = load_model(state, where)
-    info = open_dataset(data) if data is not None else None
+    info = open_dataset(data, cache, int(cache_gib * 2**30)) if data is not None else None
     mirror_axis = None
     if oracle:
         layers, resolution = info.stored_layers, info.resolution
@@ -190,14 +192,14 @@ def main(checkpoint: Path | None, oracle: bool, oracle_noise: float, data: Path 
     total = (info.count(split) if split in info.shards else 0) if info is not None else len(pairs)
     total = min(total, limit) if limit else total
     if source is None and info is not None and skeleton and mesh is None:
-        source = Path(load_manifest(info.root).source)
+        source = Path(info.manifest.source)
     bf16 = precision == "bf16" or (precision == "auto" and torch_device.type == "cuda")
     config = {
         "mode": "oracle" if oracle else "model",
         "checkpoint": str(where) if where else None,
         "step": int(state["step"]) if state else None,
         "oracle_noise": oracle_noise if oracle else None,
-        "data": str(data.resolve()) if data else None, "split": split if data else None,
+        "data": (str(data.resolve()) if isinstance(data, Path) else data) if data else None, "split": split if data else None,
         "images": str(images.resolve()) if images else None, "masks": str(masks.resolve()) if masks else None,
         "out": str(out), "samples": total, "batch": batch, "device": str(torch_device),
         "precision": "bf16" if bf16 else "fp32", "layers": layers, "resolution": list(resolution),

@@ -6,10 +6,14 @@ for a broken store, so `dualpm-prep verify` can print them all.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -134,7 +138,8 @@ def _sample_problems(folder: Path, column: ColumnInfo, index: int) -> tuple[list
 
 
 def verify_store(
-    out_dir: str | os.PathLike, columns: list[str] | None = None, deep: bool = True
+    out_dir: str | os.PathLike, columns: list[str] | None = None, deep: bool = True,
+    shard_data: Callable[[str, int], AbstractContextManager[Any]] | None = None,
 ) -> list[Problem]:
     """Every problem found in the store at `out_dir` (empty when it is complete and sound).
 
@@ -144,7 +149,8 @@ def verify_store(
     a subset of the plan's shard in plan order; and when `deep`, every sample readable, its fields
     decodable (Zarr chunk and zip/PNG checksums included) with the shapes, dtypes and required fields of
     the column's `fields` specs, float values finite and float arrays within +-`ARRAY_LIMIT` (what the
-    reader refuses). Sidecars of shards beyond the plan are reported too.
+    reader refuses). Sidecars of shards beyond the plan are reported too. `shard_data(column, index)`, if
+    given, is entered around the checks of each shard (a remote store stages the shard's data there).
     """
     try:
         manifest = load_manifest(out_dir)
@@ -159,7 +165,8 @@ def verify_store(
             continue
         folder = column_dir(out_dir, name)
         for plan in manifest.plan:
-            problems += _verify_shard(folder, column, plan, deep)
+            with shard_data(name, plan.index) if shard_data is not None else contextlib.nullcontext():
+                problems += _verify_shard(folder, column, plan, deep)
         extra = [i for i in record_indices(folder) if i >= len(manifest.plan)]
         problems += [Problem(name, i, None, "shard record beyond the plan") for i in extra]
     return problems

@@ -28,6 +28,7 @@ import torch
 from dualpm.errors import ConfigError, DualPMError, describe_load_error
 from dualpm.features.pca import FeatureBasis
 from dualpm.fileio import TMP_PREFIX, atomic_output, remove_stale_temporaries, safe_join
+from dualpm.store.remote import is_url
 from dualpm.train.config import upgrade_recorded_config
 
 FORMAT = "dualpm-checkpoint"
@@ -124,7 +125,7 @@ def run_dir_problem(
     if resume is not None and overwrite:
         return "--overwrite starts a run over and --resume continues one: give only one of them"
     run_dir = Path(run_dir)
-    if data_root is not None:
+    if data_root is not None and not is_url(str(data_root)):  # a store URL is never a local folder
         out, data = run_dir.resolve(), Path(data_root).resolve()
         what = ("is the dataset" if out == data else "is inside the dataset" if out.is_relative_to(data)
                 else "holds the dataset" if data.is_relative_to(out) else None)

@@ -34,8 +34,12 @@ from dualpm.train.loop import EXIT_STOPPED, check_complete, train
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.argument("config_file", required=False, type=click.Path(dir_okay=False))
 @click.option(
-    "--data", "data_root", type=click.Path(file_okay=False), help="Prepared dataset folder (sets data.root)."
+    "--data", "data_root", type=str, metavar="FOLDER|URL",
+    help="Prepared dataset: a folder, or an s3:// gs:// https:// file:// URL (sets data.root).",
 )
+@click.option("--cache", type=click.Path(file_okay=False), default=None,
+              help="Folder keeping the shards of a remote --data store for later epochs and runs "
+              "(sets data.cache; bounded by data.cache_gib).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Run folder (sets train.out_dir).")
 @click.option(
     "--set", "overrides", multiple=True, metavar="KEY=VALUE",
@@ -59,7 +63,8 @@ from dualpm.train.loop import EXIT_STOPPED, check_complete, train
 )
 @handles_user_errors
 def main(
-    config_file: str | None, data_root: str | None, out_dir: str | None, overrides: tuple[str, ...],
+    config_file: str | None, data_root: str | None, cache: str | None, out_dir: str | None,
+    overrides: tuple[str, ...],
     resume: str | None, overwrite: bool, allow_incomplete: bool, dry_run: bool,
 ) -> None:
     """Train the two-stage DualPM network on CONFIG_FILE (YAML; omitted: the paper's reference values).
@@ -76,6 +81,8 @@ def main(
     raw = read_config(config_file)
     if data_root is not None:
         set_value(raw, "data.root", data_root, "--data")
+    if cache is not None:
+        set_value(raw, "data.cache", cache, "--cache")
     if out_dir is not None:
         set_value(raw, "train.out_dir", out_dir, "--out")
     apply_overrides(raw, overrides)  # after --data / --out: an explicit --set wins
@@ -89,7 +96,7 @@ def main(
     problem = run_dir_problem(config.train.out_dir, resume, overwrite, config.data.root)
     if problem is not None:
         raise ConfigError(problem)
-    info = open_dataset(config.data.root)
+    info = open_dataset(config.data.root, config.data.cache, int(config.data.cache_gib * 2**30))
     config = resolve_config(config, info, explicit_in_channels="in_channels" in (raw.get("model") or {}))
     if dry_run:
         check_complete(info, config, allow_incomplete)

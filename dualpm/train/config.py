@@ -39,7 +39,9 @@ def _check(ok: bool, key: str, rule: str, value: Any) -> None:
 
 @dataclass(frozen=True)
 class DataConfig:
-    root: str | None = None  # prepared dataset folder (dualpm-prep output); required
+    root: str | None = None  # prepared dataset folder or URL (s3://, gs://, https://); required
+    cache: str | None = None  # folder keeping a remote store's fetched shards (None: none)
+    cache_gib: float = 50.0  # the most the cache holds (GiB)
     layers: int | None = None  # target layers read; None: model.num_layers (they must agree)
     resolution: tuple[int, int] | None = None  # (H, W) trained at; None: the render column's
     batch_size: int = 12  # per DDP rank
@@ -57,6 +59,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         _check(self.root is None or self.root != "", "data.root", "a dataset folder", self.root)
         _check(self.layers is None or self.layers >= 1, "data.layers", ">= 1", self.layers)
+        _check(self.cache_gib > 0, "data.cache_gib", "> 0", self.cache_gib)
         if self.resolution is not None:
             _check(min(self.resolution) >= 1, "data.resolution", "[H, W] with H, W >= 1", self.resolution)
         _check(self.batch_size >= 1, "data.batch_size", ">= 1", self.batch_size)
@@ -305,7 +308,8 @@ def resolve_config(config: Config, info: DatasetInfo, explicit_in_channels: bool
 # Keys that may change when a run is resumed: where things are, how often to log, how long to run.
 RESUMABLE_CHANGES = frozenset(
     {
-        "data.root", "data.loader_workers", "data.prefetch", "train.out_dir", "train.steps", "train.precision",
+        "data.root", "data.cache", "data.cache_gib", "data.loader_workers", "data.prefetch", "train.out_dir",
+        "train.steps", "train.precision",
         "train.channels_last", "train.compile", "train.log_every", "train.checkpoint_every",
         "train.keep_checkpoints", "train.validate_every", "train.val_batches", "train.progress",
         "train.record_ids",

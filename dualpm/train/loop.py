@@ -434,7 +434,7 @@ def train(
     stop = StopSignals(stop_signals)  # before anything slow: a signal during setup stops after step 1
     try:
         if info is None:  # a caller that opened the dataset resolved the config against it already
-            info = open_dataset(config.data.root)
+            info = open_dataset(config.data.root, config.data.cache, int(config.data.cache_gib * 2**30))
             config = resolve_config(config, info, explicit_in_channels=True)
         check_complete(info, config, allow_incomplete)
         d = setup_distributed()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from dualpm.cliutils import FloatOrAuto, handles_user_errors, renamed_option, show_and_save_config
+from dualpm.cliutils import FloatOrAuto, OutputFolder, handles_user_errors, renamed_option, show_and_save_config
 from dualpm.data.source import Layout
 from dualpm.fileio import refuse_nested
 from dualpm.render import BACKENDS
@@ -27,7 +27,7 @@ PREVIEW_DEFAULT = "OUT/preview.png"
 
 
 @click.command()
-@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("out", type=OutputFolder())
 @click.option("--num-samples", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Samples to generate.")
 @click.option("--num-models", type=click.IntRange(min=1), default=4, show_default=True,
