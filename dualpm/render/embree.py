@@ -1,4 +1,4 @@
-"""CPU backend: Embree ray casting (embreex) through pixel centres, layer by layer.
+"""CPU backend: Embree ray casting through pixel centres, layer by layer.
 
 For each image one Embree scene is built from the camera-space posed mesh. Rays start on the near
 plane at each pixel centre (`dualpm.camera.pixel_rays`, the same projection the GPU rasteriser uses)
@@ -7,8 +7,9 @@ that hit, so a surface at the same depth (a shared edge, a duplicated triangle) 
 twice. Hits are (pixel, layer, triangle, barycentrics); the points are interpolated afterwards for the
 whole batch at once with the same barycentric rule as the GPU path.
 
-Images are independent, so a batch is spread over worker processes (embreex holds the GIL while it
-builds and casts, so threads would not help).
+Embree is reached through `dualpm.render.embree_direct` (shared buffers, packets of 16 rays), or through
+embreex where that binding cannot load. Images are independent, so a batch is spread over worker
+processes (the per-packet calls and the numpy around them hold the GIL, so threads would not help).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 from torch import Tensor
 
 from dualpm.camera import pixel_rays
+from dualpm.render import embree_direct
 
 # Next layer starts this far (relative to the hit's distance from the camera) behind a hit: far above
 # float32 intersection error (~1e-7 relative), far below any real surface separation.
@@ -96,17 +98,17 @@ def cast_layers(
     out_pixel, out_layer, out_tri, out_uv = [], [], [], []
     for layer in range(num_layers):
         start = (origin + t_start[:, None] * direction).astype(np.float32)
-        result = scene.run(start, dir32, dists=(t_end - t_start).astype(np.float32), output=1)
-        hit = result["primID"] >= 0
+        prim, u, v, t_far = scene.intersect(start, dir32, (t_end - t_start).astype(np.float32))
+        hit = prim >= 0
         if not hit.any():
             break
         out_pixel.append(pixels[hit])
         out_layer.append(np.full(int(hit.sum()), layer, dtype=np.int64))
-        out_tri.append(result["primID"][hit].astype(np.int64))
-        out_uv.append(np.stack([result["u"][hit], result["v"][hit]], axis=1))
+        out_tri.append(prim[hit].astype(np.int64))
+        out_uv.append(np.stack([u[hit], v[hit]], axis=1))
         # keep only rays that hit; restart each just behind its hit
         pixels, origin, direction, dir32, t_end = pixels[hit], origin[hit], direction[hit], dir32[hit], t_end[hit]
-        t_hit = t_start[hit] + result["tfar"][hit].astype(np.float64)
+        t_hit = t_start[hit] + t_far[hit].astype(np.float64)
         distance = np.linalg.norm(origin + t_hit[:, None] * direction, axis=1)
         t_start = t_hit + PEEL_EPSILON * np.maximum(distance, 1.0)
         alive = t_start < t_end
@@ -121,6 +123,31 @@ def cast_layers(
                 np.concatenate(out_uv).astype(np.float32))
 
 
+class EmbreexScene:
+    """`embree_direct.TriangleScene`'s interface through embreex (its `TriangleMesh` copies the mesh element
+    by element): the fallback where the direct binding cannot load, and the baseline of bench/embree_limit.py.
+
+    Args:
+        verts: (V, 3) float32 vertices; faces: (F, 3) int32 triangles.
+    """
+
+    def __init__(self, verts: np.ndarray, faces: np.ndarray):
+        from embreex.mesh_construction import TriangleMesh
+        from embreex.rtcore_scene import EmbreeScene
+
+        self.scene = EmbreeScene(robust=True)
+        if len(faces):
+            TriangleMesh(self.scene, verts, faces)
+
+    def intersect(self, origins: np.ndarray, directions: np.ndarray,
+                  t_far: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """See `embree_direct.TriangleScene.intersect`."""
+        # run() writes the hit distances into the array it is given
+        result = self.scene.run(np.ascontiguousarray(origins, np.float32), np.ascontiguousarray(directions, np.float32),
+                                dists=np.array(t_far, np.float32), output=1)
+        return result["primID"], result["u"], result["v"], result["tfar"]
+
+
 _LAST_SCENE: tuple[bytes, object] | None = None
 
 
@@ -133,18 +160,18 @@ def triangle_scene(verts: np.ndarray, faces: np.ndarray):
 
     Args:
         verts: (V, 3) float vertices (cast to float32); faces: (F, 3) int triangles.
+    Returns:
+        an `embree_direct.TriangleScene`, or an `EmbreexScene` where the direct binding cannot load; both
+        have `intersect(origins, directions, t_far) -> (primID, u, v, tfar)`.
     """
-    from embreex.mesh_construction import TriangleMesh
-    from embreex.rtcore_scene import EmbreeScene
-
     global _LAST_SCENE
     verts = np.ascontiguousarray(verts, dtype=np.float32)
     faces = np.ascontiguousarray(faces, dtype=np.int32)
     key = hashlib.blake2b(verts.tobytes() + faces.tobytes(), digest_size=16).digest()
     if _LAST_SCENE is not None and _LAST_SCENE[0] == key:
         return _LAST_SCENE[1]
-    scene = EmbreeScene(robust=True)
-    TriangleMesh(scene, verts, faces)
+    embree = embree_direct.load()
+    scene = EmbreexScene(verts, faces) if embree is None else embree_direct.TriangleScene(embree, verts, faces)
     _LAST_SCENE = (key, scene)
     return scene
 
