@@ -22,15 +22,16 @@ from dualpm.render import embree
 
 @dataclass
 class ImageRays:
-    """What Embree was given for one image: the triangles and each ray batch cast (start, direction, length)."""
+    """What Embree was given for one image: the triangles and each ray batch cast (origins, directions,
+    segment starts and ends)."""
 
     vertices: np.ndarray  # (V, 3) float32 camera space
     faces: np.ndarray  # (F, 3) int32
-    batches: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
+    batches: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
 
     @property
     def rays(self) -> int:
-        return sum(len(start) for start, _, _ in self.batches)
+        return sum(len(batch[0]) for batch in self.batches)
 
 
 def record_rays(render) -> list[ImageRays]:
@@ -42,9 +43,9 @@ def record_rays(render) -> list[ImageRays]:
         def __init__(self, scene):
             self.scene = scene
 
-        def intersect(self, origins, directions, t_far):
-            images[-1].batches.append((origins.copy(), directions.copy(), np.array(t_far, np.float32)))
-            return self.scene.intersect(origins, directions, t_far)
+        def intersect(self, origins, directions, t_near, t_far):
+            images[-1].batches.append(tuple(np.array(x, np.float32) for x in (origins, directions, t_near, t_far)))
+            return self.scene.intersect(origins, directions, t_near, t_far)
 
     def recording_scene(verts, faces):
         images.append(ImageRays(np.array(verts, np.float32), np.array(faces, np.int32)))
@@ -73,14 +74,15 @@ def replay(images: list[ImageRays], build=embree.EmbreexScene) -> tuple[float, f
     Returns (seconds building, seconds casting, CPU seconds of this process for both). Building includes the
     BVH, which embreex commits at the first cast: one ray is cast first to separate it from the casting."""
     build_s = cast_s = 0.0
-    one_ray = (np.zeros((1, 3), np.float32), np.array([[0.0, 0.0, 1.0]], np.float32), np.ones(1, np.float32))
+    one_ray = (np.zeros((1, 3), np.float32), np.array([[0.0, 0.0, 1.0]], np.float32), np.zeros(1, np.float32),
+               np.ones(1, np.float32))
     cpu = time.process_time()
     for image in images:
         start = time.perf_counter()
         scene = build(image.vertices, image.faces)
         scene.intersect(*one_ray)
         middle = time.perf_counter()
-        for origin, direction, dists in image.batches:
-            scene.intersect(origin, direction, dists)
+        for batch in image.batches:
+            scene.intersect(*batch)
         build_s, cast_s = build_s + middle - start, cast_s + time.perf_counter() - middle
     return build_s, cast_s, time.process_time() - cpu

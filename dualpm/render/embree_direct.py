@@ -19,6 +19,7 @@ import functools
 import glob
 import importlib.util
 import logging
+import math
 import os
 from ctypes import c_char_p, c_int, c_size_t, c_ssize_t, c_uint, c_void_p
 
@@ -96,7 +97,7 @@ class Embree:
 
 def _aligned(shape: tuple[int, ...], dtype) -> np.ndarray:
     """Uninitialised array whose data starts on a 64-byte boundary."""
-    size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    size = math.prod(shape) * np.dtype(dtype).itemsize
     raw = np.empty(size + 64, np.uint8)
     start = -raw.ctypes.data % 64
     return raw[start : start + size].view(dtype).reshape(shape)
@@ -142,29 +143,32 @@ class TriangleScene:
         if getattr(self, "scene", None):
             self.embree.lib.rtcReleaseScene(self.scene)
 
-    def intersect(self, origins: np.ndarray, directions: np.ndarray,
+    def intersect(self, origins: np.ndarray, directions: np.ndarray, t_near: np.ndarray | float,
                   t_far: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Closest hit of each ray o + t d, 0 <= t <= t_far (tnear is 0: start rays where they may hit).
+        """Closest hit of each ray o + t d, t_near <= t <= t_far.
 
         Args:
             origins, directions: (n, 3) float32 (other floats are converted), scene units; directions need
                 not be unit length (t is then in units of |d|).
-            t_far: (n,) float, end of each ray in units of its direction.
+            t_near, t_far: (n,) float (or one number for t_near), start and end of each ray segment in
+                units of its direction, 0 <= t_near.
         Returns:
             primID (n,) int32 hit triangle or -1; u, v (n,) float32 Embree barycentrics (point = (1-u-v) v0 +
             u v1 + v v2); tfar (n,) float32 hit distance, t_far where the ray missed. u, v undefined on misses.
         """
-        packets = self.pack(origins, directions, t_far)
+        packets = self.pack(origins, directions, t_near, t_far)
         self.trace(packets, len(origins))
         return self.unpack(packets, len(origins))
 
-    def pack(self, origins: np.ndarray, directions: np.ndarray, t_far: np.ndarray) -> np.ndarray:
+    def pack(self, origins: np.ndarray, directions: np.ndarray, t_near: np.ndarray | float,
+             t_far: np.ndarray) -> np.ndarray:
         """(ceil(n / 16), ROWS, 16) float32 RTCRayHit16 packets, 64-byte aligned; lanes past n hold zero rays."""
         n = len(origins)
         count = -(-n // LANES)
-        rays = np.zeros((TFAR + 1, count * LANES), np.float32)  # tnear = time = 0
+        rays = np.zeros((TFAR + 1, count * LANES), np.float32)  # time = 0
         rays[ORG : ORG + 3, :n] = np.asarray(origins).T
         rays[DIR : DIR + 3, :n] = np.asarray(directions).T
+        rays[TNEAR, :n] = t_near
         rays[TFAR, :n] = t_far
         packets = _aligned((count, ROWS, LANES), np.float32)
         packets[:, : TFAR + 1] = rays.reshape(TFAR + 1, count, LANES).transpose(1, 0, 2)
@@ -213,15 +217,18 @@ def load() -> Embree | None:
 
 def _self_test(embree: Embree) -> None:
     """Cast 17 rays at the triangle (0,0,1) (1,0,1) (0,1,1): every other one hits at (u, v) = (0.25, 0.5),
-    t = 2 (direction length 0.5); the rest miss (outside, or too short). Checks the fields read back and
-    that Embree wrote nothing into the last spare row of a packet."""
+    t = 2 (direction length 0.5); the rest miss (aimed outside, or a segment ending before or starting after
+    the triangle).
+    Checks the fields read back and that Embree wrote nothing into the last spare row of a packet."""
     scene = TriangleScene(embree, np.array([[0, 0, 1], [1, 0, 1], [0, 1, 1]]), np.array([[0, 1, 2]]))
     n = LANES + 1
     hits = np.arange(n) % 2 == 0
-    origins = np.where(hits[:, None], [0.25, 0.5, 0.0], [2.0, 2.0, 0.0])
+    aimed = hits | (np.arange(n) == 1) | (np.arange(n) == 3)  # 1 ends at t = 1, 3 starts at t = 2.5
+    origins = np.where(aimed[:, None], [0.25, 0.5, 0.0], [2.0, 2.0, 0.0])
     directions = np.tile([0.0, 0.0, 0.5], (n, 1))
+    t_near = np.where(np.arange(n) == 3, 2.5, np.where(hits, 1.5, 0.0)).astype(np.float32)
     t_far = np.where(np.arange(n) == 1, 1.0, 10.0).astype(np.float32)
-    packets = scene.pack(origins, directions, t_far)
+    packets = scene.pack(origins, directions, t_near, t_far)
     packets[:, -1] = 7.0
     scene.trace(packets, n)
     prim, u, v, t = scene.unpack(packets, n)

@@ -235,7 +235,7 @@ def occluded(verts_cam: np.ndarray, faces: np.ndarray, points: np.ndarray, norma
             continue
         origin = points[facing] + SHADOW_BIAS * normals[facing]
         dirs = np.broadcast_to(d.astype(np.float32), origin.shape)
-        prim, _, _, _ = scene.intersect(origin.astype(np.float32), dirs, np.full(len(origin), np.inf, np.float32))
+        prim, _, _, _ = scene.intersect(origin.astype(np.float32), dirs, 0.0, np.full(len(origin), np.inf, np.float32))
         out[np.flatnonzero(facing), k] = prim >= 0
     return out
 
