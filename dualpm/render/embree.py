@@ -143,7 +143,7 @@ class EmbreexScene:
                   t_far: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """See `embree_direct.TriangleScene.intersect`. embreex casts from tnear = 0: the ray starts at
         origin + t_near * direction instead (float32), and its distances are shifted back."""
-        t_near = np.asarray(t_near, np.float32)
+        t_near = np.broadcast_to(np.asarray(t_near, np.float32), (len(origins),))
         start = (origins + t_near[:, None] * directions).astype(np.float32)
         # run() writes the hit distances into the array it is given
         result = self.scene.run(start, np.ascontiguousarray(directions, np.float32),
