@@ -54,7 +54,7 @@ def library_path() -> str | None:
 
 
 class Embree:
-    """The bound library and one device for this process (released when the last scene using it goes)."""
+    """The bound library and one device (released with the last reference; `load()` keeps one per process)."""
 
     def __init__(self, path: str):
         lib = ctypes.CDLL(path)
