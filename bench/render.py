@@ -11,7 +11,13 @@ list) and in range mode (the same mesh passed as B separate meshes, as batches o
 Best of `--repeats` timed passes after a warm-up. With cuda, the 8-layer cpu and cuda maps are also
 compared (parity, as tests/test_render.py measures it on its analytic scene).
 
-Targets: cpu >= 40 maps/s per core at 160x160x8; cuda >= 5,000 maps/s on one H100/H200 and >= 50x the
+The cpu backend with one process is measured side by side with its limit (bench/embree_limit.py): the
+same scenes built and exactly the same rays cast by Embree alone, through embreex and through the
+renderer's own direct binding (`dualpm.render.embree_direct`), passes interleaved. The metric row
+compares CPU seconds (this process, all threads) with the direct binding alone: on a shared machine
+wall-clock ratios move with the load; both are printed.
+
+Targets: cpu >= 40 maps/s per core at 160x160x8, and >= 80% of Embree alone; cuda >= 5,000 maps/s on one H100/H200 and >= 50x the
 cpu backend with one process; parity: coverage agreement >= 99.5% away from silhouettes, points
 within 1e-3 of the object's size. `--json PATH` writes these as metric rows (bench/gpu_check.py).
 """
@@ -29,13 +35,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import click
 import numpy as np
 import torch
-from embree_limit import record_rays, replay  # bench/embree_limit.py, beside this script
+from embree_limit import direct_scene, record_rays, replay  # bench/embree_limit.py, beside this script
 from gpu_check import Metric, write_metrics  # bench/gpu_check.py, beside this script
 
 from dualpm.camera import projection_from_focal
 from dualpm.cliutils import describe_machine, record_benchmark
 from dualpm.render import cuda_backend_status, render_dual_pointmaps
-from dualpm.render.embree import default_workers
+from dualpm.render.embree import EmbreexScene, default_workers
 from dualpm.skinning import skin
 from dualpm.pointmaps import hits
 from pipeline.synth.cameras import CameraRanges, frame_camera
@@ -47,15 +53,33 @@ TARGET_AGREE, TARGET_POINTS = 0.995, 1e-3  # parity: coverage away from silhouet
 TARGET_OF_LIMIT = 0.8  # cpu, 1 process: >= 80% of the Embree-only limit (bench/embree_limit.py)
 
 
-def embree_limit(args, layers: int, repeats: int) -> tuple[float, float, float, float]:
-    """(maps/s, rays per map, rays/s while casting, share of the time spent building scenes) of embreex
-    alone building the same scenes and casting exactly the rays the cpu backend casts for this batch (one
-    process; the best of `repeats` + 1 passes)."""
+def side_by_side(args, layers: int, repeats: int) -> tuple[dict, float, torch.Tensor]:
+    """The cpu backend (one process) and Embree alone replaying exactly its scenes and rays
+    (bench/embree_limit.py), through embreex and through the renderer's direct binding, in interleaved
+    passes so that a change of load hits all three alike.
+
+    Returns ({name: (best wall s, best CPU s, best build wall s)} for "renderer", "embreex", "direct"
+    (build 0 for the renderer; "direct" missing where the binding cannot load), rays per map, the
+    renderer's last (B, 160, 160, layers, 7) maps)."""
     canon, posed, faces, views, proj = args
-    images = record_rays(lambda: render_dual_pointmaps(canon, posed, faces, views, proj, 160, layers, "cpu", 1))
-    rays = sum(image.rays for image in images)
-    build, cast = min((replay(images) for _ in range(repeats + 1)), key=sum)
-    return len(images) / (build + cast), rays / len(images), rays / cast, build / (build + cast)
+    run = lambda: render_dual_pointmaps(canon, posed, faces, views, proj, 160, layers, "cpu", 1)  # noqa: E731
+    images = record_rays(run)  # also the warm-up
+    builders = {"embreex": EmbreexScene, "direct": direct_scene()}
+    best: dict[str, tuple[float, float, float]] = {}
+
+    def keep(name, wall, cpu, build):
+        old = best.get(name, (float("inf"),) * 3)
+        best[name] = (min(old[0], wall), min(old[1], cpu), build if wall < old[0] else old[2])
+
+    for _ in range(repeats):
+        cpu, wall = time.process_time(), time.perf_counter()
+        out = run()
+        keep("renderer", time.perf_counter() - wall, time.process_time() - cpu, 0.0)
+        for name, build in builders.items():
+            if build is not None:
+                build_s, cast_s, cpu_s = replay(images, build)
+                keep(name, build_s + cast_s, cpu_s, build_s)
+    return best, sum(image.rays for image in images) / len(images), out
 
 
 def scene(batch: int, faces: int, seed: int):
@@ -126,19 +150,26 @@ def main(batch: int, faces: int, repeats: int, seed: int, append: str | None, js
     cores = default_workers()
     desc = f"quadruped {mesh.faces.shape[0]} triangles, {mesh.num_joints} joints, 160x160, batch {batch}"
     rows, one_core, maps = [], {}, {}
-    limits, of_limit = [], {}
+    limits, of_limit = [], {}  # of_limit: renderer / Embree alone (direct binding), in CPU seconds
     for layers in (4, 8):
-        one, maps["cpu", layers] = maps_per_second(args, layers, "cpu", 1, repeats)
-        limit, rays_per_map, ray_rate, build_share = embree_limit(args, layers, repeats)
-        one_core[layers], of_limit[layers] = one, one / limit
+        best, rays_per_map, maps["cpu", layers] = side_by_side(args, layers, repeats)
+        one = batch / best["renderer"][0]
+        one_core[layers] = one
         rows.append(f"| cpu, 1 process | {layers} | {one:.1f} | {one:.1f} | {one / TARGET_CPU_PER_CORE:.2f} |")
-        rows.append(f"| Embree alone, same rays, 1 process | {layers} | {limit:.1f} | {limit:.1f} | "
-                    f"{limit / TARGET_CPU_PER_CORE:.2f} |")
-        limits.append(f"{layers} layers: {rays_per_map:.0f} rays per map (primary + continuation); embreex alone "
-                      f"casts them at {ray_rate / 1e6:.2f} M rays/s, and with its scene build per image "
-                      f"({build_share:.0%} of its time) reaches {limit:.1f} maps/s; the renderer {one:.1f} maps/s "
-                      f"= {one / limit:.0%} of that limit (target >= {TARGET_OF_LIMIT:.0%}), "
-                      f"{one / (ray_rate / rays_per_map):.0%} of casting alone")
+        text = f"{layers} layers: {rays_per_map:.0f} rays per map (primary + continuation). Alone, same scenes and rays:"
+        for name, label in (("direct", "the direct binding"), ("embreex", "embreex")):
+            if name not in best:
+                text += f" {label}: not loadable here;"
+                continue
+            wall, cpu, build = best[name]
+            limit = batch / wall
+            rows.append(f"| {label} alone, same rays, 1 process | {layers} | {limit:.1f} | {limit:.1f} | "
+                        f"{limit / TARGET_CPU_PER_CORE:.2f} |")
+            text += (f" {label} {limit:.1f} maps/s ({build / wall:.0%} of it building scenes, casting at "
+                     f"{rays_per_map * batch / (wall - build) / 1e6:.2f} M rays/s), the renderer = {one / limit:.0%} "
+                     f"of it ({cpu / best['renderer'][1]:.0%} in CPU seconds);")
+        of_limit[layers] = best["direct" if "direct" in best else "embreex"][1] / best["renderer"][1]
+        limits.append(text[:-1] + f". Target: >= {TARGET_OF_LIMIT:.0%} of the direct binding alone.")
         click.echo(limits[-1])
         if cores > 1:
             allc, _ = maps_per_second(args, layers, "cpu", cores, repeats)

@@ -199,15 +199,13 @@ def pixel_rays(
     x = ((pixels % width).to(torch.float64) + 0.5) * (2.0 / width) - 1.0  # (n,) NDC of pixel centres
     y = (torch.div(pixels, width, rounding_mode="floor").to(torch.float64) + 0.5) * (2.0 / height) - 1.0
 
-    def unproject(z_ndc: float) -> Tensor:
-        # inv @ [x, y, z, 1] written as a sum of columns: a broadcast multiply-add is far cheaper
-        # than a batched 4x4 matmul per pixel.
-        col = inv[..., None, :, :]  # (..., 1, 4, 4)
-        p = x[:, None] * col[..., 0] + y[:, None] * col[..., 1] + (z_ndc * col[..., 2] + col[..., 3])
-        return p[..., :3] / p[..., 3:4]  # (..., n, 3)
-
-    start, end = unproject(-1.0), unproject(1.0)
-    delta = end - start
+    # inv @ [x, y, z, 1] written as a sum of columns: a broadcast multiply-add is far cheaper than a
+    # batched 4x4 matmul per pixel; the near (z = -1) and far (z = 1) points share all but the z column.
+    col = inv[..., None, :, :]  # (..., 1, 4, 4)
+    xy = x[:, None] * col[..., 0] + y[:, None] * col[..., 1] + col[..., 3]  # (..., n, 4)
+    near, far = xy - col[..., 2], xy + col[..., 2]
+    start = near[..., :3] / near[..., 3:4]  # (..., n, 3)
+    delta = far[..., :3] / far[..., 3:4] - start
     lengths = delta.norm(dim=-1)
     directions = delta / lengths[..., None]
     if grid:

@@ -6,8 +6,9 @@ Two backends give the same answer:
 
 * ``cuda``: nvdiffrast `RasterizeCudaContext` + `DepthPeeler` + `interpolate` on the GPU; instanced mode
   when all meshes share one topology, range mode otherwise.
-* ``cpu``: Embree ray casting (`embreex`) through pixel centres, re-cast behind each hit for the next
-  layer; images spread over processes.
+* ``cpu``: Embree ray casting through pixel centres (`embree_direct`, a ctypes binding to the Embree
+  library of the embreex wheel; embreex itself where that cannot load), re-cast behind each hit for the
+  next layer; images spread over processes.
 * ``auto``: ``cuda`` when CUDA and nvdiffrast are usable, else ``cpu`` (logged, and returned by
   `resolve_backend`).
 
@@ -26,7 +27,6 @@ import torch
 from torch import Tensor
 
 from dualpm.errors import BackendUnavailable
-from dualpm.pointmaps import ALPHA, POSED_Z
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +38,15 @@ CHANNELS = 7  # canonical xyz, posed xyz, alpha
 class MeshBatch:
     """Inputs of one render call, normalised to lists (one entry per image).
 
-    attributes[b]: (V_b, C) float32 per-vertex attributes to interpolate (canonical xyz for dual point maps).
-    posed_camera[b]: (V_b, 3) float32 posed vertices in camera space (view already applied,
-        depth NOT yet subtracted).
+    values[b]: (V_b, C + 3) float32 per-vertex values to interpolate: the attributes (canonical xyz for
+        dual point maps), then the posed camera-space positions minus the image's `posed_offset`.
+    posed_camera[b]: (V_b, 3) float32 posed vertices in camera space (view applied, nothing subtracted):
+        the geometry that is rasterised or ray cast.
     faces[b]: (F_b, 3) int64 triangle indices into that image's vertices.
     shared_topology: all images use the same `faces` tensor and vertex count (instanced mode).
     """
 
-    attributes: list[Tensor]
+    values: list[Tensor]
     posed_camera: list[Tensor]
     faces: list[Tensor]
     shared_topology: bool
@@ -64,13 +65,13 @@ def _as_list(x: Tensor | Sequence[Tensor], batch: int, name: str) -> list[Tensor
     return items
 
 
-def _prepare(attributes, posed, faces, view: Tensor) -> MeshBatch:
+def _prepare(attributes, posed, faces, view: Tensor, posed_offset: Tensor | None) -> MeshBatch:
     batch = view.shape[0]
     attrs = _as_list(attributes, batch, "attributes")
     posed_l = _as_list(posed, batch, "posed")
     shared = torch.is_tensor(faces) and faces.dim() == 2
     faces_l = [faces] * batch if shared else _as_list(faces, batch, "faces")
-    cam = []
+    cam, values = [], []
     for b, (a, p, f) in enumerate(zip(attrs, posed_l, faces_l, strict=True)):
         if p.dim() != 2 or p.shape[-1] != 3 or a.dim() != 2 or a.shape[0] != p.shape[0]:
             raise ValueError(f"image {b}: posed must be (V, 3) and attributes (V, C); got {tuple(p.shape)}, {tuple(a.shape)}")
@@ -81,8 +82,9 @@ def _prepare(attributes, posed, faces, view: Tensor) -> MeshBatch:
         # camera space: p_cam = R p + t (float32 like the GPU path)
         v = view[b].to(p.device, torch.float32)
         cam.append(p.float() @ v[:3, :3].T + v[:3, 3])
-    return MeshBatch(attributes=[a.float() for a in attrs], posed_camera=cam, faces=[f.long() for f in faces_l],
-                     shared_topology=shared)
+        shifted = cam[-1] if posed_offset is None else cam[-1] - posed_offset[b].to(p.device, torch.float32)
+        values.append(torch.cat([a.to(p.device, torch.float32), shifted], dim=1))
+    return MeshBatch(values=values, posed_camera=cam, faces=[f.long() for f in faces_l], shared_topology=shared)
 
 
 def cuda_backend_status() -> str | None:
@@ -133,6 +135,7 @@ def render_layers(
     num_layers: int,
     backend: str = "auto",
     workers: int | None = None,
+    posed_offset: Tensor | None = None,
 ) -> Tensor:
     """Peel depth layers and interpolate per-vertex attributes and camera-space positions.
 
@@ -144,9 +147,11 @@ def render_layers(
             of B tensors (V_b, C).
         posed, faces, view, projection, resolution, num_layers, backend, workers: as in
             `render_dual_pointmaps`.
+        posed_offset: optional (B, 3) float, scene units, subtracted from the posed xyz of every hit
+            (interpolated from shifted vertices, so empty pixels stay zero); none by default.
     Returns:
-        (B, H, W, L, C + 4) float32: attributes (C), posed xyz in camera space (3; depth not
-        subtracted), alpha (1). Empty pixels/layers are all zeros.
+        (B, H, W, L, C + 4) float32: attributes (C), posed xyz in camera space minus `posed_offset` (3),
+        alpha (1). Empty pixels/layers are all zeros.
     """
     height, width = _size(resolution)
     if num_layers <= 0:
@@ -154,7 +159,9 @@ def render_layers(
     if view.dim() != 3 or view.shape[1:] != (4, 4) or projection.shape != view.shape:
         raise ValueError(f"view and projection must both be (B, 4, 4); got {tuple(view.shape)}, {tuple(projection.shape)}")
     chosen = resolve_backend(backend)
-    batch = _prepare(attributes, posed, faces, view)
+    if posed_offset is not None and posed_offset.shape != (view.shape[0], 3):
+        raise ValueError(f"posed_offset must be (B, 3) = ({view.shape[0]}, 3); got {tuple(posed_offset.shape)}")
+    batch = _prepare(attributes, posed, faces, view, posed_offset)
     if chosen == "cuda":
         from dualpm.render.nvdiffrast import render_cuda
 
@@ -195,8 +202,7 @@ def render_dual_pointmaps(
         (B, H, W, L, 7) float32 tensor: canonical xyz, posed xyz (camera space minus `view[:, 2, 3]`
         in z), alpha. On the GPU for 'cuda', on the CPU for 'cpu'.
     """
-    out = render_layers(canonical, posed, faces, view, projection, resolution, num_layers, backend, workers)
-    # "subtract depth": camera z translation removed from posed z where a surface was hit
-    depth = view[:, 2, 3].to(out.device, out.dtype)  # (B,)
-    out[..., POSED_Z] -= depth[:, None, None, None] * out[..., ALPHA]
-    return out
+    # "subtract depth": the camera's z translation removed from the posed z of every hit
+    depth = torch.zeros(view.shape[0], 3, dtype=torch.float32, device=view.device)
+    depth[:, 2] = view[:, 2, 3]
+    return render_layers(canonical, posed, faces, view, projection, resolution, num_layers, backend, workers, depth)

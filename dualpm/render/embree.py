@@ -1,4 +1,4 @@
-"""CPU backend: Embree ray casting (embreex) through pixel centres, layer by layer.
+"""CPU backend: Embree ray casting through pixel centres, layer by layer.
 
 For each image one Embree scene is built from the camera-space posed mesh. Rays start on the near
 plane at each pixel centre (`dualpm.camera.pixel_rays`, the same projection the GPU rasteriser uses)
@@ -7,14 +7,14 @@ that hit, so a surface at the same depth (a shared edge, a duplicated triangle) 
 twice. Hits are (pixel, layer, triangle, barycentrics); the points are interpolated afterwards for the
 whole batch at once with the same barycentric rule as the GPU path.
 
-Images are independent, so a batch is spread over worker processes (embreex holds the GIL while it
-builds and casts, so threads would not help).
+Embree is reached through `dualpm.render.embree_direct` (shared buffers, packets of 16 rays), or through
+embreex where that binding cannot load. Images are independent, so a batch is spread over worker
+processes (the per-packet calls and the numpy around them hold the GIL, so threads would not help).
 """
 
 from __future__ import annotations
 
 import atexit
-import hashlib
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from dualpm.camera import pixel_rays
+from dualpm.render import embree_direct
 
 # Next layer starts this far (relative to the hit's distance from the camera) behind a hit: far above
 # float32 intersection error (~1e-7 relative), far below any real surface separation.
@@ -47,20 +48,18 @@ def _candidate_pixels(verts_cam: np.ndarray, projection: np.ndarray, height: int
     Falls back to every pixel when some vertex is at or behind the camera plane, where the
     projection of a triangle is not bounded by its projected vertices.
     """
-    clip = verts_cam.astype(np.float64) @ projection[:3, :3].T + projection[:3, 3]
-    w = verts_cam.astype(np.float64) @ projection[3, :3] + projection[3, 3]
     if verts_cam.shape[0] == 0:
         return np.zeros(0, dtype=np.int64)
-    if (w <= 1e-9).any():
+    xyw = projection[[0, 1, 3], :3] @ verts_cam.T.astype(np.float64) + projection[[0, 1, 3], 3:]  # (3, V) clip x, y, w
+    if (xyw[2] <= 1e-9).any():
         return np.arange(height * width, dtype=np.int64)
-    ndc = clip[:, :2] / w[:, None]
-    col = (ndc[:, 0] + 1) * 0.5 * width
-    row = (ndc[:, 1] + 1) * 0.5 * height
+    ndc = xyw[:2] / xyw[2]  # (2, V): reduced along rows, far faster than along the columns of a (V, 2)
+    (col0, row0), (col1, row1) = (ndc.min(1) + 1) * 0.5 * (width, height), (ndc.max(1) + 1) * 0.5 * (width, height)
     # pixel j's centre is j + 0.5; one pixel of margin against rounding
-    c0 = max(int(np.floor(col.min() - 0.5)) - 1, 0)
-    c1 = min(int(np.ceil(col.max() - 0.5)) + 1, width - 1)
-    r0 = max(int(np.floor(row.min() - 0.5)) - 1, 0)
-    r1 = min(int(np.ceil(row.max() - 0.5)) + 1, height - 1)
+    c0 = max(int(np.floor(col0 - 0.5)) - 1, 0)
+    c1 = min(int(np.ceil(col1 - 0.5)) + 1, width - 1)
+    r0 = max(int(np.floor(row0 - 0.5)) - 1, 0)
+    r1 = min(int(np.ceil(row1 - 0.5)) + 1, height - 1)
     if c0 > c1 or r0 > r1:
         return np.zeros(0, dtype=np.int64)
     rows = np.arange(r0, r1 + 1, dtype=np.int64)
@@ -91,61 +90,91 @@ def cast_layers(
 
     scene = triangle_scene(verts_cam, faces)
 
-    t_start = np.zeros(pixels.size)
-    dir32 = direction.astype(np.float32)
-    out_pixel, out_layer, out_tri, out_uv = [], [], [], []
-    for layer in range(num_layers):
-        start = (origin + t_start[:, None] * direction).astype(np.float32)
-        result = scene.run(start, dir32, dists=(t_end - t_start).astype(np.float32), output=1)
-        hit = result["primID"] >= 0
-        if not hit.any():
+    # Every ray keeps its start on the near plane; layer k + 1 casts the segment from just behind the
+    # layer-k hit (t_near) to the far plane, for the rays that hit in layer k (indices `rays`).
+    origin32, dir32, t_end32 = origin.astype(np.float32), direction.astype(np.float32), t_end.astype(np.float32)
+    # |origin + t direction|^2 = |origin|^2 + 2 t origin.direction + t^2 (unit directions)
+    origin_sq, origin_dir = np.einsum("ij,ij->i", origin, origin), np.einsum("ij,ij->i", origin, direction)
+    rays, t_near = np.arange(pixels.size), np.float32(0.0)
+    out_ray, out_count, out_tri, out_u, out_v = [], [], [], [], []
+    for _ in range(num_layers):
+        if len(out_ray) == 0:  # all candidate rays, from the near plane
+            prim, u, v, t_hit = scene.intersect(origin32, dir32, t_near, t_end32)
+        else:
+            prim, u, v, t_hit = scene.intersect(origin32[rays], dir32[rays], t_near, t_end32[rays])
+        hit = prim >= 0
+        rays, t_hit = rays[hit], t_hit[hit].astype(np.float64)
+        if rays.size == 0:
             break
-        out_pixel.append(pixels[hit])
-        out_layer.append(np.full(int(hit.sum()), layer, dtype=np.int64))
-        out_tri.append(result["primID"][hit].astype(np.int64))
-        out_uv.append(np.stack([result["u"][hit], result["v"][hit]], axis=1))
-        # keep only rays that hit; restart each just behind its hit
-        pixels, origin, direction, dir32, t_end = pixels[hit], origin[hit], direction[hit], dir32[hit], t_end[hit]
-        t_hit = t_start[hit] + result["tfar"][hit].astype(np.float64)
-        distance = np.linalg.norm(origin + t_hit[:, None] * direction, axis=1)
-        t_start = t_hit + PEEL_EPSILON * np.maximum(distance, 1.0)
-        alive = t_start < t_end
-        pixels, origin, direction, dir32, t_end, t_start = (
-            pixels[alive], origin[alive], direction[alive], dir32[alive], t_end[alive], t_start[alive]
-        )
-        if pixels.size == 0:
+        out_ray.append(rays)
+        out_count.append(rays.size)
+        out_tri.append(prim[hit])
+        out_u.append(u[hit])
+        out_v.append(v[hit])
+        distance = np.sqrt(origin_sq[rays] + t_hit * (2 * origin_dir[rays] + t_hit))  # the hit's, from the camera
+        t_near = t_hit + PEEL_EPSILON * np.maximum(distance, 1.0)
+        alive = t_near < t_end[rays]
+        rays, t_near = rays[alive], t_near[alive].astype(np.float32)
+        if rays.size == 0:
             break
-    if not out_pixel:
+    if not out_ray:
         return empty
-    return Hits(np.concatenate(out_pixel), np.concatenate(out_layer), np.concatenate(out_tri),
-                np.concatenate(out_uv).astype(np.float32))
+    return Hits(pixels[np.concatenate(out_ray)], np.repeat(np.arange(len(out_count)), out_count),
+                np.concatenate(out_tri).astype(np.int64), np.stack([np.concatenate(out_u), np.concatenate(out_v)], 1))
 
 
-_LAST_SCENE: tuple[bytes, object] | None = None
+class EmbreexScene:
+    """`embree_direct.TriangleScene`'s interface through embreex (its `TriangleMesh` copies the mesh element
+    by element): the fallback where the direct binding cannot load, and the baseline of bench/embree_limit.py.
+
+    Args:
+        verts: (V, 3) float32 vertices; faces: (F, 3) int32 triangles.
+    """
+
+    def __init__(self, verts: np.ndarray, faces: np.ndarray):
+        from embreex.mesh_construction import TriangleMesh
+        from embreex.rtcore_scene import EmbreeScene
+
+        self.scene = EmbreeScene(robust=True)
+        if len(faces):
+            TriangleMesh(self.scene, verts, faces)
+
+    def intersect(self, origins: np.ndarray, directions: np.ndarray, t_near: np.ndarray,
+                  t_far: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """See `embree_direct.TriangleScene.intersect`. embreex casts from tnear = 0: the ray starts at
+        origin + t_near * direction instead (float32), and its distances are shifted back."""
+        t_near = np.broadcast_to(np.asarray(t_near, np.float32), (len(origins),))
+        start = (origins + t_near[:, None] * directions).astype(np.float32)
+        # run() writes the hit distances into the array it is given
+        result = self.scene.run(start, np.ascontiguousarray(directions, np.float32),
+                                dists=np.asarray(t_far, np.float32) - t_near, output=1)
+        return result["primID"], result["u"], result["v"], result["tfar"] + t_near
+
+
+_LAST_SCENE: tuple[np.ndarray, np.ndarray, object] | None = None
 
 
 def triangle_scene(verts: np.ndarray, faces: np.ndarray):
     """A robust Embree scene of one triangle mesh; the last one built in this process is reused.
 
     robust=True: watertight intersection, so a ray through a shared edge cannot slip between
-    triangles. The one-entry cache (keyed by a digest of the float32 vertices and int32 faces) lets a
-    second caster of the same mesh, e.g. the synth's shadow rays after the layers, skip the BVH build.
+    triangles. The one-entry cache (the float32 vertices and int32 faces compared in full) lets a second
+    caster of the same mesh, e.g. the synth's shadow rays after the layers, skip the BVH build.
 
     Args:
         verts: (V, 3) float vertices (cast to float32); faces: (F, 3) int triangles.
+    Returns:
+        an `embree_direct.TriangleScene`, or an `EmbreexScene` where the direct binding cannot load; both
+        have `intersect(origins, directions, t_near, t_far) -> (primID, u, v, tfar)`.
     """
-    from embreex.mesh_construction import TriangleMesh
-    from embreex.rtcore_scene import EmbreeScene
-
     global _LAST_SCENE
     verts = np.ascontiguousarray(verts, dtype=np.float32)
     faces = np.ascontiguousarray(faces, dtype=np.int32)
-    key = hashlib.blake2b(verts.tobytes() + faces.tobytes(), digest_size=16).digest()
-    if _LAST_SCENE is not None and _LAST_SCENE[0] == key:
-        return _LAST_SCENE[1]
-    scene = EmbreeScene(robust=True)
-    TriangleMesh(scene, verts, faces)
-    _LAST_SCENE = (key, scene)
+    if _LAST_SCENE is not None and np.array_equal(_LAST_SCENE[0], verts) and np.array_equal(_LAST_SCENE[1], faces):
+        return _LAST_SCENE[2]
+    embree = embree_direct.load()
+    scene = EmbreexScene(verts, faces) if embree is None else embree_direct.TriangleScene(embree, verts, faces)
+    _LAST_SCENE = (verts.copy(), faces.copy(), scene)
     return scene
 
 
@@ -196,16 +225,18 @@ def render_cpu(batch, projection: Tensor, height: int, width: int, num_layers: i
     else:
         hits = list(_pool(min(workers, size)).map(cast_layers, *zip(*jobs, strict=True)))
 
-    channels = batch.attributes[0].shape[1]
-    out = torch.zeros(size, height * width, num_layers, channels + 4)
-    for b, h in enumerate(hits):
-        if h.pixel.size == 0:
-            continue
-        pixel, layer = torch.from_numpy(h.pixel), torch.from_numpy(h.layer)
-        tri = batch.faces[b].cpu()[torch.from_numpy(h.triangle)]  # (n, 3) vertex ids
-        uv = torch.from_numpy(h.barycentric)
-        weights = torch.stack([1 - uv[:, 0] - uv[:, 1], uv[:, 0], uv[:, 1]], dim=1)  # (n, 3)
-        values = torch.cat([batch.attributes[b], batch.posed_camera[b]], dim=1).detach().cpu()  # (V, C + 3)
-        out[b, pixel, layer, :-1] = (weights[:, :, None] * values[tri]).sum(1)  # corners (n, 3, C + 3)
-        out[b, pixel, layer, -1] = 1.0
-    return out.view(size, height, width, num_layers, channels + 4)
+    # One interpolation for the whole batch: every image's vertex values stacked, hits indexed into them.
+    values = torch.cat(batch.values).detach().cpu().numpy()  # (sum V, C + 3) float32
+    first = np.cumsum([0] + [len(p) for p in batch.posed_camera[:-1]])
+    corners = np.concatenate([job[1][h.triangle] + first[b] for b, (job, h) in enumerate(zip(jobs, hits, strict=True))])
+    weights = np.empty((len(corners), 3), np.float32)  # (1 - u - v, u, v)
+    weights[:, 1:] = np.concatenate([h.barycentric for h in hits])
+    weights[:, 0] = 1 - weights[:, 1] - weights[:, 2]
+    slot = np.concatenate([(b * height * width + h.pixel) * num_layers + h.layer for b, h in enumerate(hits)])
+    rows = np.ones((len(slot), values.shape[1] + 1), np.float32)  # alpha 1
+    rows[:, :-1] = np.einsum("nk,nkc->nc", weights, values[corners])  # corners (n, 3) -> (n, 3, C + 3)
+    # numpy, not torch.zeros: numpy asks the kernel for huge pages for a block this size, torch's 4 KB
+    # pages took 5x longer to fault in (~4 ms per 160x160x8 map on the benchmark machine)
+    out = np.zeros((size * height * width * num_layers, values.shape[1] + 1), np.float32)
+    out[slot] = rows
+    return torch.from_numpy(out).view(size, height, width, num_layers, values.shape[1] + 1)

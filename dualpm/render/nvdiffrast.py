@@ -44,7 +44,7 @@ def render_cuda(batch, projection: Tensor, height: int, width: int, num_layers: 
         posed = torch.stack(batch.posed_camera).to(device)  # (B, V, 3)
         pos = _clip(posed, proj).contiguous()  # (B, V, 4)
         tri = batch.faces[0].to(device, torch.int32).contiguous()
-        attr = torch.cat([torch.stack(batch.attributes).to(device), posed], dim=-1).contiguous()  # (B, V, C + 3)
+        attr = torch.stack(batch.values).to(device).contiguous()  # (B, V, C + 3)
         ranges = None
     else:
         counts_v = [p.shape[0] for p in batch.posed_camera]
@@ -52,9 +52,7 @@ def render_cuda(batch, projection: Tensor, height: int, width: int, num_layers: 
         v_start = torch.tensor([0] + counts_v[:-1]).cumsum(0)
         pos = torch.cat([_clip(p.to(device), proj[b]) for b, p in enumerate(batch.posed_camera)]).contiguous()
         tri = torch.cat([f + int(v_start[b]) for b, f in enumerate(batch.faces)]).to(device, torch.int32).contiguous()
-        attr = torch.cat(
-            [torch.cat([a, p], dim=-1) for a, p in zip(batch.attributes, batch.posed_camera, strict=True)]
-        ).to(device).contiguous()  # (sum V, C + 3)
+        attr = torch.cat(batch.values).to(device).contiguous()  # (sum V, C + 3)
         f_start = torch.tensor([0] + counts_f[:-1]).cumsum(0)
         ranges = torch.stack([f_start, torch.tensor(counts_f)], dim=1).to(torch.int32)  # CPU, as nvdiffrast wants
 

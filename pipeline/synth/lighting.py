@@ -235,8 +235,8 @@ def occluded(verts_cam: np.ndarray, faces: np.ndarray, points: np.ndarray, norma
             continue
         origin = points[facing] + SHADOW_BIAS * normals[facing]
         dirs = np.broadcast_to(d.astype(np.float32), origin.shape)
-        hit = scene.run(origin.astype(np.float32), np.ascontiguousarray(dirs))
-        out[np.flatnonzero(facing), k] = hit >= 0
+        prim, _, _, _ = scene.intersect(origin.astype(np.float32), dirs, 0.0, np.full(len(origin), np.inf, np.float32))
+        out[np.flatnonzero(facing), k] = prim >= 0
     return out
 
 
