@@ -25,12 +25,13 @@ constant baseline is averaged over; both test sets share their geometry, so thei
 
 Then `configs/demo.yaml` (unchanged but for `--steps`, with the learning-rate halving at a third of
 them as in the config) is trained on both training sets at once (one thread each), every model predicts
-its own held-out split and both test sets (`dualpm-infer`, the demo's settings) and `dualpm-eval
---baseline` scores them with the default dualpm protocol: model / constant-baseline mean symmetric
-unit-cube Chamfer to the GT layer points, the demo's learning check. Every stage is the real console
-command, run as a subprocess; `OUT/state.json` records finished stages, so a rerun resumes. Prints the
-table and writes `OUT/results.json`, including the paired per-sample comparison of the two models on each
-test set (same samples: mean difference of Chamfer and its standard error, share of samples won).
+its own held-out split and both test sets (`dualpm-infer` as in the demo, without PLYs and sheets)
+and `dualpm-eval --baseline` scores them with the default dualpm protocol: model / constant-baseline
+mean symmetric unit-cube Chamfer to the GT layer points, the demo's learning check. Every stage is the
+real console command, run as a subprocess; `OUT/state.json` records finished stages, so a rerun resumes.
+Prints the table and writes `OUT/results.json`, including the paired per-sample comparison of the two
+models on each test set (same samples: mean difference of Chamfer and its standard error, share of
+samples won).
 """
 
 from __future__ import annotations
@@ -74,10 +75,13 @@ def _noise(rng: np.random.Generator, h: int, w: int, cells: int) -> np.ndarray:
 
 PANORAMAS = {  # sky top, sky at the horizon, ground, horizon silhouette colour, sun (u, v, radius, colour)
     "sunset": ((40, 40, 110), (250, 140, 60), (60, 50, 40), (30, 25, 35), (0.2, 0.46, 0.03, (255, 230, 170))),
-    "overcast": ((150, 155, 165), (200, 200, 205), (90, 100, 80), (70, 80, 70), (0.6, 0.15, 0.12, (245, 245, 245))),
-    "noon": ((10, 60, 200), (120, 180, 250), (50, 120, 30), (40, 70, 40), (0.75, 0.1, 0.025, (255, 255, 250))),
+    "overcast": ((150, 155, 165), (200, 200, 205), (90, 100, 80), (70, 80, 70),
+                 (0.6, 0.15, 0.12, (245, 245, 245))),
+    "noon": ((10, 60, 200), (120, 180, 250), (50, 120, 30), (40, 70, 40),
+             (0.75, 0.1, 0.025, (255, 255, 250))),
     "dusk": ((5, 5, 30), (60, 40, 90), (20, 20, 30), (10, 10, 15), (0.45, 0.3, 0.02, (220, 220, 255))),
-    "desert": ((90, 150, 230), (230, 220, 200), (210, 170, 110), (160, 100, 60), (0.05, 0.2, 0.03, (255, 250, 230))),
+    "desert": ((90, 150, 230), (230, 220, 200), (210, 170, 110), (160, 100, 60),
+               (0.05, 0.2, 0.03, (255, 250, 230))),
     "room": ((110, 90, 70), (170, 150, 120), (120, 80, 50), (90, 70, 50), (0.9, 0.35, 0.06, (255, 240, 200))),
 }
 
@@ -115,7 +119,8 @@ def photo(index: int, size: int = 384) -> np.ndarray:
     kind = index % 4
     image = np.ones((size, size, 3)) * rng.uniform(60, 200, 3)
     if kind == 0:  # skyline: a sky, rectangles with window grids
-        image[:] = np.array([120, 170, 230.0]) * (1 - y[..., None]) + np.array([220, 200, 180.0]) * y[..., None]
+        t = y[..., None]
+        image[:] = np.array([120, 170, 230.0]) * (1 - t) + np.array([220, 200, 180.0]) * t
         for _ in range(14):
             x0, w, top = rng.random(), rng.uniform(0.05, 0.2), rng.uniform(0.2, 0.8)
             block = (x > x0) & (x < x0 + w) & (y > top)
@@ -208,7 +213,8 @@ def _paired(path_a: Path, path_b: Path) -> dict[str, float]:
         raise click.ClickException(f"{path_a} and {path_b} score different samples")
     diff = np.array([b[i] - a[i] for i in ids])
     return {"samples": len(ids), "mean_b_minus_a": float(diff.mean()),
-            "stderr": float(diff.std(ddof=1) / np.sqrt(len(diff))), "share_b_better": float((diff < 0).mean())}
+            "stderr": float(diff.std(ddof=1) / np.sqrt(len(diff))),
+            "share_b_better": float((diff < 0).mean())}
 
 
 @click.command()
@@ -225,7 +231,8 @@ def _paired(path_a: Path, path_b: Path) -> dict[str, float]:
 @click.option("--resolution", type=click.IntRange(16, 4096), default=32, show_default=True)
 @click.option("--layers", type=click.IntRange(1, 32), default=4, show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Training sets' seed.")
-@click.option("--test-seed", type=click.IntRange(min=0), default=1, show_default=True, help="Test sets' seed.")
+@click.option("--test-seed", type=click.IntRange(min=0), default=1, show_default=True,
+              help="Test sets' seed.")
 @click.option("--dry-run", is_flag=True, help="Print the commands, run nothing.")
 def main(out: Path, samples: int, test_samples: int, steps: int, faces: int, image_size: int, resolution: int,
          layers: int, seed: int, test_seed: int, dry_run: bool) -> None:
@@ -237,8 +244,9 @@ def main(out: Path, samples: int, test_samples: int, steps: int, faces: int, ima
                           str(samples), "--seed", str(seed), "--appearance", name] for name in TRAININGS
     } | {
         f"synth-{name}": ["dualpm-prep", "synth", str(out / name / "source"), *common, "--num-samples",
-                          str(test_samples), "--seed", str(test_seed), "--val-fraction", "0.5", "--appearance",
-                          "asset", f"--{'hdri' if name == 'hdri' else 'backgrounds'}", str(folder)]
+                          str(test_samples), "--seed", str(test_seed), "--val-fraction", "0.5",
+                          "--appearance", "asset", f"--{'hdri' if name == 'hdri' else 'backgrounds'}",
+                          str(folder)]
         for name, folder in (("hdri", hdri), ("photos", photos))
     }
     sets = (*TRAININGS, *TESTS)
@@ -246,7 +254,8 @@ def main(out: Path, samples: int, test_samples: int, steps: int, faces: int, ima
                               "--resolution", str(resolution), "--layers", str(layers), "--shard-size", "64"]
               for s in sets}
     features = {f"features-{s}": ["dualpm-prep", "features", str(out / s / "source"), str(out / s / "data"),
-                                  "--extractor", "rgb", "--device", "cpu", "--grid", str(resolution)] for s in sets}
+                                  "--extractor", "rgb", "--device", "cpu", "--grid", str(resolution)]
+                for s in sets}
     train = {f"train-{t}": ["dualpm-train", str(DEFAULT_CONFIG), "--data", str(out / t / "data"), "--out",
                             str(out / "runs" / t), "--set", f"model.num_layers={layers}", "--set",
                             f"train.steps={steps}", "--set", f"train.lr_step={max(1, steps // 3)}",
@@ -256,10 +265,12 @@ def main(out: Path, samples: int, test_samples: int, steps: int, faces: int, ima
         for s in (t, *TESTS):
             pred, evaluation = out / "pred" / f"{t}-on-{s}", out / "eval" / f"{t}-on-{s}"
             infer_eval[t][f"infer-{t}-on-{s}"] = [
-                "dualpm-infer", "--checkpoint", str(out / "runs" / t), "--data", str(out / s / "data"), "--split",
-                "val", "--out", str(pred), "--device", "cpu", "--no-ply", "--no-sheets", "--overwrite"]
-            infer_eval[t][f"eval-{t}-on-{s}"] = ["dualpm-eval", "--pred", str(pred), "--data", str(out / s / "data"),
-                                                 "--baseline", "--out", str(evaluation)]
+                "dualpm-infer", "--checkpoint", str(out / "runs" / t), "--data", str(out / s / "data"),
+                "--split", "val", "--out", str(pred), "--device", "cpu", "--no-ply", "--no-sheets",
+                "--overwrite"]
+            infer_eval[t][f"eval-{t}-on-{s}"] = [
+                "dualpm-eval", "--pred", str(pred), "--data", str(out / s / "data"), "--baseline", "--out",
+                str(evaluation)]
     if dry_run:
         for batch in (synth, render, features, train, *infer_eval.values()):
             for name, command in batch.items():
@@ -284,8 +295,10 @@ def main(out: Path, samples: int, test_samples: int, steps: int, faces: int, ima
 
 def report(out: Path, samples: int, test_samples: int, steps: int) -> dict:
     """Print the table of ratios (and model / baseline Chamfer) and return it with the paired comparison."""
-    results: dict = {"samples": samples, "test_samples": test_samples, "steps": steps, "ratios": {}, "paired": {}}
-    click.echo(f"\n{samples} training samples, {steps} steps; model / baseline unit-cube Chamfer (layers, sym.)")
+    results: dict = {"samples": samples, "test_samples": test_samples, "steps": steps, "ratios": {},
+                     "paired": {}}
+    click.echo(f"\n{samples} training samples, {steps} steps; "
+               "model / baseline unit-cube Chamfer (layers, sym.)")
     click.echo(f"{'trained on':>12} | {'own val':>22} | " + " | ".join(f"{'test ' + s:>22}" for s in TESTS))
     for t in TRAININGS:
         cells, row = [], {}
