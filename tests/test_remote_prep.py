@@ -1,0 +1,162 @@
+"""`dualpm-prep render` / `features` writing OUT to object storage (moto's S3 server on 127.0.0.1).
+
+The commands run as real processes (each with its own local Ray, whose workers inherit the S3 endpoint
+of the test server); the reference is a local prep of the same source, compared object by object.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+pytest.importorskip("s3fs")
+pytest.importorskip("moto")
+
+from datagen import make_source_dataset  # noqa: E402
+from remote_servers import moto_s3  # noqa: E402
+
+REPO = Path(__file__).parents[1]
+BUCKET = "dualpm-prep"
+FAST = {"DUALPM_REMOTE_BACKOFF": "0.01", "DUALPM_REMOTE_MAX_DELAY": "0.05", "DUALPM_REMOTE_TIMEOUT": "5"}
+RENDER = ["--resolution", "32", "--layers", "4", "--shard-size", "4", "--workers", "1", "--backend", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def s3():
+    with moto_s3(BUCKET) as endpoint:
+        yield endpoint
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray, not the tests'
+    return env | FAST | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+def _prep(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO, env=_env(), text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+    if check:
+        assert done.returncode == 0, done.stdout[-3000:]
+    return done
+
+
+def _objects(endpoint: str, prefix: str) -> dict[str, bytes]:
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=endpoint)
+    found = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=f"{prefix}/"):
+        for item in page.get("Contents", []):
+            key = item["Key"]
+            found[key[len(prefix) + 1:]] = client.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+    return found
+
+
+def _data_files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+            and not any(part.startswith(".") for part in p.relative_to(root).parts)}
+
+
+def _shard_data(files: dict[str, bytes]) -> dict[str, bytes]:
+    """The shard data and records of a store's files (not configs, manifest, failures)."""
+    return {k: v for k, v in files.items() if "/" in k and not k.startswith((".", "records/")) and "/c/" in k
+            or k.endswith(".tar") or k.startswith("records/")}
+
+
+@pytest.mark.parametrize("fmt", ["webdataset", "zarr"])
+def test_render_and_features_to_s3_equal_a_local_prep_and_verify_from_s3(tmp_path, s3, fmt):
+    from pipeline.store_commands import verify
+
+    ds = make_source_dataset(tmp_path / "src", num_samples=10, models=1, image_size=32)
+    url = f"s3://{BUCKET}/both-{fmt}"
+    local = tmp_path / "local"
+    for out in (str(local), url):
+        stage = ["--stage", str(tmp_path / "stage")] if out == url else []
+        _prep("render", str(ds.root), out, *RENDER, "--format", fmt, *stage)
+        _prep("features", str(ds.root), out, "--extractor", "rgb", "--grid", "8", "--format", fmt,
+              "--workers", "1", *stage)
+    remote = _objects(s3, f"both-{fmt}")
+    ours = _data_files(local)
+    assert ".writer.lock" not in remote  # dropped at the end
+    assert _shard_data(remote) == _shard_data(ours) and len(_shard_data(ours)) >= 2 * 3 * 2
+    assert json.loads(remote["manifest.json"])["columns"] == json.loads(ours["manifest.json"])["columns"]
+    assert {k for k in remote if not k.startswith(("render/", "features/", "records/"))} == \
+        {k for k in ours if not k.startswith(("render/", "features/", "records/"))}
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in FAST.items():
+            mp.setenv(key, value)
+        result = CliRunner().invoke(verify, [url])
+    assert result.exit_code == 0, result.output
+    assert f"{url}: OK" in result.output and "render: 3 shards, 10 samples, 0 failed" in result.output
+
+
+def test_a_killed_upload_run_rerun_has_every_shard_once_and_the_manifest_only_at_the_end(tmp_path, s3):
+    from pipeline.store_commands import verify
+
+    ds = make_source_dataset(tmp_path / "src", num_samples=24, models=2, image_size=32)
+    url, prefix = f"s3://{BUCKET}/killed", "killed"
+    args = [sys.executable, "-m", "pipeline.cli", "render", str(ds.root), url, *RENDER, "--format", "zarr",
+            "--resolution", "96", "--layers", "8", "--stage", str(tmp_path / "stage")]
+    run = subprocess.Popen(args, cwd=REPO, env=_env(), start_new_session=True, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    try:
+        while not any(k.startswith("records/") for k in _objects(s3, prefix)):
+            assert run.poll() is None, run.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "no shard uploaded in time"
+            time.sleep(0.05)
+        assert "manifest.json" not in _objects(s3, prefix)  # mid-run: shards are there, the manifest is not
+    finally:
+        os.killpg(run.pid, signal.SIGKILL)  # the command and its Ray (its own session)
+        run.wait()
+        run.stderr.close()
+    before = _objects(s3, prefix)
+    records = [k for k in before if k.startswith("records/render/")]
+    assert 1 <= len(records) < 6, "the run must be killed partway"
+    assert "manifest.json" not in before and ".writer.lock" in before
+    assert (tmp_path / "stage" / ".remote-out.json").exists()
+
+    rerun = _prep(*args[3:])
+    assert "shards done, " in rerun.stdout
+    done = int(rerun.stdout.split(" shards done, ")[0].rsplit(" ", 1)[1])
+    kept = int(rerun.stdout.split(" shards done, ")[1].split(" already complete")[0])
+    assert kept >= len(records) and done + kept == 6, rerun.stdout  # nothing complete is redone
+    after = _objects(s3, prefix)
+    for key in records:  # shards complete before the kill were not rewritten
+        assert after[key] == before[key]
+    manifest = json.loads(after["manifest.json"])
+    ids = [i for r in manifest["columns"]["render"]["shards"].values() for i in r["ids"]]
+    assert sorted(ids) == sorted(ds.ids) and len(ids) == len(set(ids))
+    assert ".writer.lock" not in after
+    result = CliRunner().invoke(verify, [url])
+    assert result.exit_code == 0, result.output
+
+
+def test_a_live_writer_lock_refuses_a_second_command_and_http_out_is_refused(tmp_path, s3):
+    import boto3
+
+    ds = make_source_dataset(tmp_path / "src", num_samples=4, models=1, image_size=32)
+    holder = {"host": "elsewhere", "pid": 1, "time": time.time()}
+    boto3.client("s3", endpoint_url=s3).put_object(Bucket=BUCKET, Key="locked/.writer.lock",
+                                                   Body=json.dumps(holder).encode())
+    done = _prep("render", str(ds.root), f"s3://{BUCKET}/locked", *RENDER, check=False)
+    assert done.returncode != 0 and "another command is writing this store (elsewhere pid 1)" in done.stdout
+    assert set(_objects(s3, "locked")) == {".writer.lock"}
+    done = _prep("render", str(ds.root), "http://127.0.0.1:9/out", *RENDER, check=False)
+    assert done.returncode == 2 and "an HTTP server cannot be written" in done.stdout
+
+
+def test_stage_is_refused_for_a_local_out(tmp_path):
+    from pipeline.cli import main
+
+    ds = make_source_dataset(tmp_path / "src", num_samples=4, models=1, image_size=32)
+    result = CliRunner().invoke(main, ["render", str(ds.root), str(tmp_path / "out"), "--stage", str(tmp_path / "s")])
+    assert result.exit_code != 0 and "--stage applies only to an OUT on object storage" in result.output
