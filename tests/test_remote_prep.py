@@ -71,31 +71,58 @@ def _shard_data(files: dict[str, bytes]) -> dict[str, bytes]:
             or k.endswith(".tar") or k.startswith("records/")}
 
 
-@pytest.mark.parametrize("fmt", ["webdataset", "zarr"])
-def test_render_and_features_to_s3_equal_a_local_prep_and_verify_from_s3(tmp_path, s3, fmt):
+_SCRIPT = """
+import sys, ray
+from click.testing import CliRunner
+from pipeline.cli import main
+ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+for line in sys.stdin.read().splitlines():  # one command per line, arguments tab-separated, one Ray for all
+    result = CliRunner().invoke(main, line.split("\\t"), catch_exceptions=False)
+    print(result.output, flush=True)
+    if result.exit_code:
+        sys.exit(result.exit_code)
+"""
+
+
+def _prep_all(*commands: list[str]) -> str:
+    """Run prep commands in one process with its own local Ray (workers inherit the S3 endpoint)."""
+    done = subprocess.run([sys.executable, "-c", _SCRIPT], cwd=REPO, env=_env(), text=True, timeout=300,
+                          input="\n".join("\t".join(c) for c in commands), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT)
+    assert done.returncode == 0, done.stdout[-3000:]
+    return done.stdout
+
+
+def test_render_and_features_to_s3_equal_a_local_prep_and_verify_from_s3(tmp_path, s3, ray_local):
+    from pipeline.cli import main
     from pipeline.store_commands import verify
 
     ds = make_source_dataset(tmp_path / "src", num_samples=10, models=1, image_size=32)
-    url = f"s3://{BUCKET}/both-{fmt}"
-    local = tmp_path / "local"
-    for out in (str(local), url):
-        stage = ["--stage", str(tmp_path / "stage")] if out == url else []
-        _prep("render", str(ds.root), out, *RENDER, "--format", fmt, *stage)
-        _prep("features", str(ds.root), out, "--extractor", "rgb", "--grid", "8", "--format", fmt,
-              "--workers", "1", *stage)
-    remote = _objects(s3, f"both-{fmt}")
-    ours = _data_files(local)
-    assert ".writer.lock" not in remote  # dropped at the end
-    assert _shard_data(remote) == _shard_data(ours) and len(_shard_data(ours)) >= 2 * 3 * 2
-    assert json.loads(remote["manifest.json"])["columns"] == json.loads(ours["manifest.json"])["columns"]
-    assert {k for k in remote if not k.startswith(("render/", "features/", "records/"))} == \
-        {k for k in ours if not k.startswith(("render/", "features/", "records/"))}
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in FAST.items():
-            mp.setenv(key, value)
-        result = CliRunner().invoke(verify, [url])
-    assert result.exit_code == 0, result.output
-    assert f"{url}: OK" in result.output and "render: 3 shards, 10 samples, 0 failed" in result.output
+    commands: dict[bool, list[list[str]]] = {False: [], True: []}
+    for fmt in ("webdataset", "zarr"):
+        for remote, out in ((False, str(tmp_path / fmt)), (True, f"s3://{BUCKET}/both-{fmt}")):
+            stage = ["--stage", str(tmp_path / f"stage-{fmt}")] if remote else []
+            commands[remote] += [["render", str(ds.root), out, *RENDER, "--format", fmt, *stage],
+                                 ["features", str(ds.root), out, "--extractor", "rgb", "--grid", "8", "--format",
+                                  fmt, "--workers", "1", *stage]]
+    for command in commands[False]:  # the local references on the tests' Ray
+        result = CliRunner().invoke(main, command, catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+    _prep_all(*commands[True])
+    for fmt in ("webdataset", "zarr"):
+        url, local = f"s3://{BUCKET}/both-{fmt}", tmp_path / fmt
+        remote, ours = _objects(s3, f"both-{fmt}"), _data_files(local)
+        assert ".writer.lock" not in remote  # dropped at the end
+        assert _shard_data(remote) == _shard_data(ours) and len(_shard_data(ours)) >= 2 * 3 * 2
+        assert json.loads(remote["manifest.json"])["columns"] == json.loads(ours["manifest.json"])["columns"]
+        assert {k for k in remote if not k.startswith(("render/", "features/", "records/"))} == \
+            {k for k in ours if not k.startswith(("render/", "features/", "records/"))}
+        with pytest.MonkeyPatch.context() as mp:
+            for key, value in FAST.items():
+                mp.setenv(key, value)
+            result = CliRunner().invoke(verify, [url])
+        assert result.exit_code == 0, result.output
+        assert f"{url}: OK" in result.output and "render: 3 shards, 10 samples, 0 failed" in result.output
 
 
 def test_a_killed_upload_run_rerun_has_every_shard_once_and_the_manifest_only_at_the_end(tmp_path, s3):
@@ -143,15 +170,17 @@ def test_a_killed_upload_run_rerun_has_every_shard_once_and_the_manifest_only_at
 def test_a_live_writer_lock_refuses_a_second_command_and_http_out_is_refused(tmp_path, s3):
     import boto3
 
+    from pipeline.cli import main
+
     ds = make_source_dataset(tmp_path / "src", num_samples=4, models=1, image_size=32)
     holder = {"host": "elsewhere", "pid": 1, "time": time.time()}
     boto3.client("s3", endpoint_url=s3).put_object(Bucket=BUCKET, Key="locked/.writer.lock",
                                                    Body=json.dumps(holder).encode())
-    done = _prep("render", str(ds.root), f"s3://{BUCKET}/locked", *RENDER, check=False)
-    assert done.returncode != 0 and "another command is writing this store (elsewhere pid 1)" in done.stdout
+    result = CliRunner().invoke(main, ["render", str(ds.root), f"s3://{BUCKET}/locked", *RENDER])
+    assert result.exit_code != 0 and "another command is writing this store (elsewhere pid 1)" in result.output
     assert set(_objects(s3, "locked")) == {".writer.lock"}
-    done = _prep("render", str(ds.root), "http://127.0.0.1:9/out", *RENDER, check=False)
-    assert done.returncode == 2 and "an HTTP server cannot be written" in done.stdout
+    result = CliRunner().invoke(main, ["render", str(ds.root), "http://127.0.0.1:9/out", *RENDER])
+    assert result.exit_code == 2 and "an HTTP server cannot be written" in result.output
 
 
 def test_stage_is_refused_for_a_local_out(tmp_path):
