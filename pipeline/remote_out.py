@@ -122,8 +122,9 @@ class RemoteOut:
         self.locked = False
 
     def open(self, command: str, lock: bool = True) -> Path:
-        """Take the store's lock object (only check it unless `lock`), empty the stage and pull the
-        store's small files; returns the stage. The lock object is dropped when the click command ends."""
+        """Take the store's lock object (only check it unless `lock`), empty the stage (a folder holding
+        anything else than an earlier stage is refused) and pull the store's small files; returns the
+        stage. The lock object is dropped when the click command ends."""
         try:
             holder = json.loads(self.remote.read_bytes(LOCK_OBJECT))
         except RemoteMissing:
@@ -140,7 +141,10 @@ class RemoteOut:
             self.remote.put_bytes(LOCK_OBJECT, json.dumps(self.token).encode())
             self.locked = True
             click.get_current_context().call_on_close(self.close)
-        if self.stage.exists():
+        if self.stage.exists() and any(self.stage.iterdir()):
+            if not (self.stage / MARKER).is_file():  # never empty a folder that is not ours
+                raise ConfigError(f"--stage {self.stage}: not empty and not a staging folder of dualpm-prep; "
+                                  "give an empty or new folder")
             shutil.rmtree(self.stage)
         self.stage.mkdir(parents=True)
         atomic_write_text(self.stage / MARKER, json.dumps({"url": self.url}))

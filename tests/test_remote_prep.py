@@ -179,6 +179,12 @@ def test_a_live_writer_lock_refuses_a_second_command_and_http_out_is_refused(tmp
     result = CliRunner().invoke(main, ["render", str(ds.root), f"s3://{BUCKET}/locked", *RENDER])
     assert result.exit_code != 0 and "another command is writing this store (elsewhere pid 1)" in result.output
     assert set(_objects(s3, "locked")) == {".writer.lock"}
+    precious = tmp_path / "precious"
+    (precious / "keep.txt").parent.mkdir()
+    (precious / "keep.txt").write_text("mine")
+    result = CliRunner().invoke(main, ["render", str(ds.root), f"s3://{BUCKET}/fresh", *RENDER, "--stage", str(precious)])
+    assert result.exit_code != 0 and "not empty and not a staging folder of dualpm-prep" in result.output
+    assert (precious / "keep.txt").read_text() == "mine" and _objects(s3, "fresh") == {}  # its lock dropped
     result = CliRunner().invoke(main, ["render", str(ds.root), "http://127.0.0.1:9/out", *RENDER])
     assert result.exit_code == 2 and "an HTTP server cannot be written" in result.output
 
