@@ -8,12 +8,12 @@ remote store is the truth:
   live writer holds it), empties the stage and pulls every object of the store that is not shard data
   (manifest.json, records, configs, Zarr metadata, the feature basis);
 * a shard is complete when its record object `records/<column>/shard-N.json` exists and the sizes of its
-  data objects add up to the record's bytes; every other shard of the plan is removed remotely (record
-  first) and redone, so a killed run rerun loses and duplicates nothing;
+  data objects add up to the record's bytes; every other shard of the plan is removed remotely (the
+  manifest first, then the record) and redone, so a killed run rerun loses and duplicates nothing;
 * the driver uploads the Zarr metadata before any shard runs;
 * each shard is uploaded by the process that wrote it (`push_shard`): its data objects (Zarr: `valid`
   last, as the local writer publishes it; WebDataset: the tar, one PUT, so it appears only whole), then
-  its record;
+  its record; then its data is deleted from the stage;
 * at the end the driver uploads the other small files and manifest.json LAST; then it drops the lock.
   A failed run leaves no manifest.json (a rerun resumes).
 
@@ -169,9 +169,12 @@ class RemoteOut:
         return record, None
 
     def prepared(self, column: str, todo_indices: list[int]) -> None:
-        """Remove from the store what exists of the shards to redo (record first), then upload the
-        stage's small files (Zarr metadata, configs) before any shard is written."""
+        """Remove from the store what exists of the shards to redo (manifest.json first, then per shard
+        the record first), then upload the stage's small files (Zarr metadata, configs) before any shard
+        is written."""
         todo = set(todo_indices)
+        if todo and MANIFEST_NAME in self.sizes:  # the store changes: readers must not trust the old manifest
+            self.remote.delete(MANIFEST_NAME)
         for relative in sorted(self.sizes, key=lambda rel: not _RECORD.match(rel)):
             match = _RECORD.match(relative)
             where = (match.group(1), int(match.group(2))) if match else shard_of(relative)
@@ -239,4 +242,6 @@ def push_shard(out_column: str | os.PathLike, record: ShardRecord) -> ShardRecor
         remote.put_bytes(f"{column}/{name}", path.read_bytes())
     remote.put_bytes(f"{RECORDS_NAME}/{column}/{record_path(out_column, record.index).name}",
                      record_path(out_column, record.index).read_bytes())
+    for _, path in files:  # the store holds it now: the stage keeps no copy (its disk may be small)
+        path.unlink()
     return record

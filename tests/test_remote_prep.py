@@ -113,6 +113,8 @@ def test_render_and_features_to_s3_equal_a_local_prep_and_verify_from_s3(tmp_pat
         url, local = f"s3://{BUCKET}/both-{fmt}", tmp_path / fmt
         remote, ours = _objects(s3, f"both-{fmt}"), _data_files(local)
         assert ".writer.lock" not in remote  # dropped at the end
+        staged = _data_files(tmp_path / f"stage-{fmt}")
+        assert not [k for k in staged if k.endswith(".tar") or "/c/" in k]  # uploaded, then deleted here
         assert _shard_data(remote) == _shard_data(ours) and len(_shard_data(ours)) >= 2 * 3 * 2
         assert json.loads(remote["manifest.json"])["columns"] == json.loads(ours["manifest.json"])["columns"]
         assert {k for k in remote if not k.startswith(("render/", "features/", "records/"))} == \
@@ -195,3 +197,29 @@ def test_stage_is_refused_for_a_local_out(tmp_path):
     ds = make_source_dataset(tmp_path / "src", num_samples=4, models=1, image_size=32)
     result = CliRunner().invoke(main, ["render", str(ds.root), str(tmp_path / "out"), "--stage", str(tmp_path / "s")])
     assert result.exit_code != 0 and "--stage applies only to an OUT on object storage" in result.output
+
+
+def test_redoing_shards_removes_the_manifest_and_only_those_shards_from_the_store(tmp_path, s3):
+    import boto3
+
+    from pipeline.remote_out import RemoteOut
+
+    client = boto3.client("s3", endpoint_url=s3)
+    keys = ["manifest.json", "render.config.yaml", "render/zarr.json", "render/dpm/values/zarr.json",
+            "render/dpm/values/c/0/0/0", "render/valid/c/0", "records/render/shard-000000.json",
+            "render/dpm/values/c/1/0/0", "render/valid/c/1", "records/render/shard-000001.json",
+            "render/shard-000001.tar", "features/shard-000001.tar"]
+    for key in keys:
+        client.put_object(Bucket=BUCKET, Key=f"redo/{key}", Body=b"{}" if key.endswith(".json") else b"x")
+    out = RemoteOut(f"s3://{BUCKET}/redo", tmp_path / "stage")
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in FAST.items():
+            mp.setenv(key, value)
+        stage = out.open("test", lock=False)
+        assert {p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file()} == {
+            ".remote-out.json", "manifest.json", "render.config.yaml", "render/zarr.json",
+            "render/dpm/values/zarr.json", "records/render/shard-000000.json", "records/render/shard-000001.json"}
+        out.prepared("render", [1])
+    left = set(_objects(s3, "redo"))
+    assert left == set(keys) - {"manifest.json", "render/dpm/values/c/1/0/0", "render/valid/c/1",
+                                "records/render/shard-000001.json", "render/shard-000001.tar"}
