@@ -81,7 +81,8 @@ def _pull_small(remote: Remote, stage: Path, records: bool) -> None:
 
 def _lock_holder_dead(holder: dict) -> bool:
     if holder.get("host") != socket.gethostname():
-        return time.time() - float(holder.get("time", 0)) > LOCK_HOURS * 3600
+        since = holder.get("time")
+        return not isinstance(since, (int, float)) or time.time() - since > LOCK_HOURS * 3600
     try:
         os.kill(int(holder.get("pid", -1)), 0)
     except ProcessLookupError:
@@ -131,6 +132,7 @@ class RemoteOut:
             holder = None
         except ValueError:
             holder = {}
+        holder = holder if holder is None or isinstance(holder, dict) else {}  # unreadable: a stale lock
         if holder is not None and not _lock_holder_dead(holder):
             raise DatasetError(
                 f"{self.url}: another command is writing this store ({holder.get('host', '?')} pid "

@@ -223,3 +223,25 @@ def test_redoing_shards_removes_the_manifest_and_only_those_shards_from_the_stor
     left = set(_objects(s3, "redo"))
     assert left == set(keys) - {"manifest.json", "render/dpm/values/c/1/0/0", "render/valid/c/1",
                                 "records/render/shard-000001.json", "render/shard-000001.tar"}
+
+
+def test_a_worker_on_another_node_pulls_the_layout_but_no_records(tmp_path, s3, monkeypatch):
+    import boto3
+
+    from pipeline.remote_out import ENV_URL, MARKER, pull_layout
+
+    client = boto3.client("s3", endpoint_url=s3)
+    for key in ["render/zarr.json", "render/valid/zarr.json", "render/valid/c/0", "records/render/shard-000000.json",
+                "basis.npz", ".writer.lock"]:
+        client.put_object(Bucket=BUCKET, Key=f"node/{key}", Body=b"x")
+    for key, value in FAST.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv(ENV_URL, f"s3://{BUCKET}/node")
+    column = tmp_path / "stage" / "render"  # this node has no stage yet
+    pull_layout(column)
+    stage = column.parent
+    assert {p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file()} == {
+        MARKER, "render/zarr.json", "render/valid/zarr.json", "basis.npz"}
+    (stage / "basis.npz").write_bytes(b"local")
+    pull_layout(column)  # the driver's node (or a node already pulled): nothing is fetched again
+    assert (stage / "basis.npz").read_bytes() == b"local"
