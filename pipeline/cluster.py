@@ -50,7 +50,7 @@ class ClusterInfo:
 
 
 DEFAULT_CONNECT_TIMEOUT = 60.0  # seconds; prep.sbatch starts the head before the stage, so this is ample
-FORWARDED_ENV = ("DUALPM_PREP_OUT_URL",)  # to workers of a joined cluster (pipeline/remote_out.py)
+FORWARDED_ENV = ("DUALPM_PREP_OUT_URL", "DUALPM_PREP_OUT_RUN")  # to workers of a joined cluster (pipeline/remote_out.py)
 
 # The option of every command that takes --address (render, features, synth), defined once.
 connect_timeout_option = click.option(

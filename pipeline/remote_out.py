@@ -18,11 +18,12 @@ remote store is the truth:
   A failed run leaves no manifest.json (a rerun resumes).
 
 Workers find the URL in the stage's `.remote-out.json` (written by the driver), or on another node of
-a cluster in the environment variable DUALPM_PREP_OUT_URL (forwarded by `cluster.ray_session`).
+a cluster in the environment variables DUALPM_PREP_OUT_URL and _RUN (forwarded by `cluster.ray_session`).
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -43,6 +44,7 @@ from dualpm.store.remote import Remote, RemoteMissing, is_url
 from dualpm.store.schema import VALID
 
 ENV_URL = "DUALPM_PREP_OUT_URL"
+ENV_RUN = "DUALPM_PREP_OUT_RUN"  # which run the stage on a node belongs to (an older stage there is emptied)
 STAGE_META = "dualpm.stage"  # click context meta: the --stage folder
 REMOTE_META = "dualpm.remote_out"  # click context meta: the command's RemoteOut
 MARKER = ".remote-out.json"  # STAGE/.remote-out.json: {"url": ...} for the workers on the driver's node
@@ -149,8 +151,13 @@ class RemoteOut:
                                   "give an empty or new folder")
             shutil.rmtree(self.stage)
         self.stage.mkdir(parents=True)
-        atomic_write_text(self.stage / MARKER, json.dumps({"url": self.url}))
-        os.environ[ENV_URL] = self.url
+        run = f"{self.token['host']}:{self.token['pid']}:{self.token['time']}"
+        atomic_write_text(self.stage / MARKER, json.dumps({"url": self.url, "run": run}))
+        saved = {k: os.environ.get(k) for k in (ENV_URL, ENV_RUN)}
+        os.environ[ENV_URL], os.environ[ENV_RUN] = self.url, run  # for the workers of a joined cluster
+        ctx = click.get_current_context(silent=True)
+        if ctx is not None:  # a later command of this process (tests) must not inherit them
+            ctx.call_on_close(lambda: _restore_env(saved))
         self.sizes = self.remote.sizes()
         _pull_small(self.remote, self.stage, records=True)
         return self.stage
@@ -211,24 +218,44 @@ class RemoteOut:
 # ---- worker side ----------------------------------------------------------------------------------
 
 
+def _restore_env(saved: dict[str, str | None]) -> None:
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 def _target(out_column: str | os.PathLike) -> Remote | None:
+    """The store a shard written in `out_column` goes to: the one its stage's marker names (written by the
+    driver, or by `pull_layout` on another node), None for a local OUT."""
     marker = Path(out_column).parent / MARKER
-    if marker.exists():
-        return Remote(json.loads(marker.read_text())["url"])
-    url = os.environ.get(ENV_URL)
-    return Remote(url) if url else None
+    return Remote(json.loads(marker.read_text())["url"]) if marker.exists() else None
 
 
 def pull_layout(out_column: str | os.PathLike) -> None:
-    """Before writing a shard: on a node that is not the driver's (no stage marker there) but runs for
-    a store URL, pull the store's small files (Zarr metadata, the feature basis) into the stage."""
+    """Before writing a shard: on a node that is not the driver's (no stage marker of this run there) but
+    runs for a store URL, empty the stage (a stage of an earlier run only) and pull the store's small
+    files (Zarr metadata, the feature basis) into it; the node's workers do that once, one at a time."""
     stage = Path(out_column).parent
-    url = os.environ.get(ENV_URL)
-    if url and not (stage / MARKER).exists():
+    url, run = os.environ.get(ENV_URL), os.environ.get(ENV_RUN)
+    if not url:
+        return
+    stage.parent.mkdir(parents=True, exist_ok=True)
+    with open(stage.parent / f".{stage.name}.pull-lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes (or the process dies)
+        marker = stage / MARKER
+        if marker.exists() and (run is None or json.loads(marker.read_text()).get("run") == run):
+            return
+        if stage.exists() and any(stage.iterdir()):
+            if not marker.exists():
+                raise ConfigError(f"--stage {stage}: not empty and not a staging folder of dualpm-prep on "
+                                  f"{socket.gethostname()}; give an empty or new folder")
+            shutil.rmtree(stage)
         remote = Remote(url)
         stage.mkdir(parents=True, exist_ok=True)
         _pull_small(remote, stage, records=False)
-        atomic_write_text(stage / MARKER, json.dumps({"url": remote.url}))
+        atomic_write_text(marker, json.dumps({"url": remote.url, "run": run}))
 
 
 def push_shard(out_column: str | os.PathLike, record: ShardRecord) -> ShardRecord:

@@ -202,7 +202,7 @@ def test_stage_is_refused_for_a_local_out(tmp_path):
 def test_redoing_shards_removes_the_manifest_and_only_those_shards_from_the_store(tmp_path, s3):
     import boto3
 
-    from pipeline.remote_out import RemoteOut
+    from pipeline.remote_out import ENV_RUN, ENV_URL, RemoteOut
 
     client = boto3.client("s3", endpoint_url=s3)
     keys = ["manifest.json", "render.config.yaml", "render/zarr.json", "render/dpm/values/zarr.json",
@@ -213,7 +213,7 @@ def test_redoing_shards_removes_the_manifest_and_only_those_shards_from_the_stor
         client.put_object(Bucket=BUCKET, Key=f"redo/{key}", Body=b"{}" if key.endswith(".json") else b"x")
     out = RemoteOut(f"s3://{BUCKET}/redo", tmp_path / "stage")
     with pytest.MonkeyPatch.context() as mp:
-        for key, value in FAST.items():
+        for key, value in (FAST | {ENV_URL: "", ENV_RUN: ""}).items():  # restored afterwards (open sets them)
             mp.setenv(key, value)
         stage = out.open("test", lock=False)
         assert {p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file()} == {
@@ -228,7 +228,7 @@ def test_redoing_shards_removes_the_manifest_and_only_those_shards_from_the_stor
 def test_a_worker_on_another_node_pulls_the_layout_but_no_records(tmp_path, s3, monkeypatch):
     import boto3
 
-    from pipeline.remote_out import ENV_URL, MARKER, pull_layout
+    from pipeline.remote_out import ENV_RUN, ENV_URL, MARKER, pull_layout
 
     client = boto3.client("s3", endpoint_url=s3)
     for key in ["render/zarr.json", "render/valid/zarr.json", "render/valid/c/0", "records/render/shard-000000.json",
@@ -237,11 +237,17 @@ def test_a_worker_on_another_node_pulls_the_layout_but_no_records(tmp_path, s3, 
     for key, value in FAST.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv(ENV_URL, f"s3://{BUCKET}/node")
+    monkeypatch.setenv(ENV_RUN, "run 1")
     column = tmp_path / "stage" / "render"  # this node has no stage yet
     pull_layout(column)
     stage = column.parent
     assert {p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file()} == {
         MARKER, "render/zarr.json", "render/valid/zarr.json", "basis.npz"}
     (stage / "basis.npz").write_bytes(b"local")
-    pull_layout(column)  # the driver's node (or a node already pulled): nothing is fetched again
+    pull_layout(column)  # a node already pulled for this run: nothing is fetched again
     assert (stage / "basis.npz").read_bytes() == b"local"
+    (stage / "render" / "old-array").mkdir()
+    monkeypatch.setenv(ENV_RUN, "a later run")
+    pull_layout(column)  # the stage of an earlier run on this node: emptied, pulled again
+    assert (stage / "basis.npz").read_bytes() == b"x" and not (stage / "render" / "old-array").exists()
+    assert json.loads((stage / MARKER).read_text())["run"] == "a later run"
