@@ -295,7 +295,6 @@ def extract_shard(
                 half, finite = _half(f)
                 results[sid] = half if finite else bad_values
     # The driver removed any earlier copy; overwrite covers a retry whose dead predecessor published.
-    pull_layout(out_column)
     with ShardWriter(out_column, plan, config.format, feature_fields(spec), overwrite=True) as writer:
         for sid in plan.ids:  # plan order
             result = results[sid]
@@ -333,6 +332,7 @@ class FeatureWorker:
         self.extractor = extractor
 
     def extract_shard(self, plan: ShardPlan, out_column: str) -> ShardRecord:
+        pull_layout(out_column)  # OUT on object storage, another node: the Zarr metadata and basis first
         self._ready()
         return extract_shard(self.config, self.extractor, self.basis, plan, out_column, self.pool)
 
