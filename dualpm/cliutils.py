@@ -19,7 +19,7 @@ import click
 import yaml
 
 from dualpm.errors import DualPMError
-from dualpm.store.remote import is_url, local_path
+from dualpm.store.remote import check_url, is_url, local_path
 from dualpm.fileio import atomic_write_text
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -85,17 +85,25 @@ class StoreLocation(click.ParamType):
 
 
 class OutputFolder(click.Path):
-    """A local folder a command writes (file:// URLs too); a store URL (s3://, gs://, http(s)://) is
-    refused in one line saying how to get a prepared store there."""
+    """A local folder a command writes (file:// URLs too). A store URL (s3://, gs://, http(s)://) is
+    refused in one line, unless `urls` (then s3:// and gs:// URLs are kept as checked strings, for the
+    stages that write through `pipeline.remote_out`; http(s):// cannot be written)."""
 
-    def __init__(self) -> None:
+    def __init__(self, urls: bool = False) -> None:
         super().__init__(file_okay=False, path_type=Path)
+        self.urls = urls
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and is_url(value) and self.urls:
+            if value.split("://", 1)[0].lower() in ("http", "https"):
+                self.fail(f"{value}: an HTTP server cannot be written; use an s3:// or gs:// URL", param, ctx)
+            try:
+                return check_url(value)
+            except DualPMError as err:
+                self.fail(str(err), param, ctx)
         if isinstance(value, str) and is_url(value):
-            self.fail(f"{value}: the prep stages write to a local folder only; prepare there, check it with "
-                      "`dualpm-prep verify`, then upload it with manifest.json last (README, \"Stores on object "
-                      "storage and HTTP\")", param, ctx)
+            self.fail(f"{value}: this command writes to a local folder only (its output is a source dataset; "
+                      "render and features may write to s3:// or gs://)", param, ctx)
         return super().convert(str(local_path(value)) if isinstance(value, str) else value, param, ctx)
 
 

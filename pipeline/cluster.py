@@ -50,6 +50,7 @@ class ClusterInfo:
 
 
 DEFAULT_CONNECT_TIMEOUT = 60.0  # seconds; prep.sbatch starts the head before the stage, so this is ample
+FORWARDED_ENV = ("DUALPM_PREP_OUT_URL", "DUALPM_PREP_OUT_RUN")  # to workers of a joined cluster (pipeline/remote_out.py)
 
 # The option of every command that takes --address (render, features, synth), defined once.
 connect_timeout_option = click.option(
@@ -126,7 +127,9 @@ def ray_session(
     if not ray.is_initialized():
         if address:
             try:
-                ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+                forwarded = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}  # no credentials
+                ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True,
+                         runtime_env={"env_vars": forwarded} if forwarded else None)
             except (ConnectionError, RuntimeError, ValueError) as err:  # no cluster for 'auto', versions...
                 first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
                 raise ClusterError(f"--address {address}: cannot join the Ray cluster ({first})") from err

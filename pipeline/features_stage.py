@@ -73,6 +73,7 @@ from dualpm.store import (
     column_dir,
 )
 from pipeline.cluster import ClusterInfo
+from pipeline.remote_out import pull_layout, push_shard, stage_of
 from pipeline.runner import PlannedStage, Stage, StageLaunch, StageRun, drive_stage, shard_stage_options
 
 PCA_SEED = 0  # draws the PCA sample and seeds the fit: a refit gives the same basis
@@ -301,7 +302,7 @@ def extract_shard(
                 writer.fail(sid, result)
             else:
                 writer.add(sid, {FIELD: result})
-    return writer.record
+    return push_shard(out_column, writer.record)  # OUT on object storage: upload it from this node
 
 
 class FeatureWorker:
@@ -331,6 +332,7 @@ class FeatureWorker:
         self.extractor = extractor
 
     def extract_shard(self, plan: ShardPlan, out_column: str) -> ShardRecord:
+        pull_layout(out_column)  # OUT on object storage, another node: the Zarr metadata and basis first
         self._ready()
         return extract_shard(self.config, self.extractor, self.basis, plan, out_column, self.pool)
 
@@ -489,7 +491,7 @@ def start_workers(
 
 @click.command()
 @click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.argument("out", type=OutputFolder())
+@click.argument("out", type=OutputFolder(urls=True))
 @click.option("--extractor", type=click.Choice(list(EXTRACTORS)), default="sd-dino", show_default=True,
               help="sd-dino (ODISE-DINO: Stable Diffusion + DINOv2), dino (DINOv2 only), rgb (pixels, no "
                    "weights), precomputed (import SRC/features/<id>_feat.png).")
@@ -527,7 +529,9 @@ def features(ctx: click.Context, src: Path, out: Path, extractor: str, sd_model:
              sd_pca_dims: tuple[int, int, int] | None, mask_channel: bool, batch: int, pca_samples: int,
              fmt: str, device: str, shard_size: int | None, workers: int | None, address: str | None,
              connect_timeout: float, overwrite: bool, max_failures: int | None, dry_run: bool) -> None:
-    """Extract image features of source dataset SRC into the sharded store OUT (column "features")."""
+    """Extract image features of source dataset SRC into the sharded store OUT (column "features");
+    OUT may be an s3:// or gs:// URL (written through --stage)."""
+    out = stage_of(out)
     # A path from the environment applies only where the extractor uses it; a typed one must apply.
     for name, used in (("sd_model", extractor == "sd-dino"), ("dino_model", extractor in ("sd-dino", "dino"))):
         if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE and not used:

@@ -70,6 +70,7 @@ from dualpm.store.encoding import rgb8
 from dualpm.store.shards import PreparedSample, prepare_sample
 from dualpm.pointmaps import hits
 from pipeline.cluster import ClusterInfo, concurrent_tasks
+from pipeline.remote_out import pull_layout, push_shard, stage_of
 from pipeline.runner import PlannedStage, Stage, StageLaunch, StageRun, drive_stage, shard_stage_options
 
 COLUMN = "render"
@@ -459,6 +460,7 @@ def render_shard(config: RenderConfig, plan: ShardPlan, out_column: str) -> Shar
                                f"unexpectedly, the first: {shard.unexpected[0]}")
         # The driver removed any earlier copy of this shard; overwrite covers a retry of this task
         # whose killed predecessor got as far as publishing.
+        pull_layout(out_column)
         with ShardWriter(out_column, plan, config.format, render_fields(config), overwrite=True) as writer:
             for sample_id in plan.ids:  # plan order
                 result = shard.results[sample_id]
@@ -472,6 +474,7 @@ def render_shard(config: RenderConfig, plan: ShardPlan, out_column: str) -> Shar
                     writer.fail(sample_id, result)
                 else:
                     writer.add(sample_id, result)
+        push_shard(out_column, writer.record)  # OUT on object storage: upload it from this node
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
@@ -505,7 +508,7 @@ def task_resources(backend: str, cluster: ClusterInfo) -> tuple[dict[str, float]
 
 @click.command()
 @click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.argument("out", type=OutputFolder())
+@click.argument("out", type=OutputFolder(urls=True))
 @click.option("--resolution", type=click.IntRange(8, 4096), default=160, show_default=True,
               help="Image side, pixels.")
 @click.option("--layers", type=click.IntRange(1, 255), default=8, show_default=True,
@@ -538,7 +541,9 @@ def render(src: Path, out: Path, resolution: int, layers: int, shard_size: int |
            precision: str, batch: int, near: float | str, far: float | str, workers: int | None,
            address: str | None, connect_timeout: float, overwrite: bool, max_failures: int | None,
            dry_run: bool) -> None:
-    """Render the dual point maps of source dataset SRC into the sharded store OUT (column "render")."""
+    """Render the dual point maps of source dataset SRC into the sharded store OUT (column "render");
+    OUT may be an s3:// or gs:// URL (written through --stage)."""
+    out = stage_of(out)
     if isinstance(near, float) and isinstance(far, float) and not near < far:
         raise click.BadParameter(f"--near {near:g} must be below --far {far:g}", param_hint="--near/--far")
 

@@ -61,6 +61,7 @@ from dualpm.store import (
     save_manifest,
     write_failures,
 )
+from pipeline.remote_out import STAGE_META, RemoteOut, remote_of
 from pipeline.cluster import ClusterInfo, Stopwatch, TaskWindow, connect_timeout_option, ray_session
 
 DEFAULT_SHARD_SIZE = 256
@@ -179,14 +180,15 @@ def check_column(out: str | os.PathLike, manifest: Manifest, stage: Stage, overw
 
 
 def prepare_column(
-    out: str | os.PathLike, manifest: Manifest, stage: Stage, overwrite: bool
+    out: str | os.PathLike, manifest: Manifest, stage: Stage, overwrite: bool,
+    check: Callable[[Path, int, str], tuple[ShardRecord | None, str | None]] = check_shard,
 ) -> list[ShardPlan]:
     """Register `stage`'s column in `manifest`, save it, and return the shards to (re)do.
 
     Checks the recorded config (`check_column`), removes temporaries of killed writers, keeps the
     shards whose sidecar matches their data (sha256) and removes every other shard of the plan (all
     of them with `overwrite`), then writes the store's Zarr metadata (`publish_layout`). Only call this
-    while no other writer of the column runs.
+    while no other writer of the column runs. `check` judges a shard (an object-store OUT: on the store).
     """
     check_column(out, manifest, stage, overwrite)
     folder = column_dir(out, stage.column)
@@ -198,7 +200,7 @@ def prepare_column(
     records: dict[int, ShardRecord] = {}
     todo = []
     for plan in manifest.plan:
-        record, problem = (None, "overwrite") if overwrite else check_shard(folder, plan.index, stage.format)
+        record, problem = (None, "overwrite") if overwrite else check(folder, plan.index, stage.format)
         if problem is None and set(record.ids) | {f.sample_id for f in record.failures} != set(plan.ids):
             problem = "does not hold the planned samples"
         if problem is None:
@@ -417,6 +419,10 @@ def drive_stage(run: StageRun, plan: Callable[[SourceDataset, Manifest], Planned
     column before anything starts, dry run, then on Ray: save the config, prepare the column and run the
     unfinished shards; print the summary and the source files no sample took."""
     source = SourceDataset(run.src)
+    remote: RemoteOut | None = remote_of(click.get_current_context())  # OUT is a store URL: run.out stages
+    if remote is not None:
+        refuse_nested(source.root, run.out, "the source dataset SRC")
+        remote.open(f"dualpm-prep {run.name}", lock=not run.dry_run)  # the lock object, dropped at the end
     if not run.dry_run:
         lock_store(run.out, source, f"dualpm-prep {run.name}")
     manifest = open_manifest(run.out, source, run.shard_size)
@@ -436,11 +442,16 @@ def drive_stage(run: StageRun, plan: Callable[[SourceDataset, Manifest], Planned
             run.out.mkdir(parents=True, exist_ok=True)
             show_and_save_config(stage.config, run.out / f"{run.name}.config.yaml", f"{run.name} config")
             skipped = report_skipped(run.out, source)
-            todo = prepare_column(run.out, manifest, stage, run.overwrite)
+            todo = prepare_column(run.out, manifest, stage, run.overwrite,
+                                  check_shard if remote is None else remote.check_shard)
+            if remote is not None:
+                remote.prepared(stage.column, [p.index for p in todo])
             submit, in_flight = launched.start(todo)
             summary = run_shards(run.out, manifest, stage, todo, submit, run.max_failures, in_flight)
         finally:
             launched.stop()  # free the GPUs / CPUs now (a cluster outlives this command)
+    if remote is not None:
+        remote.finish()  # manifest.json last
     click.echo(f"{summary.line()}\n{skipped}")
 
 
@@ -453,11 +464,17 @@ _SHARED_OPTIONS = (
     click.option("--max-failures", type=click.IntRange(min=0), default=None, show_default="no limit",
                  help="Most failed samples (a count, over the whole column) before the run stops with an error."),
     click.option("--dry-run", is_flag=True, help="Print the config and the shard plan, write nothing."),
+    click.option("--stage", type=click.Path(file_okay=False, path_type=Path), default=None, expose_value=False,
+                 show_default="<temp>/dualpm-out-<hash of OUT>",
+                 callback=lambda ctx, _, value: ctx.meta.__setitem__(STAGE_META, value),
+                 help="OUT is an s3:// or gs:// URL: the local folder shards are written in before upload "
+                      "(the same path on every node of a cluster)."),
 )
 
 
 def shard_stage_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Add --shard-size, --address, --connect-timeout, --max-failures and --dry-run to a stage command."""
+    """Add --shard-size, --address, --connect-timeout, --max-failures, --dry-run and --stage to a stage
+    command."""
     for option in reversed(_SHARED_OPTIONS):
         fn = option(fn)
     return fn

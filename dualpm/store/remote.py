@@ -346,3 +346,28 @@ class Remote:
         except RemoteMissing:
             return []
         return sorted(p[len(base):] for p in found)
+
+    def sizes(self, prefix: str = "") -> dict[str, int]:
+        """{relative path: size} of every object under `prefix` (listable schemes: s3, gs)."""
+        if self.scheme in ("http", "https"):
+            raise DatasetError(f"{self.url}: an HTTP store cannot be listed or written; use s3:// or gs://")
+        fs, base = self.filesystem(), self._path("")
+        try:
+            found = self.retry(self.url_of(prefix), lambda: fs.find(self._path(prefix), detail=True))
+        except RemoteMissing:
+            return {}
+        return {p[len(base):]: int(info.get("size") or 0) for p, info in sorted(found.items())}
+
+    def put_bytes(self, relative: str, data: bytes) -> None:
+        """Write the object at `relative` with one PUT (an object appears whole or not at all), retried."""
+        fs, path = self.filesystem(), self._path(relative)
+        self.retry(self.url_of(relative), lambda: fs.pipe_file(path, data))
+        self.counters.bytes += len(data)
+
+    def delete(self, relative: str) -> None:
+        """Remove the object at `relative` (no error when it does not exist)."""
+        fs, path = self.filesystem(), self._path(relative)
+        try:
+            self.retry(self.url_of(relative), lambda: fs.rm_file(path))
+        except RemoteMissing:
+            pass
