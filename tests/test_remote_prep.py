@@ -93,6 +93,8 @@ def _prep_all(*commands: list[str]) -> str:
     return done.stdout
 
 
+@pytest.mark.slow  # ~80 s (two preps in subprocesses, each starting Ray); the kill/rerun test below covers
+# writing to S3 and verify from it in the default run
 def test_render_and_features_to_s3_equal_a_local_prep_and_verify_from_s3(tmp_path, s3, ray_local):
     from pipeline.cli import main
     from pipeline.store_commands import verify
