@@ -17,7 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
@@ -375,3 +374,31 @@ def test_staging_folders_of_killed_processes_are_removed_by_the_next_reader(tmp_
     open_store(url, cache=cache).load_manifest()  # a new process's reader (another Store)
     assert not stale.exists() and live.exists()
     assert first._runtime().stage.exists()  # the living reader's own folder stays
+
+
+def test_a_finalizer_run_inside_the_runtime_lock_does_not_deadlock(tmp_path):
+    """The garbage collector may run `_retire` (a weakref finalizer) at any allocation, also while the same
+    thread holds the runtime's lock (inside ThreadPoolExecutor.submit in `_await`): it once deadlocked there."""
+    import threading
+
+    from dualpm.store import access
+
+    rt = access._Runtime(tmp_path / "pool", 2)
+    staged = []
+    for i in range(3):
+        path = tmp_path / f"shard{i}"
+        path.write_bytes(b"x")
+        staged.append([(path, path.stat().st_ino)])
+
+    def inside_the_lock():
+        with rt.lock:
+            for i, files in enumerate(staged):
+                access._retire(rt, ("col", i), files)
+
+    worker = threading.Thread(target=inside_the_lock, daemon=True)
+    worker.start()
+    worker.join(10)
+    assert not worker.is_alive(), "the finalizer blocked on the lock its own thread holds"
+    access._drain_retired(rt)
+    assert list(rt.retired) == [("col", 1), ("col", 2)]  # the `inflight` most recent kept
+    assert not (tmp_path / "shard0").exists() and (tmp_path / "shard2").exists()  # the pushed-out one deleted

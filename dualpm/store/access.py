@@ -29,7 +29,7 @@ import os
 import shutil
 import tempfile
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 import weakref
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -238,6 +238,7 @@ class Store:
 
     def _await(self, column: ColumnInfo, index: int, verify: bool) -> None:
         rt = self._runtime()
+        _drain_retired(rt)
         key = (column.name, index)
         if column.format == "zarr":
             self._stage_metadata()  # here, not in a fetch thread: every fetch after it has it
@@ -404,12 +405,26 @@ def _inode(path: Path) -> int | None:
 
 
 def _retire(rt: _Runtime, key: Key, files: list[tuple[Path, int]]) -> None:
+    """A weakref finalizer: the garbage collector may run it at any allocation, also in the middle of a
+    `with rt.lock:` block of this very thread, so it takes no lock (that deadlocked) and only queues the
+    shard; `_drain_retired` files it at the next safe point."""
+    rt.to_retire.append((key, files))
+
+
+def _drain_retired(rt: _Runtime) -> None:
+    """Move the queued shards into `rt.retired` (at most `inflight` kept), deleting the staged files of
+    those pushed out. Called without `rt.lock` held."""
+    stale = []
     with rt.lock:
-        old = rt.retired.pop(key, None)
-        rt.retired[key] = files
-        excess = [rt.retired.popitem(last=False)[1] for _ in range(len(rt.retired) - rt.inflight)]
-    for stale in excess + ([old] if old is not None and old != files else []):
-        _unlink_staged(stale)
+        while rt.to_retire:
+            key, files = rt.to_retire.popleft()
+            old = rt.retired.pop(key, None)
+            rt.retired[key] = files
+            if old is not None and old != files:
+                stale.append(old)
+            stale += [rt.retired.popitem(last=False)[1] for _ in range(len(rt.retired) - rt.inflight)]
+    for files in stale:
+        _unlink_staged(files)
 
 
 def _unlink_staged(files: list[tuple[Path, int]]) -> None:
@@ -448,6 +463,7 @@ class _Runtime:
         self.verify_ahead = True
         self.furthest = -1  # schedule position of the furthest shard read so far
         self.retired: OrderedDict[Key, list[tuple[Path, int]]] = OrderedDict()
+        self.to_retire: deque[tuple[Key, list[tuple[Path, int]]]] = deque()  # see `_retire`
         # multiprocessing's finalizers also run in DataLoader workers (atexit does not).
         multiprocessing.util.Finalize(self, _cleanup, args=(self.executor, self.stage), exitpriority=10)
 
