@@ -72,10 +72,15 @@ def keep_mask(
     )
 
 
+def recorded_thresholds(preds: PredictionsReader) -> tuple[float, float]:
+    """(occupancy, confidence) thresholds dualpm-infer recorded in `preds` (the defaults where it did not)."""
+    return (float(preds.attrs.get("occupancy_threshold", OCCUPANCY_THRESHOLD)),
+            float(preds.attrs.get("confidence_threshold", CONFIDENCE_THRESHOLD)))
+
+
 def kept_counts(preds: PredictionsReader) -> np.ndarray:
     """(S,) int64 kept points of every sample of `preds`, under the thresholds dualpm-infer recorded."""
-    occ = float(preds.attrs.get("occupancy_threshold", OCCUPANCY_THRESHOLD))
-    conf = float(preds.attrs.get("confidence_threshold", CONFIDENCE_THRESHOLD))
+    occ, conf = recorded_thresholds(preds)
     return np.array([int(keep_mask(preds.sample(i), occ, conf).sum()) for i in range(len(preds))], dtype=np.int64)
 
 

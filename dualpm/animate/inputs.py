@@ -20,7 +20,7 @@ from PIL import Image
 from dualpm.animate.fit import Observation
 from dualpm.data.source import Layout, read_metadata
 from dualpm.errors import DatasetError, DualPMError
-from dualpm.predictions import CONFIDENCE_THRESHOLD, OCCUPANCY_THRESHOLD, PredictionsReader, keep_mask, kept_points
+from dualpm.predictions import PredictionsReader, keep_mask, kept_points, recorded_thresholds
 from dualpm.store.manifest import load_manifest
 from dualpm.train.checkpoint import load_checkpoint
 
@@ -54,8 +54,7 @@ def frame_order(ids: Sequence[str], order_file: Path | None) -> list[str]:
 def read_frames(preds: PredictionsReader, ids: Sequence[str]) -> list[Observation | None]:
     """The kept points of each frame (thresholds as recorded by dualpm-infer) with their pixels' NDC; None
     for a frame with fewer than 3 (the animal not seen: its pose is interpolated from its neighbours)."""
-    occ = float(preds.attrs.get("occupancy_threshold", OCCUPANCY_THRESHOLD))
-    conf = float(preds.attrs.get("confidence_threshold", CONFIDENCE_THRESHOLD))
+    occ, conf = recorded_thresholds(preds)
     row_of = {sample_id: row for row, sample_id in enumerate(preds.ids)}
     frames = []
     for sample_id in ids:
