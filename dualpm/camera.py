@@ -174,13 +174,13 @@ def project_points(points_camera: Tensor, projection: Tensor, height: int, width
     return (ndc + 1.0) * 0.5 * size, w
 
 
-def pixel_rays(
-    projection: Tensor, height: int, width: int, pixels: Tensor | None = None
-) -> tuple[Tensor, Tensor, Tensor]:
+def pixel_rays(projection, height: int, width: int, pixels=None):
     """Camera-space rays through pixel centres, clipped to the near and far planes.
 
     Works for any invertible projection (perspective or orthographic): each ray runs from the
-    pixel centre's point on the near plane to its point on the far plane.
+    pixel centre's point on the near plane to its point on the far plane. Takes and returns torch
+    tensors, or numpy arrays (the CPU renderer's per-image call, where a dozen small torch operations
+    cost more than the arithmetic); the arithmetic is the same code for both.
 
     Args:
         projection: (..., 4, 4) projection matrices (y row negated, as `projection_from_focal`).
@@ -192,24 +192,32 @@ def pixel_rays(
         directions: (..., H, W, 3) float64 unit directions, or (..., n, 3).
         lengths: (..., H, W) float64 distances from the near to the far plane, or (..., n).
     """
-    inv = torch.linalg.inv(projection.to(torch.float64))
-    dev = inv.device
     grid = pixels is None
-    pixels = torch.arange(height * width, device=dev) if grid else pixels.to(dev)
-    x = ((pixels % width).to(torch.float64) + 0.5) * (2.0 / width) - 1.0  # (n,) NDC of pixel centres
-    y = (torch.div(pixels, width, rounding_mode="floor").to(torch.float64) + 0.5) * (2.0 / height) - 1.0
+    if isinstance(projection, np.ndarray):
+        inv = np.linalg.inv(projection.astype(np.float64))
+        pixels = np.arange(height * width) if grid else np.asarray(pixels)
+        x, y = (pixels % width).astype(np.float64), (pixels // width).astype(np.float64)
+    else:
+        inv = torch.linalg.inv(projection.to(torch.float64))
+        pixels = torch.arange(height * width, device=inv.device) if grid else pixels.to(inv.device)
+        x = (pixels % width).to(torch.float64)
+        y = torch.div(pixels, width, rounding_mode="floor").to(torch.float64)
+    x = (x + 0.5) * (2.0 / width) - 1.0  # (n,) NDC of pixel centres
+    y = (y + 0.5) * (2.0 / height) - 1.0
 
     # inv @ [x, y, z, 1] written as a sum of columns: a broadcast multiply-add is far cheaper than a
     # batched 4x4 matmul per pixel; the near (z = -1) and far (z = 1) points share all but the z column.
-    col = inv[..., None, :, :]  # (..., 1, 4, 4)
-    xy = x[:, None] * col[..., 0] + y[:, None] * col[..., 1] + col[..., 3]  # (..., n, 4)
-    near, far = xy - col[..., 2], xy + col[..., 2]
-    start = near[..., :3] / near[..., 3:4]  # (..., n, 3)
-    delta = far[..., :3] / far[..., 3:4] - start
-    lengths = delta.norm(dim=-1)
-    directions = delta / lengths[..., None]
+    # Component-major (4, n) rows: numpy's loops then run along n, not along 4 (3-4x faster).
+    column = inv[..., :, :, None]  # (..., 4, 4, 1): column j of inv is column[..., j, :]
+    xy = column[..., 0, :] * x + column[..., 1, :] * y + column[..., 3, :]  # (..., 4, n)
+    near, far = xy - column[..., 2, :], xy + column[..., 2, :]
+    start = near[..., :3, :] / near[..., 3:, :]  # (..., 3, n)
+    delta = far[..., :3, :] / far[..., 3:, :] - start
+    lengths = (delta * delta).sum(-2) ** 0.5  # (..., n)
+    directions = delta / lengths[..., None, :]
+    start, directions = start.mT, directions.mT  # (..., n, 3) views
     if grid:
-        shape = inv.shape[:-2] + (height, width)
+        shape = tuple(inv.shape[:-2]) + (height, width)
         return start.reshape(shape + (3,)), directions.reshape(shape + (3,)), lengths.reshape(shape)
     return start, directions, lengths
 

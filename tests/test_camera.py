@@ -123,6 +123,20 @@ def test_pixel_rays_pass_through_pixel_centres_between_the_planes():
     assert torch.equal(o, origins.reshape(-1, 3)[[0, 23]]) and torch.equal(d, directions.reshape(-1, 3)[[0, 23]])
 
 
+def test_pixel_rays_take_numpy_and_batches_alike():
+    # The CPU renderer calls pixel_rays with numpy arrays: the same numbers as torch, batched or not.
+    p = projection_from_focal(torch.tensor([18.0, 35.0], dtype=F64), near=0.3, far=7.0)  # (2, 4, 4)
+    subset = np.array([0, 5, 17, 23])
+    for pixels in (None, subset):
+        batched = pixel_rays(p, 4, 6, None if pixels is None else torch.from_numpy(pixels))
+        for b in range(2):
+            with_numpy = pixel_rays(p[b].numpy(), 4, 6, pixels)
+            assert all(isinstance(x, np.ndarray) for x in with_numpy)
+            for got, want in zip(with_numpy, batched, strict=True):
+                assert got.shape == want[b].shape
+                np.testing.assert_allclose(got, want[b].numpy(), rtol=0, atol=1e-12)
+
+
 def test_subtract_depth_removes_the_camera_distance():
     view = torch.eye(4, dtype=F64).repeat(2, 1, 1)
     view[:, 2, 3] = torch.tensor([-5.0, -2.0], dtype=F64)

@@ -84,25 +84,25 @@ def cast_layers(
     pixels = _candidate_pixels(verts_cam, projection, height, width)
     if pixels.size == 0:
         return empty
-    origin, direction, t_end = (
-        t.numpy() for t in pixel_rays(torch.from_numpy(projection), height, width, torch.from_numpy(pixels))
-    )  # (n, 3), (n, 3), (n,) float64 for the candidate pixels only
+    origin, direction, t_end = pixel_rays(projection, height, width, pixels)  # (n, 3), (n, 3), (n,) float64
 
     scene = triangle_scene(verts_cam, faces)
 
     # Every ray keeps its start on the near plane; layer k + 1 casts the segment from just behind the
     # layer-k hit (t_near) to the far plane, for the rays that hit in layer k (indices `rays`).
-    origin32, dir32, t_end32 = origin.astype(np.float32), direction.astype(np.float32), t_end.astype(np.float32)
+    # Component-major (3, n) copies: each layer's gather and the packing into Embree's packets then copy
+    # whole rows (pixel_rays returns (n, 3) views of such rows).
+    origin32, dir32, t_end32 = origin.T.astype(np.float32), direction.T.astype(np.float32), t_end.astype(np.float32)
     # |origin + t direction|^2 = |origin|^2 + 2 t origin.direction + t^2 (unit directions)
-    origin_sq, origin_dir = np.einsum("ij,ij->i", origin, origin), np.einsum("ij,ij->i", origin, direction)
+    origin_sq, origin_dir = np.einsum("ij,ij->j", origin.T, origin.T), np.einsum("ij,ij->j", origin.T, direction.T)
     rays, t_near = np.arange(pixels.size), np.float32(0.0)
     out_ray, out_count, out_tri, out_u, out_v = [], [], [], [], []
     for _ in range(num_layers):
         if len(out_ray) == 0:  # all candidate rays, from the near plane
-            prim, u, v, t_hit = scene.intersect(origin32, dir32, t_near, t_end32)
+            prim, u, v, t_hit = scene.intersect(origin32.T, dir32.T, t_near, t_end32)
         else:
-            prim, u, v, t_hit = scene.intersect(origin32[rays], dir32[rays], t_near, t_end32[rays])
-        hit = prim >= 0
+            prim, u, v, t_hit = scene.intersect(origin32[:, rays].T, dir32[:, rays].T, t_near, t_end32[rays])
+        hit = np.flatnonzero(prim >= 0)  # indices: one mask scan, then cheap takes
         rays, t_hit = rays[hit], t_hit[hit].astype(np.float64)
         if rays.size == 0:
             break
@@ -113,7 +113,7 @@ def cast_layers(
         out_v.append(v[hit])
         distance = np.sqrt(origin_sq[rays] + t_hit * (2 * origin_dir[rays] + t_hit))  # the hit's, from the camera
         t_near = t_hit + PEEL_EPSILON * np.maximum(distance, 1.0)
-        alive = t_near < t_end[rays]
+        alive = np.flatnonzero(t_near < t_end[rays])
         rays, t_near = rays[alive], t_near[alive].astype(np.float32)
         if rays.size == 0:
             break
