@@ -180,11 +180,16 @@ def format_metadata(meta: SampleMetadata) -> str:
     return yaml.safe_dump({"model_name": meta.model_name, "focal_length": float(meta.focal_length)}, sort_keys=True)
 
 
+# libyaml's safe loader where PyYAML was built with it (the wheels are): the same documents, ~10x faster,
+# which matters at one metadata file per sample (2 ms each through the pure-Python loader)
+_SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def read_metadata(path: str | os.PathLike) -> SampleMetadata:
     """Read and validate a metadata YAML file; raises `DatasetError` naming the file."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_SAFE_LOADER)
     except (OSError, yaml.YAMLError) as err:
         raise DatasetError(f"{path}: cannot read metadata ({err})") from err
     if not isinstance(data, dict):
