@@ -66,9 +66,8 @@ from dualpm.store import (
     ShardWriter,
     column_dir,
 )
-from dualpm.store.encoding import rgb8
+from dualpm.store.encoding import SparseDualPointMap, rgb8
 from dualpm.store.shards import PreparedSample, prepare_sample
-from dualpm.pointmaps import hits
 from pipeline.cluster import ClusterInfo, concurrent_tasks
 from pipeline.remote_out import pull_layout, push_shard, stage_of
 from pipeline.runner import PlannedStage, Stage, StageLaunch, StageRun, drive_stage, shard_stage_options
@@ -250,20 +249,20 @@ def _zarr_size(what: str, path: Path, shape: tuple[int, ...], size: tuple[int, i
 
 
 def _sample_fields(
-    sample: SourceSample, dpm: np.ndarray, view: np.ndarray, projection: np.ndarray, config: RenderConfig,
-    clip: ClipPlanes,
+    sample: SourceSample, dpm: SparseDualPointMap, view: np.ndarray, projection: np.ndarray,
+    config: RenderConfig, clip: ClipPlanes,
 ) -> PreparedSample | str:
     """The stored fields of one rendered sample, checked and encoded for the column, or why it failed.
 
     Args:
-        dpm: (H, W, L, 7) float32 rendered map, CPU. view, projection: (4, 4) used to render it.
+        dpm: the rendered map (hit counts, float32 hit values). view, projection: (4, 4) used to render it.
         clip: the clip planes in `projection`, and the depth range they were chosen for.
     """
     if clip.problem is not None:
         return clip.problem
-    if not np.isfinite(dpm).all():
+    if not np.isfinite(dpm.values).all():
         return "non-finite values in the rendered dual point map (degenerate pose or mesh)"
-    coverage = hits(dpm[:, :, 0])  # (H, W) layer-1 hits
+    coverage = dpm.counts > 0  # (H, W) layer-1 hits
     if not coverage.any():
         return clip.uncovered()
     fields: dict[str, Any] = {"dpm": dpm}
@@ -342,7 +341,7 @@ class _ShardResults:
         self.unexpected.append(f"{sample_id}: {reason}")
 
 
-Rendered = tuple[list[SourceSample], np.ndarray, np.ndarray, np.ndarray, list["ClipPlanes"]]
+Rendered = tuple[list[SourceSample], list[SparseDualPointMap], np.ndarray, np.ndarray, list["ClipPlanes"]]
 # samples, maps, views, projections, clip planes
 
 
@@ -350,8 +349,8 @@ def _render_batch(
     mesh: SkinnedMesh, canonical: torch.Tensor, faces: torch.Tensor, poses: dict[str, np.ndarray],
     config: RenderConfig, chunk: list[SourceSample],
 ) -> Rendered:
-    """Render `chunk` in one call: (chunk, (B, H, W, L, 7) float32 maps, (B, 4, 4) views, (B, 4, 4)
-    projections, clip planes), numpy on the CPU. canonical: (V, 3), faces: (F, 3), on the render device."""
+    """Render `chunk` in one call: (chunk, B sparse maps, (B, 4, 4) views, (B, 4, 4) projections, clip
+    planes), numpy on the CPU. canonical: (V, 3), faces: (F, 3), on the render device."""
     device = canonical.device
     posed = skin(mesh, np.stack([poses[s.id] for s in chunk]), device=device)  # (B, V, 3) world
     views = view_from_camera_pose(torch.tensor(np.stack([s.camera_pose for s in chunk])))  # (B, 4, 4) f64
@@ -366,7 +365,8 @@ def _render_batch(
     maps = render_dual_pointmaps(
         canonical, posed, faces, views.to(device), projections.to(device), config.resolution,
         config.layers, backend=config.backend, workers=1,  # Ray already runs one task per core
-    ).cpu().numpy()  # (B, H, W, L, 7)
+        sparse=True,  # the stored form: the cpu backend never fills (and this stage never scans) a dense block
+    )
     return chunk, maps, views.numpy(), projections.numpy(), clips
 
 

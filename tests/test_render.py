@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from dualpm.camera import projection_from_focal
 from dualpm.errors import BackendUnavailable
 from dualpm.render import render_dual_pointmaps, render_layers, resolve_backend
+from dualpm.store.encoding import SparseDualPointMap, sparse_dual_pointmap
 
 H = W = 32
 FOCAL = 36.0  # mm -> cot(fov/2) = 2
@@ -45,9 +47,10 @@ def pixel_ray_slopes(height: int, width: int, cot: float):
     return sx, sy
 
 
-def render(canon, posed, faces, view, layers=3, backend="cpu", workers=1, focal=FOCAL, size=(H, W)):
+def render(canon, posed, faces, view, layers=3, backend="cpu", workers=1, focal=FOCAL, size=(H, W), sparse=False):
     proj = projection_from_focal(torch.tensor([focal] * view.shape[0]), aspect=size[1] / size[0])
-    return render_dual_pointmaps(canon, posed, faces, view, proj, size, layers, backend=backend, workers=workers)
+    return render_dual_pointmaps(canon, posed, faces, view, proj, size, layers, backend=backend, workers=workers,
+                                 sparse=sparse)
 
 
 def test_quad_covers_known_rectangle_with_exact_points():
@@ -145,6 +148,32 @@ def test_batch_instanced_range_mode_and_workers_agree():
     mixed = render([v_box, v_quad], [v_box, v_quad], [f_box, f_quad], views)
     torch.testing.assert_close(mixed[0], single[0][0], atol=0, rtol=0)
     torch.testing.assert_close(mixed[1], render(v_quad, v_quad[None], f_quad, views[1:2])[0], atol=0, rtol=0)
+
+
+def test_sparse_maps_are_the_dense_maps_split():
+    # Two layers of a box (seen turned, so layers differ per pixel), a quad, and a mesh outside the view:
+    # the cpu backend's sparse maps are exactly what splitting its dense maps gives, in the stored order.
+    v_box, f_box = box(1.0)
+    v_quad, f_quad = quad(-1, 1, -0.5, 0.5, 0.0)
+    v_far, f_far = quad(50, 51, 50, 51, 0.0)
+    angle = math.radians(35)
+    rot = torch.tensor([[math.cos(angle), 0, math.sin(angle)], [0, 1, 0], [-math.sin(angle), 0, math.cos(angle)]])
+    args = ([v_box, v_quad, v_far], [v_box @ rot.T, v_quad, v_far], [f_box, f_quad, f_far],
+            torch.stack([translate(-5.0), translate(-4.0), translate(-5.0)]))
+    dense = render(*args, layers=4).numpy()
+    for workers in (1, 2):
+        sparse = render(*args, layers=4, workers=workers, sparse=True)
+        assert len(sparse) == 3 and all(isinstance(m, SparseDualPointMap) for m in sparse)
+        for got, want in zip(sparse, dense, strict=True):
+            counts, values = sparse_dual_pointmap(want, "float32")
+            assert got.layers == 4 and got.shape == want.shape
+            np.testing.assert_array_equal(got.counts, counts)
+            np.testing.assert_array_equal(got.values, values)
+            np.testing.assert_array_equal(got.dense(), want)
+    assert sparse[0].counts.max() == 2 and sparse[1].counts.max() == 1 and sparse[2].counts.sum() == 0
+    with pytest.raises(ValueError, match="3 attribute channels"):
+        render_layers(torch.zeros(8, 5), v_box[None], f_box, translate(-5.0)[None],
+                      projection_from_focal(torch.tensor([FOCAL])), (H, W), 2, "cpu", 1, sparse=True)
 
 
 def test_non_square_resolution_and_row_zero_is_top():

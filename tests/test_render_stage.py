@@ -47,7 +47,7 @@ from dualpm.store import (
     verify_store,
 )
 from pipeline import render_stage
-from dualpm.store.encoding import read_dpm_npz, rgb8
+from dualpm.store.encoding import SparseDualPointMap, read_dpm_npz, rgb8
 from pipeline.cli import main
 from pipeline.cluster import ClusterInfo
 from pipeline.render_stage import (
@@ -392,13 +392,15 @@ def test_non_finite_and_empty_maps_are_sample_failures(tmp_path):
     sample = SourceDataset(ds.root).sample(ds.ids[0])
     config = RenderConfig(str(ds.root), 4, 2, "cpu", 1, "webdataset")
     clip = clip_planes(4.0, 5.0, config.near, config.far)
-    dpm = np.zeros((4, 4, 2, 7), np.float32)
+    counts = np.zeros((4, 4), np.uint8)
+    dpm = SparseDualPointMap(counts, np.zeros((0, 6), np.float32), 2)
     assert "mesh outside the view" in _sample_fields(sample, dpm, np.eye(4), np.eye(4), config, clip)
-    dpm[1, 1, 0] = [0, 0, 0, 0, 0, np.nan, 1]
+    counts[1, 1] = 1
+    dpm = SparseDualPointMap(counts, np.array([[0, 0, 0, 0, 0, np.nan]], np.float32), 2)
     assert "non-finite" in _sample_fields(sample, dpm, np.eye(4), np.eye(4), config, clip)
-    dpm[1, 1, 0] = [1e6, 0, 0, 0, 0, 0, 1]  # beyond float16
+    dpm = SparseDualPointMap(counts, np.array([[1e6, 0, 0, 0, 0, 0]], np.float32), 2)  # beyond float16
     assert "beyond +-65504" in _sample_fields(sample, dpm, np.eye(4), np.eye(4), config, clip)
-    dpm[1, 1, 0] = [1, 2, 3, 4, 5, 6, 1]
+    dpm = SparseDualPointMap(counts, np.array([[1, 2, 3, 4, 5, 6]], np.float32), 2)
     prepared = _sample_fields(sample, dpm, np.eye(4), np.eye(4), config, clip)
     counts, values, layers = read_dpm_npz(prepared.values["dpm"])
     assert layers == 2 and counts[1, 1] == 1 and values.tolist() == [[1, 2, 3, 4, 5, 6]]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dualpm.errors import DatasetError
-from dualpm.store.encoding import png_bytes
+from dualpm.store.encoding import SparseDualPointMap, png_bytes, sparse_dual_pointmap
 from dualpm.store.fields import StoredSample, decode_field, prepare_field
 from dualpm.store.manifest import FieldSpec
 
@@ -18,6 +18,8 @@ DPM[1, 2, :2] = [[0.5, -1, 2, 3, 4, -0.25, 1], [1, 1, 1, 1, 1, 1, 1]]
 RGB = rng.integers(0, 256, (4, 5, 3), dtype=np.uint8)
 CASES = {
     "dpm": (FieldSpec("dpm", (4, 5, 3, 7), "float16"), DPM, DPM),
+    "dpm sparse": (FieldSpec("dpm", (4, 5, 3, 7), "float16"), SparseDualPointMap(*sparse_dual_pointmap(DPM, "float32"), 3),
+                   DPM),
     "mask": (FieldSpec("mask", (4, 5), "uint8"), DPM[..., 0, 6] > 0, DPM[..., 0, 6]),
     "image": (FieldSpec("image", (4, 5, 3), "uint8"), RGB, RGB),
     "image bytes": (FieldSpec("image", (4, 5, 3), "uint8"), png_bytes(RGB), RGB),
@@ -42,6 +44,17 @@ def test_every_kind_round_trips_through_both_containers(case, format):
         assert decoded.dtype == {"dpm": np.float32, "mask": np.float32}.get(spec.kind, expected.dtype)
 
 
+@pytest.mark.parametrize("format", ["webdataset", "zarr"])
+def test_a_sparse_map_stores_exactly_what_its_dense_map_stores(format):
+    spec = CASES["dpm"][0]
+    dense = prepare_field("f", spec, DPM, format, "s")
+    sparse = prepare_field("f", spec, CASES["dpm sparse"][1], format, "s")
+    if format == "webdataset":
+        assert sparse == dense  # the same npz bytes
+    else:
+        assert all(np.array_equal(a, b) and a.dtype == b.dtype for a, b in zip(sparse, dense, strict=True))
+
+
 def test_image_file_bytes_are_kept_as_they_are_in_webdataset():
     spec = FieldSpec("image", None, "uint8", required=False)
     data = png_bytes(RGB)
@@ -59,6 +72,12 @@ def test_image_file_bytes_are_kept_as_they_are_in_webdataset():
         ("mask", np.full((4, 5), 2, np.uint8), DatasetError, "bool or 0/1 uint8"),
         ("image", np.zeros((4, 5), np.uint8), DatasetError, r"\(h, w, 3\) uint8"),
         ("dpm", np.zeros((4, 5, 2, 7), np.float32), DatasetError, r"shape \(4, 5, 2, 7\)"),
+        ("dpm", SparseDualPointMap(np.zeros((4, 5), np.uint8), np.zeros((0, 6), np.float32), 2), DatasetError,
+         r"shape \(4, 5, 2, 7\)"),
+        ("dpm", SparseDualPointMap(np.ones((4, 5), np.uint8), np.zeros((3, 6), np.float32), 3), DatasetError,
+         "20 hits, up to 1 per pixel"),
+        ("dpm", SparseDualPointMap(np.ones((4, 5), np.uint8), np.full((20, 6), 7e4, np.float32), 3), DatasetError,
+         "beyond"),
     ],
 )
 def test_writer_values_are_checked(case, value, error, message):

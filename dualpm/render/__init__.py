@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from dualpm.errors import BackendUnavailable
+from dualpm.store.encoding import SparseDualPointMap, sparse_dual_pointmap
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +137,8 @@ def render_layers(
     backend: str = "auto",
     workers: int | None = None,
     posed_offset: Tensor | None = None,
-) -> Tensor:
+    sparse: bool = False,
+) -> Tensor | list[SparseDualPointMap]:
     """Peel depth layers and interpolate per-vertex attributes and camera-space positions.
 
     The general form of `render_dual_pointmaps` (which passes canonical positions as the
@@ -149,6 +151,9 @@ def render_layers(
             `render_dual_pointmaps`.
         posed_offset: optional (B, 3) float, scene units, subtracted from the posed xyz of every hit
             (interpolated from shifted vertices, so empty pixels stay zero); none by default.
+        sparse: return the maps in the stored form instead (C = 3 only): B `SparseDualPointMap`s, CPU
+            numpy. The cpu backend makes them from its hits without a dense block; cuda's dense maps are
+            split on the CPU.
     Returns:
         (B, H, W, L, C + 4) float32: attributes (C), posed xyz in camera space minus `posed_offset` (3),
         alpha (1). Empty pixels/layers are all zeros.
@@ -162,13 +167,18 @@ def render_layers(
     if posed_offset is not None and posed_offset.shape != (view.shape[0], 3):
         raise ValueError(f"posed_offset must be (B, 3) = ({view.shape[0]}, 3); got {tuple(posed_offset.shape)}")
     batch = _prepare(attributes, posed, faces, view, posed_offset)
+    if sparse and batch.values[0].shape[1] != 6:
+        raise ValueError(f"sparse maps hold 3 attribute channels (canonical xyz), got {batch.values[0].shape[1] - 3}")
     if chosen == "cuda":
         from dualpm.render.nvdiffrast import render_cuda
 
-        return render_cuda(batch, projection, height, width, num_layers)
+        dense = render_cuda(batch, projection, height, width, num_layers)
+        if not sparse:
+            return dense
+        return [SparseDualPointMap(*sparse_dual_pointmap(m, "float32"), num_layers) for m in dense.cpu().numpy()]
     from dualpm.render.embree import render_cpu
 
-    return render_cpu(batch, projection, height, width, num_layers, workers=workers)
+    return render_cpu(batch, projection, height, width, num_layers, workers=workers, sparse=sparse)
 
 
 def render_dual_pointmaps(
@@ -181,7 +191,8 @@ def render_dual_pointmaps(
     num_layers: int,
     backend: str = "auto",
     workers: int | None = None,
-) -> Tensor:
+    sparse: bool = False,
+) -> Tensor | list[SparseDualPointMap]:
     """Render multi-layer dual point maps for a batch of meshes and cameras.
 
     Args:
@@ -198,6 +209,9 @@ def render_dual_pointmaps(
         backend: 'auto', 'cuda' or 'cpu'.
         workers: cpu backend only: processes to spread images over (default: all available cores;
             1 renders in this process).
+        sparse: return B `dualpm.store.encoding.SparseDualPointMap`s (hit counts and hit values, CPU
+            numpy, the stored form) instead of the dense tensor; on the cpu backend ~1.5 ms a map faster
+            than the dense block and its split (what `dualpm-prep render` stores).
     Returns:
         (B, H, W, L, 7) float32 tensor: canonical xyz, posed xyz (camera space minus `view[:, 2, 3]`
         in z), alpha. On the GPU for 'cuda', on the CPU for 'cpu'.
@@ -205,4 +219,5 @@ def render_dual_pointmaps(
     # "subtract depth": the camera's z translation removed from the posed z of every hit
     depth = torch.zeros(view.shape[0], 3, dtype=torch.float32, device=view.device)
     depth[:, 2] = view[:, 2, 3]
-    return render_layers(canonical, posed, faces, view, projection, resolution, num_layers, backend, workers, depth)
+    return render_layers(canonical, posed, faces, view, projection, resolution, num_layers, backend, workers, depth,
+                         sparse)

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from dualpm.camera import pixel_rays
 from dualpm.render import embree_direct
+from dualpm.store.encoding import SparseDualPointMap
 
 # Next layer starts this far (relative to the hit's distance from the camera) behind a hit: far above
 # float32 intersection error (~1e-7 relative), far below any real surface separation.
@@ -211,8 +212,10 @@ def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def render_cpu(batch, projection: Tensor, height: int, width: int, num_layers: int, workers: int | None = None) -> Tensor:
-    """Embree backend of `dualpm.render.render_layers` (see there); returns (B, H, W, L, C + 4)."""
+def render_cpu(batch, projection: Tensor, height: int, width: int, num_layers: int, workers: int | None = None,
+               sparse: bool = False) -> Tensor | list[SparseDualPointMap]:
+    """Embree backend of `dualpm.render.render_layers` (see there); returns (B, H, W, L, C + 4), or with
+    `sparse` one `SparseDualPointMap` per image (C = 3), made from the hits without a dense block."""
     size = len(batch.faces)
     proj = projection.detach().to("cpu", torch.float64).numpy()
     jobs = [
@@ -232,6 +235,13 @@ def render_cpu(batch, projection: Tensor, height: int, width: int, num_layers: i
     weights = np.empty((len(corners), 3), np.float32)  # (1 - u - v, u, v)
     weights[:, 1:] = np.concatenate([h.barycentric for h in hits])
     weights[:, 0] = 1 - weights[:, 1] - weights[:, 2]
+    if sparse:
+        # Hits come layer by layer, each layer's in raster order: already the stored (hit_order) order.
+        points = np.einsum("nk,nkc->nc", weights, values[corners])  # (n, C + 3)
+        ends = np.cumsum([len(h.pixel) for h in hits])
+        return [SparseDualPointMap(np.bincount(h.pixel, minlength=height * width).astype(np.uint8).reshape(height, width),
+                                   part, num_layers)
+                for h, part in zip(hits, np.split(points, ends[:-1]), strict=True)]
     slot = np.concatenate([(b * height * width + h.pixel) * num_layers + h.layer for b, h in enumerate(hits)])
     rows = np.ones((len(slot), values.shape[1] + 1), np.float32)  # alpha 1
     rows[:, :-1] = np.einsum("nk,nkc->nc", weights, values[corners])  # corners (n, 3) -> (n, 3, C + 3)

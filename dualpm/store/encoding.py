@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import zipfile
 import zlib
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
@@ -38,6 +39,46 @@ _NPZ_TIME = (1980, 1, 1, 0, 0, 0)  # fixed member times: the same map always giv
 
 class EncodingError(DatasetError):
     """A dual point map or image that cannot be stored, or stored data that do not decode."""
+
+
+@dataclass(frozen=True, eq=False)
+class SparseDualPointMap:
+    """A dual point map already in the stored form (module docstring), as the CPU renderer makes it: no
+    dense (H, W, L, 7) block to fill, scan and split again. Stores take it wherever they take a dense map.
+
+    counts: (H, W) uint8 hits per pixel. values: (M, 6) float32, scene units, canonical xyz and posed xyz
+    of the M = counts.sum() hits in `hit_order`. layers: L, the map's depth layers.
+    """
+
+    counts: np.ndarray
+    values: np.ndarray
+    layers: int
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """(H, W, L, 7): the dense map's shape."""
+        return (*self.counts.shape, self.layers, CHANNELS)
+
+    def dense(self) -> np.ndarray:
+        """(H, W, L, 7) float32 dense map (`dense_dual_pointmap`)."""
+        return dense_dual_pointmap(self.counts, self.values, self.layers)
+
+
+def _check_sparse(counts: np.ndarray, values: np.ndarray, layers: int) -> None:
+    """Raise EncodingError unless counts and values form a sparse map of `layers` layers with finite values."""
+    if counts.ndim != 2 or counts.dtype != np.uint8:
+        raise EncodingError(f"dual point map counts must be (H, W) uint8, got {counts.dtype}{counts.shape}")
+    if values.ndim != 2 or values.shape[1] != 6 or values.dtype.kind != "f":
+        raise EncodingError(f"dual point map values must be (M, 6) float, got {values.dtype}{values.shape}")
+    if not 0 < layers <= MAX_LAYERS:
+        raise EncodingError(f"dual point map has {layers} layers (1 to {MAX_LAYERS})")
+    if int(counts.sum(dtype=np.int64)) != len(values) or counts.max(initial=0) > layers:
+        raise EncodingError(
+            f"dual point map counts ({int(counts.sum(dtype=np.int64))} hits, up to {counts.max(initial=0)} per "
+            f"pixel) disagree with its {len(values)} values or {layers} layers"
+        )
+    if not np.isfinite(values).all():
+        raise EncodingError("dual point map values are not all finite")
 
 
 def hit_order(counts: np.ndarray, layers: int) -> tuple[np.ndarray, np.ndarray]:
@@ -65,12 +106,14 @@ def _nonzero(array: np.ndarray) -> int:
     return int(np.count_nonzero(bits << np.array(1, bits.dtype)))
 
 
-def sparse_dual_pointmap(dpm: np.ndarray, dtype: str = "float16") -> tuple[np.ndarray, np.ndarray]:
+def sparse_dual_pointmap(dpm: np.ndarray | SparseDualPointMap, dtype: str = "float16"
+                         ) -> tuple[np.ndarray, np.ndarray]:
     """Split a dual point map into hit counts and hit values (see the module docstring).
 
     Args:
         dpm: (H, W, L, 7) float array, CPU, scene units: canonical xyz, posed xyz, alpha; alpha is 0 or 1,
-            layer l hit implies layers < l hit, and every channel of a missed entry is 0. L <= 255.
+            layer l hit implies layers < l hit, and every channel of a missed entry is 0. L <= 255. Or a
+            `SparseDualPointMap`, only checked and cast.
         dtype: "float16" or "float32", the stored precision of the values.
     Returns:
         counts (H, W) uint8 and values (M, 6) of `dtype`.
@@ -80,6 +123,12 @@ def sparse_dual_pointmap(dpm: np.ndarray, dtype: str = "float16") -> tuple[np.nd
     """
     if dtype not in PRECISIONS:
         raise EncodingError(f"dual point map precision must be one of {PRECISIONS}, got {dtype!r}")
+    limit = _FLOAT16_MAX if dtype == "float16" else np.inf
+    if isinstance(dpm, SparseDualPointMap):  # already split: only checked and cast
+        _check_sparse(dpm.counts, dpm.values, dpm.layers)
+        if np.abs(dpm.values).max(initial=0.0) > limit:
+            raise EncodingError(f"dual point map has values beyond +-{limit} ({dtype})")
+        return dpm.counts, dpm.values.astype(dtype)
     if not isinstance(dpm, np.ndarray) or dpm.ndim != 4 or dpm.shape[3] != CHANNELS or dpm.dtype.kind != "f":
         shape = getattr(dpm, "shape", None)
         raise EncodingError(f"dual point map must be a float (H, W, L, 7) numpy array, got {shape}")
@@ -100,7 +149,6 @@ def sparse_dual_pointmap(dpm: np.ndarray, dtype: str = "float16") -> tuple[np.nd
     # Everything non-zero must be a hit's value or alpha, else the sparse form would not give `dpm` back.
     if _nonzero(flat) != _nonzero(values) + len(pixel):
         raise EncodingError("dual point map has non-zero values where alpha is 0")
-    limit = _FLOAT16_MAX if dtype == "float16" else np.inf
     if not np.isfinite(values).all() or np.abs(values).max(initial=0.0) > limit:
         raise EncodingError(f"dual point map has values that are not finite or beyond +-{limit} ({dtype})")
     return counts.reshape(h, w), values.astype(dtype)
@@ -116,17 +164,7 @@ def dense_dual_pointmap(counts: np.ndarray, values: np.ndarray, layers: int) -> 
     Raises:
         EncodingError: counts and values that do not fit together or with `layers`, non-finite values.
     """
-    if counts.ndim != 2 or counts.dtype != np.uint8:
-        raise EncodingError(f"dual point map counts must be (H, W) uint8, got {counts.dtype}{counts.shape}")
-    if values.ndim != 2 or values.shape[1] != 6 or values.dtype.kind != "f":
-        raise EncodingError(f"dual point map values must be (M, 6) float, got {values.dtype}{values.shape}")
-    if int(counts.sum()) != len(values) or counts.max(initial=0) > layers:
-        raise EncodingError(
-            f"dual point map counts ({int(counts.sum())} hits, up to {counts.max(initial=0)} per pixel) "
-            f"disagree with its {len(values)} values or {layers} layers"
-        )
-    if not np.isfinite(values).all():
-        raise EncodingError("dual point map values are not all finite")
+    _check_sparse(counts, values, layers)
     h, w = counts.shape
     layer, pixel = hit_order(counts, layers)
     out = np.zeros((h * w, layers, CHANNELS), np.float32)

@@ -1,11 +1,14 @@
 """Field kinds: what a writer accepts, what each container stores, what every reader gets back.
 
     kind   writer takes                 WebDataset member       Zarr, per row                readers get
-    dpm    (H, W, L, 7) float array     .npz counts, values     counts (H, W), values (c, 6)  (H, W, L, 7) f32
+    dpm    (H, W, L, 7) float array*    .npz counts, values     counts (H, W), values (c, 6)  (H, W, L, 7) f32
     mask   (h, w) bool or 0/1 uint8     .png, 1-bit             (h, w) uint8                  (h, w) f32 0/1
     image  file bytes, or (h, w, 3) u8  .png (bytes as given)   (h, w, 3) uint8               (h, w, 3) uint8
     json   dict                         .json                   string (JSON text)            dict
     array  numpy array                  .npy                    (*shape) dtype                the array
+
+*or a `SparseDualPointMap` (the same map already split into counts and values, as the CPU renderer
+makes it).
 
 `prepare_field` checks and converts a writer's value for one container; `StoredSample` holds a read
 sample's raw fields and decodes each on first access, naming column, shard, sample and field in every
@@ -26,6 +29,7 @@ from dualpm.errors import DatasetError
 from dualpm.masks import decode_mask, read_mask
 from dualpm.store.encoding import (
     EncodingError,
+    SparseDualPointMap,
     dense_dual_pointmap,
     dpm_npz,
     png_bytes,
@@ -69,6 +73,10 @@ def prepare_field(name: str, spec: FieldSpec, value: Any, format: str, where: st
         if format == "webdataset":
             return bytes(value)  # the file as found: no re-encoding, no quality change
         value = rgb8(bytes(value), f"{where}: field {name!r}")
+    if kind == "dpm" and isinstance(value, SparseDualPointMap):  # the CPU renderer's form: already split
+        counts, values = sparse_dual_pointmap(value, spec.dtype or "float16")
+        _check_shape(name, spec, value.shape, None, where)
+        return dpm_npz(counts, values, value.layers) if format == "webdataset" else (counts, values)
     if not isinstance(value, np.ndarray) or value.dtype.hasobject:
         raise TypeError(f"{where}: field {name!r} ({kind}) must be a numpy array of plain dtype")
     if kind == "dpm":
