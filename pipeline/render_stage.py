@@ -67,6 +67,7 @@ from dualpm.store import (
     column_dir,
 )
 from dualpm.store.encoding import SparseDualPointMap, rgb8
+from dualpm.pointmaps import hits
 from dualpm.store.shards import PreparedSample, prepare_sample
 from pipeline.cluster import ClusterInfo, concurrent_tasks
 from pipeline.remote_out import pull_layout, push_shard, stage_of
@@ -249,20 +250,23 @@ def _zarr_size(what: str, path: Path, shape: tuple[int, ...], size: tuple[int, i
 
 
 def _sample_fields(
-    sample: SourceSample, dpm: SparseDualPointMap, view: np.ndarray, projection: np.ndarray,
+    sample: SourceSample, dpm: SparseDualPointMap | np.ndarray, view: np.ndarray, projection: np.ndarray,
     config: RenderConfig, clip: ClipPlanes,
 ) -> PreparedSample | str:
     """The stored fields of one rendered sample, checked and encoded for the column, or why it failed.
 
     Args:
-        dpm: the rendered map (hit counts, float32 hit values). view, projection: (4, 4) used to render it.
+        dpm: the rendered map: sparse (cpu backend), or (H, W, L, 7) float32 dense on the CPU (cuda: split
+            here, in the task's encoding threads, while the GPU renders the next batch).
+        view, projection: (4, 4) used to render it.
         clip: the clip planes in `projection`, and the depth range they were chosen for.
     """
     if clip.problem is not None:
         return clip.problem
-    if not np.isfinite(dpm.values).all():
+    sparse = isinstance(dpm, SparseDualPointMap)
+    if not np.isfinite(dpm.values if sparse else dpm).all():
         return "non-finite values in the rendered dual point map (degenerate pose or mesh)"
-    coverage = dpm.counts > 0  # (H, W) layer-1 hits
+    coverage = dpm.counts > 0 if sparse else hits(dpm[:, :, 0])  # (H, W) layer-1 hits
     if not coverage.any():
         return clip.uncovered()
     fields: dict[str, Any] = {"dpm": dpm}
@@ -341,16 +345,17 @@ class _ShardResults:
         self.unexpected.append(f"{sample_id}: {reason}")
 
 
-Rendered = tuple[list[SourceSample], list[SparseDualPointMap], np.ndarray, np.ndarray, list["ClipPlanes"]]
-# samples, maps, views, projections, clip planes
+Rendered = tuple[list[SourceSample], list[SparseDualPointMap] | np.ndarray, np.ndarray, np.ndarray, list["ClipPlanes"]]
+# samples, maps (sparse, or cuda's (B, H, W, L, 7) dense), views, projections, clip planes
 
 
 def _render_batch(
     mesh: SkinnedMesh, canonical: torch.Tensor, faces: torch.Tensor, poses: dict[str, np.ndarray],
     config: RenderConfig, chunk: list[SourceSample],
 ) -> Rendered:
-    """Render `chunk` in one call: (chunk, B sparse maps, (B, 4, 4) views, (B, 4, 4) projections, clip
-    planes), numpy on the CPU. canonical: (V, 3), faces: (F, 3), on the render device."""
+    """Render `chunk` in one call: (chunk, maps, (B, 4, 4) views, (B, 4, 4) projections, clip planes),
+    numpy on the CPU; maps: B sparse maps (cpu backend), or (B, H, W, L, 7) dense ones (cuda: split in the
+    encoding threads, overlapping the GPU). canonical: (V, 3), faces: (F, 3), on the render device."""
     device = canonical.device
     posed = skin(mesh, np.stack([poses[s.id] for s in chunk]), device=device)  # (B, V, 3) world
     views = view_from_camera_pose(torch.tensor(np.stack([s.camera_pose for s in chunk])))  # (B, 4, 4) f64
@@ -362,11 +367,14 @@ def _render_batch(
         projection_from_focal(torch.tensor(s.focal_length, dtype=torch.float64), near=c.near, far=c.far)
         for s, c in zip(chunk, clips, strict=True)
     ])
+    # cpu: the stored form straight from the hits (no dense block filled, scanned and split again)
+    sparse = config.backend == "cpu"
     maps = render_dual_pointmaps(
         canonical, posed, faces, views.to(device), projections.to(device), config.resolution,
         config.layers, backend=config.backend, workers=1,  # Ray already runs one task per core
-        sparse=True,  # the stored form: the cpu backend never fills (and this stage never scans) a dense block
+        sparse=sparse,
     )
+    maps = maps if sparse else maps.cpu().numpy()  # (B, H, W, L, 7)
     return chunk, maps, views.numpy(), projections.numpy(), clips
 
 

@@ -387,21 +387,29 @@ def test_choose_backend_and_resources():
     assert task_resources("cuda", gpus) == ({"num_gpus": 1, "num_cpus": 8}, 8)
 
 
-def test_non_finite_and_empty_maps_are_sample_failures(tmp_path):
+@pytest.mark.parametrize("form", ["sparse", "dense"])  # the cpu backend's maps, cuda's
+def test_non_finite_and_empty_maps_are_sample_failures(tmp_path, form):
     ds = make_source_dataset(tmp_path / "src", num_samples=1, rgb=False, masks=False)
     sample = SourceDataset(ds.root).sample(ds.ids[0])
     config = RenderConfig(str(ds.root), 4, 2, "cpu", 1, "webdataset")
     clip = clip_planes(4.0, 5.0, config.near, config.far)
-    counts = np.zeros((4, 4), np.uint8)
-    dpm = SparseDualPointMap(counts, np.zeros((0, 6), np.float32), 2)
-    assert "mesh outside the view" in _sample_fields(sample, dpm, np.eye(4), np.eye(4), config, clip)
-    counts[1, 1] = 1
-    dpm = SparseDualPointMap(counts, np.array([[0, 0, 0, 0, 0, np.nan]], np.float32), 2)
-    assert "non-finite" in _sample_fields(sample, dpm, np.eye(4), np.eye(4), config, clip)
-    dpm = SparseDualPointMap(counts, np.array([[1e6, 0, 0, 0, 0, 0]], np.float32), 2)  # beyond float16
-    assert "beyond +-65504" in _sample_fields(sample, dpm, np.eye(4), np.eye(4), config, clip)
-    dpm = SparseDualPointMap(counts, np.array([[1, 2, 3, 4, 5, 6]], np.float32), 2)
-    prepared = _sample_fields(sample, dpm, np.eye(4), np.eye(4), config, clip)
+
+    def rendered(hit: list[float] | None):  # one hit at pixel (1, 1), layer 0, or none
+        counts = np.zeros((4, 4), np.uint8)
+        values = np.zeros((0, 6), np.float32) if hit is None else np.array([hit], np.float32)
+        counts[1, 1] = len(values)
+        if form == "sparse":
+            return SparseDualPointMap(counts, values, 2)
+        dense = np.zeros((4, 4, 2, 7), np.float32)
+        if hit is not None:
+            dense[1, 1, 0] = [*hit, 1]
+        return dense
+
+    fields = lambda hit: _sample_fields(sample, rendered(hit), np.eye(4), np.eye(4), config, clip)  # noqa: E731
+    assert "mesh outside the view" in fields(None)
+    assert "non-finite" in fields([0, 0, 0, 0, 0, np.nan])
+    assert "beyond +-65504" in fields([1e6, 0, 0, 0, 0, 0])  # beyond float16
+    prepared = fields([1, 2, 3, 4, 5, 6])
     counts, values, layers = read_dpm_npz(prepared.values["dpm"])
     assert layers == 2 and counts[1, 1] == 1 and values.tolist() == [[1, 2, 3, 4, 5, 6]]
     meta = json.loads(prepared.values["meta"])  # stored as JSON text
