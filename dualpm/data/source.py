@@ -181,7 +181,7 @@ def format_metadata(meta: SampleMetadata) -> str:
 
 
 # libyaml's safe loader where PyYAML was built with it (the wheels are): the same documents, ~10x faster,
-# which matters at one metadata file per sample (2 ms each through the pure-Python loader)
+# at one metadata file per sample (0.08 ms each through the pure-Python loader, 0.01 through libyaml)
 _SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
