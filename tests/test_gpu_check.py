@@ -228,10 +228,13 @@ def test_render_bench_writes_its_cpu_measures_as_json(tmp_path):
                "--json", str(out)]
     proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr
-    row, limit = gpu_check.read_metrics(out)  # no cuda here: the cpu rows alone
+    row, limit, sparse = gpu_check.read_metrics(out)  # no cuda here: the cpu rows alone
     assert row.measure == "cpu maps/s, 1 process, 8 layers" and row.target == ">= 40"
     assert row.met == (float(row.value) >= 40)
     # Our maps/s against embreex alone casting exactly the rays one map needs (issue 26), in percent.
     assert limit.measure == "cpu maps/s / Embree alone casting the same rays, 1 process, 8 layers"
     assert limit.target == ">= 80%" and limit.value.endswith("%")
     assert limit.met == (float(limit.value[:-1]) >= 80)
+    # The same for the sparse maps the render stage asks for.
+    assert sparse.measure == "the same, sparse maps (the render stage's form)" and sparse.target == ">= 80%"
+    assert sparse.met == (float(sparse.value[:-1]) >= 80)
