@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -66,6 +66,7 @@ from scipy.spatial import cKDTree
 
 from dualpm.eval.align import apply_transform, similarity_matrix, umeyama_from_moments
 from dualpm.eval.metrics import ChamferResult, EvalError, as_points
+from dualpm.eval.nearest import DelaunayGraph, DelaunayTracker, NearestTracker  # noqa: F401 (NearestTracker: public here)
 
 PROTOCOL = "animodel"
 MAX_VOXELS = 400_000_000  # a dense grid beyond this (400 MB of bools) means a degenerate box: refuse it
@@ -337,55 +338,11 @@ def spatial_order(points: np.ndarray, bits: int = 10) -> np.ndarray:
     return points[np.argsort(code, kind="stable")]
 
 
-class NearestTracker:
-    """Exact nearest target point of each of N points that move a little between calls (ICP).
-
-    When a point is queried at p, its k nearest target points (candidates) are kept with d_k, the distance
-    of the k-th. Moved to x, |x - p| = m away, every other target point is at least d_k - m from x; so when
-    the nearest candidate is closer than that, it is the nearest target point. Only the points that fail
-    this test are queried again: a settling or slowly sliding ICP costs one (N, k) distance evaluation per
-    iteration instead of a KD-tree query, whose far queries are slow. The answer is the KD-tree's, up to
-    exact ties.
-    """
-
-    def __init__(self, tree: cKDTree, k: int = 16):
-        self.tree, self.k = tree, max(1, min(k, tree.n))
-        self.anchor: np.ndarray | None = None  # (N, 3) where each point was last queried
-        self.candidates = np.zeros((0, self.k), dtype=np.intp)  # (N, k) nearest target points at the anchor
-        self.spots = np.zeros((0, self.k, 3))  # (N, k, 3) their positions
-        self.reach = np.zeros(0)  # (N,) distance of the k-th candidate at the anchor (inf: all target points)
-        self.queried = 0  # points queried in the tree so far (benchmarks)
-
-    def __call__(self, points: np.ndarray) -> np.ndarray:
-        """points: (N, 3) float64, the same N every call. Returns a new (N,) intp array of nearest indices."""
-        if self.anchor is None:
-            n = len(points)
-            self.anchor, self.candidates, self.reach = points.copy(), np.zeros((n, self.k), np.intp), np.zeros(n)
-            self.spots = np.zeros((n, self.k, 3))
-            index = np.zeros(n, np.intp)
-            stale = np.arange(n)
-        else:
-            offsets = self.spots - points[:, None, :]  # (N, k, 3)
-            squared = np.einsum("nkc,nkc->nk", offsets, offsets)
-            best = np.argmin(squared, axis=1)
-            index = self.candidates[np.arange(len(points)), best]
-            nearest = np.sqrt(squared[np.arange(len(points)), best])
-            moved = np.sqrt(np.sum((points - self.anchor) ** 2, axis=1))
-            # A margin of 1e-9 of the reach covers the rounding of the distances and of the moves.
-            stale = np.flatnonzero(nearest >= self.reach * (1.0 - 1e-9) - moved)
-        if len(stale):
-            self.queried += len(stale)
-            distance, found = self.tree.query(points[stale], k=self.k)
-            self.candidates[stale] = found.reshape(len(stale), self.k)
-            self.spots[stale] = self.tree.data[self.candidates[stale]]
-            self.reach[stale] = distance.reshape(len(stale), self.k)[:, -1] if self.k < self.tree.n else math.inf
-            self.anchor[stale] = points[stale]
-            index[stale] = self.candidates[stale, 0]
-        return index
+_WALK_AFTER = 4  # ICP walks the Delaunay graph once the KD-tree tracker re-queried this many times N points
 
 
-def icp_until_settled(source: np.ndarray, target: np.ndarray, iterations: int, tree: cKDTree | None = None
-                      ) -> tuple[np.ndarray, int]:
+def icp_until_settled(source: np.ndarray, target: np.ndarray, iterations: int, tree: cKDTree | None = None,
+                      graph: Callable[[], DelaunayGraph | None] | None = None) -> tuple[np.ndarray, int]:
     """Point-to-point rigid ICP from the identity with trimesh's `registration.icp(threshold=0)` rule.
 
     Each iteration matches every moved source point to its nearest target point and refits the rigid
@@ -396,10 +353,14 @@ def icp_until_settled(source: np.ndarray, target: np.ndarray, iterations: int, t
     Args:
         source: (N, 3) float64 points to move; target: (M, 3) float64 points, same units.
         tree: a `cKDTree` of `target` to reuse (several sources aligned to one target), or None.
+        graph: returns the `DelaunayGraph` of `target` (or None), called when `NearestTracker` has re-queried
+            `_WALK_AFTER` x N points (a sliding ICP): later matches come from a `DelaunayTracker` walking it.
+            Both trackers give the KD-tree's matches, so this changes the speed only.
     Returns:
         (4, 4) float64 rigid transform, iterations run.
     """
-    nearest = NearestTracker(cKDTree(target) if tree is None else tree)
+    tree = cKDTree(target) if tree is None else tree
+    nearest: NearestTracker | DelaunayTracker = NearestTracker(tree)
     matrix, previous, cost = np.eye(4), None, math.inf
     moved = source
     # The Kabsch fit's source moments do not change between iterations: computed once.
@@ -408,17 +369,22 @@ def icp_until_settled(source: np.ndarray, target: np.ndarray, iterations: int, t
     variance = float(np.einsum("nc,nc->", centred, centred)) / len(source)
     done = 0
     for done in range(1, iterations + 1):
+        if graph is not None and isinstance(nearest, NearestTracker) and \
+                nearest.queried > (1 + _WALK_AFTER) * len(source):
+            delaunay = graph()
+            if delaunay is not None:
+                nearest = DelaunayTracker(tree, delaunay)
         index = nearest(moved)
         if previous is not None and np.array_equal(index, previous):
             break
-        matches = target[index]
+        matches = target[index]  # (N, 3)
         mean_match = matches.mean(axis=0)
         covariance = (matches - mean_match).T @ centred / len(source)
         rotation, translation, _, _ = umeyama_from_moments(mean_source, mean_match, covariance, np.asarray(variance),
                                                            with_scale=False)
         matrix = similarity_matrix(rotation, translation)
         moved = apply_transform(matrix, source)
-        residual = float(np.mean(np.sum((moved - target[index]) ** 2, axis=1)))
+        residual = float(np.mean(np.sum((moved - matches) ** 2, axis=1)))
         if residual > cost:
             break
         previous, cost = index, residual
@@ -455,7 +421,7 @@ FLIP_Y = np.diag([-1.0, 1.0, -1.0, 1.0])  # 180 degrees about the world Y axis, 
 
 class _Target:
     """What the protocol needs of one target mesh, made on first use and shared by every reconstruction
-    scored against it: its volume, its even samples (drawn first from the seeded generator, so every
+    scored against it: its volume, its even samples, the Delaunay graph of its ICP points (drawn first from the seeded generator, so every
     reconstruction's samples continue the same random stream, exactly as when scored alone) and their trees."""
 
     def __init__(self, mesh: trimesh.Trimesh, options: AnimodelOptions, name: str = "target"):
@@ -473,6 +439,11 @@ class _Target:
         align = spatial_order(sample_even(self.mesh, self.options.align_points, rng))
         points = spatial_order(sample_even(self.mesh, self.options.chamfer_points, rng))
         return align, cKDTree(align), points, cKDTree(points, leafsize=_CHAMFER_LEAF), rng.bit_generator.state
+
+    @functools.cached_property
+    def graph(self) -> DelaunayGraph | None:
+        # The Delaunay graph of the ICP points, built only when some ICP slides (`icp_until_settled`).
+        return DelaunayGraph.of(self.samples[0])
 
 
 def _score_one(reconstruction: trimesh.Trimesh | ArrayLike, target: _Target, unit_scale: float) -> AnimodelScore:
@@ -502,7 +473,7 @@ def _score_one(reconstruction: trimesh.Trimesh | ArrayLike, target: _Target, uni
 
     def align(start: np.ndarray, beat: float) -> tuple[ChamferResult | None, np.ndarray, int]:
         matrix, done = icp_until_settled(apply_transform(start, recon_align), target_align, options.icp_iterations,
-                                         align_tree)
+                                         align_tree, lambda: target.graph)
         total = matrix @ start
         return _chamfer(recon_points, recon_tree, total, target_points, target_tree, beat), total, done
 

@@ -1,0 +1,156 @@
+"""CPU seconds per sample of the Animodel protocol (`dualpm-eval --protocol animodel --baseline`), issue 26.
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/eval_speed.py --pred demo_out/pred60 --data demo_out/data \\
+        --samples 60 --out new.jsonl
+    PYTHONPATH=/work/main .venv/bin/python bench/eval_speed.py ... --out old.jsonl   # another checkout's code
+    .venv/bin/python bench/eval_speed.py --compare new.jsonl old.jsonl              # numbers only
+
+For each of the first `--samples` predictions: the model's kept posed points and the constant baseline's,
+in the world frame, against the posed target mesh, with the per-sample seed, exactly as `dualpm-eval
+--protocol animodel --baseline` builds them (`dualpm.eval.protocols._animodel_store`). Each cloud is scored
+on its own with `dualpm.eval.animodel.score` (which `score_all` equals, tested), so its CPU time
+(`time.process_time`, one process: run it with OMP_NUM_THREADS=1) includes the target's volume and samples.
+Prints CPU s per sample for the model and the baseline and their ratio to the 1.0 s target, and writes one
+JSON line per sample and cloud (metrics and seconds) to `--out`. The clouds and targets are read once and
+kept in `--clouds` (npz) so that two checkouts score the very same inputs.
+
+`--compare A.jsonl B.jsonl` prints, per reported number, the largest relative difference between the two
+runs over the samples both hold, and the count of changed flip decisions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+TARGET_S = 1.0  # issue 26: CPU s per sample, model and baseline alike
+NUMBERS = ("chamfer_pred_to_gt", "chamfer_gt_to_pred", "chamfer_sym", "unit_chamfer_pred_to_gt",
+           "unit_chamfer_gt_to_pred", "unit_chamfer_sym", "volume_scale")
+
+
+def read_clouds(pred: Path, data: Path, samples: int, seed: int) -> dict[str, np.ndarray]:
+    """Model and baseline clouds and targets of the first `samples` predictions, as `_animodel_store` makes
+    them. Returns flat npz-ready arrays: ids, and per sample i: model_i, baseline_i (N, 3) float64,
+    vertices_i (V, 3) float64, faces_i (F, 3) int64, seed_i."""
+    from dualpm.eval.baseline import fit_constant_baseline
+    from dualpm.eval.evaluate import GroundTruthReader
+    from dualpm.eval.protocols import _cloud
+    from dualpm.predictions import keep_mask, open_predictions
+    from dualpm.store.access import open_store
+
+    predictions = open_predictions(pred)
+    attrs = predictions.attrs
+    store = open_store(data)
+    layers = int(predictions.arrays["canonical"].shape[1])
+    constant = fit_constant_baseline(store, layers, tuple(predictions.arrays["mask"].shape[1:]), "train")
+    ids = list(predictions.ids)[:samples]
+    index = {sid: i for i, sid in enumerate(predictions.ids)}
+    reader = GroundTruthReader(store, None, 0, seed, world_mesh=True)
+    out: dict[str, np.ndarray] = {}
+    kept = []
+    for gt in reader.read(ids):
+        if gt.world_vertices is None:
+            continue
+        maps = predictions.sample(index[gt.sample_id])
+        keep = keep_mask(maps, attrs["occupancy_threshold"], attrs["confidence_threshold"])
+        i = len(kept)
+        out[f"model_{i}"] = _cloud(maps.canonical, maps.posed, keep, gt.view, "world", 0.0)
+        out[f"baseline_{i}"] = _cloud(*constant.predict(maps.mask), gt.view, "world", 0.0)
+        out[f"vertices_{i}"] = np.asarray(gt.world_vertices, dtype=np.float64)
+        out[f"faces_{i}"] = np.asarray(gt.faces, dtype=np.int64)
+        out[f"seed_{i}"] = np.asarray(seed + zlib.crc32(gt.sample_id.encode()))
+        kept.append(gt.sample_id)
+    out["ids"] = np.asarray(kept)
+    return out
+
+
+def run(clouds: dict[str, np.ndarray], out: Path, samples: int) -> None:
+    import trimesh
+
+    from dualpm.eval.animodel import AnimodelOptions, score
+
+    seconds: dict[str, list[float]] = {"model": [], "baseline": []}
+    with out.open("w") as file:
+        for i, sample_id in enumerate(clouds["ids"].tolist()[:samples]):
+            target = trimesh.Trimesh(clouds[f"vertices_{i}"], clouds[f"faces_{i}"], process=False)
+            options = AnimodelOptions(seed=int(clouds[f"seed_{i}"]))
+            for kind in ("model", "baseline"):
+                start = time.process_time()
+                result = score(clouds[f"{kind}_{i}"], target, options)
+                spent = time.process_time() - start
+                seconds[kind].append(spent)
+                row = {"id": sample_id, "cloud": kind, "points": len(clouds[f"{kind}_{i}"]), "cpu_s": spent,
+                       "icp_iterations": result.icp_iterations, **result.metrics()}
+                file.write(json.dumps(row) + "\n")
+                file.flush()
+            print(f"{sample_id}: model {seconds['model'][-1]:.2f} s, baseline {seconds['baseline'][-1]:.2f} s",
+                  flush=True)
+    load = os.getloadavg()
+    for kind, values in seconds.items():
+        mean = float(np.mean(values))
+        print(f"{kind}: {mean:.3f} CPU s / sample over {len(values)} samples = {mean / TARGET_S:.2f}x the "
+              f"{TARGET_S} s target (median {np.median(values):.3f}, max {max(values):.3f})")
+    print(f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
+
+
+def compare(a: Path, b: Path) -> None:
+    def rows(path: Path) -> dict[tuple[str, str], dict]:
+        return {(r["id"], r["cloud"]): r for r in map(json.loads, path.read_text().splitlines())}
+
+    first, second = rows(a), rows(b)
+    common = sorted(set(first) & set(second))
+    print(f"{len(common)} sample clouds in both ({len(first)} in {a.name}, {len(second)} in {b.name})")
+    for kind in ("model", "baseline"):
+        keys = [k for k in common if k[1] == kind]
+        flips = sum(first[k]["flipped"] != second[k]["flipped"] for k in keys)
+        print(f"{kind} ({len(keys)} samples): flip decisions changed: {flips}")
+        for name in NUMBERS:
+            worst, where = 0.0, None
+            for k in keys:
+                x, y = first[k][name], second[k][name]
+                diff = 0.0 if x == y else abs(x - y) / max(abs(x), abs(y)) if math.isfinite(x - y) else math.inf
+                if diff > worst:
+                    worst, where = diff, k[0]
+            print(f"  {name:24s} max relative difference {worst:.2e}" + (f" ({where})" if where else ""))
+        times = [(first[k]["cpu_s"], second[k]["cpu_s"]) for k in keys]
+        if times:
+            ta, tb = np.mean(times, axis=0)
+            print(f"  CPU s / sample: {a.name} {ta:.3f}, {b.name} {tb:.3f}, ratio {tb / ta:.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pred", type=Path, help="dualpm-infer output folder")
+    parser.add_argument("--data", type=Path, help="prepared dataset (ground truth, baseline)")
+    parser.add_argument("--samples", type=int, default=60)
+    parser.add_argument("--seed", type=int, default=0, help="dualpm-eval --seed")
+    parser.add_argument("--clouds", type=Path, help="npz of the clouds and targets: read if it exists, else written")
+    parser.add_argument("--out", type=Path, help="per-sample JSONL")
+    parser.add_argument("--compare", type=Path, nargs=2, metavar=("A", "B"), help="compare two JSONL runs")
+    args = parser.parse_args()
+    if args.compare:
+        compare(*args.compare)
+        return
+    if args.out is None:
+        parser.error("--out is required (or --compare)")
+    if args.clouds is not None and args.clouds.exists():
+        with np.load(args.clouds) as stored:
+            clouds = dict(stored)
+    else:
+        if args.pred is None or args.data is None:
+            parser.error("--pred and --data are required without an existing --clouds file")
+        clouds = read_clouds(args.pred, args.data, args.samples, args.seed)
+        if args.clouds is not None:
+            np.savez(args.clouds, **clouds)
+    run(clouds, args.out, args.samples)
+
+
+if __name__ == "__main__":
+    main()
