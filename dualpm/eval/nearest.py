@@ -90,13 +90,12 @@ class NearestTracker:
 @dataclass(frozen=True, eq=False)
 class DelaunayGraph:
     """Delaunay neighbours of M target points (`DelaunayGraph.of`): point i's are
-    indices[indptr[i]:indptr[i + 1]] (every point has some), at ends[...] (E, 3) float64, lengths[...] (E,)
-    float64 from it."""
+    indices[indptr[i]:indptr[i + 1]] (every point has some), at ends[...] (E, 3) float64."""
 
     indptr: np.ndarray  # (M + 1,) intp
     indices: np.ndarray  # (E,) intp
     ends: np.ndarray  # (E, 3) float64: points[indices]
-    lengths: np.ndarray  # (E,) float64 edge lengths
+    half_inverse: np.ndarray  # (E,) float64: 1 / (2 x edge length)
     spacing: float  # mean edge length
 
     @staticmethod
@@ -121,7 +120,7 @@ class DelaunayGraph:
         indptr = np.concatenate([[0], np.cumsum(degree)])
         ends = points[indices]
         lengths = np.linalg.norm(ends - np.repeat(points, degree, axis=0), axis=1)
-        return DelaunayGraph(indptr, indices, ends, lengths, float(lengths.mean()))
+        return DelaunayGraph(indptr, indices, ends, 0.5 / lengths, float(lengths.mean()))
 
 
 class DelaunayTracker:
@@ -188,9 +187,9 @@ class DelaunayTracker:
             start = graph.indptr[current[active]]
             counts = graph.indptr[current[active] + 1] - start
             first = np.cumsum(counts) - counts  # (A,) where each walker's neighbours begin in the flat list
-            owner = np.repeat(active, counts)  # (E,) the walker of each neighbour
-            edge = np.arange(len(owner)) + np.repeat(start - first, counts)  # (E,) into the graph's edges
-            offset = graph.ends[edge] - here[owner]
+            lane = np.repeat(np.arange(len(active)), counts)  # (E,) the walker of each neighbour
+            edge = np.arange(len(lane)) + (start - first)[lane]  # (E,) into the graph's edges
+            offset = graph.ends[edge] - here[active][lane]
             squared = np.einsum("nc,nc->n", offset, offset)
             closest = np.minimum.reduceat(squared, first)  # (A,)
             self.walked += len(active)
@@ -198,7 +197,7 @@ class DelaunayTracker:
             if not better.all():
                 # Settled walkers: the distance to the nearest bisector plane, less a margin of 1e-9 of
                 # the distances for the rounding of the squares and of the moves.
-                gap = (squared - best[owner]) / (2.0 * graph.lengths[edge])
+                gap = (squared - best[active][lane]) * graph.half_inverse[edge]
                 slack = np.minimum.reduceat(gap, first) - 1e-9 * np.sqrt(closest)
                 settled = active[~better]
                 self.checked[rows[settled]], self.index[rows[settled]] = here[settled], current[settled]
@@ -206,9 +205,9 @@ class DelaunayTracker:
                 if not better.any():
                     return
             # Move each improving walker to its closest neighbour.
-            hit = np.flatnonzero(squared == np.repeat(closest, counts))
+            hit = np.flatnonzero(squared == closest[lane])
             step_to = np.empty(len(active), np.intp)
-            step_to[np.searchsorted(first, hit, side="right") - 1] = graph.indices[edge[hit]]
+            step_to[lane[hit]] = graph.indices[edge[hit]]
             active, best_moved = active[better], closest[better]
             current[active], best[active] = step_to[better], best_moved
         self._query(points, rows[active])
