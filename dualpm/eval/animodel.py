@@ -334,7 +334,10 @@ def spatial_order(points: np.ndarray, bits: int = 10) -> np.ndarray:
     return points[morton_order(points, bits)]
 
 
-_WALK_AFTER = 1  # ICP walks the Delaunay graph once the KD-tree tracker re-queried this many times N points
+# ICP walks the Delaunay graph (built once per target, 0.15-0.2 s) once the KD-tree tracker re-queried more than
+# half the points in one iteration or 6 N in all (at about 4 us a query, more than the graph costs): the
+# baseline's sliding ICP from its second iteration on; the model's settling one seldom.
+_WALK_AFTER = (0.5, 6.0)
 
 
 def icp_until_settled(source: np.ndarray, target: np.ndarray, iterations: int, tree: cKDTree | None = None,
@@ -349,8 +352,8 @@ def icp_until_settled(source: np.ndarray, target: np.ndarray, iterations: int, t
     Args:
         source: (N, 3) float64 points to move; target: (M, 3) float64 points, same units.
         tree: a `cKDTree` of `target` to reuse (several sources aligned to one target), or None.
-        graph: returns the `DelaunayGraph` of `target` (or None), called when `NearestTracker` has re-queried
-            `_WALK_AFTER` x N points (a sliding ICP): later matches come from a `DelaunayTracker` walking it.
+        graph: returns the `DelaunayGraph` of `target` (or None), called when `NearestTracker` re-queries
+            many points (`_WALK_AFTER`: a sliding ICP): later matches come from a `DelaunayTracker` walking it.
             Both trackers give the KD-tree's matches, so this changes the speed only.
     Returns:
         (4, 4) float64 rigid transform, iterations run.
@@ -365,11 +368,13 @@ def icp_until_settled(source: np.ndarray, target: np.ndarray, iterations: int, t
     variance = float(np.einsum("nc,nc->", centred, centred)) / len(source)
     done = 0
     for done in range(1, iterations + 1):
-        if graph is not None and isinstance(nearest, NearestTracker) and \
-                nearest.queried > (1 + _WALK_AFTER) * len(source):
+        if graph is not None and isinstance(nearest, NearestTracker) and done > 2 and (
+                nearest.queried - queried > _WALK_AFTER[0] * len(source)
+                or nearest.queried > (1 + _WALK_AFTER[1]) * len(source)):
             delaunay = graph()
             if delaunay is not None:
                 nearest = DelaunayTracker(tree, delaunay)
+        queried = nearest.queried
         index = nearest(moved)
         if previous is not None and np.array_equal(index, previous):
             break
