@@ -3,7 +3,9 @@
     OMP_NUM_THREADS=1 .venv/bin/python bench/eval_speed.py --pred demo_out/pred60 --data demo_out/data \\
         --samples 60 --out new.jsonl
     PYTHONPATH=/work/main .venv/bin/python bench/eval_speed.py ... --out old.jsonl   # another checkout's code
-    .venv/bin/python bench/eval_speed.py --compare new.jsonl old.jsonl              # numbers only
+    .venv/bin/python bench/eval_speed.py --clouds c.npz --out new.jsonl \
+        --reference /work/main/dualpm/eval/animodel.py --reference-out old.jsonl        # both, alternating
+    .venv/bin/python bench/eval_speed.py --compare old.jsonl new.jsonl              # numbers only
 
 For each of the first `--samples` predictions: the model's kept posed points and the constant baseline's,
 in the world frame, against the posed target mesh, with the per-sample seed, exactly as `dualpm-eval
@@ -12,7 +14,9 @@ on its own with `dualpm.eval.animodel.score` (which `score_all` equals, tested),
 (`time.process_time`, one process: run it with OMP_NUM_THREADS=1) includes the target's volume and samples.
 Prints CPU s per sample for the model and the baseline and their ratio to the 1.0 s target, and writes one
 JSON line per sample and cloud (metrics and seconds) to `--out`. The clouds and targets are read once and
-kept in `--clouds` (npz) so that two checkouts score the very same inputs.
+kept in `--clouds` (npz) so that two checkouts score the very same inputs. With `--reference` another
+animodel.py (main's) scores every cloud too, alternating with this checkout's in the same process, so that
+both are timed under the same load.
 
 `--compare A.jsonl B.jsonl` prints, per reported number, the largest relative difference between the two
 runs over the samples both hold, and the count of changed flip decisions.
@@ -21,9 +25,11 @@ runs over the samples both hold, and the count of changed flip decisions.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
+import sys
 import time
 import zlib
 from pathlib import Path
@@ -71,31 +77,45 @@ def read_clouds(pred: Path, data: Path, samples: int, seed: int) -> dict[str, np
     return out
 
 
-def run(clouds: dict[str, np.ndarray], out: Path, samples: int) -> None:
+def load_reference(path: Path):
+    """Another version of `dualpm/eval/animodel.py` (e.g. main's) as a module of its own, importing the rest
+    of `dualpm` from this checkout (animodel.py imports only `align` and `metrics`, unchanged by issue 26)."""
+    spec = importlib.util.spec_from_file_location("animodel_reference", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(clouds: dict[str, np.ndarray], outs: dict[str, Path], samples: int, modules: dict) -> None:
+    """Score every sample's model and baseline cloud with each module in `modules` (name -> animodel
+    module), alternating per cloud so that they run under the same load; one JSONL per module."""
     import trimesh
 
-    from dualpm.eval.animodel import AnimodelOptions, score
-
-    seconds: dict[str, list[float]] = {"model": [], "baseline": []}
-    with out.open("w") as file:
-        for i, sample_id in enumerate(clouds["ids"].tolist()[:samples]):
-            target = trimesh.Trimesh(clouds[f"vertices_{i}"], clouds[f"faces_{i}"], process=False)
-            options = AnimodelOptions(seed=int(clouds[f"seed_{i}"]))
-            for kind in ("model", "baseline"):
+    seconds = {(name, kind): [] for name in modules for kind in ("model", "baseline")}
+    files = {name: outs[name].open("w") for name in modules}
+    for i, sample_id in enumerate(clouds["ids"].tolist()[:samples]):
+        for kind in ("model", "baseline"):
+            cloud = clouds[f"{kind}_{i}"]
+            for name, module in modules.items():
+                target = trimesh.Trimesh(clouds[f"vertices_{i}"], clouds[f"faces_{i}"], process=False)
+                options = module.AnimodelOptions(seed=int(clouds[f"seed_{i}"]))
                 start = time.process_time()
-                result = score(clouds[f"{kind}_{i}"], target, options)
+                result = module.score(cloud, target, options)
                 spent = time.process_time() - start
-                seconds[kind].append(spent)
-                row = {"id": sample_id, "cloud": kind, "points": len(clouds[f"{kind}_{i}"]), "cpu_s": spent,
+                seconds[name, kind].append(spent)
+                row = {"id": sample_id, "cloud": kind, "points": len(cloud), "cpu_s": spent,
                        "icp_iterations": result.icp_iterations, **result.metrics()}
-                file.write(json.dumps(row) + "\n")
-                file.flush()
-            print(f"{sample_id}: model {seconds['model'][-1]:.2f} s, baseline {seconds['baseline'][-1]:.2f} s",
-                  flush=True)
+                files[name].write(json.dumps(row) + "\n")
+                files[name].flush()
+        print(f"{sample_id}: " + ", ".join(f"{name} {kind} {values[-1]:.2f} s" for (name, kind), values
+                                           in seconds.items()), flush=True)
+    for file in files.values():
+        file.close()
     load = os.getloadavg()
-    for kind, values in seconds.items():
+    for (name, kind), values in seconds.items():
         mean = float(np.mean(values))
-        print(f"{kind}: {mean:.3f} CPU s / sample over {len(values)} samples = {mean / TARGET_S:.2f}x the "
+        print(f"{name} {kind}: {mean:.3f} CPU s / sample over {len(values)} samples = {mean / TARGET_S:.2f}x the "
               f"{TARGET_S} s target (median {np.median(values):.3f}, max {max(values):.3f})")
     print(f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
 
@@ -133,6 +153,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="dualpm-eval --seed")
     parser.add_argument("--clouds", type=Path, help="npz of the clouds and targets: read if it exists, else written")
     parser.add_argument("--out", type=Path, help="per-sample JSONL")
+    parser.add_argument("--reference", type=Path, metavar="ANIMODEL_PY",
+                        help="also score with this animodel.py (e.g. /work/main/dualpm/eval/animodel.py), "
+                             "alternating with this checkout's, into --reference-out")
+    parser.add_argument("--reference-out", type=Path, help="per-sample JSONL of --reference")
     parser.add_argument("--compare", type=Path, nargs=2, metavar=("A", "B"), help="compare two JSONL runs")
     args = parser.parse_args()
     if args.compare:
@@ -149,7 +173,15 @@ def main() -> None:
         clouds = read_clouds(args.pred, args.data, args.samples, args.seed)
         if args.clouds is not None:
             np.savez(args.clouds, **clouds)
-    run(clouds, args.out, args.samples)
+    from dualpm.eval import animodel
+
+    modules, outs = {"new": animodel}, {"new": args.out}
+    if args.reference is not None:
+        if args.reference_out is None:
+            parser.error("--reference needs --reference-out")
+        modules, outs = {"reference": load_reference(args.reference), **modules}, {"reference": args.reference_out,
+                                                                                  **outs}
+    run(clouds, outs, args.samples, modules)
 
 
 if __name__ == "__main__":

@@ -38,12 +38,19 @@ Where this implementation differs, and why it does not change the numbers:
   repeats the same step until its 200 iterations are spent, so the result is the same.
 - Samples come from a seeded generator: the same inputs and seed give the same numbers.
 
-Speed (issue 26), none of which changes a number beyond the rounding of sums: `score_all` makes a target's
-volume, samples and KD-trees once for every cloud scored against it (a model's and the baseline's; the
-target's samples are drawn first, so each cloud's samples continue the same random stream as when scored
-alone); ICP's nearest neighbours come from `NearestTracker` (exact; KD-tree queries only for points that
-may have changed neighbour); even samples are kept in Morton order (cache-friendly KD-trees); the Chamfer
-distance of the flipped branch stops early once it cannot win (`_chamfer`).
+Speed (issue 26), none of which changes a number beyond the rounding of sums (and of a lattice point at
+an exact half-voxel tie, below): `score_all` makes a target's volume, samples, KD-trees and Delaunay graph
+once for every cloud scored against it (a model's and the baseline's; the target's samples are drawn
+first, so each cloud's samples continue the same random stream as when scored alone). The remesh (step 3)
+reuses the grid of the volume (step 1): scaling about the origin scales the pitch alike, so the scaled
+mesh's grid is the same one (only a lattice point rounding at an exact half-voxel tie could differ; tested
+equal). Even samples are trimesh's, bit for bit, drawn with fewer temporaries (`sampling`), and kept in
+Morton order (cache-friendly KD-trees). ICP's nearest neighbours are exact: `NearestTracker` re-queries
+the KD-tree only for points that may have changed neighbour; a sliding ICP (the baseline's: most points
+change neighbour every iteration for 200 iterations) switches to `DelaunayTracker`, which walks the
+Delaunay graph of the target points from each point's previous nearest one and needs no tree query. Of
+the two alignments (step 6), the Chamfer distance of the one with the lower ICP residual is measured first
+and the other's stops early once it cannot win (`_chamfer`); both are exact, so the choice is the same.
 
 Point clouds have no volume and no surface to sample. `mesh_from_points` turns one into a closed surface
 first (see its docstring: voxel occupancy at a pitch set by the cloud's own point spacing, morphological
@@ -342,6 +349,13 @@ _WALK_AFTER = (0.5, 6.0)
 
 def icp_until_settled(source: np.ndarray, target: np.ndarray, iterations: int, tree: cKDTree | None = None,
                       graph: Callable[[], DelaunayGraph | None] | None = None) -> tuple[np.ndarray, int]:
+    """(4, 4) rigid transform and iterations of `icp_residual` (which see)."""
+    matrix, done, _ = icp_residual(source, target, iterations, tree, graph)
+    return matrix, done
+
+
+def icp_residual(source: np.ndarray, target: np.ndarray, iterations: int, tree: cKDTree | None = None,
+                 graph: Callable[[], DelaunayGraph | None] | None = None) -> tuple[np.ndarray, int, float]:
     """Point-to-point rigid ICP from the identity with trimesh's `registration.icp(threshold=0)` rule.
 
     Each iteration matches every moved source point to its nearest target point and refits the rigid
@@ -356,11 +370,11 @@ def icp_until_settled(source: np.ndarray, target: np.ndarray, iterations: int, t
             many points (`_WALK_AFTER`: a sliding ICP): later matches come from a `DelaunayTracker` walking it.
             Both trackers give the KD-tree's matches, so this changes the speed only.
     Returns:
-        (4, 4) float64 rigid transform, iterations run.
+        (4, 4) float64 rigid transform, iterations run, mean squared residual of its fit (scene units^2).
     """
     tree = cKDTree(target) if tree is None else tree
     nearest: NearestTracker | DelaunayTracker = NearestTracker(tree)
-    matrix, previous, cost = np.eye(4), None, math.inf
+    matrix, previous, cost, residual = np.eye(4), None, math.inf, math.inf
     moved = source
     # The Kabsch fit's source moments do not change between iterations: computed once.
     mean_source = source.mean(axis=0)
@@ -389,7 +403,7 @@ def icp_until_settled(source: np.ndarray, target: np.ndarray, iterations: int, t
         if residual > cost:
             break
         previous, cost = index, residual
-    return matrix, done
+    return matrix, done, residual
 
 
 def _chamfer(recon: np.ndarray, recon_tree: cKDTree, matrix: np.ndarray, target: np.ndarray, target_tree: cKDTree,
@@ -476,18 +490,32 @@ def _score_one(reconstruction: trimesh.Trimesh | ArrayLike, target: _Target, uni
     recon_points = spatial_order(sample_even(recon, options.chamfer_points, rng))
     recon_tree = cKDTree(recon_points, leafsize=_CHAMFER_LEAF)
 
-    def align(start: np.ndarray, beat: float) -> tuple[ChamferResult | None, np.ndarray, int]:
-        matrix, done = icp_until_settled(apply_transform(start, recon_align), target_align, options.icp_iterations,
-                                         align_tree, lambda: target.graph)
-        total = matrix @ start
-        return _chamfer(recon_points, recon_tree, total, target_points, target_tree, beat), total, done
+    def align(start: np.ndarray) -> tuple[np.ndarray, int, float]:
+        matrix, done, residual = icp_residual(apply_transform(start, recon_align), target_align,
+                                              options.icp_iterations, align_tree, lambda: target.graph)
+        return matrix @ start, done, residual
 
-    result, total, done = align(np.eye(4), math.inf)
+    def chamfer(matrix: np.ndarray, beat: float = math.inf) -> ChamferResult | None:
+        return _chamfer(recon_points, recon_tree, matrix, target_points, target_tree, beat)
+
+    total, done, residual = align(np.eye(4))
     flipped = False
-    if options.flip:  # start from the first alignment turned about world Y (step 6)
-        flip_result, flip_total, flip_done = align(FLIP_Y @ total, result.symmetric)
-        if flip_result is not None:  # strictly better, as Animodel requires to take the flip
-            result, total, done, flipped = flip_result, flip_total, flip_done, True
+    if not options.flip:
+        result = chamfer(total)
+    else:  # start from the first alignment turned about world Y (step 6)
+        flip_total, flip_done, flip_residual = align(FLIP_Y @ total)
+        # The flip is kept when strictly better, as Animodel requires. The Chamfer distance of the likelier
+        # winner (the lower ICP residual) is measured first, so that the other's can stop early (`_chamfer`).
+        if flip_residual < residual:
+            flip_result = chamfer(flip_total)
+            result = chamfer(total, np.nextafter(flip_result.symmetric, math.inf))  # kept on a tie
+            if result is None:
+                result, total, done, flipped = flip_result, flip_total, flip_done, True
+        else:
+            result = chamfer(total)
+            flip_result = chamfer(flip_total, result.symmetric)
+            if flip_result is not None:
+                result, total, done, flipped = flip_result, flip_total, flip_done, True
     return AnimodelScore(result, unit_scale, volume_scale, flipped, total, done, is_points, enclosed)
 
 
