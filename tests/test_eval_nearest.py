@@ -12,7 +12,7 @@ from scipy.spatial import cKDTree
 from scipy.spatial.transform import Rotation
 
 from dualpm.eval import sampling
-from dualpm.eval.animodel import icp_until_settled, voxelise
+from dualpm.eval.animodel import _marching_cubes, icp_until_settled, voxelise
 from dualpm.eval.nearest import DelaunayGraph, DelaunayTracker
 
 
@@ -104,3 +104,14 @@ def test_rescaled_mesh_voxelises_to_the_same_grid(scale):
     assert scaled_pitch == pytest.approx(pitch * scale, rel=1e-12)
     np.testing.assert_array_equal(scaled_grid, grid)
     np.testing.assert_array_equal(scaled_low, low)
+
+
+def test_marching_cubes_is_trimeshs():
+    mesh = critter()
+    grid, _, _ = voxelise(mesh, 30)
+    rough = np.random.default_rng(2).random((14, 11, 9)) < 0.5  # many small pieces
+    for matrix in (grid, rough):
+        theirs = trimesh.voxel.ops.matrix_to_marching_cubes(matrix)
+        ours = _marching_cubes(matrix)
+        np.testing.assert_array_equal(ours.vertices, theirs.vertices)
+        np.testing.assert_array_equal(ours.faces, theirs.faces)

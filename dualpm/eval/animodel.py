@@ -70,6 +70,7 @@ import trimesh
 from numpy.typing import ArrayLike
 from scipy import ndimage
 from scipy.spatial import cKDTree
+from skimage import measure
 
 from dualpm.eval.align import apply_transform, similarity_matrix, umeyama_from_moments
 from dualpm.eval.metrics import ChamferResult, EvalError, as_points
@@ -178,7 +179,10 @@ def _surface_grid(vertices: np.ndarray, faces: np.ndarray, pitch: float, name: s
             per_chunk = max(1, _LATTICE_BUDGET // len(w))
             for start in range(0, len(group), per_chunk):
                 points = (w @ group[start:start + per_chunk]).reshape(-1, 3)  # (P, 3) @ (f, 3, 3) -> (f * P, 3)
-                index = np.round(points / pitch).astype(np.int64) - low  # (f * P, 3)
+                points /= pitch  # in place: the values of np.round(points / pitch), fewer temporaries
+                np.rint(points, out=points)
+                index = points.astype(np.int64)
+                index -= low  # (f * P, 3)
                 grid[index[:, 0], index[:, 1], index[:, 2]] = True
     return grid, low
 
@@ -227,8 +231,12 @@ def voxel_volume(mesh: trimesh.Trimesh, min_cubes: int, name: str = "mesh", encl
 
 
 def _marching_cubes(grid: np.ndarray) -> trimesh.Trimesh:
-    # trimesh's voxel meshing (skimage marching cubes at the 0/1 boundary, padded so the surface closes).
-    return trimesh.voxel.ops.matrix_to_marching_cubes(grid)
+    """trimesh's `voxel.ops.matrix_to_marching_cubes(grid)` (skimage's marching cubes at the 0/1 boundary,
+    padded so the surface closes), without its vertex merge: marching cubes puts one vertex on each crossed
+    grid edge, at its midpoint here, so there is nothing to merge (tested equal; a third of the time)."""
+    padded = np.pad(~grid, 1, mode="constant", constant_values=True)
+    vertices, faces, _, _ = measure.marching_cubes(padded, level=0.5, spacing=(1.0, 1.0, 1.0))
+    return trimesh.Trimesh(np.subtract(vertices, (1.0, 1.0, 1.0)), faces, process=False)
 
 
 def _match_box(mesh: trimesh.Trimesh, extents: np.ndarray, centre: np.ndarray) -> trimesh.Trimesh:
