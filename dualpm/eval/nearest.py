@@ -148,6 +148,8 @@ class DelaunayTracker:
         self.checked: np.ndarray | None = None  # (N, 3) where each point's nearest was last resolved (c)
         self.index = np.zeros(0, dtype=np.intp)  # (N,) nearest target point there
         self.slack = np.zeros(0)  # (N,) a move shorter than this keeps that nearest target point
+        self.plane = np.zeros(0, dtype=np.intp)  # (N,) edge of the nearest bisector plane (-1: unknown)
+        self.slack2 = np.zeros(0)  # (N,) a move shorter than this can only cross that plane
         self.queried = 0  # points queried in the tree so far (benchmarks)
         self.walked = 0  # walk steps of single points so far (benchmarks)
 
@@ -156,6 +158,7 @@ class DelaunayTracker:
         if self.checked is None:
             n = len(points)
             self.checked, self.index, self.slack = points.copy(), np.zeros(n, np.intp), np.zeros(n)
+            self.plane, self.slack2 = np.full(n, -1, np.intp), np.zeros(n)
             self._query(points, np.arange(n))
             return self.index.copy()
         step = points - self.checked
@@ -164,6 +167,15 @@ class DelaunayTracker:
         far = unsure & (moved > 4.0 * self.graph.spacing)
         if far.any():
             self._query(points, np.flatnonzero(far))
+        # Moved past the nearest bisector plane's distance but not the second's: only that plane can have
+        # been crossed; still on p's side of it, p is the nearest.
+        near = np.flatnonzero(unsure & ~far & (moved < self.slack2) & (self.plane >= 0))
+        if len(near):
+            here = points[near]
+            to_p = self.tree.data[self.index[near]] - here
+            to_q = self.graph.ends[self.plane[near]] - here
+            p_sq, q_sq = np.einsum("nc,nc->n", to_p, to_p), np.einsum("nc,nc->n", to_q, to_q)
+            unsure[near[q_sq - p_sq > 1e-9 * q_sq]] = False  # a margin for the rounding of the squares
         walk = np.flatnonzero(unsure & ~far)
         if len(walk):
             self._walk(points, walk)
@@ -175,6 +187,7 @@ class DelaunayTracker:
         self.checked[rows], self.index[rows] = points[rows], found[:, 0]
         # A margin of 1e-9 of the distances covers their rounding and that of the moves.
         self.slack[rows] = 0.5 * (distance[:, 1] - distance[:, 0]) - 1e-9 * distance[:, 1]
+        self.plane[rows], self.slack2[rows] = -1, self.slack[rows]
 
     def _walk(self, points: np.ndarray, rows: np.ndarray) -> None:
         graph, data = self.graph, self.tree.data
@@ -198,10 +211,16 @@ class DelaunayTracker:
                 # Settled walkers: the distance to the nearest bisector plane, less a margin of 1e-9 of
                 # the distances for the rounding of the squares and of the moves.
                 gap = (squared - best[active][lane]) * graph.half_inverse[edge]
-                slack = np.minimum.reduceat(gap, first) - 1e-9 * np.sqrt(closest)
-                settled = active[~better]
-                self.checked[rows[settled]], self.index[rows[settled]] = here[settled], current[settled]
-                self.slack[rows[settled]] = slack[~better]
+                least = np.minimum.reduceat(gap, first)
+                at = np.flatnonzero(gap == least[lane])
+                plane = np.empty(len(active), np.intp)
+                plane[lane[at]] = at  # one position of the least gap per walker
+                gap[plane] = np.inf
+                margin = 1e-9 * np.sqrt(closest)
+                settled, keep = active[~better], rows[active[~better]]
+                self.checked[keep], self.index[keep] = here[settled], current[settled]
+                self.slack[keep], self.plane[keep] = (least - margin)[~better], edge[plane][~better]
+                self.slack2[keep] = (np.minimum.reduceat(gap, first) - margin)[~better]
                 if not better.any():
                     return
             # Move each improving walker to its closest neighbour.
