@@ -352,7 +352,7 @@ def spatial_order(points: np.ndarray, bits: int = 10) -> np.ndarray:
 # ICP walks the Delaunay graph (built once per target, 0.15-0.2 s) once the KD-tree tracker re-queried more than
 # half the points in one iteration or 6 N in all (at about 4 us a query, more than the graph costs): the
 # baseline's sliding ICP from its second iteration on; the model's settling one seldom.
-_WALK_AFTER = (0.5, 6.0)
+_WALK_AFTER = (0.5, 2, 6.0)
 
 
 def icp_until_settled(source: np.ndarray, target: np.ndarray, iterations: int, tree: cKDTree | None = None,
@@ -390,9 +390,9 @@ def icp_residual(source: np.ndarray, target: np.ndarray, iterations: int, tree: 
     variance = float(np.einsum("nc,nc->", centred, centred)) / len(source)
     done = 0
     for done in range(1, iterations + 1):
-        if graph is not None and isinstance(nearest, NearestTracker) and done > 2 and (
+        if graph is not None and isinstance(nearest, NearestTracker) and done > _WALK_AFTER[1] and (
                 nearest.queried - queried > _WALK_AFTER[0] * len(source)
-                or nearest.queried > (1 + _WALK_AFTER[1]) * len(source)):
+                or nearest.queried > (1 + _WALK_AFTER[2]) * len(source)):
             delaunay = graph()
             if delaunay is not None:
                 nearest = DelaunayTracker(tree, delaunay)

@@ -131,11 +131,13 @@ class DelaunayTracker:
     p and its Delaunay neighbours q, and a target point that is not the nearest to x has a neighbour closer
     to x. So each point keeps where it was last resolved (c) and its slack there: the distance from c to the
     nearest of those planes, (|c - q|^2 - |c - p|^2) / (2 |p - q|) at its least. Moved less than the slack
-    from c, p is still its nearest target point: one (N, 3) move per call. The others walk from p to the
-    closest of its neighbours while that is closer (one step, about 16 distances, when p stays the
-    nearest), and the last step's distances give the new slack. Points that moved farther than a few
-    neighbour spacings (the first call, a flipped start) are queried in the KD-tree instead, with the slack (second-nearest distance - nearest) / 2 (every other target point is
-    at least that much farther). The answer is the KD-tree's, up to exact ties.
+    from c, p is still its nearest target point: one (N, 3) move per call. Moved less than the distance to
+    the second-nearest plane, only the nearest one can have been crossed: one plane test. The others walk
+    from p to the closest of its neighbours while that is closer (one step, about 16 distances, when p
+    stays the nearest), and the last step's distances give the new slacks. Points that moved farther than
+    a few neighbour spacings (the first call, a flipped start) are queried in the KD-tree instead, with the
+    slack (second-nearest distance - nearest) / 2 (every other target point is at least that much
+    farther). The answer is the KD-tree's, up to exact ties.
 
     Args:
         tree: a `cKDTree` of the target points; graph: their `DelaunayGraph`.
