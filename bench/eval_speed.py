@@ -115,8 +115,8 @@ def run(clouds: dict[str, np.ndarray], outs: dict[str, Path], samples: int, modu
     load = os.getloadavg()
     for (name, kind), values in seconds.items():
         mean = float(np.mean(values))
-        print(f"{name} {kind}: {mean:.3f} CPU s / sample over {len(values)} samples = {mean / TARGET_S:.2f}x the "
-              f"{TARGET_S} s target (median {np.median(values):.3f}, max {max(values):.3f})")
+        print(f"{name} {kind}: {mean:.3f} CPU s / sample over {len(values)} samples = "
+              f"{mean / TARGET_S:.2f}x the {TARGET_S} s target (median {np.median(values):.3f}, max {max(values):.3f})")
     print(f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
 
 
@@ -135,7 +135,10 @@ def compare(a: Path, b: Path) -> None:
             worst, where = 0.0, None
             for k in keys:
                 x, y = first[k][name], second[k][name]
-                diff = 0.0 if x == y else abs(x - y) / max(abs(x), abs(y)) if math.isfinite(x - y) else math.inf
+                if x == y:
+                    diff = 0.0
+                else:
+                    diff = abs(x - y) / max(abs(x), abs(y)) if math.isfinite(x - y) else math.inf
                 if diff > worst:
                     worst, where = diff, k[0]
             print(f"  {name:24s} max relative difference {worst:.2e}" + (f" ({where})" if where else ""))
@@ -146,12 +149,14 @@ def compare(a: Path, b: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pred", type=Path, help="dualpm-infer output folder")
     parser.add_argument("--data", type=Path, help="prepared dataset (ground truth, baseline)")
     parser.add_argument("--samples", type=int, default=60)
     parser.add_argument("--seed", type=int, default=0, help="dualpm-eval --seed")
-    parser.add_argument("--clouds", type=Path, help="npz of the clouds and targets: read if it exists, else written")
+    parser.add_argument("--clouds", type=Path,
+                        help="npz of the clouds and targets: read if it exists, else written")
     parser.add_argument("--out", type=Path, help="per-sample JSONL")
     parser.add_argument("--reference", type=Path, metavar="ANIMODEL_PY",
                         help="also score with this animodel.py (e.g. /work/main/dualpm/eval/animodel.py), "
@@ -179,8 +184,8 @@ def main() -> None:
     if args.reference is not None:
         if args.reference_out is None:
             parser.error("--reference needs --reference-out")
-        modules, outs = {"reference": load_reference(args.reference), **modules}, {"reference": args.reference_out,
-                                                                                  **outs}
+        modules = {"reference": load_reference(args.reference), **modules}
+        outs = {"reference": args.reference_out, **outs}
     run(clouds, outs, args.samples, modules)
 
 

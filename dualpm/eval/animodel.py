@@ -390,7 +390,7 @@ def icp_residual(source: np.ndarray, target: np.ndarray, iterations: int, tree: 
     mean_source = source.mean(axis=0)
     centred = source - mean_source
     variance = float(np.einsum("nc,nc->", centred, centred)) / len(source)
-    done = 0
+    done = queried = 0
     for done in range(1, iterations + 1):
         if graph is not None and isinstance(nearest, NearestTracker) and done > _WALK_AFTER[1] and (
                 nearest.queried - queried > _WALK_AFTER[0] * len(source)
@@ -446,8 +446,9 @@ FLIP_Y = np.diag([-1.0, 1.0, -1.0, 1.0])  # 180 degrees about the world Y axis, 
 
 class _Target:
     """What the protocol needs of one target mesh, made on first use and shared by every reconstruction
-    scored against it: its volume, its even samples, the Delaunay graph of its ICP points (drawn first from the seeded generator, so every
-    reconstruction's samples continue the same random stream, exactly as when scored alone) and their trees."""
+    scored against it: its volume, its even samples (drawn first from the seeded generator, so every
+    reconstruction's samples continue the same random stream, exactly as when scored alone), their trees
+    and the Delaunay graph of its ICP points."""
 
     def __init__(self, mesh: trimesh.Trimesh, options: AnimodelOptions, name: str = "target"):
         self.mesh, self.options, self.name = mesh, options, name

@@ -48,7 +48,8 @@ class NearestTracker:
         """points: (N, 3) float64, the same N every call. Returns a new (N,) intp array of nearest indices."""
         if self.anchor is None:
             n = len(points)
-            self.anchor, self.candidates, self.reach = points.copy(), np.zeros((n, self.k), np.intp), np.zeros(n)
+            self.anchor, self.reach = points.copy(), np.zeros(n)
+            self.candidates = np.zeros((n, self.k), np.intp)
             self.spots, self.checked = np.zeros((n, self.k, 3)), points.copy()
             self.index, self.nearest, self.others = np.zeros(n, np.intp), np.zeros(n), np.zeros(n)
             self._query(points, np.arange(n))
@@ -62,11 +63,13 @@ class NearestTracker:
             here = points[unsure]
             offsets = self.spots[unsure] - here[:, None, :]  # (U, k, 3)
             distances = np.sqrt(np.einsum("nkc,nkc->nk", offsets, offsets))
-            order = np.argsort(distances, axis=1)[:, :2] if self.k > 1 else np.zeros((len(unsure), 1), np.intp)
+            order = (np.argsort(distances, axis=1)[:, :2] if self.k > 1
+                     else np.zeros((len(unsure), 1), np.intp))
             rows = np.arange(len(unsure))
             best = distances[rows, order[:, 0]]
             shift = here - self.anchor[unsure]
-            outside = self.reach[unsure] - np.sqrt(np.einsum("nc,nc->n", shift, shift))  # non-candidates' bound
+            # Every non-candidate is at least this far from the point.
+            outside = self.reach[unsure] - np.sqrt(np.einsum("nc,nc->n", shift, shift))
             second = np.minimum(distances[rows, order[:, 1]], outside) if self.k > 1 else outside
             self.checked[unsure], self.index[unsure] = here, self.candidates[unsure, order[:, 0]]
             self.nearest[unsure], self.others[unsure] = best, second
