@@ -116,7 +116,8 @@ def run(clouds: dict[str, np.ndarray], outs: dict[str, Path], samples: int, modu
     for (name, kind), values in seconds.items():
         mean = float(np.mean(values))
         print(f"{name} {kind}: {mean:.3f} CPU s / sample over {len(values)} samples = "
-              f"{mean / TARGET_S:.2f}x the {TARGET_S} s target (median {np.median(values):.3f}, max {max(values):.3f})")
+              f"{mean / TARGET_S:.2f}x the {TARGET_S} s target (median {np.median(values):.3f}, "
+              f"max {max(values):.3f})")
     print(f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
 
 
