@@ -12,7 +12,7 @@ from scipy.spatial import cKDTree
 from scipy.spatial.transform import Rotation
 
 from dualpm.eval import sampling
-from dualpm.eval.animodel import _marching_cubes, icp_until_settled, voxelise
+from dualpm.eval.animodel import _marching_cubes, icp_residual, icp_until_settled, voxelise
 from dualpm.eval.nearest import DelaunayGraph, DelaunayTracker
 
 
@@ -83,15 +83,23 @@ def test_icp_walking_the_delaunay_graph_equals_icp_with_the_kdtree():
     source = critter(2).sample(1500, seed=4) * [1.3, 0.8, 1.1] + [0.3, 0.2, -0.1]
     source = source + rng.normal(scale=0.01, size=source.shape)
     plain, plain_done = icp_until_settled(source, target, 120)
-    built = []
+    made = []
 
-    def graph():
-        built.append(DelaunayGraph.of(target))
-        return built[-1]
+    def graph(make: bool) -> DelaunayGraph | None:
+        if make and not made:
+            made.append(DelaunayGraph.of(target))
+        return made[0] if made else None
 
+    # Not allowed to make the graph on its re-query rate: no graph yet, so the KD-tree tracker throughout.
+    kept, kept_done, _ = icp_residual(source, target, 120, graph=graph, build=False)
+    assert not made and kept_done == plain_done
+    np.testing.assert_array_equal(kept, plain)
     walked, walked_done = icp_until_settled(source, target, 120, graph=graph)
-    assert len(built) == 1 and plain_done == walked_done > 20
+    assert len(made) == 1 and plain_done == walked_done > 20
     np.testing.assert_array_equal(walked, plain)
+    # A graph made before is used without `build`.
+    again, _, _ = icp_residual(source, target, 120, graph=lambda make: made[0], build=False)
+    np.testing.assert_array_equal(again, plain)
 
 
 @pytest.mark.parametrize("scale", [0.77, 1.0 / 1.3, 1.442, 2.5])

@@ -349,23 +349,26 @@ def spatial_order(points: np.ndarray, bits: int = 10) -> np.ndarray:
     return points[morton_order(points, bits)]
 
 
-# ICP walks the Delaunay graph (built once per target, 0.15-0.2 s) once, after iteration 2, the KD-tree tracker
-# re-queried more than half the points in one iteration or 6 N in all (at about 4 us a query, soon more than the
-# graph costs): the baseline's sliding ICP from its third iteration on, and the model's flipped start (a wash
-# for the model alone, 3% slower on the demo's clouds; free when the baseline built the graph for the target).
-# Measured on the demo's clouds: switching later (12th iteration, 0.3 N) made the baseline 9% slower.
+# ICP walks the Delaunay graph (0.13-0.2 s to build, once per target) once, after iteration 2, the KD-tree
+# tracker re-queried more than half the points in one iteration (at about 4 us a query, soon more than the
+# graph costs: the baseline's sliding ICP from its third iteration on), or 6 N in all. A start that only
+# may use the graph (`icp_residual`'s `build`: the flipped one) switches on the first rule only when the
+# graph is already there: the model's flipped start re-queries like the baseline's for a few iterations and
+# then settles, and building the graph for it made the model alone 5% slower on the demo's clouds.
+# Switching later (12th iteration, 0.3 N) made the baseline 9% slower.
 _WALK_AFTER = (0.5, 2, 6.0)
 
 
 def icp_until_settled(source: np.ndarray, target: np.ndarray, iterations: int, tree: cKDTree | None = None,
-                      graph: Callable[[], DelaunayGraph | None] | None = None) -> tuple[np.ndarray, int]:
+                      graph: Callable[[bool], DelaunayGraph | None] | None = None) -> tuple[np.ndarray, int]:
     """(4, 4) rigid transform and iterations of `icp_residual` (which see)."""
     matrix, done, _ = icp_residual(source, target, iterations, tree, graph)
     return matrix, done
 
 
 def icp_residual(source: np.ndarray, target: np.ndarray, iterations: int, tree: cKDTree | None = None,
-                 graph: Callable[[], DelaunayGraph | None] | None = None) -> tuple[np.ndarray, int, float]:
+                 graph: Callable[[bool], DelaunayGraph | None] | None = None, build: bool = True
+                 ) -> tuple[np.ndarray, int, float]:
     """Point-to-point rigid ICP from the identity with trimesh's `registration.icp(threshold=0)` rule.
 
     Each iteration matches every moved source point to its nearest target point and refits the rigid
@@ -376,9 +379,11 @@ def icp_residual(source: np.ndarray, target: np.ndarray, iterations: int, tree: 
     Args:
         source: (N, 3) float64 points to move; target: (M, 3) float64 points, same units.
         tree: a `cKDTree` of `target` to reuse (several sources aligned to one target), or None.
-        graph: returns the `DelaunayGraph` of `target` (or None), called when `NearestTracker` re-queries
-            many points (`_WALK_AFTER`: a sliding ICP): later matches come from a `DelaunayTracker` walking it.
-            Both trackers give the KD-tree's matches, so this changes the speed only.
+        graph: graph(make) returns the `DelaunayGraph` of `target` (or None; with make False, only one made
+            before), asked for when `NearestTracker` re-queries many points (`_WALK_AFTER`: a sliding ICP):
+            later matches come from a `DelaunayTracker` walking it. Both trackers give the KD-tree's
+            matches, so this changes the speed only.
+        build: make the graph on a high re-query rate (else only on a high re-query total).
     Returns:
         (4, 4) float64 rigid transform, iterations run, mean squared residual of its fit (scene units^2).
     """
@@ -392,10 +397,12 @@ def icp_residual(source: np.ndarray, target: np.ndarray, iterations: int, tree: 
     variance = float(np.einsum("nc,nc->", centred, centred)) / len(source)
     done = queried = 0
     for done in range(1, iterations + 1):
-        if graph is not None and isinstance(nearest, NearestTracker) and done > _WALK_AFTER[1] and (
-                nearest.queried - queried > _WALK_AFTER[0] * len(source)
-                or nearest.queried > (1 + _WALK_AFTER[2]) * len(source)):
-            delaunay = graph()
+        if graph is not None and isinstance(nearest, NearestTracker) and done > _WALK_AFTER[1]:
+            delaunay = None
+            if nearest.queried > (1 + _WALK_AFTER[2]) * len(source):
+                delaunay = graph(True)
+            elif nearest.queried - queried > _WALK_AFTER[0] * len(source):
+                delaunay = graph(build)
             if delaunay is not None:
                 nearest = DelaunayTracker(tree, delaunay)
         queried = nearest.queried
@@ -466,10 +473,12 @@ class _Target:
         points = spatial_order(sample_even(self.mesh, self.options.chamfer_points, rng))
         return align, cKDTree(align), points, cKDTree(points, leafsize=_CHAMFER_LEAF), rng.bit_generator.state
 
-    @functools.cached_property
-    def graph(self) -> DelaunayGraph | None:
-        # The Delaunay graph of the ICP points, built only when some ICP slides (`icp_until_settled`).
-        return DelaunayGraph.of(self.samples[0])
+    def graph(self, make: bool) -> DelaunayGraph | None:
+        """The Delaunay graph of the ICP points, made on the first call with `make` (some ICP slides:
+        `icp_residual`); without it, the graph made before or None."""
+        if make and not hasattr(self, "_graph"):
+            self._graph = DelaunayGraph.of(self.samples[0])
+        return getattr(self, "_graph", None)
 
 
 def _score_one(reconstruction: trimesh.Trimesh | ArrayLike, target: _Target, unit_scale: float) -> AnimodelScore:
@@ -501,20 +510,20 @@ def _score_one(reconstruction: trimesh.Trimesh | ArrayLike, target: _Target, uni
     recon_points = spatial_order(sample_even(recon, options.chamfer_points, rng))
     recon_tree = cKDTree(recon_points, leafsize=_CHAMFER_LEAF)
 
-    def align(start: np.ndarray) -> tuple[np.ndarray, int, float]:
+    def align(start: np.ndarray, build: bool) -> tuple[np.ndarray, int, float]:
         matrix, done, residual = icp_residual(apply_transform(start, recon_align), target_align,
-                                              options.icp_iterations, align_tree, lambda: target.graph)
+                                              options.icp_iterations, align_tree, target.graph, build)
         return matrix @ start, done, residual
 
     def chamfer(matrix: np.ndarray, beat: float = math.inf) -> ChamferResult | None:
         return _chamfer(recon_points, recon_tree, matrix, target_points, target_tree, beat)
 
-    total, done, residual = align(np.eye(4))
+    total, done, residual = align(np.eye(4), True)
     flipped = False
     if not options.flip:
         result = chamfer(total)
     else:  # start from the first alignment turned about world Y (step 6)
-        flip_total, flip_done, flip_residual = align(FLIP_Y @ total)
+        flip_total, flip_done, flip_residual = align(FLIP_Y @ total, False)
         # The flip is kept when strictly better, as Animodel requires. The Chamfer distance of the likelier
         # winner (the lower ICP residual) is measured first, so that the other's can stop early (`_chamfer`).
         if flip_residual < residual:
