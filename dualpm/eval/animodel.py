@@ -38,12 +38,19 @@ Where this implementation differs, and why it does not change the numbers:
   repeats the same step until its 200 iterations are spent, so the result is the same.
 - Samples come from a seeded generator: the same inputs and seed give the same numbers.
 
-Speed (issue 26), none of which changes a number beyond the rounding of sums: `score_all` makes a target's
-volume, samples and KD-trees once for every cloud scored against it (a model's and the baseline's; the
-target's samples are drawn first, so each cloud's samples continue the same random stream as when scored
-alone); ICP's nearest neighbours come from `NearestTracker` (exact; KD-tree queries only for points that
-may have changed neighbour); even samples are kept in Morton order (cache-friendly KD-trees); the Chamfer
-distance of the flipped branch stops early once it cannot win (`_chamfer`).
+Speed (issue 26), none of which changes a number beyond the rounding of sums (and of a lattice point at
+an exact half-voxel tie, below): `score_all` makes a target's volume, samples, KD-trees and Delaunay graph
+once for every cloud scored against it (a model's and the baseline's; the target's samples are drawn
+first, so each cloud's samples continue the same random stream as when scored alone). The remesh (step 3)
+reuses the grid of the volume (step 1): scaling about the origin scales the pitch alike, so the scaled
+mesh's grid is the same one (only a lattice point rounding at an exact half-voxel tie could differ; tested
+equal). Even samples are trimesh's, bit for bit, drawn with fewer temporaries (`sampling`), and kept in
+Morton order (cache-friendly KD-trees). ICP's nearest neighbours are exact: `NearestTracker` re-queries
+the KD-tree only for points that may have changed neighbour; a sliding ICP (the baseline's: most points
+change neighbour every iteration for 200 iterations) switches to `DelaunayTracker`, which walks the
+Delaunay graph of the target points from each point's previous nearest one and needs no tree query. Of
+the two alignments (step 6), the Chamfer distance of the one with the lower ICP residual is measured first
+and the other's stops early once it cannot win (`_chamfer`); both are exact, so the choice is the same.
 
 Point clouds have no volume and no surface to sample. `mesh_from_points` turns one into a closed surface
 first (see its docstring: voxel occupancy at a pitch set by the cloud's own point spacing, morphological
@@ -55,7 +62,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -63,9 +70,12 @@ import trimesh
 from numpy.typing import ArrayLike
 from scipy import ndimage
 from scipy.spatial import cKDTree
+from skimage import measure
 
 from dualpm.eval.align import apply_transform, similarity_matrix, umeyama_from_moments
 from dualpm.eval.metrics import ChamferResult, EvalError, as_points
+from dualpm.eval.nearest import DelaunayGraph, DelaunayTracker, NearestTracker  # noqa: F401 (NearestTracker: public)
+from dualpm.eval.sampling import morton_order, sample_surface_even
 
 PROTOCOL = "animodel"
 MAX_VOXELS = 400_000_000  # a dense grid beyond this (400 MB of bools) means a degenerate box: refuse it
@@ -169,7 +179,10 @@ def _surface_grid(vertices: np.ndarray, faces: np.ndarray, pitch: float, name: s
             per_chunk = max(1, _LATTICE_BUDGET // len(w))
             for start in range(0, len(group), per_chunk):
                 points = (w @ group[start:start + per_chunk]).reshape(-1, 3)  # (P, 3) @ (f, 3, 3) -> (f * P, 3)
-                index = np.round(points / pitch).astype(np.int64) - low  # (f * P, 3)
+                points /= pitch  # in place: the values of np.round(points / pitch), fewer temporaries
+                np.rint(points, out=points)
+                index = points.astype(np.int64)
+                index -= low  # (f * P, 3)
                 grid[index[:, 0], index[:, 1], index[:, 2]] = True
     return grid, low
 
@@ -218,8 +231,12 @@ def voxel_volume(mesh: trimesh.Trimesh, min_cubes: int, name: str = "mesh", encl
 
 
 def _marching_cubes(grid: np.ndarray) -> trimesh.Trimesh:
-    # trimesh's voxel meshing (skimage marching cubes at the 0/1 boundary, padded so the surface closes).
-    return trimesh.voxel.ops.matrix_to_marching_cubes(grid)
+    """trimesh's `voxel.ops.matrix_to_marching_cubes(grid)` (skimage's marching cubes at the 0/1 boundary,
+    padded so the surface closes), without its vertex merge: marching cubes puts one vertex on each crossed
+    grid edge, at its midpoint here, so there is nothing to merge (tested equal; a third of the time)."""
+    padded = np.pad(~grid, 1, mode="constant", constant_values=True)
+    vertices, faces, _, _ = measure.marching_cubes(padded, level=0.5, spacing=(1.0, 1.0, 1.0))
+    return trimesh.Trimesh(np.subtract(vertices, (1.0, 1.0, 1.0)), faces, process=False)
 
 
 def _match_box(mesh: trimesh.Trimesh, extents: np.ndarray, centre: np.ndarray) -> trimesh.Trimesh:
@@ -312,7 +329,7 @@ def sample_even(mesh: trimesh.Trimesh, count: int, rng: np.random.Generator) -> 
     """(count, 3) float64 "even" surface points (module docstring), drawn from `rng`."""
     batches, total = [], 0
     while total < count:
-        points, _ = trimesh.sample.sample_surface_even(mesh, count, seed=rng)
+        points = sample_surface_even(mesh, count, rng)  # trimesh's, the same points
         if len(points) == 0:
             raise EvalError("sample_even: no point could be drawn on the surface")
         batches.append(points)
@@ -320,72 +337,38 @@ def sample_even(mesh: trimesh.Trimesh, count: int, rng: np.random.Generator) -> 
     return np.concatenate(batches)[:count].astype(np.float64)
 
 
-_CHAMFER_LEAF = 32  # KD-tree leaf size of the Chamfer point sets: far queries (a poor alignment) run 2-3x faster
+# KD-tree leaf size of the Chamfer point sets: far queries (a poor alignment) run 2-3x faster than at 16;
+# 64 was the fastest of 16-128 on the demo's model and baseline clouds.
+_CHAMFER_LEAF = 64
 
 
 def spatial_order(points: np.ndarray, bits: int = 10) -> np.ndarray:
-    """`points` (N, 3) reordered along a Morton (Z-order) curve over their box: neighbours in space become
-    neighbours in memory, which makes KD-tree builds and batches of queries about 2x faster (cache). Even
-    samples are a set, so their order changes no number beyond the rounding of sums."""
-    low = points.min(axis=0)
-    span = float((points.max(axis=0) - low).max()) or 1.0
-    cells = ((points - low) * ((2**bits - 1) / span)).astype(np.uint64)  # (N, 3) integer cell per axis
-    code = np.zeros(len(points), dtype=np.uint64)
-    for bit in range(bits):
-        for axis in range(3):
-            code |= ((cells[:, axis] >> np.uint64(bit)) & np.uint64(1)) << np.uint64(3 * bit + axis)
-    return points[np.argsort(code, kind="stable")]
+    """`points` (N, 3) reordered along a Morton (Z-order) curve over their box (`sampling.morton_order`):
+    neighbours in space become neighbours in memory, which makes KD-tree builds and batches of queries about
+    2x faster (cache). Even samples are a set, so their order changes no number beyond the rounding of sums."""
+    return points[morton_order(points, bits)]
 
 
-class NearestTracker:
-    """Exact nearest target point of each of N points that move a little between calls (ICP).
-
-    When a point is queried at p, its k nearest target points (candidates) are kept with d_k, the distance
-    of the k-th. Moved to x, |x - p| = m away, every other target point is at least d_k - m from x; so when
-    the nearest candidate is closer than that, it is the nearest target point. Only the points that fail
-    this test are queried again: a settling or slowly sliding ICP costs one (N, k) distance evaluation per
-    iteration instead of a KD-tree query, whose far queries are slow. The answer is the KD-tree's, up to
-    exact ties.
-    """
-
-    def __init__(self, tree: cKDTree, k: int = 16):
-        self.tree, self.k = tree, max(1, min(k, tree.n))
-        self.anchor: np.ndarray | None = None  # (N, 3) where each point was last queried
-        self.candidates = np.zeros((0, self.k), dtype=np.intp)  # (N, k) nearest target points at the anchor
-        self.spots = np.zeros((0, self.k, 3))  # (N, k, 3) their positions
-        self.reach = np.zeros(0)  # (N,) distance of the k-th candidate at the anchor (inf: all target points)
-        self.queried = 0  # points queried in the tree so far (benchmarks)
-
-    def __call__(self, points: np.ndarray) -> np.ndarray:
-        """points: (N, 3) float64, the same N every call. Returns a new (N,) intp array of nearest indices."""
-        if self.anchor is None:
-            n = len(points)
-            self.anchor, self.candidates, self.reach = points.copy(), np.zeros((n, self.k), np.intp), np.zeros(n)
-            self.spots = np.zeros((n, self.k, 3))
-            index = np.zeros(n, np.intp)
-            stale = np.arange(n)
-        else:
-            offsets = self.spots - points[:, None, :]  # (N, k, 3)
-            squared = np.einsum("nkc,nkc->nk", offsets, offsets)
-            best = np.argmin(squared, axis=1)
-            index = self.candidates[np.arange(len(points)), best]
-            nearest = np.sqrt(squared[np.arange(len(points)), best])
-            moved = np.sqrt(np.sum((points - self.anchor) ** 2, axis=1))
-            # A margin of 1e-9 of the reach covers the rounding of the distances and of the moves.
-            stale = np.flatnonzero(nearest >= self.reach * (1.0 - 1e-9) - moved)
-        if len(stale):
-            self.queried += len(stale)
-            distance, found = self.tree.query(points[stale], k=self.k)
-            self.candidates[stale] = found.reshape(len(stale), self.k)
-            self.spots[stale] = self.tree.data[self.candidates[stale]]
-            self.reach[stale] = distance.reshape(len(stale), self.k)[:, -1] if self.k < self.tree.n else math.inf
-            self.anchor[stale] = points[stale]
-            index[stale] = self.candidates[stale, 0]
-        return index
+# ICP walks the Delaunay graph (0.13-0.2 s to build, once per target) once, after iteration 2, the KD-tree
+# tracker re-queried more than half the points in one iteration (at about 4 us a query, soon more than the
+# graph costs: the baseline's sliding ICP from its third iteration on), or 6 N in all. A start that only
+# may use the graph (`icp_residual`'s `build`: the flipped one) switches on the first rule only when the
+# graph is already there: the model's flipped start re-queries like the baseline's for a few iterations and
+# then settles, and building the graph for it made the model alone 5% slower on the demo's clouds.
+# Switching later (12th iteration, 0.3 N) made the baseline 9% slower.
+_WALK_AFTER = (0.5, 2, 6.0)
 
 
-def icp_until_settled(source: np.ndarray, target: np.ndarray, iterations: int, tree: cKDTree | None = None
-                      ) -> tuple[np.ndarray, int]:
+def icp_until_settled(source: np.ndarray, target: np.ndarray, iterations: int, tree: cKDTree | None = None,
+                      graph: Callable[[bool], DelaunayGraph | None] | None = None) -> tuple[np.ndarray, int]:
+    """(4, 4) rigid transform and iterations of `icp_residual` (which see)."""
+    matrix, done, _ = icp_residual(source, target, iterations, tree, graph)
+    return matrix, done
+
+
+def icp_residual(source: np.ndarray, target: np.ndarray, iterations: int, tree: cKDTree | None = None,
+                 graph: Callable[[bool], DelaunayGraph | None] | None = None, build: bool = True
+                 ) -> tuple[np.ndarray, int, float]:
     """Point-to-point rigid ICP from the identity with trimesh's `registration.icp(threshold=0)` rule.
 
     Each iteration matches every moved source point to its nearest target point and refits the rigid
@@ -396,33 +379,48 @@ def icp_until_settled(source: np.ndarray, target: np.ndarray, iterations: int, t
     Args:
         source: (N, 3) float64 points to move; target: (M, 3) float64 points, same units.
         tree: a `cKDTree` of `target` to reuse (several sources aligned to one target), or None.
+        graph: graph(make) returns the `DelaunayGraph` of `target` (or None; with make False, only one made
+            before), asked for when `NearestTracker` re-queries many points (`_WALK_AFTER`: a sliding ICP):
+            later matches come from a `DelaunayTracker` walking it. Both trackers give the KD-tree's
+            matches, so this changes the speed only.
+        build: make the graph on a high re-query rate (else only on a high re-query total).
     Returns:
-        (4, 4) float64 rigid transform, iterations run.
+        (4, 4) float64 rigid transform, iterations run, mean squared residual of its fit (scene units^2).
     """
-    nearest = NearestTracker(cKDTree(target) if tree is None else tree)
-    matrix, previous, cost = np.eye(4), None, math.inf
+    tree = cKDTree(target) if tree is None else tree
+    nearest: NearestTracker | DelaunayTracker = NearestTracker(tree)
+    matrix, previous, cost, residual = np.eye(4), None, math.inf, math.inf
     moved = source
     # The Kabsch fit's source moments do not change between iterations: computed once.
     mean_source = source.mean(axis=0)
     centred = source - mean_source
     variance = float(np.einsum("nc,nc->", centred, centred)) / len(source)
-    done = 0
+    done = queried = 0
     for done in range(1, iterations + 1):
+        if graph is not None and isinstance(nearest, NearestTracker) and done > _WALK_AFTER[1]:
+            delaunay = None
+            if nearest.queried > (1 + _WALK_AFTER[2]) * len(source):
+                delaunay = graph(True)
+            elif nearest.queried - queried > _WALK_AFTER[0] * len(source):
+                delaunay = graph(build)
+            if delaunay is not None:
+                nearest = DelaunayTracker(tree, delaunay)
+        queried = nearest.queried
         index = nearest(moved)
         if previous is not None and np.array_equal(index, previous):
             break
-        matches = target[index]
+        matches = target[index]  # (N, 3)
         mean_match = matches.mean(axis=0)
         covariance = (matches - mean_match).T @ centred / len(source)
         rotation, translation, _, _ = umeyama_from_moments(mean_source, mean_match, covariance, np.asarray(variance),
                                                            with_scale=False)
         matrix = similarity_matrix(rotation, translation)
         moved = apply_transform(matrix, source)
-        residual = float(np.mean(np.sum((moved - target[index]) ** 2, axis=1)))
+        residual = float(np.mean(np.sum((moved - matches) ** 2, axis=1)))
         if residual > cost:
             break
         previous, cost = index, residual
-    return matrix, done
+    return matrix, done, residual
 
 
 def _chamfer(recon: np.ndarray, recon_tree: cKDTree, matrix: np.ndarray, target: np.ndarray, target_tree: cKDTree,
@@ -456,7 +454,8 @@ FLIP_Y = np.diag([-1.0, 1.0, -1.0, 1.0])  # 180 degrees about the world Y axis, 
 class _Target:
     """What the protocol needs of one target mesh, made on first use and shared by every reconstruction
     scored against it: its volume, its even samples (drawn first from the seeded generator, so every
-    reconstruction's samples continue the same random stream, exactly as when scored alone) and their trees."""
+    reconstruction's samples continue the same random stream, exactly as when scored alone), their trees
+    and the Delaunay graph of its ICP points."""
 
     def __init__(self, mesh: trimesh.Trimesh, options: AnimodelOptions, name: str = "target"):
         self.mesh, self.options, self.name = mesh, options, name
@@ -474,6 +473,13 @@ class _Target:
         points = spatial_order(sample_even(self.mesh, self.options.chamfer_points, rng))
         return align, cKDTree(align), points, cKDTree(points, leafsize=_CHAMFER_LEAF), rng.bit_generator.state
 
+    def graph(self, make: bool) -> DelaunayGraph | None:
+        """The Delaunay graph of the ICP points, made on the first call with `make` (some ICP slides:
+        `icp_residual`); without it, the graph made before or None."""
+        if make and not hasattr(self, "_graph"):
+            self._graph = DelaunayGraph.of(self.samples[0])
+        return getattr(self, "_graph", None)
+
 
 def _score_one(reconstruction: trimesh.Trimesh | ArrayLike, target: _Target, unit_scale: float) -> AnimodelScore:
     options = target.options
@@ -490,9 +496,13 @@ def _score_one(reconstruction: trimesh.Trimesh | ArrayLike, target: _Target, uni
         _check_mesh("reconstruction", recon)
     volume_scale = 1.0
     if options.rescale:
-        volume_scale = (target.volume / voxel_volume(recon, options.min_cubes, "reconstruction")) ** (1.0 / 3.0)
-        recon = trimesh.Trimesh(recon.vertices * volume_scale, recon.faces, process=False)
-        recon = remesh(recon, options.min_cubes)
+        grid, pitch, _ = voxelise(recon, options.min_cubes, "reconstruction")
+        volume_scale = (target.volume / (float(np.count_nonzero(grid)) * pitch**3)) ** (1.0 / 3.0)  # voxel_volume
+        scaled = trimesh.Trimesh(recon.vertices * volume_scale, recon.faces, process=False)
+        # Scaling about the origin scales the pitch alike, so the filled grid of the scaled mesh is `grid`
+        # (up to the rounding of a lattice point at an exact half-voxel tie): `remesh(scaled)` without
+        # voxelising again.
+        recon = _match_box(_marching_cubes(grid), scaled.extents, scaled.centroid)
     target_align, align_tree, target_points, target_tree, state = target.samples
     rng = np.random.Generator(np.random.PCG64())
     rng.bit_generator.state = state  # the stream after the target's samples
@@ -500,18 +510,32 @@ def _score_one(reconstruction: trimesh.Trimesh | ArrayLike, target: _Target, uni
     recon_points = spatial_order(sample_even(recon, options.chamfer_points, rng))
     recon_tree = cKDTree(recon_points, leafsize=_CHAMFER_LEAF)
 
-    def align(start: np.ndarray, beat: float) -> tuple[ChamferResult | None, np.ndarray, int]:
-        matrix, done = icp_until_settled(apply_transform(start, recon_align), target_align, options.icp_iterations,
-                                         align_tree)
-        total = matrix @ start
-        return _chamfer(recon_points, recon_tree, total, target_points, target_tree, beat), total, done
+    def align(start: np.ndarray, build: bool) -> tuple[np.ndarray, int, float]:
+        matrix, done, residual = icp_residual(apply_transform(start, recon_align), target_align,
+                                              options.icp_iterations, align_tree, target.graph, build)
+        return matrix @ start, done, residual
 
-    result, total, done = align(np.eye(4), math.inf)
+    def chamfer(matrix: np.ndarray, beat: float = math.inf) -> ChamferResult | None:
+        return _chamfer(recon_points, recon_tree, matrix, target_points, target_tree, beat)
+
+    total, done, residual = align(np.eye(4), True)
     flipped = False
-    if options.flip:  # start from the first alignment turned about world Y (step 6)
-        flip_result, flip_total, flip_done = align(FLIP_Y @ total, result.symmetric)
-        if flip_result is not None:  # strictly better, as Animodel requires to take the flip
-            result, total, done, flipped = flip_result, flip_total, flip_done, True
+    if not options.flip:
+        result = chamfer(total)
+    else:  # start from the first alignment turned about world Y (step 6)
+        flip_total, flip_done, flip_residual = align(FLIP_Y @ total, False)
+        # The flip is kept when strictly better, as Animodel requires. The Chamfer distance of the likelier
+        # winner (the lower ICP residual) is measured first, so that the other's can stop early (`_chamfer`).
+        if flip_residual < residual:
+            flip_result = chamfer(flip_total)
+            result = chamfer(total, np.nextafter(flip_result.symmetric, math.inf))  # kept on a tie
+            if result is None:
+                result, total, done, flipped = flip_result, flip_total, flip_done, True
+        else:
+            result = chamfer(total)
+            flip_result = chamfer(flip_total, result.symmetric)
+            if flip_result is not None:
+                result, total, done, flipped = flip_result, flip_total, flip_done, True
     return AnimodelScore(result, unit_scale, volume_scale, flipped, total, done, is_points, enclosed)
 
 
