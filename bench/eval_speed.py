@@ -79,7 +79,9 @@ def read_clouds(pred: Path, data: Path, samples: int, seed: int) -> dict[str, np
 
 def load_reference(path: Path):
     """Another version of `dualpm/eval/animodel.py` (e.g. main's) as a module of its own, importing the rest
-    of `dualpm` from this checkout (animodel.py imports only `align` and `metrics`, unchanged by issue 26)."""
+    of `dualpm` from this checkout: it times that file's own code with this checkout's `nearest`,
+    `sampling`, `align` and `metrics`. To time another checkout as a whole, run this script twice with
+    PYTHONPATH set to each (one process each, same `--clouds`) and `--compare` the two JSONL files."""
     spec = importlib.util.spec_from_file_location("animodel_reference", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there

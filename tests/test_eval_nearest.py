@@ -12,7 +12,15 @@ from scipy.spatial import cKDTree
 from scipy.spatial.transform import Rotation
 
 from dualpm.eval import sampling
-from dualpm.eval.animodel import _marching_cubes, icp_residual, icp_until_settled, voxelise
+from dualpm.eval.animodel import (
+    _chamfer,
+    _marching_cubes,
+    chamfer_tree,
+    column_mean,
+    icp_residual,
+    icp_until_settled,
+    voxelise,
+)
 from dualpm.eval.nearest import DelaunayGraph, DelaunayTracker
 
 
@@ -79,27 +87,38 @@ def test_delaunay_graph_refuses_points_that_are_not_vertices():
 def test_icp_walking_the_delaunay_graph_equals_icp_with_the_kdtree():
     rng = np.random.default_rng(1)
     target = critter(3).sample(2000, seed=2)
-    # A poor start far from the target: ICP slides for many iterations, the tracker switches to walking.
+    # A poor start far from the target: ICP slides for many iterations.
     source = critter(2).sample(1500, seed=4) * [1.3, 0.8, 1.1] + [0.3, 0.2, -0.1]
     source = source + rng.normal(scale=0.01, size=source.shape)
-    plain, plain_done = icp_until_settled(source, target, 120)
-    made = []
-
-    def graph(make: bool) -> DelaunayGraph | None:
-        if make and not made:
-            made.append(DelaunayGraph.of(target))
-        return made[0] if made else None
-
-    # Not allowed to make the graph on its re-query rate: no graph yet, so the KD-tree tracker throughout.
-    kept, kept_done, _ = icp_residual(source, target, 120, graph=graph, build=False)
-    assert not made and kept_done == plain_done
-    np.testing.assert_array_equal(kept, plain)
-    walked, walked_done = icp_until_settled(source, target, 120, graph=graph)
-    assert len(made) == 1 and plain_done == walked_done > 20
+    plain, plain_done, plain_residual = icp_residual(source, target, 120)  # the KD-tree tracker
+    graph = DelaunayGraph.of(target)
+    walked, walked_done, walked_residual = icp_residual(source, target, 120, graph=graph)
+    assert plain_done == walked_done > 20 and walked_residual == plain_residual
     np.testing.assert_array_equal(walked, plain)
-    # A graph made before is used without `build`.
-    again, _, _ = icp_residual(source, target, 120, graph=lambda make: made[0], build=False)
-    np.testing.assert_array_equal(again, plain)
+    # From a close start (ICP settles in a few iterations) too.
+    near = target[::2] @ Rotation.from_euler("y", 0.05).as_matrix().T + 0.01
+    settled, done = icp_until_settled(near, target, 120, graph=graph)
+    np.testing.assert_array_equal(settled, icp_until_settled(near, target, 120)[0])
+    assert done < 60
+
+
+def test_chamfer_stops_early_only_when_it_cannot_win():
+    rng = np.random.default_rng(6)
+    recon = critter(3).sample(9000, seed=1)  # more points than a chunk: the early stop can act
+    target = critter(3).sample(10000, seed=2) * [1.05, 0.95, 1.0]
+    recon_tree, target_tree = chamfer_tree(recon), chamfer_tree(target)
+    for turn in (0.0, 0.4, np.pi):
+        matrix = np.eye(4)
+        matrix[:3, :3] = Rotation.from_euler("y", turn).as_matrix()
+        matrix[:3, 3] = rng.normal(scale=0.05, size=3)
+        exact = _chamfer(recon, recon_tree, matrix, target, target_tree)
+        moved = recon @ matrix[:3, :3].T + matrix[:3, 3]
+        to_target, to_recon = cKDTree(target).query(moved)[0].mean(), cKDTree(moved).query(target)[0].mean()
+        assert (exact.pred_to_target, exact.target_to_pred) == (float(to_target), float(to_recon))
+        # Below `beat`: the same numbers, bit for bit; at or above it: None.
+        assert _chamfer(recon, recon_tree, matrix, target, target_tree, np.nextafter(exact.symmetric, 1)) == exact
+        assert _chamfer(recon, recon_tree, matrix, target, target_tree, exact.symmetric) is None
+        assert _chamfer(recon, recon_tree, matrix, target, target_tree, 0.5 * exact.symmetric) is None
 
 
 @pytest.mark.parametrize("scale", [0.77, 1.0 / 1.3, 1.442, 2.5])
@@ -123,3 +142,15 @@ def test_marching_cubes_is_trimeshs():
         ours = _marching_cubes(matrix)
         np.testing.assert_array_equal(ours.vertices, theirs.vertices)
         np.testing.assert_array_equal(ours.faces, theirs.faces)
+
+
+def test_icp_arithmetic_is_numpys_bit_for_bit():
+    # ICP's fit takes the mean of its matches with `column_mean` and its residual with the sum of squares
+    # in the order `np.sum(axis=1)` adds them: a baseline's ICP slides for 200 iterations and would amplify
+    # any rounding change, so both must be numpy's to the last bit.
+    rng = np.random.default_rng(7)
+    for n in (1, 2, 7, 8, 9, 127, 128, 129, 1000, 8000, 60001):
+        points = rng.normal(size=(n, 3)) * 10.0 ** rng.uniform(-3, 3, size=3) + rng.normal(size=3) * 100
+        np.testing.assert_array_equal(column_mean(points), points.mean(axis=0))
+        squared = points * points
+        np.testing.assert_array_equal((squared[:, 0] + squared[:, 1]) + squared[:, 2], np.sum(points**2, axis=1))

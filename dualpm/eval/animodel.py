@@ -45,12 +45,12 @@ first, so each cloud's samples continue the same random stream as when scored al
 reuses the grid of the volume (step 1): scaling about the origin scales the pitch alike, so the scaled
 mesh's grid is the same one (only a lattice point rounding at an exact half-voxel tie could differ; tested
 equal). Even samples are trimesh's, bit for bit, drawn with fewer temporaries (`sampling`), and kept in
-Morton order (cache-friendly KD-trees). ICP's nearest neighbours are exact: `NearestTracker` re-queries
-the KD-tree only for points that may have changed neighbour; a sliding ICP (the baseline's: most points
-change neighbour every iteration for 200 iterations) switches to `DelaunayTracker`, which walks the
-Delaunay graph of the target points from each point's previous nearest one and needs no tree query. Of
-the two alignments (step 6), the Chamfer distance of the one with the lower ICP residual is measured first
-and the other's stops early once it cannot win (`_chamfer`); both are exact, so the choice is the same.
+Morton order (cache-friendly KD-trees). ICP's nearest neighbours are exact: `DelaunayTracker` walks the
+Delaunay graph of the target's ICP points (made once per target) from each point's previous nearest one,
+in compiled code (numba), and queries the KD-tree only for points that jumped. Of the two alignments
+(step 6), the Chamfer distance of the one with the lower ICP residual is measured first and the other's
+stops as soon as its partial sums show it cannot win (`_chamfer`); both are exact, so the choice is the
+same. The Chamfer KD-trees are built for far queries (`chamfer_tree`).
 
 Point clouds have no volume and no surface to sample. `mesh_from_points` turns one into a closed surface
 first (see its docstring: voxel occupancy at a pitch set by the cloud's own point spacing, morphological
@@ -62,9 +62,10 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numba
 import numpy as np
 import trimesh
 from numpy.typing import ArrayLike
@@ -337,9 +338,13 @@ def sample_even(mesh: trimesh.Trimesh, count: int, rng: np.random.Generator) -> 
     return np.concatenate(batches)[:count].astype(np.float64)
 
 
-# KD-tree leaf size of the Chamfer point sets: far queries (a poor alignment) run 2-3x faster than at 16;
-# 64 was the fastest of 16-128 on the demo's model and baseline clouds.
-_CHAMFER_LEAF = 64
+def chamfer_tree(points: np.ndarray) -> cKDTree:
+    """KD-tree of a Chamfer point set. The Chamfer distance of a poor alignment is made of far queries (many
+    point spacings away), and those ran fastest with leaves of 64 points (2-3x faster than scipy's 16; 64 was
+    the best of 16-128 on the demo's model and baseline clouds), sliding-midpoint splits and node boxes not
+    shrunk to their points (`balanced_tree=False, compact_nodes=False`: 30-35% faster queries than the
+    defaults, and faster to build). The tree's shape changes no distance."""
+    return cKDTree(points, leafsize=64, balanced_tree=False, compact_nodes=False)
 
 
 def spatial_order(points: np.ndarray, bits: int = 10) -> np.ndarray:
@@ -349,100 +354,100 @@ def spatial_order(points: np.ndarray, bits: int = 10) -> np.ndarray:
     return points[morton_order(points, bits)]
 
 
-# ICP walks the Delaunay graph (0.13-0.2 s to build, once per target) once, after iteration 2, the KD-tree
-# tracker re-queried more than half the points in one iteration (at about 4 us a query, soon more than the
-# graph costs: the baseline's sliding ICP from its third iteration on), or 6 N in all. A start that only
-# may use the graph (`icp_residual`'s `build`: the flipped one) switches on the first rule only when the
-# graph is already there: the model's flipped start re-queries like the baseline's for a few iterations and
-# then settles, and building the graph for it made the model alone 5% slower on the demo's clouds.
-# Switching later (12th iteration, 0.3 N) made the baseline 9% slower.
-_WALK_AFTER = (0.5, 2, 6.0)
+@numba.njit(cache=True, nogil=True)
+def column_mean(points: np.ndarray) -> np.ndarray:
+    """(3,) float64 mean of (N >= 1, 3) float64 points over N: `points.mean(axis=0)` bit for bit (numpy adds
+    the rows one after the other into the first; tested), 15x faster than numpy's strided reduction (ICP
+    takes one every iteration)."""
+    x, y, z = points[0, 0], points[0, 1], points[0, 2]
+    for i in range(1, points.shape[0]):
+        x, y, z = x + points[i, 0], y + points[i, 1], z + points[i, 2]
+    n = points.shape[0]
+    return np.array([x / n, y / n, z / n])
 
 
 def icp_until_settled(source: np.ndarray, target: np.ndarray, iterations: int, tree: cKDTree | None = None,
-                      graph: Callable[[bool], DelaunayGraph | None] | None = None) -> tuple[np.ndarray, int]:
+                      graph: DelaunayGraph | None = None) -> tuple[np.ndarray, int]:
     """(4, 4) rigid transform and iterations of `icp_residual` (which see)."""
     matrix, done, _ = icp_residual(source, target, iterations, tree, graph)
     return matrix, done
 
 
 def icp_residual(source: np.ndarray, target: np.ndarray, iterations: int, tree: cKDTree | None = None,
-                 graph: Callable[[bool], DelaunayGraph | None] | None = None, build: bool = True
-                 ) -> tuple[np.ndarray, int, float]:
+                 graph: DelaunayGraph | None = None) -> tuple[np.ndarray, int, float]:
     """Point-to-point rigid ICP from the identity with trimesh's `registration.icp(threshold=0)` rule.
 
     Each iteration matches every moved source point to its nearest target point and refits the rigid
     transform (source -> matches, reflection-safe Kabsch); it stops after `iterations`, when the mean squared
     residual of the fit rises (that step is kept, as trimesh keeps it), or when no correspondence changed
-    (every later iteration would repeat the same step). The matches come from a `NearestTracker`.
+    (every later iteration would repeat the same step). The matches come from a `DelaunayTracker` walking
+    `graph` when one is given (any ICP: a walk step costs less than re-checking 16 KD-tree candidates), else
+    from a `NearestTracker`; both give the KD-tree's matches, so the choice changes the speed only.
 
     Args:
         source: (N, 3) float64 points to move; target: (M, 3) float64 points, same units.
         tree: a `cKDTree` of `target` to reuse (several sources aligned to one target), or None.
-        graph: graph(make) returns the `DelaunayGraph` of `target` (or None; with make False, only one made
-            before), asked for when `NearestTracker` re-queries many points (`_WALK_AFTER`: a sliding ICP):
-            later matches come from a `DelaunayTracker` walking it. Both trackers give the KD-tree's
-            matches, so this changes the speed only.
-        build: make the graph on a high re-query rate (else only on a high re-query total).
+        graph: the `DelaunayGraph` of `target` (`DelaunayGraph.of`), or None.
     Returns:
         (4, 4) float64 rigid transform, iterations run, mean squared residual of its fit (scene units^2).
     """
     tree = cKDTree(target) if tree is None else tree
-    nearest: NearestTracker | DelaunayTracker = NearestTracker(tree)
+    nearest = NearestTracker(tree) if graph is None else DelaunayTracker(tree, graph)
     matrix, previous, cost, residual = np.eye(4), None, math.inf, math.inf
     moved = source
     # The Kabsch fit's source moments do not change between iterations: computed once.
     mean_source = source.mean(axis=0)
     centred = source - mean_source
     variance = float(np.einsum("nc,nc->", centred, centred)) / len(source)
-    done = queried = 0
+    done = 0
     for done in range(1, iterations + 1):
-        if graph is not None and isinstance(nearest, NearestTracker) and done > _WALK_AFTER[1]:
-            delaunay = None
-            if nearest.queried > (1 + _WALK_AFTER[2]) * len(source):
-                delaunay = graph(True)
-            elif nearest.queried - queried > _WALK_AFTER[0] * len(source):
-                delaunay = graph(build)
-            if delaunay is not None:
-                nearest = DelaunayTracker(tree, delaunay)
-        queried = nearest.queried
         index = nearest(moved)
         if previous is not None and np.array_equal(index, previous):
             break
-        matches = target[index]  # (N, 3)
-        mean_match = matches.mean(axis=0)
+        matches = np.take(target, index, axis=0)  # (N, 3); 4x faster than target[index]
+        mean_match = column_mean(matches)
         covariance = (matches - mean_match).T @ centred / len(source)
         rotation, translation, _, _ = umeyama_from_moments(mean_source, mean_match, covariance, np.asarray(variance),
                                                            with_scale=False)
         matrix = similarity_matrix(rotation, translation)
         moved = apply_transform(matrix, source)
-        residual = float(np.mean(np.sum((moved - matches) ** 2, axis=1)))
+        offset = moved - matches
+        offset *= offset
+        residual = float(np.mean((offset[:, 0] + offset[:, 1]) + offset[:, 2]))  # np.sum(axis=1)'s order
         if residual > cost:
             break
         previous, cost = index, residual
     return matrix, done, residual
 
 
+_CHAMFER_CHUNK = 4096  # query points per KD-tree call while a Chamfer distance may still stop early
+
+
 def _chamfer(recon: np.ndarray, recon_tree: cKDTree, matrix: np.ndarray, target: np.ndarray, target_tree: cKDTree,
              beat: float = math.inf) -> ChamferResult | None:
     """Chamfer distances of `recon` moved by the rigid `matrix` and `target`, or None when the bidirectional
     distance is not below `beat`. `recon_tree` is a tree of the unmoved `recon`: the distance from a target
-    point to the moved set is that from the target point moved back. Nearest neighbours farther than
-    2 x `beat` are first left out (bounded KD-tree queries are fast; far ones are slow), which gives a lower
-    bound; only when that bound is below `beat` are the far ones measured too, so every returned value is
-    exact."""
+    point to the moved set is that from the target point moved back.
+
+    With a finite `beat`, the two directions are measured in chunks of points, alternating: the sums so far
+    are a lower bound of the result (distances are not negative), and the measure stops once that bound
+    reaches `beat`. A returned value is always the exact one (the means of the whole arrays, summed as
+    without `beat`)."""
     moved = apply_transform(matrix, recon)
     back = (target - matrix[:3, 3]) @ matrix[:3, :3]  # the rigid inverse applied to the target points
-    bound = 2.0 * beat
-    to_target = target_tree.query(moved, distance_upper_bound=bound)[0]
-    to_recon = recon_tree.query(back, distance_upper_bound=bound)[0]
     if math.isfinite(beat):
-        lower = 0.5 * (np.minimum(to_target, bound).mean() + np.minimum(to_recon, bound).mean())
-        if lower >= beat:
-            return None
-        for distances, tree, query in ((to_target, target_tree, moved), (to_recon, recon_tree, back)):
-            far = ~np.isfinite(distances)
-            distances[far] = tree.query(query[far])[0]
+        to_target, to_recon = np.empty(len(moved)), np.empty(len(back))
+        # The sum of the two means so far, and what it must stay below (a margin of 1e-9 for its rounding).
+        partial, limit = 0.0, 2.0 * beat * (1.0 + 1e-9)
+        for start in range(0, max(len(moved), len(back)), _CHAMFER_CHUNK):
+            for query, tree, out in ((moved, target_tree, to_target), (back, recon_tree, to_recon)):
+                chunk = slice(start, start + _CHAMFER_CHUNK)
+                out[chunk] = tree.query(query[chunk])[0]
+                partial += float(out[chunk].sum()) / len(query)
+            if partial >= limit:
+                return None
+    else:
+        to_target, to_recon = target_tree.query(moved)[0], recon_tree.query(back)[0]
     a, b = float(to_target.mean()), float(to_recon.mean())
     result = ChamferResult(a, b, 0.5 * (a + b))
     return result if result.symmetric < beat else None
@@ -471,14 +476,13 @@ class _Target:
         rng = np.random.default_rng(self.options.seed)
         align = spatial_order(sample_even(self.mesh, self.options.align_points, rng))
         points = spatial_order(sample_even(self.mesh, self.options.chamfer_points, rng))
-        return align, cKDTree(align), points, cKDTree(points, leafsize=_CHAMFER_LEAF), rng.bit_generator.state
+        return align, cKDTree(align), points, chamfer_tree(points), rng.bit_generator.state
 
-    def graph(self, make: bool) -> DelaunayGraph | None:
-        """The Delaunay graph of the ICP points, made on the first call with `make` (some ICP slides:
-        `icp_residual`); without it, the graph made before or None."""
-        if make and not hasattr(self, "_graph"):
-            self._graph = DelaunayGraph.of(self.samples[0])
-        return getattr(self, "_graph", None)
+    @functools.cached_property
+    def graph(self) -> DelaunayGraph | None:
+        """The Delaunay graph of the ICP points (0.1-0.15 s; None for degenerate points: the KD-tree tracker
+        then)."""
+        return DelaunayGraph.of(self.samples[0])
 
 
 def _score_one(reconstruction: trimesh.Trimesh | ArrayLike, target: _Target, unit_scale: float) -> AnimodelScore:
@@ -508,22 +512,22 @@ def _score_one(reconstruction: trimesh.Trimesh | ArrayLike, target: _Target, uni
     rng.bit_generator.state = state  # the stream after the target's samples
     recon_align = spatial_order(sample_even(recon, options.align_points, rng))
     recon_points = spatial_order(sample_even(recon, options.chamfer_points, rng))
-    recon_tree = cKDTree(recon_points, leafsize=_CHAMFER_LEAF)
+    recon_tree = chamfer_tree(recon_points)
 
-    def align(start: np.ndarray, build: bool) -> tuple[np.ndarray, int, float]:
+    def align(start: np.ndarray) -> tuple[np.ndarray, int, float]:
         matrix, done, residual = icp_residual(apply_transform(start, recon_align), target_align,
-                                              options.icp_iterations, align_tree, target.graph, build)
+                                              options.icp_iterations, align_tree, target.graph)
         return matrix @ start, done, residual
 
     def chamfer(matrix: np.ndarray, beat: float = math.inf) -> ChamferResult | None:
         return _chamfer(recon_points, recon_tree, matrix, target_points, target_tree, beat)
 
-    total, done, residual = align(np.eye(4), True)
+    total, done, residual = align(np.eye(4))
     flipped = False
     if not options.flip:
         result = chamfer(total)
     else:  # start from the first alignment turned about world Y (step 6)
-        flip_total, flip_done, flip_residual = align(FLIP_Y @ total, False)
+        flip_total, flip_done, flip_residual = align(FLIP_Y @ total)
         # The flip is kept when strictly better, as Animodel requires. The Chamfer distance of the likelier
         # winner (the lower ICP residual) is measured first, so that the other's can stop early (`_chamfer`).
         if flip_residual < residual:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 from scipy.spatial import Delaunay, cKDTree
 
@@ -166,24 +167,15 @@ class DelaunayTracker:
             self.plane, self.slack2 = np.full(n, -1, np.intp), np.zeros(n)
             self._query(points, np.arange(n))
             return self.index.copy()
-        step = points - self.checked
-        moved = np.sqrt(np.einsum("nc,nc->n", step, step))
-        unsure = moved >= self.slack
-        far = unsure & (moved > 4.0 * self.graph.spacing)
-        if far.any():
-            self._query(points, np.flatnonzero(far))
-        # Moved past the nearest bisector plane's distance but not the second's: only that plane can have
-        # been crossed; still on p's side of it, p is the nearest.
-        near = np.flatnonzero(unsure & ~far & (moved < self.slack2) & (self.plane >= 0))
-        if len(near):
-            here = points[near]
-            to_p = self.tree.data[self.index[near]] - here
-            to_q = self.graph.ends[self.plane[near]] - here
-            p_sq, q_sq = np.einsum("nc,nc->n", to_p, to_p), np.einsum("nc,nc->n", to_q, to_q)
-            unsure[near[q_sq - p_sq > 1e-9 * q_sq]] = False  # a margin for the rounding of the squares
-        walk = np.flatnonzero(unsure & ~far)
-        if len(walk):
-            self._walk(points, walk)
+        graph = self.graph
+        points = np.ascontiguousarray(points, dtype=np.float64)
+        stale = np.empty(len(points), np.intp)
+        count, walked = _track(points, self.checked, self.index, self.slack, self.plane, self.slack2,
+                               self.tree.data, graph.indptr, graph.indices, graph.ends, graph.half_inverse,
+                               4.0 * graph.spacing, self.MAX_STEPS, stale)
+        self.walked += walked
+        if count:
+            self._query(points, stale[:count])
         return self.index.copy()
 
     def _query(self, points: np.ndarray, rows: np.ndarray) -> None:
@@ -194,44 +186,64 @@ class DelaunayTracker:
         self.slack[rows] = 0.5 * (distance[:, 1] - distance[:, 0]) - 1e-9 * distance[:, 1]
         self.plane[rows], self.slack2[rows] = -1, self.slack[rows]
 
-    def _walk(self, points: np.ndarray, rows: np.ndarray) -> None:
-        graph, data = self.graph, self.tree.data
-        here = points[rows]  # (W, 3)
-        current = self.index[rows]
-        offset = data[current] - here
-        best = np.einsum("nc,nc->n", offset, offset)  # (W,) squared distance to the current target point
-        active = np.arange(len(rows))  # walkers (rows of `here`) still moving
-        for _ in range(self.MAX_STEPS):
-            start = graph.indptr[current[active]]
-            counts = graph.indptr[current[active] + 1] - start
-            first = np.cumsum(counts) - counts  # (A,) where each walker's neighbours begin in the flat list
-            lane = np.repeat(np.arange(len(active)), counts)  # (E,) the walker of each neighbour
-            edge = np.arange(len(lane)) + (start - first)[lane]  # (E,) into the graph's edges
-            offset = graph.ends[edge] - here[active][lane]
-            squared = np.einsum("nc,nc->n", offset, offset)
-            closest = np.minimum.reduceat(squared, first)  # (A,)
-            self.walked += len(active)
-            better = closest < best[active]
-            if not better.all():
-                # Settled walkers: the distance to the nearest bisector plane, less a margin of 1e-9 of
-                # the distances for the rounding of the squares and of the moves.
-                gap = (squared - best[active][lane]) * graph.half_inverse[edge]
-                least = np.minimum.reduceat(gap, first)
-                at = np.flatnonzero(gap == least[lane])
-                plane = np.empty(len(active), np.intp)
-                plane[lane[at]] = at  # one position of the least gap per walker
-                gap[plane] = np.inf
-                margin = 1e-9 * np.sqrt(closest)
-                settled, keep = active[~better], rows[active[~better]]
-                self.checked[keep], self.index[keep] = here[settled], current[settled]
-                self.slack[keep], self.plane[keep] = (least - margin)[~better], edge[plane][~better]
-                self.slack2[keep] = (np.minimum.reduceat(gap, first) - margin)[~better]
-                if not better.any():
-                    return
-            # Move each improving walker to its closest neighbour.
-            hit = np.flatnonzero(squared == closest[lane])
-            step_to = np.empty(len(active), np.intp)
-            step_to[lane[hit]] = graph.indices[edge[hit]]
-            active, best_moved = active[better], closest[better]
-            current[active], best[active] = step_to[better], best_moved
-        self._query(points, rows[active])
+
+@numba.njit(cache=True, nogil=True)
+def _track(points, checked, index, slack, plane, slack2, data, indptr, indices, ends, half_inverse,
+           far, max_steps, stale):
+    """`DelaunayTracker`'s update of every point, in place (see its docstring): the slack test, the plane
+    test, the walk. Points that moved farther than `far` or still walk after `max_steps` steps are written
+    to `stale` for a KD-tree query. Returns (count of stale points, walk steps taken)."""
+    count = walked = 0
+    squared = np.empty(np.max(indptr[1:] - indptr[:-1]))  # one walker's neighbour distances
+    for i in range(points.shape[0]):
+        x, y, z = points[i, 0], points[i, 1], points[i, 2]
+        dx, dy, dz = x - checked[i, 0], y - checked[i, 1], z - checked[i, 2]
+        moved = math.sqrt(dx * dx + dy * dy + dz * dz)
+        if moved < slack[i]:
+            continue
+        if moved > far:
+            stale[count] = i
+            count += 1
+            continue
+        current = index[i]
+        dx, dy, dz = data[current, 0] - x, data[current, 1] - y, data[current, 2] - z
+        best = dx * dx + dy * dy + dz * dz  # squared distance to the current target point
+        if moved < slack2[i] and plane[i] >= 0:
+            # Only the nearest bisector plane can have been crossed: still on p's side of it, p is nearest.
+            e = plane[i]
+            dx, dy, dz = ends[e, 0] - x, ends[e, 1] - y, ends[e, 2] - z
+            q_sq = dx * dx + dy * dy + dz * dz
+            if q_sq - best > 1e-9 * q_sq:  # a margin for the rounding of the squares
+                continue
+        settled = False
+        for _ in range(max_steps):
+            closest, step_to, first = math.inf, -1, indptr[current]
+            for e in range(first, indptr[current + 1]):
+                dx, dy, dz = ends[e, 0] - x, ends[e, 1] - y, ends[e, 2] - z
+                squared[e - first] = dx * dx + dy * dy + dz * dz
+                if squared[e - first] < closest:
+                    closest, step_to = squared[e - first], e
+            walked += 1
+            if closest < best:  # move to the closest neighbour
+                current, best = indices[step_to], closest
+                continue
+            # Settled: the distances to the nearest two bisector planes, less a margin of 1e-9 of the
+            # distances for the rounding of the squares and of the moves.
+            least = second = math.inf
+            at = -1
+            for e in range(first, indptr[current + 1]):
+                gap = (squared[e - first] - best) * half_inverse[e]
+                if gap < least:
+                    second, least, at = least, gap, e
+                elif gap < second:
+                    second = gap
+            margin = 1e-9 * math.sqrt(closest)
+            checked[i, 0], checked[i, 1], checked[i, 2] = x, y, z
+            index[i], plane[i] = current, at
+            slack[i], slack2[i] = least - margin, second - margin
+            settled = True
+            break
+        if not settled:
+            stale[count] = i
+            count += 1
+    return count, walked
