@@ -15,10 +15,11 @@ the renderer produced: dual point map, rendered mask, metadata), then measures i
 * bytes per stored sample (whole shard files over stored samples) vs `baseline_npz_bytes` of the same
   samples (the reference code's sparse float32 npz).
 
-Sizes: 256 samples in shards of 64 by default. A run has fixed costs (Ray dispatch, planning, Zarr metadata,
-manifest; ~0.2 s here) and each shard its own (publishing, digests, fsync); with the raw renderer at ~120
-maps/s, 96 samples in shards of 32 (the old default) spent a fifth of the end-to-end time on them, which a
-real dataset (thousands of samples, shards of 256 by default) amortises.
+Sizes: 1,024 samples in shards of 256 (the render stage's own default shard) by default. A run has fixed
+costs (Ray dispatch, planning, Zarr metadata, manifest; ~0.2 s here) and each shard its own (publishing,
+digests, fsync), which a real dataset (thousands of samples) amortises. With the raw renderer at 150-170
+maps/s on an idle core, a 256-sample run lasts under 2 s and spends a tenth of it on them: 78-82% end to
+end against 86-91% at the default size (2026-12-07, docs/benchmarks.md).
 
 Targets (from the issues): end to end >= 80% of raw (issue 26; 70% before); bytes <= 30% of the
 baseline; >= 2,000 samples/s end to end on one H100 node (cuda backend; recorded when a GPU is available). `--json PATH` writes
@@ -222,13 +223,13 @@ def store_sizes(out: Path, copy: Path) -> tuple[dict[str, float], float]:
 
 
 @click.command()
-@click.option("--samples", type=click.IntRange(min=8), default=256, show_default=True)
+@click.option("--samples", type=click.IntRange(min=8), default=1024, show_default=True)
 @click.option("--faces", type=click.IntRange(min=100), default=20000, show_default=True,
               help="Mesh triangles.")
 @click.option("--resolution", type=click.IntRange(8, 4096), default=160, show_default=True)
 @click.option("--layers", type=click.IntRange(1, 255), default=8, show_default=True)
 @click.option("--batch", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--shard-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--shard-size", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--backend", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
 @click.option("--format", "fmt", type=click.Choice(["zarr", "webdataset"]), default="zarr", show_default=True,
               help="Render column container.")
