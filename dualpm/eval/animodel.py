@@ -75,7 +75,7 @@ from skimage import measure
 
 from dualpm.eval.align import apply_transform, similarity_matrix, umeyama_from_moments
 from dualpm.eval.metrics import ChamferResult, EvalError, as_points
-from dualpm.eval.nearest import DelaunayGraph, DelaunayTracker, NearestTracker  # noqa: F401 (NearestTracker: public)
+from dualpm.eval.nearest import DelaunayGraph, DelaunayTracker, NearestTracker
 from dualpm.eval.sampling import morton_order, sample_surface_even
 
 PROTOCOL = "animodel"

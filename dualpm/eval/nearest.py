@@ -101,6 +101,7 @@ class DelaunayGraph:
     ends: np.ndarray  # (E, 3) float64: points[indices]
     half_inverse: np.ndarray  # (E,) float64: 1 / (2 x edge length)
     spacing: float  # mean edge length
+    max_degree: int  # most neighbours of one point
 
     @staticmethod
     def of(points: np.ndarray) -> DelaunayGraph | None:
@@ -124,7 +125,7 @@ class DelaunayGraph:
         indptr = np.concatenate([[0], np.cumsum(degree)])
         ends = points[indices]
         lengths = np.linalg.norm(ends - np.repeat(points, degree, axis=0), axis=1)
-        return DelaunayGraph(indptr, indices, ends, 0.5 / lengths, float(lengths.mean()))
+        return DelaunayGraph(indptr, indices, ends, 0.5 / lengths, float(lengths.mean()), int(degree.max()))
 
 
 class DelaunayTracker:
@@ -172,7 +173,7 @@ class DelaunayTracker:
         stale = np.empty(len(points), np.intp)
         count, walked = _track(points, self.checked, self.index, self.slack, self.plane, self.slack2,
                                self.tree.data, graph.indptr, graph.indices, graph.ends, graph.half_inverse,
-                               4.0 * graph.spacing, self.MAX_STEPS, stale)
+                               4.0 * graph.spacing, self.MAX_STEPS, np.empty(graph.max_degree), stale)
         self.walked += walked
         if count:
             self._query(points, stale[:count])
@@ -189,12 +190,12 @@ class DelaunayTracker:
 
 @numba.njit(cache=True, nogil=True)
 def _track(points, checked, index, slack, plane, slack2, data, indptr, indices, ends, half_inverse,
-           far, max_steps, stale):
+           far, max_steps, squared, stale):
     """`DelaunayTracker`'s update of every point, in place (see its docstring): the slack test, the plane
     test, the walk. Points that moved farther than `far` or still walk after `max_steps` steps are written
-    to `stale` for a KD-tree query. Returns (count of stale points, walk steps taken)."""
+    to `stale` for a KD-tree query; `squared` (at least the largest degree) holds one walker's neighbour
+    distances. Returns (count of stale points, walk steps taken)."""
     count = walked = 0
-    squared = np.empty(np.max(indptr[1:] - indptr[:-1]))  # one walker's neighbour distances
     for i in range(points.shape[0]):
         x, y, z = points[i, 0], points[i, 1], points[i, 2]
         dx, dy, dz = x - checked[i, 0], y - checked[i, 1], z - checked[i, 2]
@@ -215,7 +216,6 @@ def _track(points, checked, index, slack, plane, slack2, data, indptr, indices, 
             q_sq = dx * dx + dy * dy + dz * dz
             if q_sq - best > 1e-9 * q_sq:  # a margin for the rounding of the squares
                 continue
-        settled = False
         for _ in range(max_steps):
             closest, step_to, first = math.inf, -1, indptr[current]
             for e in range(first, indptr[current + 1]):
@@ -241,9 +241,8 @@ def _track(points, checked, index, slack, plane, slack2, data, indptr, indices, 
             checked[i, 0], checked[i, 1], checked[i, 2] = x, y, z
             index[i], plane[i] = current, at
             slack[i], slack2[i] = least - margin, second - margin
-            settled = True
             break
-        if not settled:
+        else:  # still walking after max_steps
             stale[count] = i
             count += 1
     return count, walked
