@@ -28,6 +28,7 @@ from dualpm.eval.animodel import (
     voxelise,
 )
 from dualpm.eval.metrics import EvalError
+from dualpm.eval.nearest import DelaunayGraph
 from dualpm.eval.targets import camera_to_world, to_canonical_pose, turn_about_y
 
 # Fewer points and a coarser voxel pitch than Animodel's where the test allows: seconds, not minutes.
@@ -82,14 +83,16 @@ def test_fill_inside_is_binary_fill_holes():
     assert fill_inside(shell).sum() == 125
 
 
-def test_icp_matches_trimesh_registration_icp():
+@pytest.mark.parametrize("walk", [False, True])
+def test_icp_matches_trimesh_registration_icp(walk):
+    # walk: the protocol's own path, matches from the compiled Delaunay walk (`DelaunayTracker`).
     rng = np.random.default_rng(1)
     target = critter(2).sample(600, seed=2)
     motion = np.eye(4)
     motion[:3, :3] = Rotation.from_euler("xyz", [4, -9, 3], degrees=True).as_matrix()
     motion[:3, 3] = [0.04, -0.02, 0.03]
     source = (target + rng.normal(scale=0.002, size=target.shape)) @ motion[:3, :3].T + motion[:3, 3]
-    ours, iterations = icp_until_settled(source, target, 200)
+    ours, iterations = icp_until_settled(source, target, 200, graph=DelaunayGraph.of(target) if walk else None)
     theirs, _, _ = trimesh.registration.icp(source, target, threshold=0, max_iterations=200, reflection=False,
                                             translation=True, scale=False)
     assert iterations < 200  # settled early: every later trimesh iteration repeats the same step
